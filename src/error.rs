@@ -1,0 +1,68 @@
+//! The library's error type: every failure says which file or input it concerns and what to do.
+
+use std::path::PathBuf;
+
+/// Errors raised by the afinar library. The CLI prints them as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model source could not be found or resolved.
+    #[error("{0}")]
+    ModelSource(String),
+
+    /// A file exists but its content is not what it should be.
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+
+    /// The model's architecture is not one afinar implements.
+    #[error("{path}: unsupported architecture '{arch}' (supported: {supported})")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        arch: String,
+        supported: String,
+    },
+
+    /// The chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    Template(String),
+
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A user-supplied setting is out of range or inconsistent.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// An I/O error with the path it concerns.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Shorthand for a [`Error::BadFile`].
+    pub fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::BadFile {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for an [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,7 @@
+//! Step 7 (inference): sampling and token-by-token generation with a KV cache.
+
+pub mod generate;
+pub mod sampling;
+
+pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use sampling::{Sampler, SamplingParams};

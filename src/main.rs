@@ -1,0 +1,346 @@
+//! The `afinar` command line. Each subcommand is one step of the pipeline:
+//! `info` / `generate` / `chat` (model → infer) and `bench` (speed measurements).
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, Parser, Subcommand};
+
+use afinar::infer::{generate, GenerateOptions, SamplingParams};
+use afinar::model::{source::DEFAULT_MODEL, Message, Model};
+
+#[derive(Parser)]
+#[command(name = "afinar", version, about = "Fine-tune open LLMs on your own data and serve them: one binary, no Python.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, size, tokenizer and chat template.
+    Info {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Chat with a model in the terminal (/reset starts over, /exit quits).
+    Chat {
+        #[command(flatten)]
+        model: ModelArg,
+        /// System message for the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Measure speed; prints a `RESULT {json}` line last, as ../shared/bench does.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill (512-token prompt) and greedy decode (32-token prompt + 128 new tokens).
+    Infer {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Timed repetitions (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Also write the result object to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// A .gguf file, a Hugging Face model directory, a Hub repo id (org/name), or the alias smollm2.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    model: String,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches P.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Penalise tokens already present (1.0 = off), as Hugging Face's repetition_penalty.
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                repeat_penalty: self.repeat_penalty,
+                seed: self.seed,
+            },
+            stop_at_end_token: true,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The prompt text.
+    #[arg(long, short)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    chat: bool,
+    /// System message (implies --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined, as ripgrep does.
+            eprintln!("afinar: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let device = Device::Cpu;
+    match cli.command {
+        Command::Info { model, json } => {
+            let m = Model::load(&model.model, &device)?;
+            let info = m.info();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_info(&info);
+            }
+        }
+        Command::Generate(args) => cmd_generate(args, &device)?,
+        Command::Chat { model, system, sampling } => cmd_chat(&model.model, system, &sampling, &device)?,
+        Command::Bench { what: BenchCommand::Infer { model, runs, json } } => {
+            bench_infer(&model.model, runs, json, &device)?
+        }
+    }
+    Ok(())
+}
+
+fn print_info(i: &afinar::model::ModelInfo) {
+    println!("source          {}", i.source);
+    println!("architecture    {}", i.architecture);
+    println!("parameters      {} ({:.1} M)", i.parameters, i.parameters as f64 / 1e6);
+    println!("file dtype      {} (computed in {})", i.file_dtype, i.compute_dtype);
+    println!("vocabulary      {} (tokenizer: {})", i.vocab_size, i.tokenizer_vocab_size);
+    println!("context length  {}", i.context_length);
+    println!("layers          {} × hidden {}, {} heads ({} key/value)", i.layers, i.hidden_size, i.attention_heads, i.kv_heads);
+    println!("tied embeddings {}", i.tied_embeddings);
+    println!("bos token       {}", i.bos_token.as_deref().unwrap_or("(none)"));
+    println!("eos token       {}", i.eos_token.as_deref().unwrap_or("(none)"));
+    println!("end tokens      {}", i.end_tokens.join(" "));
+    println!("chat template   {}", if i.chat_template { "yes" } else { "no" });
+    for n in &i.notes {
+        println!("note            {n}");
+    }
+}
+
+fn cmd_generate(args: GenerateArgs, device: &Device) -> Result<()> {
+    let model = Model::load(&args.model.model, device)?;
+    let opts = args.sampling.options();
+    opts.sampling.validate()?;
+    let prompt = if args.chat || args.system.is_some() {
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(Message::new("system", s.clone()));
+        }
+        messages.push(Message::new("user", args.prompt.clone()));
+        model.encode_chat(&messages, true)?
+    } else {
+        model.tokenizer.encode(&args.prompt, true)?
+    };
+    let mut out = std::io::stdout().lock();
+    let json = args.json;
+    let g = generate(&model, &prompt, &opts, |piece| {
+        if !json {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&g)?);
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+fn cmd_chat(spec: &str, system: Option<String>, sampling: &SamplingArgs, device: &Device) -> Result<()> {
+    let model = Model::load(spec, device)?;
+    if model.chat_template.is_none() {
+        anyhow::bail!("{spec}: the model has no chat template; use `afinar generate` with a plain prompt");
+    }
+    let opts = sampling.options();
+    opts.sampling.validate()?;
+    let base: Vec<Message> = system.map(|s| vec![Message::new("system", s)]).unwrap_or_default();
+    let mut history = base.clone();
+    eprintln!("Chatting with {} — /reset starts over, /exit quits.", model.source.path().display());
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        print!("> ");
+        stdout.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history = base.clone();
+                println!("(conversation reset)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        let prompt = model.encode_chat(&history, true)?;
+        let g = generate(&model, &prompt, &opts, |piece| {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
+        })?;
+        println!();
+        history.push(Message::new("assistant", g.text.trim().to_string()));
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random token ids below `vocab`, avoiding the first 16 (special) ids.
+fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = afinar::infer::sampling::Rng::new(seed);
+    (0..n).map(|_| 16 + (rng.next_u64() % (vocab as u64 - 16)) as u32).collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench_infer(spec: &str, runs: usize, json: Option<std::path::PathBuf>, device: &Device) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let model = Model::load(spec, device)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = model.config().vocab_size;
+    let runs = runs.max(1);
+
+    // Prefill: one forward over 512 tokens, all-position logits and last-position logits.
+    let ids = random_ids(512, vocab, 8);
+    let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+    let mut all_s = Vec::new();
+    let mut last_s = Vec::new();
+    for i in 0..=runs {
+        let t = std::time::Instant::now();
+        model.transformer.forward(&input, None)?.sum_all()?.to_scalar::<f32>()?;
+        let a = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        model.transformer.forward_last(&input, None)?.sum_all()?.to_scalar::<f32>()?;
+        let l = t.elapsed().as_secs_f64();
+        eprintln!("prefill run {i}: all-logits {:.1} tok/s, last-logits {:.1} tok/s", 512.0 / a, 512.0 / l);
+        if i > 0 {
+            all_s.push(a);
+            last_s.push(l);
+        }
+    }
+
+    // Decode: 32-token prompt, 128 greedy tokens, end tokens ignored.
+    let prompt = random_ids(32, vocab, 7);
+    let opts = GenerateOptions {
+        max_new_tokens: 128,
+        sampling: SamplingParams::default(),
+        stop_at_end_token: false,
+    };
+    let mut walls = Vec::new();
+    let mut after_first = Vec::new();
+    for i in 0..=runs {
+        let t = std::time::Instant::now();
+        let g = generate(&model, &prompt, &opts, |_| {})?;
+        let wall = t.elapsed().as_secs_f64();
+        eprintln!("decode run {i}: {:.1} new tok/s ({} tokens in {wall:.2} s)", g.generated_tokens as f64 / wall, g.generated_tokens);
+        if i > 0 {
+            walls.push(g.generated_tokens as f64 / wall);
+            after_first.push((g.generated_tokens - 1) as f64 / (wall - g.prefill_secs));
+        }
+    }
+    let result = serde_json::json!({
+        "mode": "infer",
+        "model": model.source.path().display().to_string(),
+        "threads": candle_core::utils::get_num_threads(),
+        "malloc": std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "default".into()),
+        "load_s": load_s,
+        "prefill": {"prompt_tokens": 512, "tokens_per_s": 512.0 / median(all_s),
+                    "last_logits": {"tokens_per_s": 512.0 / median(last_s)}},
+        "decode": {"prompt_tokens": 32, "new_tokens": 128, "new_tokens_per_s": median(walls),
+                   "decode_tokens_per_s": median(after_first)},
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("RESULT {result}");
+    Ok(())
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

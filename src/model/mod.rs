@@ -1,0 +1,144 @@
+//! Step 3 of the pipeline: pick a pretrained model. Resolves `--model`, reads GGUF or Hugging
+//! Face layouts into one [`Model`]: the transformer, its tokenizer and its chat template.
+
+pub mod chat_template;
+pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod source;
+pub mod tokenizer;
+pub mod transformer;
+pub mod weights;
+
+use candle_core::Device;
+use serde::Serialize;
+
+pub use chat_template::{ChatTemplate, Message};
+pub use config::{Architecture, ModelConfig};
+pub use source::ModelSource;
+pub use tokenizer::TextTokenizer;
+pub use transformer::Transformer;
+
+use crate::Result;
+
+/// A loaded model, ready for inference or training.
+pub struct Model {
+    pub source: ModelSource,
+    pub transformer: Transformer,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Storage type of the weights in the file (they are computed in f32).
+    pub file_dtype: String,
+}
+
+impl Model {
+    /// Resolves `spec` (path, repo id or alias) and loads it onto `device`.
+    pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        let source = source::resolve(spec)?;
+        Self::load_source(source, device)
+    }
+
+    /// Loads an already-resolved source.
+    pub fn load_source(source: ModelSource, device: &Device) -> Result<Self> {
+        let (config, weights, tokenizer, template, file_dtype, factors) = match &source {
+            ModelSource::Gguf(path) => {
+                let m = gguf::load(path, device)?;
+                (m.config, m.weights, m.tokenizer, m.chat_template, m.file_dtype, m.rope_freq_factors)
+            }
+            ModelSource::HfDir(dir) => {
+                let m = hf::load(dir, device)?;
+                (m.config, m.weights, m.tokenizer, m.chat_template, m.file_dtype, None)
+            }
+        };
+        let chat_template = template
+            .map(|t| ChatTemplate::new(&t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref()))
+            .transpose()?;
+        let transformer = Transformer::from_weights(config, weights, factors)?;
+        Ok(Self {
+            source,
+            transformer,
+            tokenizer,
+            chat_template,
+            file_dtype,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.transformer.config
+    }
+
+    /// Renders a conversation with the model's template, or errors if it has none.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "{}: the model has no chat template; use plain prompts (without --chat)",
+                self.source.path().display()
+            ))
+        })?;
+        t.render(messages, add_generation_prompt)
+    }
+
+    /// Tokens of a rendered chat prompt. Templates write BOS themselves when the model needs it,
+    /// so the tokenizer's post-processor is not applied a second time.
+    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// A summary for `afinar info`.
+    pub fn info(&self) -> ModelInfo {
+        let c = self.config();
+        let tok = &self.tokenizer;
+        let name = |id: u32| tok.inner.id_to_token(id).unwrap_or_default();
+        ModelInfo {
+            source: self.source.path().display().to_string(),
+            architecture: c.architecture.name().to_string(),
+            parameters: c.parameter_count(),
+            file_dtype: self.file_dtype.clone(),
+            compute_dtype: "F32".into(),
+            vocab_size: c.vocab_size,
+            tokenizer_vocab_size: tok.vocab_size(),
+            context_length: c.max_position_embeddings,
+            hidden_size: c.hidden_size,
+            layers: c.num_layers,
+            attention_heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            tied_embeddings: c.tie_word_embeddings,
+            bos_token: tok.bos_token.clone(),
+            eos_token: tok.eos_token.clone(),
+            end_tokens: tok.end_token_ids.iter().map(|&i| name(i)).collect(),
+            chat_template: self.chat_template.is_some(),
+            notes: match c.sliding_window {
+                Some(w) => vec![format!(
+                    "Mistral sliding window ({w} tokens) is not applied: attention spans the whole context, \
+                     identical to the window for sequences up to {w} tokens"
+                )],
+                None => vec![],
+            },
+        }
+    }
+}
+
+/// What `afinar info` prints.
+#[derive(Debug, Serialize)]
+pub struct ModelInfo {
+    pub source: String,
+    pub architecture: String,
+    pub parameters: usize,
+    pub file_dtype: String,
+    pub compute_dtype: String,
+    pub vocab_size: usize,
+    pub tokenizer_vocab_size: usize,
+    pub context_length: usize,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub attention_heads: usize,
+    pub kv_heads: usize,
+    pub tied_embeddings: bool,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub end_tokens: Vec<String>,
+    pub chat_template: bool,
+    pub notes: Vec<String>,
+}

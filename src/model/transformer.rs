@@ -1,0 +1,361 @@
+//! The decoder-only transformer shared by Llama, Mistral and Qwen2, written for training as well
+//! as inference.
+//!
+//! Only differentiable candle ops are used: candle's fused `rms_norm`, `softmax_last_dim`, `sdpa`
+//! and `rope*` have no backward and silently detach gradients, so they must not appear on any path
+//! that training takes. Fused kernels with hand-written backward belong in their own files.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+
+use super::config::ModelConfig;
+use super::weights::Weights;
+use crate::Result;
+
+/// A dense layer `y = x Wᵀ + b` with the weight in PyTorch layout (out, in).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(w: &mut Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let weight = w.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(w.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Applies the layer to `x` of shape (..., in); one 2-D GEMM over all leading dimensions.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows = x.elem_count() / inp;
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// RMSNorm from differentiable ops: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let x = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(x.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension from differentiable ops (max subtracted for stability).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// One attention block: projections, RoPE and grouped-query attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let n_rep = h / kvh;
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let q = apply_rope(&q.contiguous()?, &rope.0, &rope.1)?;
+        let k = apply_rope(&k.contiguous()?, &rope.0, &rope.1)?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let (k, v) = c.append(&k, &v)?;
+                (k.contiguous()?, v.contiguous()?)
+            }
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share one KV
+        // head are stacked along the sequence axis, so one batched matmul serves them all.
+        let q = q.reshape((b, kvh, n_rep * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, kvh, n_rep, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, kvh, n_rep * t, total))?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // (b, kvh, n_rep*t, d)
+        let out = out
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) · up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+/// One decoder layer (pre-norm attention and MLP with residuals).
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    /// An empty cache for `model`.
+    pub fn new(model: &Transformer) -> Self {
+        Self {
+            layers: (0..model.config.num_layers)
+                .map(|_| KvCache::new(2, 512))
+                .collect(),
+        }
+    }
+
+    /// Tokens already held.
+    pub fn seq_len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.current_seq_len())
+    }
+
+    /// Forgets everything (a new conversation).
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|c| c.reset());
+    }
+}
+
+/// A Llama/Mistral/Qwen2 decoder with its language-model head.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    inv_freq: Tensor,
+}
+
+impl Transformer {
+    /// Builds the model from f32 weights in Hugging Face naming. `rope_freq_factors` are the
+    /// per-frequency divisors some GGUF files store (`rope_freqs.weight`).
+    pub fn from_weights(
+        config: ModelConfig,
+        mut w: Weights,
+        rope_freq_factors: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        let c = &config;
+        let (hs, hd) = (c.hidden_size, c.head_dim);
+        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, hs])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let q_out = c.num_heads * hd;
+            let kv_out = c.num_kv_heads * hd;
+            let ab = c.attention_bias;
+            layers.push(Block {
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[hs])?,
+                self_attn: Attention {
+                    q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), q_out, hs, ab)?,
+                    k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), kv_out, hs, ab)?,
+                    v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), kv_out, hs, ab)?,
+                    o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), hs, q_out, false)?,
+                    num_heads: c.num_heads,
+                    num_kv_heads: c.num_kv_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: w
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[hs])?,
+                mlp: Mlp {
+                    gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), c.intermediate_size, hs, false)?,
+                    up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), c.intermediate_size, hs, false)?,
+                    down_proj: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), hs, c.intermediate_size, false)?,
+                },
+            });
+        }
+        let norm = w.take("model.norm.weight", &[hs])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            w.take_optional("lm_head.weight", &[c.vocab_size, hs])?
+        };
+        let inv_freq = inv_freq(c, rope_freq_factors.as_deref(), embed_tokens.device())?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, 1, t, head_dim).
+    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?, emb.sin()?))
+    }
+
+    /// Runs the decoder on `ids` (b, t) at `positions` (b, t) and returns the final normalised
+    /// hidden states (b, t, hidden). `mask` is additive, broadcastable to (b, 1, 1, t, total):
+    /// `None` means no masking (a single new token).
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self
+            .embed_tokens
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let rope = self.rope_tables(positions)?;
+        let eps = self.config.rms_norm_eps;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
+            x = (x + layer.self_attn.forward(&h, &rope, mask, kv)?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Projects hidden states (..., hidden) to vocabulary logits (..., vocab).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = Linear {
+            weight: self.lm_head.clone().unwrap_or_else(|| self.embed_tokens.clone()),
+            bias: None,
+        };
+        head.forward(hidden)
+    }
+
+    /// Causal forward pass over `ids` (b, t) continuing after what `cache` holds (if any);
+    /// returns the logits of every position (b, t, vocab).
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let hidden = self.forward_causal(ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// Like [`Transformer::forward`] but returns only the last position's logits (b, vocab):
+    /// what generation needs, without the cost of the full vocabulary projection.
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let hidden = self.forward_causal(ids, cache)?;
+        let t = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    fn forward_causal(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let positions = Tensor::arange(past as u32, (past + t) as u32, self.device())?.unsqueeze(0)?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, past, self.device())?)
+        } else {
+            None
+        };
+        self.forward_hidden(ids, &positions, mask.as_ref(), cache)
+    }
+}
+
+/// Additive causal mask (1, 1, 1, t, past + t): query i sees keys 0..=past + i.
+pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let total = past + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (1, 1, 1, t, total), device)?)
+}
+
+/// RoPE inverse frequencies as Hugging Face computes them, with Llama 3 scaling if configured.
+fn inv_freq(c: &ModelConfig, factors: Option<&[f32]>, device: &Device) -> Result<Tensor> {
+    let d = c.head_dim;
+    let mut inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+        .collect();
+    if let Some(s) = &c.rope_scaling {
+        let old = s.original_max_position_embeddings as f32;
+        let low_wavelen = old / s.low_freq_factor as f32;
+        let high_wavelen = old / s.high_freq_factor as f32;
+        for f in inv.iter_mut() {
+            let wavelen = 2.0 * std::f32::consts::PI / *f;
+            if wavelen > low_wavelen {
+                *f /= s.factor as f32;
+            } else if wavelen >= high_wavelen {
+                let smooth = (old / wavelen - s.low_freq_factor as f32)
+                    / (s.high_freq_factor - s.low_freq_factor) as f32;
+                *f = (1.0 - smooth) * *f / s.factor as f32 + smooth * *f;
+            }
+        }
+    } else if let Some(factors) = factors {
+        for (f, k) in inv.iter_mut().zip(factors) {
+            *f /= *k;
+        }
+    }
+    Ok(Tensor::from_vec(inv, d / 2, device)?)
+}

@@ -34,8 +34,8 @@ pub enum Error {
     InvalidArgument(String),
 
     /// A tensor operation failed.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    #[error("{}", candle_message(.0))]
+    Candle(candle_core::Error),
 
     /// An I/O error with the path it concerns.
     #[error("{path}: {source}")]
@@ -61,6 +61,21 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set, so errors
+/// stay one line.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
     }
 }
 

@@ -45,7 +45,7 @@ pub fn read_header(path: &Path) -> Result<Content> {
     }
     let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
     Content::read(&mut reader)
-        .map_err(|e| Error::bad_file(path, format!("corrupt or truncated GGUF header: {e}")))
+        .map_err(|e| Error::bad_file(path, format!("corrupt or truncated GGUF header: {}", crate::error::candle_message(&e))))
 }
 
 /// Loads a GGUF model onto `device`.
@@ -92,7 +92,12 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     for (name, info) in &content.tensor_infos {
         let qt = content
             .tensor(&mut reader, name, device)
-            .map_err(|e| Error::bad_file(path, format!("tensor '{name}': {e}")))?;
+            .map_err(|e| {
+                Error::bad_file(path, format!(
+                    "tensor '{name}': {} (the file is truncated or corrupt; download it again)",
+                    crate::error::candle_message(&e)
+                ))
+            })?;
         *dtype_counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += info.shape.elem_count();
         let t = qt.dequantize(device)?;
         if name == "rope_freqs.weight" {

@@ -69,7 +69,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
     let mut file_dtype = String::new();
     for file in &files {
         let loaded = candle_core::safetensors::load(file, device)
-            .map_err(|e| Error::bad_file(file, format!("not a readable safetensors file: {e}")))?;
+            .map_err(|e| Error::bad_file(file, format!("not a readable safetensors file: {}", crate::error::candle_message(&e))))?;
         for (name, t) in loaded {
             if file_dtype.is_empty() && t.rank() > 1 {
                 file_dtype = format!("{:?}", t.dtype()).to_uppercase();

@@ -12,7 +12,11 @@ use afinar::infer::{generate, GenerateOptions, SamplingParams};
 use afinar::model::{source::DEFAULT_MODEL, Message, Model};
 
 #[derive(Parser)]
-#[command(name = "afinar", version, about = "Fine-tune open LLMs on your own data and serve them: one binary, no Python.")]
+#[command(
+    name = "afinar",
+    version,
+    about = "Fine-tune open LLMs on your own data and serve them: one binary, no Python."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -159,10 +163,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Generate(args) => cmd_generate(args, &device)?,
-        Command::Chat { model, system, sampling } => cmd_chat(&model.model, system, &sampling, &device)?,
-        Command::Bench { what: BenchCommand::Infer { model, runs, json } } => {
-            bench_infer(&model.model, runs, json, &device)?
-        }
+        Command::Chat {
+            model,
+            system,
+            sampling,
+        } => cmd_chat(&model.model, system, &sampling, &device)?,
+        Command::Bench {
+            what: BenchCommand::Infer { model, runs, json },
+        } => bench_infer(&model.model, runs, json, &device)?,
     }
     Ok(())
 }
@@ -170,16 +178,38 @@ fn run(cli: Cli) -> Result<()> {
 fn print_info(i: &afinar::model::ModelInfo) {
     println!("source          {}", i.source);
     println!("architecture    {}", i.architecture);
-    println!("parameters      {} ({:.1} M)", i.parameters, i.parameters as f64 / 1e6);
-    println!("file dtype      {} (computed in {})", i.file_dtype, i.compute_dtype);
-    println!("vocabulary      {} (tokenizer: {})", i.vocab_size, i.tokenizer_vocab_size);
+    println!(
+        "parameters      {} ({:.1} M)",
+        i.parameters,
+        i.parameters as f64 / 1e6
+    );
+    println!(
+        "file dtype      {} (computed in {})",
+        i.file_dtype, i.compute_dtype
+    );
+    println!(
+        "vocabulary      {} (tokenizer: {})",
+        i.vocab_size, i.tokenizer_vocab_size
+    );
     println!("context length  {}", i.context_length);
-    println!("layers          {} × hidden {}, {} heads ({} key/value)", i.layers, i.hidden_size, i.attention_heads, i.kv_heads);
+    println!(
+        "layers          {} × hidden {}, {} heads ({} key/value)",
+        i.layers, i.hidden_size, i.attention_heads, i.kv_heads
+    );
     println!("tied embeddings {}", i.tied_embeddings);
-    println!("bos token       {}", i.bos_token.as_deref().unwrap_or("(none)"));
-    println!("eos token       {}", i.eos_token.as_deref().unwrap_or("(none)"));
+    println!(
+        "bos token       {}",
+        i.bos_token.as_deref().unwrap_or("(none)")
+    );
+    println!(
+        "eos token       {}",
+        i.eos_token.as_deref().unwrap_or("(none)")
+    );
     println!("end tokens      {}", i.end_tokens.join(" "));
-    println!("chat template   {}", if i.chat_template { "yes" } else { "no" });
+    println!(
+        "chat template   {}",
+        if i.chat_template { "yes" } else { "no" }
+    );
     for n in &i.notes {
         println!("note            {n}");
     }
@@ -215,16 +245,28 @@ fn cmd_generate(args: GenerateArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn cmd_chat(spec: &str, system: Option<String>, sampling: &SamplingArgs, device: &Device) -> Result<()> {
+fn cmd_chat(
+    spec: &str,
+    system: Option<String>,
+    sampling: &SamplingArgs,
+    device: &Device,
+) -> Result<()> {
     let model = Model::load(spec, device)?;
     if model.chat_template.is_none() {
-        anyhow::bail!("{spec}: the model has no chat template; use `afinar generate` with a plain prompt");
+        anyhow::bail!(
+            "{spec}: the model has no chat template; use `afinar generate` with a plain prompt"
+        );
     }
     let opts = sampling.options();
     opts.sampling.validate()?;
-    let base: Vec<Message> = system.map(|s| vec![Message::new("system", s)]).unwrap_or_default();
+    let base: Vec<Message> = system
+        .map(|s| vec![Message::new("system", s)])
+        .unwrap_or_default();
     let mut history = base.clone();
-    eprintln!("Chatting with {} — /reset starts over, /exit quits.", model.source.path().display());
+    eprintln!(
+        "Chatting with {} — /reset starts over, /exit quits.",
+        model.source.path().display()
+    );
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     loop {
@@ -261,7 +303,9 @@ fn cmd_chat(spec: &str, system: Option<String>, sampling: &SamplingArgs, device:
 /// Deterministic pseudo-random token ids below `vocab`, avoiding the first 16 (special) ids.
 fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut rng = afinar::infer::sampling::Rng::new(seed);
-    (0..n).map(|_| 16 + (rng.next_u64() % (vocab as u64 - 16)) as u32).collect()
+    (0..n)
+        .map(|_| 16 + (rng.next_u64() % (vocab as u64 - 16)) as u32)
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -269,7 +313,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench_infer(spec: &str, runs: usize, json: Option<std::path::PathBuf>, device: &Device) -> Result<()> {
+fn bench_infer(
+    spec: &str,
+    runs: usize,
+    json: Option<std::path::PathBuf>,
+    device: &Device,
+) -> Result<()> {
     let t0 = std::time::Instant::now();
     let model = Model::load(spec, device)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -283,12 +332,24 @@ fn bench_infer(spec: &str, runs: usize, json: Option<std::path::PathBuf>, device
     let mut last_s = Vec::new();
     for i in 0..=runs {
         let t = std::time::Instant::now();
-        model.transformer.forward(&input, None)?.sum_all()?.to_scalar::<f32>()?;
+        model
+            .transformer
+            .forward(&input, None)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         let a = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
-        model.transformer.forward_last(&input, None)?.sum_all()?.to_scalar::<f32>()?;
+        model
+            .transformer
+            .forward_last(&input, None)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         let l = t.elapsed().as_secs_f64();
-        eprintln!("prefill run {i}: all-logits {:.1} tok/s, last-logits {:.1} tok/s", 512.0 / a, 512.0 / l);
+        eprintln!(
+            "prefill run {i}: all-logits {:.1} tok/s, last-logits {:.1} tok/s",
+            512.0 / a,
+            512.0 / l
+        );
         if i > 0 {
             all_s.push(a);
             last_s.push(l);
@@ -308,7 +369,11 @@ fn bench_infer(spec: &str, runs: usize, json: Option<std::path::PathBuf>, device
         let t = std::time::Instant::now();
         let g = generate(&model, &prompt, &opts, |_| {})?;
         let wall = t.elapsed().as_secs_f64();
-        eprintln!("decode run {i}: {:.1} new tok/s ({} tokens in {wall:.2} s)", g.generated_tokens as f64 / wall, g.generated_tokens);
+        eprintln!(
+            "decode run {i}: {:.1} new tok/s ({} tokens in {wall:.2} s)",
+            g.generated_tokens as f64 / wall,
+            g.generated_tokens
+        );
         if i > 0 {
             walls.push(g.generated_tokens as f64 / wall);
             after_first.push((g.generated_tokens - 1) as f64 / (wall - g.prefill_secs));
@@ -327,7 +392,8 @@ fn bench_infer(spec: &str, runs: usize, json: Option<std::path::PathBuf>, device
         "peak_rss_mib": peak_rss_mib(),
     });
     if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_string_pretty(&result)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     println!("RESULT {result}");
     Ok(())

@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use common::{root, smollm2_path};
 
 fn afinar(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_afinar")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_afinar"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -25,12 +28,18 @@ fn expect_error(model: &std::path::Path, want: &str) {
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected: {err}");
     assert!(err.contains(want), "expected {want:?} in {err:?}");
-    assert!(err.contains(model.file_name().unwrap().to_str().unwrap()), "names the file: {err}");
+    assert!(
+        err.contains(model.file_name().unwrap().to_str().unwrap()),
+        "names the file: {err}"
+    );
 }
 
 #[test]
 fn missing_path_is_a_clear_error() {
-    expect_error(std::path::Path::new("/nonexistent/model.gguf"), "no such file or directory");
+    expect_error(
+        std::path::Path::new("/nonexistent/model.gguf"),
+        "no such file or directory",
+    );
 }
 
 #[test]
@@ -58,7 +67,11 @@ fn unsupported_architecture() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("neox");
     std::fs::create_dir(&model).unwrap();
-    std::fs::write(model.join("config.json"), r#"{"model_type": "gpt_neox", "hidden_size": 64}"#).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"model_type": "gpt_neox", "hidden_size": 64}"#,
+    )
+    .unwrap();
     expect_error(&model, "unsupported architecture 'gpt_neox'");
 }
 
@@ -84,16 +97,33 @@ fn bad_sampling_values_are_rejected() {
 #[test]
 fn generate_json_reports_tokens_and_reason() {
     let (code, out, err) = afinar(&[
-        "generate", "--chat", "--prompt", "What is the capital of France?", "--temperature", "0",
-        "--max-new-tokens", "24", "--json",
+        "generate",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--json",
     ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for key in ["text", "tokens", "prompt_tokens", "generated_tokens", "tokens_per_sec", "finish_reason"] {
+    for key in [
+        "text",
+        "tokens",
+        "prompt_tokens",
+        "generated_tokens",
+        "tokens_per_sec",
+        "finish_reason",
+    ] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
     assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
-    assert_eq!(v["tokens"].as_array().unwrap().len() as u64, v["generated_tokens"].as_u64().unwrap());
+    assert_eq!(
+        v["tokens"].as_array().unwrap().len() as u64,
+        v["generated_tokens"].as_u64().unwrap()
+    );
 }
 
 #[test]
@@ -113,7 +143,11 @@ fn chat_keeps_history_and_handles_commands() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("Paris"), "{stdout}");
     assert!(stdout.contains("(conversation reset)"), "{stdout}");
     assert!(stdout.contains("Madrid"), "{stdout}");

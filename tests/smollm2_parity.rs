@@ -11,7 +11,10 @@ use common::{golden, ids, max_abs_diff, smollm2};
 
 fn f32_from_b64(s: &str) -> Vec<f32> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[test]
@@ -20,15 +23,31 @@ fn logits_match_transformers() {
     let g = golden("smollm2.json");
     for rec in g["logits"].as_array().unwrap() {
         let prompt = ids(&rec["ids"]);
-        let input = Tensor::new(prompt.as_slice(), model.transformer.device()).unwrap().unsqueeze(0).unwrap();
-        let logits = model.transformer.forward(&input, None).unwrap().squeeze(0).unwrap();
+        let input = Tensor::new(prompt.as_slice(), model.transformer.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .transformer
+            .forward(&input, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let logits: Vec<Vec<f32>> = logits.to_vec2().unwrap();
         let last = f32_from_b64(rec["last_logits_f32_b64"].as_str().unwrap());
         let d = max_abs_diff(logits.last().unwrap(), &last);
-        assert!(d <= 1e-3, "last-position logits differ by {d} for {prompt:?}");
+        assert!(
+            d <= 1e-3,
+            "last-position logits differ by {d} for {prompt:?}"
+        );
         let sample = ids(&rec["sample_vocab_ids"]);
         for (pos, want) in rec["sampled_logits"].as_array().unwrap().iter().enumerate() {
-            let want: Vec<f32> = want.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let want: Vec<f32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
             let got: Vec<f32> = sample.iter().map(|&i| logits[pos][i as usize]).collect();
             let d = max_abs_diff(&got, &want);
             assert!(d <= 1e-3, "position {pos}: logits differ by {d}");
@@ -48,7 +67,11 @@ fn greedy_continuation_matches_transformers() {
     for rec in g["logits"].as_array().unwrap() {
         let prompt = ids(&rec["ids"]);
         let out = generate(model, &prompt, &opts, |_| {}).unwrap();
-        assert_eq!(out.tokens, ids(&rec["greedy_32"]), "greedy continuation of {prompt:?}");
+        assert_eq!(
+            out.tokens,
+            ids(&rec["greedy_32"]),
+            "greedy continuation of {prompt:?}"
+        );
     }
 }
 
@@ -61,8 +84,16 @@ fn tokenizer_matches_transformers() {
         let got = model.tokenizer.encode(text, false).unwrap();
         assert_eq!(got, ids(&rec["ids"]), "ids of {text:?}");
         let got = model.tokenizer.encode(text, true).unwrap();
-        assert_eq!(got, ids(&rec["ids_with_special"]), "ids with special tokens of {text:?}");
-        assert_eq!(model.tokenizer.decode(&ids(&rec["ids"]), false).unwrap(), text, "decode round-trip");
+        assert_eq!(
+            got,
+            ids(&rec["ids_with_special"]),
+            "ids with special tokens of {text:?}"
+        );
+        assert_eq!(
+            model.tokenizer.decode(&ids(&rec["ids"]), false).unwrap(),
+            text,
+            "decode round-trip"
+        );
     }
 }
 
@@ -81,10 +112,19 @@ fn chat_template_matches_transformers() {
 #[test]
 fn generation_stops_at_end_of_turn() {
     let model = smollm2();
-    let prompt = model.encode_chat(&[Message::new("user", "Say hi.")], true).unwrap();
-    let opts = GenerateOptions { max_new_tokens: 200, ..Default::default() };
+    let prompt = model
+        .encode_chat(&[Message::new("user", "Say hi.")], true)
+        .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 200,
+        ..Default::default()
+    };
     let out = generate(model, &prompt, &opts, |_| {}).unwrap();
-    assert_eq!(out.finish_reason, afinar::infer::FinishReason::Stop, "{out:?}");
+    assert_eq!(
+        out.finish_reason,
+        afinar::infer::FinishReason::Stop,
+        "{out:?}"
+    );
     assert!(!out.text.contains("<|im_end|>"));
     assert!(out.generated_tokens < 200);
 }
@@ -92,10 +132,22 @@ fn generation_stops_at_end_of_turn() {
 #[test]
 fn streamed_text_equals_final_text() {
     let model = smollm2();
-    let prompt = model.encode_chat(&[Message::new("user", "Escribe una frase con acentos y un emoji.")], true).unwrap();
+    let prompt = model
+        .encode_chat(
+            &[Message::new(
+                "user",
+                "Escribe una frase con acentos y un emoji.",
+            )],
+            true,
+        )
+        .unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 48,
-        sampling: SamplingParams { temperature: 0.8, seed: 3, ..Default::default() },
+        sampling: SamplingParams {
+            temperature: 0.8,
+            seed: 3,
+            ..Default::default()
+        },
         stop_at_end_token: true,
     };
     let mut streamed = String::new();

@@ -14,28 +14,66 @@ fn tiny_models_match_transformers() {
     for m in g["models"].as_array().unwrap() {
         let dir = root().join(m["path"].as_str().unwrap());
         let model = Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
-        assert_eq!(model.config().architecture.name(), m["architecture"].as_str().unwrap());
+        assert_eq!(
+            model.config().architecture.name(),
+            m["architecture"].as_str().unwrap()
+        );
         for rec in m["prompts"].as_array().unwrap() {
             let text = rec["text"].as_str().unwrap();
             let prompt = ids(&rec["ids"]);
-            assert_eq!(model.tokenizer.encode(text, false).unwrap(), prompt, "tokenizer ids of {text:?}");
-            let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let logits: Vec<Vec<f32>> = model.transformer.forward(&input, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+            assert_eq!(
+                model.tokenizer.encode(text, false).unwrap(),
+                prompt,
+                "tokenizer ids of {text:?}"
+            );
+            let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits: Vec<Vec<f32>> = model
+                .transformer
+                .forward(&input, None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
             for (pos, want) in rec["logits"].as_array().unwrap().iter().enumerate() {
-                let want: Vec<f32> = want.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+                let want: Vec<f32> = want
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
                 let d = max_abs_diff(&logits[pos], &want);
-                assert!(d <= 1e-3, "{}: position {pos} differs by {d}", dir.display());
+                assert!(
+                    d <= 1e-3,
+                    "{}: position {pos} differs by {d}",
+                    dir.display()
+                );
             }
-            let opts = GenerateOptions { max_new_tokens: 16, sampling: SamplingParams::default(), stop_at_end_token: false };
+            let opts = GenerateOptions {
+                max_new_tokens: 16,
+                sampling: SamplingParams::default(),
+                stop_at_end_token: false,
+            };
             let out = generate(&model, &prompt, &opts, |_| {}).unwrap();
-            assert_eq!(out.tokens, ids(&rec["greedy_16"]), "{}: greedy", dir.display());
+            assert_eq!(
+                out.tokens,
+                ids(&rec["greedy_16"]),
+                "{}: greedy",
+                dir.display()
+            );
         }
         let messages = vec![
             Message::new("user", "Hi!"),
             Message::new("assistant", "Hello! How can I help?"),
             Message::new("user", "Tell me a joke about cats."),
         ];
-        assert_eq!(model.render_chat(&messages, true).unwrap(), m["chat"].as_str().unwrap());
+        assert_eq!(
+            model.render_chat(&messages, true).unwrap(),
+            m["chat"].as_str().unwrap()
+        );
     }
 }
 
@@ -45,6 +83,10 @@ fn mistral_info_states_the_sliding_window_caveat() {
     let model = Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     let info = model.info();
     assert_eq!(info.architecture, "mistral");
-    assert!(info.notes.iter().any(|n| n.contains("sliding window")), "{:?}", info.notes);
+    assert!(
+        info.notes.iter().any(|n| n.contains("sliding window")),
+        "{:?}",
+        info.notes
+    );
     assert!(!info.tied_embeddings);
 }

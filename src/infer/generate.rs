@@ -119,7 +119,11 @@ pub fn generate(
         generated_tokens: tokens.len(),
         tokens,
         prompt_tokens: prompt.len(),
-        tokens_per_sec: if elapsed > 0.0 { history.len().saturating_sub(prompt.len()) as f64 / elapsed } else { 0.0 },
+        tokens_per_sec: if elapsed > 0.0 {
+            history.len().saturating_sub(prompt.len()) as f64 / elapsed
+        } else {
+            0.0
+        },
         finish_reason,
         prefill_secs,
     })

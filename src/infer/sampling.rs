@@ -32,7 +32,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be ≥ 0 (got {})", self.temperature));
+            return bad(format!(
+                "temperature must be ≥ 0 (got {})",
+                self.temperature
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -43,7 +46,10 @@ impl SamplingParams {
             return bad("top-k must be ≥ 1".into());
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
-            return bad(format!("repeat penalty must be > 0 (got {})", self.repeat_penalty));
+            return bad(format!(
+                "repeat penalty must be > 0 (got {})",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -66,7 +72,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Self { s: [next(), next(), next(), next()] }
+        Self {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// The next 64 random bits.
@@ -125,10 +133,16 @@ impl Sampler {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let k = p.top_k.unwrap_or(logits.len()).min(logits.len());
         if k < logits.len() {
-            idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                logits[b as usize].total_cmp(&logits[a as usize])
+            });
             idx.truncate(k);
         }
-        idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.sort_unstable_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         let max = logits[idx[0] as usize];
         let mut probs: Vec<f64> = idx
             .iter()
@@ -203,15 +217,25 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_is_reproducible() {
         let logits = vec![0.5, 0.2, 2.0, 1.9];
-        let params = SamplingParams { temperature: 1.0, top_k: Some(1), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: Some(1),
+            ..Default::default()
+        };
         let mut s = Sampler::new(params);
         for _ in 0..20 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 2);
         }
-        let params = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let draw = |p: SamplingParams| {
             let mut s = Sampler::new(p);
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         let a = draw(params.clone());
         assert_eq!(a, draw(params.clone()));
@@ -223,7 +247,11 @@ mod tests {
     fn top_p_keeps_the_smallest_set_reaching_p() {
         // probabilities ≈ [0.64, 0.24, 0.09, 0.03]: top-p 0.6 leaves only the first.
         let logits = vec![3.0, 2.0, 1.0, 0.0];
-        let params = SamplingParams { temperature: 1.0, top_p: Some(0.6), ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.6),
+            ..Default::default()
+        };
         let mut s = Sampler::new(params);
         for _ in 0..50 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
@@ -233,19 +261,31 @@ mod tests {
     #[test]
     fn sampling_frequencies_follow_the_softmax() {
         let logits = vec![0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
-        let params = SamplingParams { temperature: 1.0, seed: 1, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(params);
         let n = 20_000;
-        let ones = (0..n).filter(|_| s.sample(&mut logits.clone(), &[]) == 1).count();
+        let ones = (0..n)
+            .filter(|_| s.sample(&mut logits.clone(), &[]) == 1)
+            .count();
         let freq = ones as f64 / n as f64;
         assert!((freq - 0.75).abs() < 0.02, "{freq}");
     }
 
     #[test]
     fn invalid_params_are_rejected() {
-        let bad = SamplingParams { top_p: Some(1.5), ..Default::default() };
+        let bad = SamplingParams {
+            top_p: Some(1.5),
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().to_string().contains("top-p"));
-        let bad = SamplingParams { temperature: -1.0, ..Default::default() };
+        let bad = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
         assert!(bad.validate().is_err());
     }
 }

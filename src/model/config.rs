@@ -121,7 +121,14 @@ impl ModelConfig {
                         .unwrap_or(8192),
                 })
             }
-            Some(s) if matches!(s.rope_type.as_deref().or(s.kind.as_deref()), Some("default") | None) => None,
+            Some(s)
+                if matches!(
+                    s.rope_type.as_deref().or(s.kind.as_deref()),
+                    Some("default") | None
+                ) =>
+            {
+                None
+            }
             Some(s) => {
                 return Err(Error::bad_file(
                     path,
@@ -166,14 +173,17 @@ impl ModelConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
             return bad("model has zero heads or layers".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} is odd; RoPE needs it even", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} is odd; RoPE needs it even",
+                self.head_dim
+            ));
         }
         Ok(())
     }

@@ -44,14 +44,24 @@ pub fn read_header(path: &Path) -> Result<Content> {
         ));
     }
     let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
-    Content::read(&mut reader)
-        .map_err(|e| Error::bad_file(path, format!("corrupt or truncated GGUF header: {}", crate::error::candle_message(&e))))
+    Content::read(&mut reader).map_err(|e| {
+        Error::bad_file(
+            path,
+            format!(
+                "corrupt or truncated GGUF header: {}",
+                crate::error::candle_message(&e)
+            ),
+        )
+    })
 }
 
 /// Loads a GGUF model onto `device`.
 pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     let content = read_header(path)?;
-    let meta = Meta { md: &content.metadata, path };
+    let meta = Meta {
+        md: &content.metadata,
+        path,
+    };
     let arch_name = meta.string("general.architecture")?;
     let architecture = Architecture::parse(&arch_name, path)?;
     let a = arch_name.as_str();
@@ -65,16 +75,24 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     let has_output = content.tensor_infos.contains_key("output.weight");
     let config = ModelConfig {
         architecture,
-        vocab_size: meta.opt_usize(&format!("{a}.vocab_size")).unwrap_or(vocab.tokens.len()),
+        vocab_size: meta
+            .opt_usize(&format!("{a}.vocab_size"))
+            .unwrap_or(vocab.tokens.len()),
         hidden_size,
         intermediate_size: meta.usize(&format!("{a}.feed_forward_length"))?,
         num_layers: meta.usize(&format!("{a}.block_count"))?,
         num_heads,
-        num_kv_heads: meta.opt_usize(&format!("{a}.attention.head_count_kv")).unwrap_or(num_heads),
+        num_kv_heads: meta
+            .opt_usize(&format!("{a}.attention.head_count_kv"))
+            .unwrap_or(num_heads),
         head_dim,
         rms_norm_eps: meta.f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
-        rope_theta: meta.opt_f64(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0),
-        max_position_embeddings: meta.opt_usize(&format!("{a}.context_length")).unwrap_or(2048),
+        rope_theta: meta
+            .opt_f64(&format!("{a}.rope.freq_base"))
+            .unwrap_or(10_000.0),
+        max_position_embeddings: meta
+            .opt_usize(&format!("{a}.context_length"))
+            .unwrap_or(2048),
         tie_word_embeddings: !has_output,
         attention_bias: architecture == Architecture::Qwen2,
         sliding_window: None,
@@ -90,15 +108,18 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut dtype_counts: HashMap<String, usize> = HashMap::new();
     let mut rope_freq_factors = None;
     for (name, info) in &content.tensor_infos {
-        let qt = content
-            .tensor(&mut reader, name, device)
-            .map_err(|e| {
-                Error::bad_file(path, format!(
+        let qt = content.tensor(&mut reader, name, device).map_err(|e| {
+            Error::bad_file(
+                path,
+                format!(
                     "tensor '{name}': {} (the file is truncated or corrupt; download it again)",
                     crate::error::candle_message(&e)
-                ))
-            })?;
-        *dtype_counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += info.shape.elem_count();
+                ),
+            )
+        })?;
+        *dtype_counts
+            .entry(format!("{:?}", info.ggml_dtype))
+            .or_default() += info.shape.elem_count();
         let t = qt.dequantize(device)?;
         if name == "rope_freqs.weight" {
             rope_freq_factors = Some(t.to_vec1::<f32>()?);
@@ -125,7 +146,10 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         .unwrap_or_default();
     Ok(GgufModel {
         config,
-        weights: Weights { tensors, origin: path.to_path_buf() },
+        weights: Weights {
+            tensors,
+            origin: path.to_path_buf(),
+        },
         tokenizer,
         chat_template,
         file_dtype,
@@ -174,17 +198,30 @@ fn hf_name(name: &str) -> Option<String> {
 fn read_vocab(meta: &Meta) -> Result<GgufVocab> {
     let strings = |key: &str| -> Option<Vec<String>> {
         meta.md.get(key)?.to_vec().ok().map(|v| {
-            v.iter().filter_map(|x| x.to_string().ok().cloned()).collect()
+            v.iter()
+                .filter_map(|x| x.to_string().ok().cloned())
+                .collect()
         })
     };
     let tokens = strings("tokenizer.ggml.tokens").ok_or_else(|| {
-        Error::bad_file(meta.path, "GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
+        Error::bad_file(
+            meta.path,
+            "GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)",
+        )
     })?;
     let ints = |key: &str| -> Option<Vec<i32>> {
-        meta.md.get(key)?.to_vec().ok().map(|v| v.iter().filter_map(|x| x.to_i32().ok()).collect())
+        meta.md
+            .get(key)?
+            .to_vec()
+            .ok()
+            .map(|v| v.iter().filter_map(|x| x.to_i32().ok()).collect())
     };
     let floats = |key: &str| -> Option<Vec<f32>> {
-        meta.md.get(key)?.to_vec().ok().map(|v| v.iter().filter_map(|x| x.to_f32().ok()).collect())
+        meta.md
+            .get(key)?
+            .to_vec()
+            .ok()
+            .map(|v| v.iter().filter_map(|x| x.to_f32().ok()).collect())
     };
     let id = |key: &str| meta.opt_usize(key).map(|v| v as u32);
     let flag = |key: &str| meta.md.get(key).and_then(|v| v.to_bool().ok());
@@ -221,7 +258,10 @@ impl Meta<'_> {
     }
     fn opt_usize(&self, key: &str) -> Option<usize> {
         let v = self.md.get(key)?;
-        v.to_u64().ok().map(|x| x as usize).or_else(|| v.to_u32().ok().map(|x| x as usize))
+        v.to_u64()
+            .ok()
+            .map(|x| x as usize)
+            .or_else(|| v.to_u32().ok().map(|x| x as usize))
             .or_else(|| v.to_i32().ok().map(|x| x.max(0) as usize))
     }
     fn usize(&self, key: &str) -> Result<usize> {

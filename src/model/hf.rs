@@ -48,12 +48,16 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
             _ => None,
         }
     };
-    let mut tokenizer = TextTokenizer::from_file(&tokenizer_path, special("bos_token"), special("eos_token"))?;
+    let mut tokenizer =
+        TextTokenizer::from_file(&tokenizer_path, special("bos_token"), special("eos_token"))?;
     // generation_config.json may name further end tokens (Llama 3 lists three).
     if let Some(gen) = read_json_opt(&dir.join("generation_config.json"))? {
         let ids: Vec<u32> = match gen.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64().map(|v| v as u32))
+                .collect(),
             _ => vec![],
         };
         for id in ids {
@@ -68,8 +72,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
     let mut tensors = HashMap::new();
     let mut file_dtype = String::new();
     for file in &files {
-        let loaded = candle_core::safetensors::load(file, device)
-            .map_err(|e| Error::bad_file(file, format!("not a readable safetensors file: {}", crate::error::candle_message(&e))))?;
+        let loaded = candle_core::safetensors::load(file, device).map_err(|e| {
+            Error::bad_file(
+                file,
+                format!(
+                    "not a readable safetensors file: {}",
+                    crate::error::candle_message(&e)
+                ),
+            )
+        })?;
         for (name, t) in loaded {
             if file_dtype.is_empty() && t.rank() > 1 {
                 file_dtype = format!("{:?}", t.dtype()).to_uppercase();
@@ -79,7 +90,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
     }
     Ok(HfModel {
         config,
-        weights: Weights { tensors, origin: dir.to_path_buf() },
+        weights: Weights {
+            tensors,
+            origin: dir.to_path_buf(),
+        },
         tokenizer,
         chat_template,
         file_dtype,
@@ -101,7 +115,9 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
 fn chat_template(dir: &Path, tok_config: Option<&Value>) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        return std::fs::read_to_string(&jinja).map(Some).map_err(|e| Error::io(&jinja, e));
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|e| Error::io(&jinja, e));
     }
     Ok(match tok_config.and_then(|c| c.get("chat_template")) {
         Some(Value::String(s)) => Some(s.clone()),
@@ -126,7 +142,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-            return Err(Error::bad_file(&index, format!("lists {} which does not exist", missing.display())));
+            return Err(Error::bad_file(
+                &index,
+                format!("lists {} which does not exist", missing.display()),
+            ));
         }
         return Ok(paths);
     }
@@ -141,7 +160,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     all.sort();
     if all.is_empty() {
-        return Err(Error::bad_file(dir, "no *.safetensors weight files in this directory"));
+        return Err(Error::bad_file(
+            dir,
+            "no *.safetensors weight files in this directory",
+        ));
     }
     Ok(all)
 }

@@ -43,15 +43,35 @@ impl Model {
         let (config, weights, tokenizer, template, file_dtype, factors) = match &source {
             ModelSource::Gguf(path) => {
                 let m = gguf::load(path, device)?;
-                (m.config, m.weights, m.tokenizer, m.chat_template, m.file_dtype, m.rope_freq_factors)
+                (
+                    m.config,
+                    m.weights,
+                    m.tokenizer,
+                    m.chat_template,
+                    m.file_dtype,
+                    m.rope_freq_factors,
+                )
             }
             ModelSource::HfDir(dir) => {
                 let m = hf::load(dir, device)?;
-                (m.config, m.weights, m.tokenizer, m.chat_template, m.file_dtype, None)
+                (
+                    m.config,
+                    m.weights,
+                    m.tokenizer,
+                    m.chat_template,
+                    m.file_dtype,
+                    None,
+                )
             }
         };
         let chat_template = template
-            .map(|t| ChatTemplate::new(&t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref()))
+            .map(|t| {
+                ChatTemplate::new(
+                    &t,
+                    tokenizer.bos_token.as_deref(),
+                    tokenizer.eos_token.as_deref(),
+                )
+            })
             .transpose()?;
         let transformer = Transformer::from_weights(config, weights, factors)?;
         Ok(Self {
@@ -81,7 +101,11 @@ impl Model {
 
     /// Tokens of a rendered chat prompt. Templates write BOS themselves when the model needs it,
     /// so the tokenizer's post-processor is not applied a second time.
-    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.tokenizer.encode(&text, false)
     }

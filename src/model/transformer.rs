@@ -92,9 +92,21 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let n_rep = h / kvh;
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?;
         let q = apply_rope(&q.contiguous()?, &rope.0, &rope.1)?;
         let k = apply_rope(&k.contiguous()?, &rope.0, &rope.1)?;
         let v = v.contiguous()?;
@@ -214,7 +226,13 @@ impl Transformer {
                     q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), q_out, hs, ab)?,
                     k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), kv_out, hs, ab)?,
                     v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), kv_out, hs, ab)?,
-                    o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), hs, q_out, false)?,
+                    o_proj: Linear::load(
+                        &mut w,
+                        &format!("{p}.self_attn.o_proj"),
+                        hs,
+                        q_out,
+                        false,
+                    )?,
                     num_heads: c.num_heads,
                     num_kv_heads: c.num_kv_heads,
                     head_dim: hd,
@@ -222,9 +240,27 @@ impl Transformer {
                 post_attention_layernorm: w
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[hs])?,
                 mlp: Mlp {
-                    gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), c.intermediate_size, hs, false)?,
-                    up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), c.intermediate_size, hs, false)?,
-                    down_proj: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), hs, c.intermediate_size, false)?,
+                    gate_proj: Linear::load(
+                        &mut w,
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        hs,
+                        false,
+                    )?,
+                    up_proj: Linear::load(
+                        &mut w,
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        hs,
+                        false,
+                    )?,
+                    down_proj: Linear::load(
+                        &mut w,
+                        &format!("{p}.mlp.down_proj"),
+                        hs,
+                        c.intermediate_size,
+                        false,
+                    )?,
                 },
             });
         }
@@ -270,10 +306,11 @@ impl Transformer {
         mut cache: Option<&mut Cache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self
-            .embed_tokens
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((
+            b,
+            t,
+            self.config.hidden_size,
+        ))?;
         let rope = self.rope_tables(positions)?;
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -289,7 +326,10 @@ impl Transformer {
     /// Projects hidden states (..., hidden) to vocabulary logits (..., vocab).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = Linear {
-            weight: self.lm_head.clone().unwrap_or_else(|| self.embed_tokens.clone()),
+            weight: self
+                .lm_head
+                .clone()
+                .unwrap_or_else(|| self.embed_tokens.clone()),
             bias: None,
         };
         head.forward(hidden)
@@ -313,7 +353,8 @@ impl Transformer {
     fn forward_causal(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let positions = Tensor::arange(past as u32, (past + t) as u32, self.device())?.unsqueeze(0)?;
+        let positions =
+            Tensor::arange(past as u32, (past + t) as u32, self.device())?.unsqueeze(0)?;
         let mask = if t > 1 {
             Some(causal_mask(t, past, self.device())?)
         } else {

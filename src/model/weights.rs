@@ -17,13 +17,17 @@ pub struct Weights {
 impl Weights {
     /// Removes and returns a tensor, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.tensors.remove(name).ok_or_else(|| {
-            Error::bad_file(&self.origin, format!("missing tensor '{name}'"))
-        })?;
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::bad_file(&self.origin, format!("missing tensor '{name}'")))?;
         if t.dims() != shape {
             return Err(Error::bad_file(
                 &self.origin,
-                format!("tensor '{name}' has shape {:?}, expected {shape:?}", t.dims()),
+                format!(
+                    "tensor '{name}' has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ),
             ));
         }
         Ok(t)

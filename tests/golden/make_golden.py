@@ -99,7 +99,8 @@ def smollm2(gguf):
     # pre-tokenizer. SmolLM2's own tokenizer.json (and llama.cpp's 'smollm' pre-tokenizer) first
     # splits every digit: "2026" is 4 tokens, not 2. afinar follows the model's real tokenizer, so
     # the reference here is transformers' tokenizer with that pre-tokenizer restored; the ids of
-    # the unpatched converter are kept as `ids_transformers_gguf` to document the difference.
+    # the unpatched converter are kept as `ids_transformers_gguf` (on this vocabulary, which has no
+    # multi-digit tokens, the two happen to agree; on others they would not).
     raw_tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     from tokenizers import pre_tokenizers
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([

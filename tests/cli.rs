@@ -165,3 +165,38 @@ fn info_describes_the_default_model() {
     assert_eq!(v["chat_template"], true);
     assert_eq!(v["eos_token"], "<|im_end|>");
 }
+
+#[test]
+fn hub_repo_offline_uses_the_cache_or_says_it_is_missing() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |repo: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_afinar"))
+            .args(["info", "--json", "--model", repo])
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, _, err) = run("acme/not-cached");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("acme/not-cached") && err.contains("not in the Hugging Face cache"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Lay out a cached snapshot as huggingface_hub does: hub/models--org--name/{refs/main,snapshots/<sha>/}.
+    let repo_dir = home.path().join("hub").join("models--acme--tiny");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo_dir.join("snapshots").join(sha);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs").join("main"), sha).unwrap();
+    let src = root().join("tests/fixtures/tiny-mistral");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    let (code, out, err) = run("acme/tiny");
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["architecture"], "mistral");
+}

@@ -4,6 +4,7 @@
 //! `model` (load weights, tokenizer and chat template), `infer` (sampling and generation).
 //! Data preparation, training, evaluation, serving and export follow the same pattern.
 
+pub mod data;
 pub mod error;
 pub mod infer;
 pub mod model;

@@ -2,6 +2,7 @@
 //! `info` / `generate` / `chat` (model → infer) and `bench` (speed measurements).
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -9,7 +10,7 @@ use candle_core::{Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 
 use afinar::infer::{generate, GenerateOptions, SamplingParams};
-use afinar::model::{source::DEFAULT_MODEL, Message, Model};
+use afinar::model::{source::DEFAULT_MODEL, Message, Model, TextSide};
 
 #[derive(Parser)]
 #[command(
@@ -44,11 +45,114 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Prepare or inspect a dataset (load, template, tokenize, split, pack, cache).
+    Data {
+        #[command(subcommand)]
+        what: DataCommand,
+    },
     /// Measure speed; prints a `RESULT {json}` line last, as ../shared/bench does.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Load, template, tokenize, split, pack and cache a dataset for a model.
+    Prepare {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Output directory (manifest.json, train/validation/test .bin and .examples.jsonl).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show what a prepared directory (or, prepared in memory, a data file) holds.
+    Inspect {
+        /// A directory written by `data prepare`, or a data file / folder.
+        path: PathBuf,
+        /// Model whose tokenizer is used when PATH is raw data.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Split whose first example is rendered with its loss mask.
+        #[arg(long, default_value = "train")]
+        split: String,
+    },
+}
+
+/// Dataset options shared by `data prepare` (and, later, `train`).
+#[derive(Args)]
+struct DataArgs {
+    /// Data file or directory (repeatable): .jsonl/.json(.gz/.zst), .csv/.tsv, .parquet, .txt, or a folder.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Shape of the records.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    format: afinar::data::Format,
+    /// Map one of our field names to yours, e.g. --map instruction=question (repeatable).
+    #[arg(long = "map", value_parser = parse_kv)]
+    map: Vec<(String, String)>,
+    /// Field whose value keeps related examples in the same split (e.g. --split-key verb).
+    #[arg(long)]
+    split_key: Option<String>,
+    /// Train/validation/test fractions.
+    #[arg(long, default_value = "0.9,0.05,0.05")]
+    split: String,
+    /// Your own validation file(s) instead of a fraction of --data.
+    #[arg(long)]
+    val: Vec<PathBuf>,
+    /// Your own test file(s) instead of a fraction of --data.
+    #[arg(long)]
+    test: Vec<PathBuf>,
+    /// Seed of the split and of the packing order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Maximum tokens per training sequence.
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    /// One example per sequence (padding) instead of packing several.
+    #[arg(long, conflicts_with = "pack")]
+    pad: bool,
+    /// Pack several examples per sequence (the default).
+    #[arg(long)]
+    pack: bool,
+    /// Drop examples longer than --max-seq-len instead of truncating them.
+    #[arg(long)]
+    drop_long: bool,
+    /// Make any bad record fatal instead of skipping and counting it.
+    #[arg(long)]
+    strict: bool,
+}
+
+impl DataArgs {
+    fn options(&self) -> Result<afinar::data::PrepareOptions> {
+        Ok(afinar::data::PrepareOptions {
+            data: self.data.clone(),
+            val: self.val.clone(),
+            test: self.test.clone(),
+            format: self.format,
+            fields: afinar::data::FieldMap(self.map.iter().cloned().collect()),
+            split_key: self.split_key.clone(),
+            split: self.split.parse()?,
+            seed: self.seed,
+            max_seq_len: self.max_seq_len,
+            packing: if self.pad { afinar::data::Packing::Pad } else { afinar::data::Packing::Pack },
+            overlong: if self.drop_long { afinar::data::Overlong::Drop } else { afinar::data::Overlong::Truncate },
+            strict: self.strict,
+        })
+    }
+}
+
+fn parse_format(s: &str) -> std::result::Result<afinar::data::Format, String> {
+    s.parse()
+}
+
+fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected OURS=YOURS, got '{s}'"))
 }
 
 #[derive(Subcommand)]
@@ -168,9 +272,53 @@ fn run(cli: Cli) -> Result<()> {
             system,
             sampling,
         } => cmd_chat(&model.model, system, &sampling, &device)?,
+        Command::Data { what: DataCommand::Prepare { model, data, out } } => {
+            let text = TextSide::load(&model.model)?;
+            let opts = data.options()?;
+            let prepared = afinar::data::prepare_cached(&opts, &model.model, &text, &out)?;
+            let m = &prepared.manifest;
+            if prepared.reused {
+                eprintln!("inputs unchanged: reusing {}", out.display());
+            } else {
+                eprintln!("prepared {} records in {:.2} s → {}", m.records, m.prepare_seconds, out.display());
+            }
+            let splits: Vec<_> = m.splits.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            print!("{}", afinar::data::inspect::summary(&splits, &m.report, m.records));
+        }
+        Command::Data { what: DataCommand::Inspect { path, model, split } } => inspect(&path, &model, &split)?,
         Command::Bench {
             what: BenchCommand::Infer { model, runs, json },
         } => bench_infer(&model.model, runs, json, &device)?,
+    }
+    Ok(())
+}
+
+fn inspect(path: &std::path::Path, model: &str, split: &str) -> Result<()> {
+    use afinar::data::{inspect, PreparedDir};
+    if path.join("manifest.json").is_file() {
+        let dir = PreparedDir::open(path)?;
+        let m = &dir.manifest;
+        let text = TextSide::load(&m.model)?;
+        let splits: Vec<_> = m.splits.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        println!("prepared for model {} (max-seq-len {})", m.model, m.settings["max_seq_len"]);
+        print!("{}", inspect::summary(&splits, &m.report, m.records));
+        let tokens = dir.split(split)?;
+        if tokens.examples() > 0 {
+            let r = tokens.example_range(0);
+            println!("\nfirst {split} example, loss-carrying text in {}…{}:", inspect::LOSS_OPEN, inspect::LOSS_CLOSE);
+            println!("{}", inspect::render_masked(&text.tokenizer, &tokens.ids()[r.clone()], &tokens.labels()[r]));
+        }
+    } else {
+        let text = TextSide::load(model)?;
+        let opts = afinar::data::PrepareOptions { data: vec![path.to_path_buf()], ..Default::default() };
+        let p = afinar::data::prepare(&opts, &text)?;
+        let splits: Vec<_> = p.splits.iter().map(|(k, v)| (k.clone(), v.stats.clone())).collect();
+        print!("{}", inspect::summary(&splits, &p.report, p.records));
+        if let Some(s) = p.splits.get(split).filter(|s| s.packed.examples() > 0) {
+            let (a, b) = (s.packed.example_offsets[0] as usize, s.packed.example_offsets[1] as usize);
+            println!("\nfirst {split} example, loss-carrying text in {}…{}:", inspect::LOSS_OPEN, inspect::LOSS_CLOSE);
+            println!("{}", inspect::render_masked(&text.tokenizer, &s.packed.ids[a..b], &s.packed.labels[a..b]));
+        }
     }
     Ok(())
 }

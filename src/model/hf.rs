@@ -33,6 +33,41 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
         ));
     }
     let config = ModelConfig::from_hf_json(&config_path)?;
+    let (tokenizer, chat_template) = load_text_side(dir)?;
+    let files = safetensors_files(dir)?;
+    let mut tensors = HashMap::new();
+    let mut file_dtype = String::new();
+    for file in &files {
+        let loaded = candle_core::safetensors::load(file, device).map_err(|e| {
+            Error::bad_file(
+                file,
+                format!(
+                    "not a readable safetensors file: {}",
+                    crate::error::candle_message(&e)
+                ),
+            )
+        })?;
+        for (name, t) in loaded {
+            if file_dtype.is_empty() && t.rank() > 1 {
+                file_dtype = format!("{:?}", t.dtype()).to_uppercase();
+            }
+            tensors.insert(name, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(HfModel {
+        config,
+        weights: Weights {
+            tensors,
+            origin: dir.to_path_buf(),
+        },
+        tokenizer,
+        chat_template,
+        file_dtype,
+    })
+}
+
+/// Reads only the tokenizer (with special tokens) and the chat template of a model directory.
+pub fn load_text_side(dir: &Path) -> Result<(TextTokenizer, Option<String>)> {
     let tokenizer_path = dir.join("tokenizer.json");
     if !tokenizer_path.is_file() {
         return Err(Error::bad_file(
@@ -67,37 +102,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
         }
     }
     let chat_template = chat_template(dir, tok_config.as_ref())?;
-
-    let files = safetensors_files(dir)?;
-    let mut tensors = HashMap::new();
-    let mut file_dtype = String::new();
-    for file in &files {
-        let loaded = candle_core::safetensors::load(file, device).map_err(|e| {
-            Error::bad_file(
-                file,
-                format!(
-                    "not a readable safetensors file: {}",
-                    crate::error::candle_message(&e)
-                ),
-            )
-        })?;
-        for (name, t) in loaded {
-            if file_dtype.is_empty() && t.rank() > 1 {
-                file_dtype = format!("{:?}", t.dtype()).to_uppercase();
-            }
-            tensors.insert(name, t.to_dtype(DType::F32)?);
-        }
-    }
-    Ok(HfModel {
-        config,
-        weights: Weights {
-            tensors,
-            origin: dir.to_path_buf(),
-        },
-        tokenizer,
-        chat_template,
-        file_dtype,
-    })
+    Ok((tokenizer, chat_template))
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<Value>> {

@@ -21,6 +21,29 @@ pub use transformer::Transformer;
 
 use crate::Result;
 
+/// The text side of a model (tokenizer and chat template) without its weights: what data
+/// preparation needs, loaded in milliseconds even for large models.
+pub struct TextSide {
+    pub source: ModelSource,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl TextSide {
+    /// Resolves `spec` and reads only its tokenizer and template.
+    pub fn load(spec: &str) -> Result<Self> {
+        let source = source::resolve(spec)?;
+        let (tokenizer, template) = match &source {
+            ModelSource::Gguf(path) => gguf::load_text_side(path)?,
+            ModelSource::HfDir(dir) => hf::load_text_side(dir)?,
+        };
+        let chat_template = template
+            .map(|t| ChatTemplate::new(&t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref()))
+            .transpose()?;
+        Ok(Self { source, tokenizer, chat_template })
+    }
+}
+
 /// A loaded model, ready for inference or training.
 pub struct Model {
     pub source: ModelSource,

@@ -1,0 +1,198 @@
+//! Templating and tokenization with answer-only labels.
+//!
+//! Conversations are rendered with the model's own chat template. Assistant spans are found by
+//! rendering prefixes of the conversation (the text before turn i with the generation prompt,
+//! and the text through turn i), which works with stock templates that lack `{% generation %}`
+//! markers. Loss goes to the assistant's tokens and the end-of-turn token that closes them, so a
+//! tuned model learns to stop; everything else is masked.
+
+use crate::model::{ChatTemplate, Message, TextTokenizer};
+
+use super::shapes::{Example, Rejection, Turn};
+
+/// Token ids with a per-token loss mask (`labels[i]`: token i is a prediction target).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub labels: Vec<bool>,
+}
+
+impl Encoded {
+    /// Number of tokens carrying loss.
+    pub fn label_count(&self) -> usize {
+        self.labels.iter().filter(|&&l| l).count()
+    }
+}
+
+/// What to do with an example longer than `max_seq_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlong {
+    Truncate,
+    Drop,
+}
+
+/// The outcome of encoding one example.
+#[derive(Debug)]
+pub enum Outcome {
+    /// One example (chat, completion) or several windows (long text).
+    Ok { parts: Vec<Encoded>, truncated: bool },
+    /// Longer than `max_seq_len` with [`Overlong::Drop`].
+    TooLong,
+    /// Nothing to learn from (e.g. the answer was cut off).
+    NoLabels,
+    Rejected(Rejection),
+}
+
+/// Turns examples into tokens for one model.
+pub struct Encoder<'a> {
+    tok: &'a TextTokenizer,
+    template: Option<&'a ChatTemplate>,
+    /// BOS id when the tokenizer adds one by itself (templates may already write it).
+    bos: Option<u32>,
+    eos: Option<u32>,
+    /// Text of tokens that close an assistant turn (EOS, `<|im_end|>`, `<|eot_id|>`, …).
+    end_markers: Vec<String>,
+    pub max_seq_len: usize,
+    pub overlong: Overlong,
+}
+
+impl<'a> Encoder<'a> {
+    /// An encoder for `tok` and `template` (needed for conversations).
+    pub fn new(tok: &'a TextTokenizer, template: Option<&'a ChatTemplate>, max_seq_len: usize, overlong: Overlong) -> Self {
+        let with = tok.encode("a", true).unwrap_or_default();
+        let without = tok.encode("a", false).unwrap_or_default();
+        let bos = (with.len() > without.len()).then(|| with[0]);
+        let end_markers = tok.end_token_ids.iter().filter_map(|&id| tok.inner.id_to_token(id)).collect();
+        Self { tok, template, bos, eos: tok.eos_id(), end_markers, max_seq_len, overlong }
+    }
+
+    /// Encodes one example.
+    pub fn encode(&self, ex: &Example) -> Outcome {
+        match ex {
+            Example::Chat(turns) => match self.encode_chat(turns) {
+                Ok(enc) => self.finish(enc),
+                Err(r) => Outcome::Rejected(r),
+            },
+            Example::Completion { prompt, completion } => match self.encode_completion(prompt, completion) {
+                Ok(enc) => self.finish(enc),
+                Err(r) => Outcome::Rejected(r),
+            },
+            Example::Text(text) => match self.encode_text(text) {
+                Ok(parts) => Outcome::Ok { parts, truncated: false },
+                Err(r) => Outcome::Rejected(r),
+            },
+        }
+    }
+
+    fn finish(&self, mut enc: Encoded) -> Outcome {
+        let mut truncated = false;
+        if enc.ids.len() > self.max_seq_len {
+            match self.overlong {
+                Overlong::Drop => return Outcome::TooLong,
+                Overlong::Truncate => {
+                    enc.ids.truncate(self.max_seq_len);
+                    enc.labels.truncate(self.max_seq_len);
+                    truncated = true;
+                }
+            }
+        }
+        if enc.label_count() == 0 {
+            return Outcome::NoLabels;
+        }
+        Outcome::Ok { parts: vec![enc], truncated }
+    }
+
+    fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding, Rejection> {
+        self.tok.inner.encode(text, false).map_err(|e| ("tokenizer error", e.to_string()))
+    }
+
+    /// Prepends BOS when the tokenizer expects one and the text does not start with it, so
+    /// there is exactly one.
+    fn with_bos(&self, mut enc: Encoded) -> Encoded {
+        if let Some(bos) = self.bos {
+            if enc.ids.first() != Some(&bos) {
+                enc.ids.insert(0, bos);
+                enc.labels.insert(0, false);
+            }
+            // A template that writes BOS while the text also starts with it: keep one.
+            while enc.ids.len() > 1 && enc.ids[1] == bos && enc.ids[0] == bos {
+                enc.ids.remove(0);
+                enc.labels.remove(0);
+            }
+        }
+        enc
+    }
+
+    fn encode_chat(&self, turns: &[Turn]) -> Result<Encoded, Rejection> {
+        let template = self.template.ok_or_else(|| {
+            ("model has no chat template", "the model has no chat template; use the completion or text format".to_string())
+        })?;
+        let msgs: Vec<Message> = turns.iter().map(|t| Message::new(t.role.clone(), t.content.clone())).collect();
+        let render = |m: &[Message], gen: bool| template.render(m, gen).map_err(|e| ("chat template error", e.to_string()));
+        let full = render(&msgs, false)?;
+        let mut spans = Vec::new();
+        for (i, turn) in turns.iter().enumerate() {
+            if !turn.train {
+                continue;
+            }
+            let before = render(&msgs[..i], true)?;
+            let through = render(&msgs[..=i], false)?;
+            if !full.starts_with(&before) || !full.starts_with(&through) || through.len() < before.len() {
+                return Err((
+                    "template is not prefix-stable",
+                    format!("rendering the first {i} turns does not give a prefix of the whole conversation; cannot locate assistant turn {}", i + 1),
+                ));
+            }
+            let (start, mut end) = (before.len(), through.len());
+            // Keep the end-of-turn token, drop what follows it (e.g. the newline).
+            if let Some(cut) = self
+                .end_markers
+                .iter()
+                .filter_map(|m| full[start..end].rfind(m.as_str()).map(|p| start + p + m.len()))
+                .max()
+            {
+                end = cut;
+            }
+            spans.push((start, end));
+        }
+        let enc = self.tokenize(&full)?;
+        let labels = enc
+            .get_offsets()
+            .iter()
+            .map(|&(s, _)| spans.iter().any(|&(a, b)| s >= a && s < b))
+            .collect();
+        Ok(self.with_bos(Encoded { ids: enc.get_ids().to_vec(), labels }))
+    }
+
+    fn encode_completion(&self, prompt: &str, completion: &str) -> Result<Encoded, Rejection> {
+        let p = self.tokenize(prompt)?;
+        let c = self.tokenize(completion)?;
+        let mut ids = p.get_ids().to_vec();
+        let mut labels = vec![false; ids.len()];
+        ids.extend_from_slice(c.get_ids());
+        labels.extend(std::iter::repeat_n(true, c.get_ids().len()));
+        if let Some(eos) = self.eos {
+            ids.push(eos);
+            labels.push(true);
+        }
+        Ok(self.with_bos(Encoded { ids, labels }))
+    }
+
+    /// Text: EOS appended, loss everywhere, split into windows of `max_seq_len`.
+    fn encode_text(&self, text: &str) -> Result<Vec<Encoded>, Rejection> {
+        let mut ids = self.tokenize(text)?.get_ids().to_vec();
+        if let Some(eos) = self.eos {
+            ids.push(eos);
+        }
+        let window = self.max_seq_len - usize::from(self.bos.is_some());
+        Ok(ids
+            .chunks(window)
+            .filter(|c| c.len() > 1)
+            .map(|c| {
+                let mut labels = vec![true; c.len()];
+                labels[0] = self.bos.is_some();
+                self.with_bos(Encoded { ids: c.to_vec(), labels })
+            })
+            .collect())
+    }
+}

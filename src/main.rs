@@ -138,8 +138,16 @@ impl DataArgs {
             split: self.split.parse()?,
             seed: self.seed,
             max_seq_len: self.max_seq_len,
-            packing: if self.pad { afinar::data::Packing::Pad } else { afinar::data::Packing::Pack },
-            overlong: if self.drop_long { afinar::data::Overlong::Drop } else { afinar::data::Overlong::Truncate },
+            packing: if self.pad {
+                afinar::data::Packing::Pad
+            } else {
+                afinar::data::Packing::Pack
+            },
+            overlong: if self.drop_long {
+                afinar::data::Overlong::Drop
+            } else {
+                afinar::data::Overlong::Truncate
+            },
             strict: self.strict,
         })
     }
@@ -272,7 +280,9 @@ fn run(cli: Cli) -> Result<()> {
             system,
             sampling,
         } => cmd_chat(&model.model, system, &sampling, &device)?,
-        Command::Data { what: DataCommand::Prepare { model, data, out } } => {
+        Command::Data {
+            what: DataCommand::Prepare { model, data, out },
+        } => {
             let text = TextSide::load(&model.model)?;
             let opts = data.options()?;
             let prepared = afinar::data::prepare_cached(&opts, &model.model, &text, &out)?;
@@ -280,12 +290,26 @@ fn run(cli: Cli) -> Result<()> {
             if prepared.reused {
                 eprintln!("inputs unchanged: reusing {}", out.display());
             } else {
-                eprintln!("prepared {} records in {:.2} s → {}", m.records, m.prepare_seconds, out.display());
+                eprintln!(
+                    "prepared {} records in {:.2} s → {}",
+                    m.records,
+                    m.prepare_seconds,
+                    out.display()
+                );
             }
-            let splits: Vec<_> = m.splits.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            print!("{}", afinar::data::inspect::summary(&splits, &m.report, m.records));
+            let splits: Vec<_> = m
+                .splits
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            print!(
+                "{}",
+                afinar::data::inspect::summary(&splits, &m.report, m.records)
+            );
         }
-        Command::Data { what: DataCommand::Inspect { path, model, split } } => inspect(&path, &model, &split)?,
+        Command::Data {
+            what: DataCommand::Inspect { path, model, split },
+        } => inspect(&path, &model, &split)?,
         Command::Bench {
             what: BenchCommand::Infer { model, runs, json },
         } => bench_infer(&model.model, runs, json, &device)?,
@@ -299,25 +323,64 @@ fn inspect(path: &std::path::Path, model: &str, split: &str) -> Result<()> {
         let dir = PreparedDir::open(path)?;
         let m = &dir.manifest;
         let text = TextSide::load(&m.model)?;
-        let splits: Vec<_> = m.splits.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        println!("prepared for model {} (max-seq-len {})", m.model, m.settings["max_seq_len"]);
+        let splits: Vec<_> = m
+            .splits
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        println!(
+            "prepared for model {} (max-seq-len {})",
+            m.model, m.settings["max_seq_len"]
+        );
         print!("{}", inspect::summary(&splits, &m.report, m.records));
         let tokens = dir.split(split)?;
         if tokens.examples() > 0 {
             let r = tokens.example_range(0);
-            println!("\nfirst {split} example, loss-carrying text in {}…{}:", inspect::LOSS_OPEN, inspect::LOSS_CLOSE);
-            println!("{}", inspect::render_masked(&text.tokenizer, &tokens.ids()[r.clone()], &tokens.labels()[r]));
+            println!(
+                "\nfirst {split} example, loss-carrying text in {}…{}:",
+                inspect::LOSS_OPEN,
+                inspect::LOSS_CLOSE
+            );
+            println!(
+                "{}",
+                inspect::render_masked(
+                    &text.tokenizer,
+                    &tokens.ids()[r.clone()],
+                    &tokens.labels()[r]
+                )
+            );
         }
     } else {
         let text = TextSide::load(model)?;
-        let opts = afinar::data::PrepareOptions { data: vec![path.to_path_buf()], ..Default::default() };
+        let opts = afinar::data::PrepareOptions {
+            data: vec![path.to_path_buf()],
+            ..Default::default()
+        };
         let p = afinar::data::prepare(&opts, &text)?;
-        let splits: Vec<_> = p.splits.iter().map(|(k, v)| (k.clone(), v.stats.clone())).collect();
+        let splits: Vec<_> = p
+            .splits
+            .iter()
+            .map(|(k, v)| (k.clone(), v.stats.clone()))
+            .collect();
         print!("{}", inspect::summary(&splits, &p.report, p.records));
         if let Some(s) = p.splits.get(split).filter(|s| s.packed.examples() > 0) {
-            let (a, b) = (s.packed.example_offsets[0] as usize, s.packed.example_offsets[1] as usize);
-            println!("\nfirst {split} example, loss-carrying text in {}…{}:", inspect::LOSS_OPEN, inspect::LOSS_CLOSE);
-            println!("{}", inspect::render_masked(&text.tokenizer, &s.packed.ids[a..b], &s.packed.labels[a..b]));
+            let (a, b) = (
+                s.packed.example_offsets[0] as usize,
+                s.packed.example_offsets[1] as usize,
+            );
+            println!(
+                "\nfirst {split} example, loss-carrying text in {}…{}:",
+                inspect::LOSS_OPEN,
+                inspect::LOSS_CLOSE
+            );
+            println!(
+                "{}",
+                inspect::render_masked(
+                    &text.tokenizer,
+                    &s.packed.ids[a..b],
+                    &s.packed.labels[a..b]
+                )
+            );
         }
     }
     Ok(())

@@ -176,11 +176,18 @@ fn hub_repo_offline_uses_the_cache_or_says_it_is_missing() {
             .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, _, err) = run("acme/not-cached");
     assert_ne!(code, Some(0));
-    assert!(err.contains("acme/not-cached") && err.contains("not in the Hugging Face cache"), "{err}");
+    assert!(
+        err.contains("acme/not-cached") && err.contains("not in the Hugging Face cache"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 
     // Lay out a cached snapshot as huggingface_hub does: hub/models--org--name/{refs/main,snapshots/<sha>/}.
@@ -199,4 +206,49 @@ fn hub_repo_offline_uses_the_cache_or_says_it_is_missing() {
     assert_eq!(code, Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["architecture"], "mistral");
+}
+
+#[test]
+fn data_prepare_then_inspect_the_bundled_conjugation_set() {
+    let out = tempfile::tempdir().unwrap();
+    let data = root().join("data/conjugation/conjugation.jsonl");
+    let (code, stdout, err) = afinar(&[
+        "data",
+        "prepare",
+        "--data",
+        data.to_str().unwrap(),
+        "--split-key",
+        "verb",
+        "--max-seq-len",
+        "256",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("records parsed: 5280"), "{stdout}");
+    assert!(stdout.contains("nothing skipped or truncated"), "{stdout}");
+    let (code, stdout, err) = afinar(&[
+        "data",
+        "inspect",
+        out.path().to_str().unwrap(),
+        "--split",
+        "test",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // The rendered example shows the answer and its end-of-turn inside the loss marks.
+    assert!(stdout.contains("<|im_start|>assistant\n«"), "{stdout}");
+    assert!(stdout.contains("<|im_end|>»"), "{stdout}");
+    let (code, _, err) = afinar(&[
+        "data",
+        "prepare",
+        "--data",
+        "/nope.jsonl",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("/nope.jsonl: no such file or directory"),
+        "{err}"
+    );
 }

@@ -40,7 +40,9 @@ fn tmp_name(path: &Path) -> PathBuf {
 /// Serialises a split.
 pub fn write(path: &Path, p: &Packed) -> Result<()> {
     let n = p.ids.len();
-    let mut buf = Vec::with_capacity(HEADER + pad8(4 * n) + pad8(n) + 8 * (p.example_offsets.len() + p.sequence_offsets.len()));
+    let mut buf = Vec::with_capacity(
+        HEADER + pad8(4 * n) + pad8(n) + 8 * (p.example_offsets.len() + p.sequence_offsets.len()),
+    );
     buf.extend_from_slice(MAGIC);
     for v in [n as u64, p.examples() as u64, p.sequences() as u64] {
         buf.extend_from_slice(&v.to_le_bytes());
@@ -72,14 +74,29 @@ impl TokenFile {
         // SAFETY: the file is only read; afinar replaces cache files by rename, never in place.
         let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         if mmap.len() < HEADER || &mmap[..8] != MAGIC {
-            return Err(Error::bad_file(path, "not an afinar token cache (bad magic); run `afinar data prepare` again"));
+            return Err(Error::bad_file(
+                path,
+                "not an afinar token cache (bad magic); run `afinar data prepare` again",
+            ));
         }
-        let word = |i: usize| u64::from_le_bytes(mmap[8 + 8 * i..16 + 8 * i].try_into().unwrap()) as usize;
+        let word =
+            |i: usize| u64::from_le_bytes(mmap[8 + 8 * i..16 + 8 * i].try_into().unwrap()) as usize;
         let (n_tokens, n_examples, n_sequences) = (word(0), word(1), word(2));
-        let t = Self { mmap, n_tokens, n_examples, n_sequences };
+        let t = Self {
+            mmap,
+            n_tokens,
+            n_examples,
+            n_sequences,
+        };
         let need = t.seq_start() + 8 * (n_sequences + 1);
         if t.mmap.len() != need {
-            return Err(Error::bad_file(path, format!("token cache is {} bytes, expected {need} (truncated?)", t.mmap.len())));
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "token cache is {} bytes, expected {need} (truncated?)",
+                    t.mmap.len()
+                ),
+            ));
         }
         Ok(t)
     }

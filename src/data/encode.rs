@@ -35,7 +35,10 @@ pub enum Overlong {
 #[derive(Debug)]
 pub enum Outcome {
     /// One example (chat, completion) or several windows (long text).
-    Ok { parts: Vec<Encoded>, truncated: bool },
+    Ok {
+        parts: Vec<Encoded>,
+        truncated: bool,
+    },
     /// Longer than `max_seq_len` with [`Overlong::Drop`].
     TooLong,
     /// Nothing to learn from (e.g. the answer was cut off).
@@ -58,12 +61,29 @@ pub struct Encoder<'a> {
 
 impl<'a> Encoder<'a> {
     /// An encoder for `tok` and `template` (needed for conversations).
-    pub fn new(tok: &'a TextTokenizer, template: Option<&'a ChatTemplate>, max_seq_len: usize, overlong: Overlong) -> Self {
+    pub fn new(
+        tok: &'a TextTokenizer,
+        template: Option<&'a ChatTemplate>,
+        max_seq_len: usize,
+        overlong: Overlong,
+    ) -> Self {
         let with = tok.encode("a", true).unwrap_or_default();
         let without = tok.encode("a", false).unwrap_or_default();
         let bos = (with.len() > without.len()).then(|| with[0]);
-        let end_markers = tok.end_token_ids.iter().filter_map(|&id| tok.inner.id_to_token(id)).collect();
-        Self { tok, template, bos, eos: tok.eos_id(), end_markers, max_seq_len, overlong }
+        let end_markers = tok
+            .end_token_ids
+            .iter()
+            .filter_map(|&id| tok.inner.id_to_token(id))
+            .collect();
+        Self {
+            tok,
+            template,
+            bos,
+            eos: tok.eos_id(),
+            end_markers,
+            max_seq_len,
+            overlong,
+        }
     }
 
     /// Encodes one example.
@@ -73,12 +93,17 @@ impl<'a> Encoder<'a> {
                 Ok(enc) => self.finish(enc),
                 Err(r) => Outcome::Rejected(r),
             },
-            Example::Completion { prompt, completion } => match self.encode_completion(prompt, completion) {
-                Ok(enc) => self.finish(enc),
-                Err(r) => Outcome::Rejected(r),
-            },
+            Example::Completion { prompt, completion } => {
+                match self.encode_completion(prompt, completion) {
+                    Ok(enc) => self.finish(enc),
+                    Err(r) => Outcome::Rejected(r),
+                }
+            }
             Example::Text(text) => match self.encode_text(text) {
-                Ok(parts) => Outcome::Ok { parts, truncated: false },
+                Ok(parts) => Outcome::Ok {
+                    parts,
+                    truncated: false,
+                },
                 Err(r) => Outcome::Rejected(r),
             },
         }
@@ -99,11 +124,17 @@ impl<'a> Encoder<'a> {
         if enc.label_count() == 0 {
             return Outcome::NoLabels;
         }
-        Outcome::Ok { parts: vec![enc], truncated }
+        Outcome::Ok {
+            parts: vec![enc],
+            truncated,
+        }
     }
 
     fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding, Rejection> {
-        self.tok.inner.encode(text, false).map_err(|e| ("tokenizer error", e.to_string()))
+        self.tok
+            .inner
+            .encode(text, false)
+            .map_err(|e| ("tokenizer error", e.to_string()))
     }
 
     /// Prepends BOS when the tokenizer expects one and the text does not start with it, so
@@ -125,10 +156,20 @@ impl<'a> Encoder<'a> {
 
     fn encode_chat(&self, turns: &[Turn]) -> Result<Encoded, Rejection> {
         let template = self.template.ok_or_else(|| {
-            ("model has no chat template", "the model has no chat template; use the completion or text format".to_string())
+            (
+                "model has no chat template",
+                "the model has no chat template; use the completion or text format".to_string(),
+            )
         })?;
-        let msgs: Vec<Message> = turns.iter().map(|t| Message::new(t.role.clone(), t.content.clone())).collect();
-        let render = |m: &[Message], gen: bool| template.render(m, gen).map_err(|e| ("chat template error", e.to_string()));
+        let msgs: Vec<Message> = turns
+            .iter()
+            .map(|t| Message::new(t.role.clone(), t.content.clone()))
+            .collect();
+        let render = |m: &[Message], gen: bool| {
+            template
+                .render(m, gen)
+                .map_err(|e| ("chat template error", e.to_string()))
+        };
         let full = render(&msgs, false)?;
         let mut spans = Vec::new();
         for (i, turn) in turns.iter().enumerate() {
@@ -137,7 +178,10 @@ impl<'a> Encoder<'a> {
             }
             let before = render(&msgs[..i], true)?;
             let through = render(&msgs[..=i], false)?;
-            if !full.starts_with(&before) || !full.starts_with(&through) || through.len() < before.len() {
+            if !full.starts_with(&before)
+                || !full.starts_with(&through)
+                || through.len() < before.len()
+            {
                 return Err((
                     "template is not prefix-stable",
                     format!("rendering the first {i} turns does not give a prefix of the whole conversation; cannot locate assistant turn {}", i + 1),
@@ -148,7 +192,11 @@ impl<'a> Encoder<'a> {
             if let Some(cut) = self
                 .end_markers
                 .iter()
-                .filter_map(|m| full[start..end].rfind(m.as_str()).map(|p| start + p + m.len()))
+                .filter_map(|m| {
+                    full[start..end]
+                        .rfind(m.as_str())
+                        .map(|p| start + p + m.len())
+                })
                 .max()
             {
                 end = cut;
@@ -161,7 +209,10 @@ impl<'a> Encoder<'a> {
             .iter()
             .map(|&(s, _)| spans.iter().any(|&(a, b)| s >= a && s < b))
             .collect();
-        Ok(self.with_bos(Encoded { ids: enc.get_ids().to_vec(), labels }))
+        Ok(self.with_bos(Encoded {
+            ids: enc.get_ids().to_vec(),
+            labels,
+        }))
     }
 
     fn encode_completion(&self, prompt: &str, completion: &str) -> Result<Encoded, Rejection> {
@@ -191,7 +242,10 @@ impl<'a> Encoder<'a> {
             .map(|c| {
                 let mut labels = vec![true; c.len()];
                 labels[0] = self.bos.is_some();
-                self.with_bos(Encoded { ids: c.to_vec(), labels })
+                self.with_bos(Encoded {
+                    ids: c.to_vec(),
+                    labels,
+                })
             })
             .collect())
     }

@@ -40,15 +40,31 @@ pub fn render_masked(tok: &TextTokenizer, ids: &[u32], labels: &[u8]) -> String 
 pub fn summary(splits: &[(String, SplitStats)], report: &Report, records: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "records parsed: {records}");
-    let _ = writeln!(s, "{:<11} {:>9} {:>9} {:>11} {:>10}  lengths min/p50/p90/p99/max", "split", "examples", "sequences", "tokens", "loss share");
+    let _ = writeln!(
+        s,
+        "{:<11} {:>9} {:>9} {:>11} {:>10}  lengths min/p50/p90/p99/max",
+        "split", "examples", "sequences", "tokens", "loss share"
+    );
     for name in SPLITS {
         if let Some((_, st)) = splits.iter().find(|(n, _)| n == name) {
-            let share = if st.tokens > 0 { st.label_tokens as f64 / st.tokens as f64 } else { 0.0 };
+            let share = if st.tokens > 0 {
+                st.label_tokens as f64 / st.tokens as f64
+            } else {
+                0.0
+            };
             let p = st.length_percentiles;
             let _ = writeln!(
                 s,
                 "{name:<11} {:>9} {:>9} {:>11} {:>9.1}%  {}/{}/{}/{}/{}",
-                st.examples, st.sequences, st.tokens, 100.0 * share, p[0], p[1], p[2], p[3], p[4]
+                st.examples,
+                st.sequences,
+                st.tokens,
+                100.0 * share,
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                p[4]
             );
         }
     }

@@ -99,9 +99,19 @@ pub struct SplitStats {
 
 impl SplitStats {
     fn of(p: &Packed) -> Self {
-        let mut lens: Vec<usize> = p.example_offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+        let mut lens: Vec<usize> = p
+            .example_offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .collect();
         lens.sort_unstable();
-        let pct = |q: f64| if lens.is_empty() { 0 } else { lens[((lens.len() - 1) as f64 * q).round() as usize] };
+        let pct = |q: f64| {
+            if lens.is_empty() {
+                0
+            } else {
+                lens[((lens.len() - 1) as f64 * q).round() as usize]
+            }
+        };
         Self {
             examples: p.examples(),
             sequences: p.sequences(),
@@ -129,7 +139,10 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
         return Err(Error::InvalidArgument("no --data given".into()));
     }
     if opts.max_seq_len < 8 {
-        return Err(Error::InvalidArgument(format!("--max-seq-len {} is too small (minimum 8)", opts.max_seq_len)));
+        return Err(Error::InvalidArgument(format!(
+            "--max-seq-len {} is too small (minimum 8)",
+            opts.max_seq_len
+        )));
     }
     let mut report = Report::default();
     // Which split each source's records go to: None = by hash.
@@ -150,12 +163,20 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
         records.extend(recs.into_iter().map(|r| (r, fixed)));
     }
     let n_records = records.len();
-    tracing::info!("read {n_records} records in {:.2}s", start.elapsed().as_secs_f64());
+    tracing::info!(
+        "read {n_records} records in {:.2}s",
+        start.elapsed().as_secs_f64()
+    );
 
     // Shapes, in parallel; rejections reported in input order.
     let converted: Vec<_> = records
         .par_iter()
-        .map(|(r, fixed)| (shapes::to_item(r, opts.format, &opts.fields, opts.split_key.as_deref()), *fixed))
+        .map(|(r, fixed)| {
+            (
+                shapes::to_item(r, opts.format, &opts.fields, opts.split_key.as_deref()),
+                *fixed,
+            )
+        })
         .collect();
     let mut items: Vec<(Item, usize)> = Vec::with_capacity(converted.len());
     for (res, fixed) in converted {
@@ -173,8 +194,16 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
         }
     }
 
-    let encoder = Encoder::new(&text.tokenizer, text.chat_template.as_ref(), opts.max_seq_len, opts.overlong);
-    let outcomes: Vec<Outcome> = items.par_iter().map(|(item, _)| encoder.encode(&item.example)).collect();
+    let encoder = Encoder::new(
+        &text.tokenizer,
+        text.chat_template.as_ref(),
+        opts.max_seq_len,
+        opts.overlong,
+    );
+    let outcomes: Vec<Outcome> = items
+        .par_iter()
+        .map(|(item, _)| encoder.encode(&item.example))
+        .collect();
     let mut per_split: [Vec<Encoded>; 3] = Default::default();
     let mut evals: [Vec<EvalExample>; 3] = Default::default();
     for ((item, split), outcome) in items.iter().zip(outcomes) {
@@ -191,7 +220,10 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
                 report.zero_label_examples += 1;
                 report.skip(
                     "no loss tokens",
-                    format!("{}: no answer token left after templating and truncation", item.location),
+                    format!(
+                        "{}: no answer token left after templating and truncation",
+                        item.location
+                    ),
                 );
             }
             Outcome::Rejected((kind, msg)) => {
@@ -206,37 +238,80 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
     let kept: usize = per_split.iter().map(Vec::len).sum();
     if kept == 0 {
         let why = if report.zero_label_examples > 0 {
-            format!("all {} examples have empty labels (nothing to learn)", report.zero_label_examples)
+            format!(
+                "all {} examples have empty labels (nothing to learn)",
+                report.zero_label_examples
+            )
         } else if report.skipped > 0 {
-            format!("all {} records were skipped: {}", report.skipped, report.summary_lines().join("; "))
+            format!(
+                "all {} records were skipped ({}); first: {}",
+                report.skipped,
+                report.summary_lines().join("; "),
+                report.samples.first().map_or("", String::as_str)
+            )
         } else {
             "the dataset is empty".to_string()
         };
         return Err(Error::InvalidArgument(format!(
             "{}: {why}",
-            opts.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            opts.data
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let mut splits = BTreeMap::new();
     for (i, (encs, ev)) in per_split.into_iter().zip(evals).enumerate() {
         let packing = if i == 0 { opts.packing } else { Packing::Pad };
-        let packed = pack::pack(encs, opts.max_seq_len, packing, opts.seed.wrapping_add(i as u64));
+        let packed = pack::pack(
+            encs,
+            opts.max_seq_len,
+            packing,
+            opts.seed.wrapping_add(i as u64),
+        );
         let stats = SplitStats::of(&packed);
-        splits.insert(SPLITS[i].to_string(), SplitData { packed, eval_examples: ev, stats });
+        splits.insert(
+            SPLITS[i].to_string(),
+            SplitData {
+                packed,
+                eval_examples: ev,
+                stats,
+            },
+        );
     }
-    Ok(Prepared { splits, report, records: n_records, seconds: start.elapsed().as_secs_f64() })
+    Ok(Prepared {
+        splits,
+        report,
+        records: n_records,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 fn eval_example(item: &Item) -> EvalExample {
     let (messages, prompt) = match &item.example {
         Example::Chat(turns) => {
-            let last = turns.iter().rposition(|t| t.role == "assistant").unwrap_or(turns.len());
-            (turns[..last].iter().map(|t| Message::new(t.role.clone(), t.content.clone())).collect(), String::new())
+            let last = turns
+                .iter()
+                .rposition(|t| t.role == "assistant")
+                .unwrap_or(turns.len());
+            (
+                turns[..last]
+                    .iter()
+                    .map(|t| Message::new(t.role.clone(), t.content.clone()))
+                    .collect(),
+                String::new(),
+            )
         }
         Example::Completion { prompt, .. } => (vec![], prompt.clone()),
         Example::Text(_) => (vec![], String::new()),
     };
-    EvalExample { location: item.location.clone(), messages, prompt, references: item.references.clone() }
+    EvalExample {
+        location: item.location.clone(),
+        messages,
+        prompt,
+        references: item.references.clone(),
+    }
 }
 
 /// What `manifest.json` records about a prepared dataset.
@@ -281,7 +356,11 @@ fn source_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos());
-            out.push(SourceFile { path: f.display().to_string(), size: md.len(), modified_ns });
+            out.push(SourceFile {
+                path: f.display().to_string(),
+                size: md.len(),
+                modified_ns,
+            });
         }
     }
     Ok(out)
@@ -320,14 +399,22 @@ fn settings_json(opts: &PrepareOptions) -> serde_json::Value {
 
 /// The manifest a preparation with these inputs would have (without results): used to decide
 /// whether the cache in `out` is still valid.
-fn manifest_key(opts: &PrepareOptions, model: &str, text: &TextSide) -> Result<(String, Vec<SourceFile>, String, String)> {
+fn manifest_key(
+    opts: &PrepareOptions,
+    model: &str,
+    text: &TextSide,
+) -> Result<(String, Vec<SourceFile>, String, String)> {
     let mut all = opts.data.clone();
     all.extend(opts.val.iter().cloned());
     all.extend(opts.test.iter().cloned());
     let sources = source_files(&all)?;
-    let tok_json = serde_json::to_string(&text.tokenizer.inner).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let tok_json = serde_json::to_string(&text.tokenizer.inner)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     let tokenizer_hash = hex(split::stable_hash(tok_json.as_bytes(), 0));
-    let template = text.chat_template.as_ref().map_or("", |t| t.source.as_str());
+    let template = text
+        .chat_template
+        .as_ref()
+        .map_or("", |t| t.source.as_str());
     let template_hash = hex(split::stable_hash(template.as_bytes(), 0));
     let key_material = serde_json::json!({
         "v": env!("CARGO_PKG_VERSION"), "model": model, "sources": sources, "tok": tokenizer_hash,
@@ -358,7 +445,10 @@ impl PreparedDir {
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .enumerate()
-            .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::bad_file(&path, format!("line {}: {e}", i + 1))))
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map_err(|e| Error::bad_file(&path, format!("line {}: {e}", i + 1)))
+            })
             .collect()
     }
 
@@ -368,17 +458,29 @@ impl PreparedDir {
         let text = std::fs::read_to_string(&path).map_err(|e| {
             Error::bad_file(dir, format!("not a prepared dataset (manifest.json: {e}); run `afinar data prepare --out {}`", dir.display()))
         })?;
-        let manifest = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?;
-        Ok(Self { dir: dir.to_path_buf(), manifest, reused: true })
+        let manifest =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            reused: true,
+        })
     }
 }
 
 /// Prepares into `out`, or reuses what is there if inputs, tokenizer, template and settings are
 /// unchanged. The manifest is written last, so its presence means the cache is complete.
-pub fn prepare_cached(opts: &PrepareOptions, model: &str, text: &TextSide, out: &Path) -> Result<PreparedDir> {
+pub fn prepare_cached(
+    opts: &PrepareOptions,
+    model: &str,
+    text: &TextSide,
+    out: &Path,
+) -> Result<PreparedDir> {
     let (key, sources, tokenizer_hash, template_hash) = manifest_key(opts, model, text)?;
     if let Ok(existing) = PreparedDir::open(out) {
-        let complete = SPLITS.iter().all(|s| out.join(format!("{s}.bin")).is_file());
+        let complete = SPLITS
+            .iter()
+            .all(|s| out.join(format!("{s}.bin")).is_file());
         if existing.manifest.key == key && complete {
             return Ok(existing);
         }
@@ -390,10 +492,15 @@ pub fn prepare_cached(opts: &PrepareOptions, model: &str, text: &TextSide, out: 
         cache::write(&out.join(format!("{name}.bin")), &split.packed)?;
         let mut jsonl = String::new();
         for ex in &split.eval_examples {
-            jsonl.push_str(&serde_json::to_string(ex).map_err(|e| Error::InvalidArgument(e.to_string()))?);
+            jsonl.push_str(
+                &serde_json::to_string(ex).map_err(|e| Error::InvalidArgument(e.to_string()))?,
+            );
             jsonl.push('\n');
         }
-        cache::write_atomic(&out.join(format!("{name}.examples.jsonl")), jsonl.as_bytes())?;
+        cache::write_atomic(
+            &out.join(format!("{name}.examples.jsonl")),
+            jsonl.as_bytes(),
+        )?;
     }
     let manifest = Manifest {
         afinar_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -404,11 +511,20 @@ pub fn prepare_cached(opts: &PrepareOptions, model: &str, text: &TextSide, out: 
         template_hash,
         settings: settings_json(opts),
         records: prepared.records,
-        splits: prepared.splits.iter().map(|(k, v)| (k.clone(), v.stats.clone())).collect(),
+        splits: prepared
+            .splits
+            .iter()
+            .map(|(k, v)| (k.clone(), v.stats.clone()))
+            .collect(),
         report: prepared.report,
         prepare_seconds: prepared.seconds,
     };
-    let json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     cache::write_atomic(&out.join("manifest.json"), json.as_bytes())?;
-    Ok(PreparedDir { dir: out.to_path_buf(), manifest, reused: false })
+    Ok(PreparedDir {
+        dir: out.to_path_buf(),
+        manifest,
+        reused: false,
+    })
 }

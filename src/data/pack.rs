@@ -77,7 +77,10 @@ mod tests {
     use super::*;
 
     fn ex(n: usize, tag: u32) -> Encoded {
-        Encoded { ids: vec![tag; n], labels: vec![true; n] }
+        Encoded {
+            ids: vec![tag; n],
+            labels: vec![true; n],
+        }
     }
 
     #[test]
@@ -88,14 +91,22 @@ mod tests {
         assert_eq!(p.ids.len(), total);
         assert_eq!(p.examples(), 50);
         for s in 0..p.sequences() {
-            let (a, b) = (p.sequence_offsets[s] as usize, p.sequence_offsets[s + 1] as usize);
+            let (a, b) = (
+                p.sequence_offsets[s] as usize,
+                p.sequence_offsets[s + 1] as usize,
+            );
             let len = p.example_offsets[b] - p.example_offsets[a];
             assert!(len <= 32, "sequence {s} has {len} tokens");
             assert!(b > a);
         }
         assert!(p.sequences() < 50, "examples share sequences");
         // Deterministic for a seed.
-        let again = pack((0..50).map(|i| ex(1 + (i * 7) % 20, i as u32)).collect(), 32, Packing::Pack, 3);
+        let again = pack(
+            (0..50).map(|i| ex(1 + (i * 7) % 20, i as u32)).collect(),
+            32,
+            Packing::Pack,
+            3,
+        );
         assert_eq!(p, again);
     }
 

@@ -85,9 +85,13 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
         let mut files = Vec::new();
         walk(path, &mut files)?;
         files.sort();
-        let (known, unknown): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| kind_of(f).is_some());
+        let (known, unknown): (Vec<_>, Vec<_>) =
+            files.into_iter().partition(|f| kind_of(f).is_some());
         for f in unknown {
-            let msg = format!("{}: not a data file (extension not .jsonl/.json/.csv/.tsv/.parquet/.txt)", f.display());
+            let msg = format!(
+                "{}: not a data file (extension not .jsonl/.json/.csv/.tsv/.parquet/.txt)",
+                f.display()
+            );
             if strict {
                 return Err(Error::InvalidArgument(msg));
             }
@@ -112,7 +116,10 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
     } else if path.is_file() {
         read_file(path, strict, report)
     } else {
-        Err(Error::InvalidArgument(format!("{}: no such file or directory", path.display())))
+        Err(Error::InvalidArgument(format!(
+            "{}: no such file or directory",
+            path.display()
+        )))
     }
 }
 
@@ -179,11 +186,19 @@ fn bad(strict: bool, report: &mut Report, kind: &str, message: String) -> Result
 }
 
 fn invalid_utf8(file: &Path, line: usize, offset: usize) -> String {
-    format!("{}:{line}: invalid UTF-8 at byte offset {offset}", file.display())
+    format!(
+        "{}:{line}: invalid UTF-8 at byte offset {offset}",
+        file.display()
+    )
 }
 
 /// A `.json` file holding one array of objects, or JSON Lines (one object per line).
-fn read_json(file: &Arc<PathBuf>, bytes: &[u8], strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
+fn read_json(
+    file: &Arc<PathBuf>,
+    bytes: &[u8],
+    strict: bool,
+    report: &mut Report,
+) -> Result<Vec<RawRecord>> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if first == Some(b'[') {
         let text = match std::str::from_utf8(bytes) {
@@ -191,22 +206,39 @@ fn read_json(file: &Arc<PathBuf>, bytes: &[u8], strict: bool, report: &mut Repor
             Err(e) => {
                 let off = e.valid_up_to();
                 let line = 1 + bytes[..off].iter().filter(|&&b| b == b'\n').count();
-                bad(strict, report, "invalid UTF-8", invalid_utf8(file, line, off))?;
+                bad(
+                    strict,
+                    report,
+                    "invalid UTF-8",
+                    invalid_utf8(file, line, off),
+                )?;
                 return Ok(vec![]);
             }
         };
         let items: Vec<Value> = serde_json::from_str(text).map_err(|e| {
-            Error::bad_file(file.as_path(), format!("line {}: malformed JSON array: {e}", e.line()))
+            Error::bad_file(
+                file.as_path(),
+                format!("line {}: malformed JSON array: {e}", e.line()),
+            )
         })?;
         let mut out = Vec::with_capacity(items.len());
         for (i, v) in items.into_iter().enumerate() {
             match v {
-                Value::Object(m) => out.push(RawRecord { file: file.clone(), line: i + 1, value: RawValue::Object(m) }),
+                Value::Object(m) => out.push(RawRecord {
+                    file: file.clone(),
+                    line: i + 1,
+                    value: RawValue::Object(m),
+                }),
                 other => bad(
                     strict,
                     report,
                     "record is not a JSON object",
-                    format!("{}: element {}: expected a JSON object, found {}", file.display(), i + 1, json_kind(&other)),
+                    format!(
+                        "{}: element {}: expected a JSON object, found {}",
+                        file.display(),
+                        i + 1,
+                        json_kind(&other)
+                    ),
                 )?,
             }
         }
@@ -226,17 +258,30 @@ fn read_json(file: &Arc<PathBuf>, bytes: &[u8], strict: bool, report: &mut Repor
             Ok(t) => t,
             Err(e) => {
                 let lead = raw_line.len() - raw_line.trim_ascii_start().len();
-                bad(strict, report, "invalid UTF-8", invalid_utf8(file, line_no, start + lead + e.valid_up_to()))?;
+                bad(
+                    strict,
+                    report,
+                    "invalid UTF-8",
+                    invalid_utf8(file, line_no, start + lead + e.valid_up_to()),
+                )?;
                 continue;
             }
         };
         match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(m)) => out.push(RawRecord { file: file.clone(), line: line_no, value: RawValue::Object(m) }),
+            Ok(Value::Object(m)) => out.push(RawRecord {
+                file: file.clone(),
+                line: line_no,
+                value: RawValue::Object(m),
+            }),
             Ok(other) => bad(
                 strict,
                 report,
                 "record is not a JSON object",
-                format!("{}:{line_no}: expected a JSON object, found {}", file.display(), json_kind(&other)),
+                format!(
+                    "{}:{line_no}: expected a JSON object, found {}",
+                    file.display(),
+                    json_kind(&other)
+                ),
             )?,
             Err(e) => bad(
                 strict,
@@ -261,8 +306,17 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 /// CSV/TSV with a header row; every row becomes an object of strings.
-fn read_csv(file: &Arc<PathBuf>, bytes: &[u8], delim: u8, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
-    let mut rdr = csv::ReaderBuilder::new().delimiter(delim).flexible(true).from_reader(bytes);
+fn read_csv(
+    file: &Arc<PathBuf>,
+    bytes: &[u8],
+    delim: u8,
+    strict: bool,
+    report: &mut Report,
+) -> Result<Vec<RawRecord>> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(delim)
+        .flexible(true)
+        .from_reader(bytes);
     let headers: Vec<String> = match rdr.byte_headers() {
         Ok(h) => h
             .iter()
@@ -270,13 +324,30 @@ fn read_csv(file: &Arc<PathBuf>, bytes: &[u8], delim: u8, strict: bool, report: 
             .map(|(i, f)| {
                 std::str::from_utf8(f)
                     .map(|s| s.trim_start_matches('\u{feff}').to_string())
-                    .map_err(|e| Error::bad_file(file.as_path(), format!("header field {}: invalid UTF-8 at byte offset {}", i + 1, e.valid_up_to())))
+                    .map_err(|e| {
+                        Error::bad_file(
+                            file.as_path(),
+                            format!(
+                                "header field {}: invalid UTF-8 at byte offset {}",
+                                i + 1,
+                                e.valid_up_to()
+                            ),
+                        )
+                    })
             })
             .collect::<Result<_>>()?,
-        Err(e) => return Err(Error::bad_file(file.as_path(), format!("cannot read the CSV header: {e}"))),
+        Err(e) => {
+            return Err(Error::bad_file(
+                file.as_path(),
+                format!("cannot read the CSV header: {e}"),
+            ))
+        }
     };
     if headers.is_empty() {
-        return Err(Error::bad_file(file.as_path(), "the CSV file has no header row"));
+        return Err(Error::bad_file(
+            file.as_path(),
+            "the CSV file has no header row",
+        ));
     }
     let mut out = Vec::new();
     let mut record = csv::ByteRecord::new();
@@ -286,7 +357,12 @@ fn read_csv(file: &Arc<PathBuf>, bytes: &[u8], delim: u8, strict: bool, report: 
             Ok(true) => {}
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line() as usize);
-                bad(strict, report, "unreadable CSV row", format!("{}:{line}: {e}", file.display()))?;
+                bad(
+                    strict,
+                    report,
+                    "unreadable CSV row",
+                    format!("{}:{line}: {e}", file.display()),
+                )?;
                 continue;
             }
         }
@@ -297,7 +373,12 @@ fn read_csv(file: &Arc<PathBuf>, bytes: &[u8], delim: u8, strict: bool, report: 
                 strict,
                 report,
                 "ragged CSV row",
-                format!("{}:{line}: row has {} fields, the header has {}", file.display(), record.len(), headers.len()),
+                format!(
+                    "{}:{line}: row has {} fields, the header has {}",
+                    file.display(),
+                    record.len(),
+                    headers.len()
+                ),
             )?;
             continue;
         }
@@ -311,27 +392,50 @@ fn read_csv(file: &Arc<PathBuf>, bytes: &[u8], delim: u8, strict: bool, report: 
                 Err(e) => {
                     let field_start = pos.as_ref().map_or(0, |p| p.byte() as usize)
                         + record.range(i).map_or(0, |r| r.start);
-                    bad(strict, report, "invalid UTF-8", invalid_utf8(file, line, field_start + e.valid_up_to()))?;
+                    bad(
+                        strict,
+                        report,
+                        "invalid UTF-8",
+                        invalid_utf8(file, line, field_start + e.valid_up_to()),
+                    )?;
                     ok = false;
                     break;
                 }
             }
         }
         if ok {
-            out.push(RawRecord { file: file.clone(), line, value: RawValue::Object(map) });
+            out.push(RawRecord {
+                file: file.clone(),
+                line,
+                value: RawValue::Object(map),
+            });
         }
     }
     Ok(out)
 }
 
 /// A whole text file is one record.
-fn read_text(file: &Arc<PathBuf>, bytes: Vec<u8>, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
+fn read_text(
+    file: &Arc<PathBuf>,
+    bytes: Vec<u8>,
+    strict: bool,
+    report: &mut Report,
+) -> Result<Vec<RawRecord>> {
     match String::from_utf8(bytes) {
-        Ok(text) => Ok(vec![RawRecord { file: file.clone(), line: 0, value: RawValue::Text(text) }]),
+        Ok(text) => Ok(vec![RawRecord {
+            file: file.clone(),
+            line: 0,
+            value: RawValue::Text(text),
+        }]),
         Err(e) => {
             let off = e.utf8_error().valid_up_to();
             let line = 1 + e.as_bytes()[..off].iter().filter(|&&b| b == b'\n').count();
-            bad(strict, report, "invalid UTF-8", invalid_utf8(file, line, off))?;
+            bad(
+                strict,
+                report,
+                "invalid UTF-8",
+                invalid_utf8(file, line, off),
+            )?;
             Ok(vec![])
         }
     }
@@ -341,8 +445,9 @@ fn read_text(file: &Arc<PathBuf>, bytes: Vec<u8>, strict: bool, report: &mut Rep
 fn read_parquet(file: &Arc<PathBuf>, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = std::fs::File::open(file.as_path()).map_err(|e| Error::io(file.as_path(), e))?;
-    let reader = SerializedFileReader::new(f)
-        .map_err(|e| Error::bad_file(file.as_path(), format!("not a readable Parquet file: {e}")))?;
+    let reader = SerializedFileReader::new(f).map_err(|e| {
+        Error::bad_file(file.as_path(), format!("not a readable Parquet file: {e}"))
+    })?;
     let rows = reader
         .get_row_iter(None)
         .map_err(|e| Error::bad_file(file.as_path(), format!("cannot read Parquet rows: {e}")))?;
@@ -350,10 +455,24 @@ fn read_parquet(file: &Arc<PathBuf>, strict: bool, report: &mut Report) -> Resul
     for (i, row) in rows.enumerate() {
         match row {
             Ok(row) => match row.to_json_value() {
-                Value::Object(m) => out.push(RawRecord { file: file.clone(), line: i + 1, value: RawValue::Object(m) }),
-                _ => bad(strict, report, "unreadable Parquet row", format!("{}: row {}: not a record", file.display(), i + 1))?,
+                Value::Object(m) => out.push(RawRecord {
+                    file: file.clone(),
+                    line: i + 1,
+                    value: RawValue::Object(m),
+                }),
+                _ => bad(
+                    strict,
+                    report,
+                    "unreadable Parquet row",
+                    format!("{}: row {}: not a record", file.display(), i + 1),
+                )?,
             },
-            Err(e) => bad(strict, report, "unreadable Parquet row", format!("{}: row {}: {e}", file.display(), i + 1))?,
+            Err(e) => bad(
+                strict,
+                report,
+                "unreadable Parquet row",
+                format!("{}: row {}: {e}", file.display(), i + 1),
+            )?,
         }
     }
     Ok(out)

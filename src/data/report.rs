@@ -53,15 +53,25 @@ impl Report {
 
     /// One line per reason, for the summary.
     pub fn summary_lines(&self) -> Vec<String> {
-        let mut lines: Vec<String> = self.by_reason.iter().map(|(k, v)| format!("skipped {v}: {k}")).collect();
+        let mut lines: Vec<String> = self
+            .by_reason
+            .iter()
+            .map(|(k, v)| format!("skipped {v}: {k}"))
+            .collect();
         if self.truncated > 0 {
             lines.push(format!("truncated to max-seq-len: {}", self.truncated));
         }
         if self.dropped_too_long > 0 {
-            lines.push(format!("dropped (longer than max-seq-len): {}", self.dropped_too_long));
+            lines.push(format!(
+                "dropped (longer than max-seq-len): {}",
+                self.dropped_too_long
+            ));
         }
         if self.zero_label_examples > 0 {
-            lines.push(format!("examples with no loss tokens (kept, contribute nothing): {}", self.zero_label_examples));
+            lines.push(format!(
+                "examples with no loss tokens (kept, contribute nothing): {}",
+                self.zero_label_examples
+            ));
         }
         lines
     }

@@ -30,7 +30,9 @@ impl FromStr for Format {
             "sharegpt" => Self::ShareGpt,
             "completion" | "prompt-completion" => Self::Completion,
             "text" => Self::Text,
-            other => return Err(format!("unknown format '{other}' (valid: auto, alpaca, chat, sharegpt, completion, text)")),
+            other => return Err(format!(
+                "unknown format '{other}' (valid: auto, alpaca, chat, sharegpt, completion, text)"
+            )),
         })
     }
 }
@@ -94,17 +96,26 @@ impl FieldMap {
 pub type Rejection = (&'static str, String);
 
 /// Converts a raw record. `split_key_field` names the field that groups examples for splitting.
-pub fn to_item(rec: &RawRecord, format: Format, fields: &FieldMap, split_key_field: Option<&str>) -> Result<Item, Rejection> {
+pub fn to_item(
+    rec: &RawRecord,
+    format: Format,
+    fields: &FieldMap,
+    split_key_field: Option<&str>,
+) -> Result<Item, Rejection> {
     let loc = rec.location();
     let (example, references, obj) = match &rec.value {
         RawValue::Text(t) => {
             if format != Format::Auto && format != Format::Text {
-                return Err(("plain text in a structured format", format!("{loc}: a plain text file cannot be read as {format:?}")));
+                return Err((
+                    "plain text in a structured format",
+                    format!("{loc}: a plain text file cannot be read as {format:?}"),
+                ));
             }
             (Example::Text(t.clone()), vec![], None)
         }
         RawValue::Object(obj) => {
-            let (ex, refs) = object_to_example(obj, format, fields).map_err(|(k, m)| (k, format!("{loc}: {m}")))?;
+            let (ex, refs) = object_to_example(obj, format, fields)
+                .map_err(|(k, m)| (k, format!("{loc}: {m}")))?;
             (ex, refs, Some(obj))
         }
     };
@@ -118,7 +129,12 @@ pub fn to_item(rec: &RawRecord, format: Format, fields: &FieldMap, split_key_fie
             other => other.to_string(),
         })
         .unwrap_or_else(|| content_key(&example));
-    Ok(Item { example, location: loc, split_key, references })
+    Ok(Item {
+        example,
+        location: loc,
+        split_key,
+        references,
+    })
 }
 
 fn is_empty(ex: &Example) -> bool {
@@ -132,7 +148,10 @@ fn is_empty(ex: &Example) -> bool {
 /// The example's content as one string: the default split key, so duplicates share a split.
 fn content_key(ex: &Example) -> String {
     match ex {
-        Example::Chat(turns) => turns.iter().map(|t| format!("{}\u{1}{}\u{2}", t.role, t.content)).collect(),
+        Example::Chat(turns) => turns
+            .iter()
+            .map(|t| format!("{}\u{1}{}\u{2}", t.role, t.content))
+            .collect(),
         Example::Completion { prompt, completion } => format!("{prompt}\u{1}{completion}"),
         Example::Text(t) => t.clone(),
     }
@@ -160,7 +179,11 @@ fn fields_of(obj: &Map<String, Value>) -> String {
     format!("[{}]", names.join(", "))
 }
 
-fn object_to_example(obj: &Map<String, Value>, format: Format, f: &FieldMap) -> Result<(Example, Vec<String>), Rejection> {
+fn object_to_example(
+    obj: &Map<String, Value>,
+    format: Format,
+    f: &FieldMap,
+) -> Result<(Example, Vec<String>), Rejection> {
     let format = match format {
         Format::Auto => detect(obj, f).ok_or_else(|| {
             (
@@ -177,21 +200,45 @@ fn object_to_example(obj: &Map<String, Value>, format: Format, f: &FieldMap) -> 
     let missing = |fmt: &str, field: &str| {
         (
             "missing fields",
-            format!("{fmt} record needs '{}' but has fields {}", f.name(field), fields_of(obj)),
+            format!(
+                "{fmt} record needs '{}' but has fields {}",
+                f.name(field),
+                fields_of(obj)
+            ),
         )
     };
     match format {
         Format::Alpaca => {
-            let instruction = f.string(obj, "instruction").ok_or_else(|| missing("alpaca", "instruction"))?;
-            let output = f.string(obj, "output").ok_or_else(|| missing("alpaca", "output"))?;
+            let instruction = f
+                .string(obj, "instruction")
+                .ok_or_else(|| missing("alpaca", "instruction"))?;
+            let output = f
+                .string(obj, "output")
+                .ok_or_else(|| missing("alpaca", "output"))?;
             let input = f.string(obj, "input").unwrap_or_default();
-            let user = if input.trim().is_empty() { instruction } else { format!("{instruction}\n\n{input}") };
+            let user = if input.trim().is_empty() {
+                instruction
+            } else {
+                format!("{instruction}\n\n{input}")
+            };
             let mut turns = Vec::new();
             if let Some(sys) = f.string(obj, "system").filter(|s| !s.is_empty()) {
-                turns.push(Turn { role: "system".into(), content: sys, train: false });
+                turns.push(Turn {
+                    role: "system".into(),
+                    content: sys,
+                    train: false,
+                });
             }
-            turns.push(Turn { role: "user".into(), content: user, train: false });
-            turns.push(Turn { role: "assistant".into(), content: output.clone(), train: true });
+            turns.push(Turn {
+                role: "user".into(),
+                content: user,
+                train: false,
+            });
+            turns.push(Turn {
+                role: "assistant".into(),
+                content: output.clone(),
+                train: true,
+            });
             let mut refs = vec![output];
             if let Some(Value::Array(a)) = f.get(obj, "answers") {
                 refs.extend(a.iter().filter_map(|v| v.as_str().map(str::to_string)));
@@ -201,7 +248,15 @@ fn object_to_example(obj: &Map<String, Value>, format: Format, f: &FieldMap) -> 
         Format::Chat => {
             let msgs = match f.get(obj, "messages") {
                 Some(Value::Array(a)) => a,
-                Some(_) => return Err(("wrong field type", format!("'{}' must be an array of {{role, content}}", f.name("messages")))),
+                Some(_) => {
+                    return Err((
+                        "wrong field type",
+                        format!(
+                            "'{}' must be an array of {{role, content}}",
+                            f.name("messages")
+                        ),
+                    ))
+                }
                 None => return Err(missing("chat", "messages")),
             };
             let turns = conversation(msgs, "role", "content", |r| match r {
@@ -216,7 +271,15 @@ fn object_to_example(obj: &Map<String, Value>, format: Format, f: &FieldMap) -> 
         Format::ShareGpt => {
             let msgs = match f.get(obj, "conversations") {
                 Some(Value::Array(a)) => a,
-                Some(_) => return Err(("wrong field type", format!("'{}' must be an array of {{from, value}}", f.name("conversations")))),
+                Some(_) => {
+                    return Err((
+                        "wrong field type",
+                        format!(
+                            "'{}' must be an array of {{from, value}}",
+                            f.name("conversations")
+                        ),
+                    ))
+                }
                 None => return Err(missing("ShareGPT", "conversations")),
             };
             let turns = conversation(msgs, "from", "value", |r| match r {
@@ -229,12 +292,24 @@ fn object_to_example(obj: &Map<String, Value>, format: Format, f: &FieldMap) -> 
             Ok((Example::Chat(turns), refs))
         }
         Format::Completion => {
-            let prompt = f.string(obj, "prompt").ok_or_else(|| missing("completion", "prompt"))?;
-            let completion = f.string(obj, "completion").ok_or_else(|| missing("completion", "completion"))?;
-            Ok((Example::Completion { prompt, completion: completion.clone() }, vec![completion]))
+            let prompt = f
+                .string(obj, "prompt")
+                .ok_or_else(|| missing("completion", "prompt"))?;
+            let completion = f
+                .string(obj, "completion")
+                .ok_or_else(|| missing("completion", "completion"))?;
+            Ok((
+                Example::Completion {
+                    prompt,
+                    completion: completion.clone(),
+                },
+                vec![completion],
+            ))
         }
         Format::Text => {
-            let text = f.string(obj, "text").ok_or_else(|| missing("text", "text"))?;
+            let text = f
+                .string(obj, "text")
+                .ok_or_else(|| missing("text", "text"))?;
             Ok((Example::Text(text), vec![]))
         }
         Format::Auto => unreachable!(),
@@ -242,7 +317,12 @@ fn object_to_example(obj: &Map<String, Value>, format: Format, f: &FieldMap) -> 
 }
 
 fn last_assistant(turns: &[Turn]) -> Vec<String> {
-    turns.iter().rev().find(|t| t.role == "assistant").map(|t| vec![t.content.clone()]).unwrap_or_default()
+    turns
+        .iter()
+        .rev()
+        .find(|t| t.role == "assistant")
+        .map(|t| vec![t.content.clone()])
+        .unwrap_or_default()
 }
 
 fn conversation(
@@ -254,13 +334,29 @@ fn conversation(
     let mut turns = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
         let Some(obj) = m.as_object() else {
-            return Err(("malformed message", format!("message {} is not an object", i + 1)));
+            return Err((
+                "malformed message",
+                format!("message {} is not an object", i + 1),
+            ));
         };
         let raw_role = obj.get(role_key).and_then(Value::as_str).ok_or_else(|| {
-            ("malformed message", format!("message {} has no '{role_key}' (fields {})", i + 1, fields_of(obj)))
+            (
+                "malformed message",
+                format!(
+                    "message {} has no '{role_key}' (fields {})",
+                    i + 1,
+                    fields_of(obj)
+                ),
+            )
         })?;
         let r = role(raw_role).ok_or_else(|| {
-            ("unknown role", format!("message {}: unknown role '{raw_role}' (expected system, user or assistant)", i + 1))
+            (
+                "unknown role",
+                format!(
+                    "message {}: unknown role '{raw_role}' (expected system, user or assistant)",
+                    i + 1
+                ),
+            )
         })?;
         let content = match obj.get(content_key) {
             Some(Value::String(s)) => s.clone(),
@@ -271,15 +367,30 @@ fn conversation(
                 .collect::<Vec<_>>()
                 .join(""),
             Some(Value::Null) | None => {
-                return Err(("malformed message", format!("message {} has no '{content_key}'", i + 1)));
+                return Err((
+                    "malformed message",
+                    format!("message {} has no '{content_key}'", i + 1),
+                ));
             }
-            Some(_) => return Err(("wrong field type", format!("message {}: '{content_key}' must be a string", i + 1))),
+            Some(_) => {
+                return Err((
+                    "wrong field type",
+                    format!("message {}: '{content_key}' must be a string", i + 1),
+                ))
+            }
         };
         let weight = obj.get("weight").and_then(Value::as_f64).unwrap_or(1.0);
-        turns.push(Turn { role: r.to_string(), content, train: r == "assistant" && weight > 0.0 });
+        turns.push(Turn {
+            role: r.to_string(),
+            content,
+            train: r == "assistant" && weight > 0.0,
+        });
     }
     if !turns.iter().any(|t| t.role == "assistant") {
-        return Err(("no assistant turn", "the conversation has no assistant message to learn from".to_string()));
+        return Err((
+            "no assistant turn",
+            "the conversation has no assistant message to learn from".to_string(),
+        ));
     }
     Ok(turns)
 }
@@ -291,24 +402,42 @@ mod tests {
     use std::sync::Arc;
 
     fn rec(v: Value) -> RawRecord {
-        RawRecord { file: Arc::new(PathBuf::from("d.jsonl")), line: 3, value: RawValue::Object(v.as_object().unwrap().clone()) }
+        RawRecord {
+            file: Arc::new(PathBuf::from("d.jsonl")),
+            line: 3,
+            value: RawValue::Object(v.as_object().unwrap().clone()),
+        }
     }
 
     #[test]
     fn detects_each_shape() {
         let f = FieldMap::default();
         let cases = [
-            (serde_json::json!({"instruction": "a", "input": "b", "output": "c"}), "alpaca"),
-            (serde_json::json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}), "chat"),
-            (serde_json::json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}), "sharegpt"),
-            (serde_json::json!({"prompt": "p", "completion": "c"}), "completion"),
+            (
+                serde_json::json!({"instruction": "a", "input": "b", "output": "c"}),
+                "alpaca",
+            ),
+            (
+                serde_json::json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
+                "chat",
+            ),
+            (
+                serde_json::json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}),
+                "sharegpt",
+            ),
+            (
+                serde_json::json!({"prompt": "p", "completion": "c"}),
+                "completion",
+            ),
             (serde_json::json!({"text": "t"}), "text"),
         ];
         for (v, name) in cases {
             let item = to_item(&rec(v), Format::Auto, &f, None).unwrap();
             let got = match &item.example {
                 Example::Chat(t) if t[0].content == "a\n\nb" => "alpaca",
-                Example::Chat(t) if t.len() == 2 && t[1].role == "assistant" && t[1].train => "chat",
+                Example::Chat(t) if t.len() == 2 && t[1].role == "assistant" && t[1].train => {
+                    "chat"
+                }
                 Example::Completion { .. } => "completion",
                 Example::Text(_) => "text",
                 _ => "?",
@@ -321,9 +450,21 @@ mod tests {
     #[test]
     fn missing_fields_name_what_the_record_had() {
         let f = FieldMap::default();
-        let err = to_item(&rec(serde_json::json!({"instruction": "a", "answer": "b"})), Format::Alpaca, &f, None).unwrap_err();
+        let err = to_item(
+            &rec(serde_json::json!({"instruction": "a", "answer": "b"})),
+            Format::Alpaca,
+            &f,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.0, "missing fields");
-        assert!(err.1.starts_with("d.jsonl:3: alpaca record needs 'output' but has fields [instruction, answer]"), "{}", err.1);
+        assert!(
+            err.1.starts_with(
+                "d.jsonl:3: alpaca record needs 'output' but has fields [instruction, answer]"
+            ),
+            "{}",
+            err.1
+        );
         let err = to_item(&rec(serde_json::json!({"q": "a"})), Format::Auto, &f, None).unwrap_err();
         assert!(err.1.contains("record has fields [q]"), "{}", err.1);
     }
@@ -333,14 +474,28 @@ mod tests {
         let mut f = FieldMap::default();
         f.0.insert("instruction".into(), "question".into());
         f.0.insert("output".into(), "answer".into());
-        let item = to_item(&rec(serde_json::json!({"question": "q", "answer": "a", "answers": ["b"]})), Format::Auto, &f, None).unwrap();
+        let item = to_item(
+            &rec(serde_json::json!({"question": "q", "answer": "a", "answers": ["b"]})),
+            Format::Auto,
+            &f,
+            None,
+        )
+        .unwrap();
         assert_eq!(item.references, vec!["a", "b"]);
         let v = serde_json::json!({"messages": [
             {"role": "system", "content": "s"}, {"role": "user", "content": "u"},
             {"role": "assistant", "content": "x", "weight": 0}, {"role": "user", "content": "u2"},
             {"role": "assistant", "content": "y"}]});
-        let Example::Chat(turns) = to_item(&rec(v), Format::Auto, &FieldMap::default(), None).unwrap().example else { panic!() };
-        assert_eq!(turns.iter().map(|t| t.train).collect::<Vec<_>>(), vec![false, false, false, false, true]);
+        let Example::Chat(turns) = to_item(&rec(v), Format::Auto, &FieldMap::default(), None)
+            .unwrap()
+            .example
+        else {
+            panic!()
+        };
+        assert_eq!(
+            turns.iter().map(|t| t.train).collect::<Vec<_>>(),
+            vec![false, false, false, false, true]
+        );
         let bad = serde_json::json!({"messages": [{"role": "wizard", "content": "u"}]});
         let err = to_item(&rec(bad), Format::Auto, &FieldMap::default(), None).unwrap_err();
         assert!(err.1.contains("unknown role 'wizard'"), "{}", err.1);
@@ -349,8 +504,20 @@ mod tests {
     #[test]
     fn split_key_field_groups_examples() {
         let f = FieldMap::default();
-        let a = to_item(&rec(serde_json::json!({"prompt": "1", "completion": "x", "verb": "tener"})), Format::Auto, &f, Some("verb")).unwrap();
-        let b = to_item(&rec(serde_json::json!({"prompt": "2", "completion": "y", "verb": "tener"})), Format::Auto, &f, Some("verb")).unwrap();
+        let a = to_item(
+            &rec(serde_json::json!({"prompt": "1", "completion": "x", "verb": "tener"})),
+            Format::Auto,
+            &f,
+            Some("verb"),
+        )
+        .unwrap();
+        let b = to_item(
+            &rec(serde_json::json!({"prompt": "2", "completion": "y", "verb": "tener"})),
+            Format::Auto,
+            &f,
+            Some("verb"),
+        )
+        .unwrap();
         assert_eq!(a.split_key, b.split_key);
     }
 }

@@ -28,14 +28,23 @@ pub struct SplitFractions(pub [f64; 3]);
 impl std::str::FromStr for SplitFractions {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidArgument(format!("--split '{s}': give two or three fractions summing to 1, e.g. 0.8,0.1,0.1"));
-        let parts: Vec<f64> = s.split(',').map(|p| p.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().map_err(|_| bad())?;
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "--split '{s}': give two or three fractions summing to 1, e.g. 0.8,0.1,0.1"
+            ))
+        };
+        let parts: Vec<f64> = s
+            .split(',')
+            .map(|p| p.trim().parse::<f64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad())?;
         let f = match parts.as_slice() {
             [a, b] => [*a, *b, 0.0],
             [a, b, c] => [*a, *b, *c],
             _ => return Err(bad()),
         };
-        if f.iter().any(|x| !(0.0..=1.0).contains(x)) || (f.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+        if f.iter().any(|x| !(0.0..=1.0).contains(x)) || (f.iter().sum::<f64>() - 1.0).abs() > 1e-6
+        {
             return Err(bad());
         }
         Ok(Self(f))

@@ -58,7 +58,10 @@ pub fn read_header(path: &Path) -> Result<Content> {
 /// Reads only the tokenizer and chat template.
 pub fn load_text_side(path: &Path) -> Result<(TextTokenizer, Option<String>)> {
     let content = read_header(path)?;
-    let meta = Meta { md: &content.metadata, path };
+    let meta = Meta {
+        md: &content.metadata,
+        path,
+    };
     let tokenizer = read_vocab(&meta)?.build(path)?;
     Ok((tokenizer, meta.opt_string("tokenizer.chat_template")))
 }

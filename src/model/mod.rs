@@ -38,9 +38,19 @@ impl TextSide {
             ModelSource::HfDir(dir) => hf::load_text_side(dir)?,
         };
         let chat_template = template
-            .map(|t| ChatTemplate::new(&t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref()))
+            .map(|t| {
+                ChatTemplate::new(
+                    &t,
+                    tokenizer.bos_token.as_deref(),
+                    tokenizer.eos_token.as_deref(),
+                )
+            })
             .transpose()?;
-        Ok(Self { source, tokenizer, chat_template })
+        Ok(Self {
+            source,
+            tokenizer,
+            chat_template,
+        })
     }
 }
 

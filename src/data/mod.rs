@@ -343,7 +343,10 @@ fn source_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
     let mut out = Vec::new();
     for p in paths {
         if !p.exists() {
-            return Err(Error::InvalidArgument(format!("{}: no such file or directory", p.display())));
+            return Err(Error::InvalidArgument(format!(
+                "{}: no such file or directory",
+                p.display()
+            )));
         }
         let mut files = Vec::new();
         if p.is_dir() {

@@ -98,14 +98,25 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
             report.skip("unrecognised file extension", msg);
         }
         // Parallel over files; each file keeps its own report, merged in file order so the
-        // result is the same whatever the thread count.
-        let results: Vec<Result<(Vec<RawRecord>, Report)>> = known
-            .par_iter()
-            .map(|f| {
-                let mut r = Report::default();
-                read_file(f, strict, &mut r).map(|recs| (recs, r))
-            })
-            .collect();
+        // result is the same whatever the thread count. Small files are bound by I/O latency,
+        // not CPU, so more reads are kept in flight than there are cores.
+        let read_all = || -> Vec<Result<(Vec<RawRecord>, Report)>> {
+            known
+                .par_iter()
+                .map(|f| {
+                    let mut r = Report::default();
+                    read_file(f, strict, &mut r).map(|recs| (recs, r))
+                })
+                .collect()
+        };
+        let io_threads = (rayon::current_num_threads() * 4).clamp(8, 64);
+        let results = match rayon::ThreadPoolBuilder::new()
+            .num_threads(io_threads)
+            .build()
+        {
+            Ok(pool) if known.len() > 64 => pool.install(read_all),
+            _ => read_all(),
+        };
         let mut out = Vec::new();
         for res in results {
             let (recs, r) = res?;

@@ -30,9 +30,11 @@ impl FromStr for Format {
             "sharegpt" => Self::ShareGpt,
             "completion" | "prompt-completion" => Self::Completion,
             "text" => Self::Text,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown format '{other}' (valid: auto, alpaca, chat, sharegpt, completion, text)"
-            )),
+            ))
+            }
         })
     }
 }

@@ -6,7 +6,9 @@
 
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod infer;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};

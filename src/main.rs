@@ -50,11 +50,76 @@ enum Command {
         #[command(subcommand)]
         what: DataCommand,
     },
+    /// Fine-tune a model (LoRA by default) from a TOML config, flags and --set overrides.
+    Train(TrainArgs),
     /// Measure speed; prints a `RESULT {json}` line last, as ../shared/bench does.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config file (see configs/ for documented examples).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any config key, e.g. --set lr=1e-4 (repeatable).
+    #[arg(long = "set")]
+    set: Vec<String>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    model: Option<String>,
+    /// Training data file or folder (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Run directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainArgs {
+    /// The flags as `key=value` overrides, after any --set.
+    fn overrides(&self) -> Vec<String> {
+        let mut o = self.set.clone();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                o.push(format!("{k}={v}"));
+            }
+        };
+        put("model", self.model.as_ref().map(|m| format!("{m:?}")));
+        if !self.data.is_empty() {
+            put("data", Some(format!("{:?}", self.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>())));
+        }
+        put("out", self.out.as_ref().map(|p| format!("{:?}", p.display().to_string())));
+        put("epochs", self.epochs.map(|v| v.to_string()));
+        put("max_steps", self.max_steps.map(|v| v.to_string()));
+        put("lr", self.lr.map(|v| format!("{v:e}")));
+        put("batch_size", self.batch_size.map(|v| v.to_string()));
+        put("max_seq_len", self.max_seq_len.map(|v| v.to_string()));
+        put("lora_rank", self.lora_rank.map(|v| v.to_string()));
+        put("seed", self.seed.map(|v| v.to_string()));
+        o
+    }
 }
 
 #[derive(Subcommand)]
@@ -183,6 +248,19 @@ struct ModelArg {
     /// A .gguf file, a Hugging Face model directory, a Hub repo id (org/name), or the alias smollm2.
     #[arg(long, short, default_value = DEFAULT_MODEL)]
     model: String,
+    /// A LoRA adapter directory (PEFT format, e.g. RUN/adapter from `afinar train`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn load(&self, device: &Device) -> Result<Model> {
+        let mut m = Model::load(&self.model, device)?;
+        if let Some(dir) = &self.adapter {
+            afinar::export::peft::load(dir, &mut m.transformer)?;
+        }
+        Ok(m)
+    }
 }
 
 #[derive(Args)]
@@ -266,7 +344,7 @@ fn run(cli: Cli) -> Result<()> {
     let device = Device::Cpu;
     match cli.command {
         Command::Info { model, json } => {
-            let m = Model::load(&model.model, &device)?;
+            let m = model.load(&device)?;
             let info = m.info();
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -279,7 +357,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             system,
             sampling,
-        } => cmd_chat(&model.model, system, &sampling, &device)?,
+        } => cmd_chat(&model, system, &sampling, &device)?,
         Command::Data {
             what: DataCommand::Prepare { model, data, out },
         } => {
@@ -310,6 +388,27 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data {
             what: DataCommand::Inspect { path, model, split },
         } => inspect(&path, &model, &split)?,
+        Command::Train(args) => {
+            let mut overrides = args.overrides();
+            let config_file = match &args.resume {
+                Some(dir) => {
+                    overrides.push(format!("out={:?}", dir.display().to_string()));
+                    Some(args.config.clone().unwrap_or_else(|| dir.join("config.toml")))
+                }
+                None => args.config.clone(),
+            };
+            let cfg = afinar::train::TrainConfig::load(config_file.as_deref(), &overrides)?;
+            let summary = afinar::train::train(&cfg, args.resume.is_some(), !args.quiet)?;
+            eprintln!(
+                "trained {} steps: loss {:.4}{}, {:.0} tokens/s → {}",
+                summary.steps,
+                summary.final_loss,
+                summary.final_val_loss.map_or(String::new(), |v| format!(", validation loss {v:.4}")),
+                summary.tokens_per_sec,
+                summary.output.display()
+            );
+            println!("{}", serde_json::to_string(&summary)?);
+        }
         Command::Bench {
             what: BenchCommand::Infer { model, runs, json },
         } => bench_infer(&model.model, runs, json, &device)?,
@@ -427,7 +526,7 @@ fn print_info(i: &afinar::model::ModelInfo) {
 }
 
 fn cmd_generate(args: GenerateArgs, device: &Device) -> Result<()> {
-    let model = Model::load(&args.model.model, device)?;
+    let model = args.model.load(device)?;
     let opts = args.sampling.options();
     opts.sampling.validate()?;
     let prompt = if args.chat || args.system.is_some() {
@@ -456,17 +555,10 @@ fn cmd_generate(args: GenerateArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn cmd_chat(
-    spec: &str,
-    system: Option<String>,
-    sampling: &SamplingArgs,
-    device: &Device,
-) -> Result<()> {
-    let model = Model::load(spec, device)?;
+fn cmd_chat(spec: &ModelArg, system: Option<String>, sampling: &SamplingArgs, device: &Device) -> Result<()> {
+    let model = spec.load(device)?;
     if model.chat_template.is_none() {
-        anyhow::bail!(
-            "{spec}: the model has no chat template; use `afinar generate` with a plain prompt"
-        );
+        anyhow::bail!("{}: the model has no chat template; use `afinar generate` with a plain prompt", spec.model);
     }
     let opts = sampling.options();
     opts.sampling.validate()?;

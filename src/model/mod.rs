@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod config;
 pub mod gguf;
 pub mod hf;
+pub mod ops;
 pub mod source;
 pub mod tokenizer;
 pub mod transformer;

@@ -5,18 +5,29 @@
 //! and `rope*` have no backward and silently detach gradients, so they must not appear on any path
 //! that training takes. Fused kernels with hand-written backward belong in their own files.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::ModelConfig;
+use super::ops::frozen_matmul::frozen_matmul;
 use super::weights::Weights;
 use crate::Result;
 
-/// A dense layer `y = x Wᵀ + b` with the weight in PyTorch layout (out, in).
+/// A low-rank adapter on a [`Linear`]: `y += scale · (x Aᵀ) Bᵀ`, A (rank, in), B (out, rank).
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+}
+
+/// A dense layer `y = x Wᵀ + b` with the weight in PyTorch layout (out, in), optionally with a
+/// LoRA adapter. A weight that is not a variable is frozen: its backward computes only dx.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -27,7 +38,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, lora: None })
     }
 
     /// Applies the layer to `x` of shape (..., in); one 2-D GEMM over all leading dimensions.
@@ -35,9 +46,18 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, inp))?;
+        let y = if self.weight.is_variable() {
+            x.matmul(&self.weight.t()?)?
+        } else {
+            frozen_matmul(&x, &self.weight)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -281,6 +301,28 @@ impl Transformer {
         })
     }
 
+    /// Every projection of every layer with its Hugging Face module name
+    /// (`model.layers.0.self_attn.q_proj`), for attaching adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
@@ -331,6 +373,7 @@ impl Transformer {
                 .clone()
                 .unwrap_or_else(|| self.embed_tokens.clone()),
             bias: None,
+            lora: None,
         };
         head.forward(hidden)
     }

@@ -1,0 +1,102 @@
+//! LoRA adapters in Hugging Face PEFT's format (`adapter_config.json` +
+//! `adapter_model.safetensors` with keys like
+//! `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), written and read, so
+//! adapters trained here load in Python PEFT and the other way round.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::model::transformer::{LoraAdapter, Transformer};
+use crate::{Error, Result};
+
+const PREFIX: &str = "base_model.model.";
+
+/// The fields of PEFT's `adapter_config.json` that afinar writes and reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    pub task_type: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: Vec<String>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default = "none")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+fn none() -> String {
+    "none".into()
+}
+
+/// Writes `vars` (afinar names, `model.layers.…lora_A.weight`) as a PEFT adapter directory.
+pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (format!("{PREFIX}{n}"), v.as_tensor().clone()))
+        .collect();
+    let tmp = dir.join(".adapter_model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(|e| Error::io(dir, e))?;
+    let json = serde_json::to_string_pretty(config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    crate::data::cache::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+}
+
+/// Loads a PEFT LoRA adapter into `model` (frozen: for inference and evaluation). Errors name
+/// the adapter and the model when shapes or module names do not fit.
+pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        Error::bad_file(dir, format!("not a PEFT adapter directory (adapter_config.json: {e})"))
+    })?;
+    let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;
+    if cfg.peft_type != "LORA" {
+        return Err(Error::bad_file(&cfg_path, format!("peft_type {} is not supported (only LORA)", cfg.peft_type)));
+    }
+    let weights_path = dir.join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights_path, model.device())
+        .map_err(|e| Error::bad_file(&weights_path, crate::error::candle_message(&e)))?;
+    let scale = if cfg.use_rslora { cfg.lora_alpha / (cfg.r as f64).sqrt() } else { cfg.lora_alpha / cfg.r as f64 };
+    let mut attached = 0;
+    for (name, lin) in model.linears_mut() {
+        let a = tensors.remove(&format!("{PREFIX}{name}.lora_A.weight"));
+        let b = tensors.remove(&format!("{PREFIX}{name}.lora_B.weight"));
+        let (Some(a), Some(b)) = (a, b) else { continue };
+        let (out, inp) = lin.weight.dims2()?;
+        if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
+            return Err(Error::bad_file(
+                dir,
+                format!(
+                    "adapter does not fit the model: {name} is {out}×{inp} but the adapter has A {:?} and B {:?} (trained for another base model?)",
+                    a.dims(),
+                    b.dims()
+                ),
+            ));
+        }
+        lin.lora = Some(LoraAdapter {
+            a: Var::from_tensor(&a.to_dtype(candle_core::DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(candle_core::DType::F32)?)?,
+            scale,
+        });
+        attached += 1;
+    }
+    if attached == 0 {
+        return Err(Error::bad_file(dir, "adapter does not fit the model: none of its module names match the model's layers"));
+    }
+    if let Some(extra) = tensors.keys().next() {
+        return Err(Error::bad_file(dir, format!("adapter does not fit the model: tensor {extra} has no matching module")));
+    }
+    Ok(cfg)
+}

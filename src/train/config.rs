@@ -1,0 +1,286 @@
+//! The training configuration: one TOML file with defaults for everything, every key
+//! overridable with `--set key=value`. Unknown keys are errors that suggest the nearest valid key;
+//! out-of-range values are errors that say the range.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::Schedule;
+use crate::{Error, Result};
+
+/// Every training setting. Field docs are the documentation of the config keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Base model: .gguf file, Hugging Face directory, Hub repo id, or `smollm2`.
+    pub model: String,
+    /// Data files or folders (any format `afinar data prepare` reads).
+    pub data: Vec<PathBuf>,
+    /// Record shape: auto, alpaca, chat, sharegpt, completion, text.
+    pub format: String,
+    /// Train/validation/test fractions.
+    pub split: String,
+    /// Field that keeps related examples in one split (e.g. "verb"); empty = none.
+    pub split_key: String,
+    /// Maximum tokens per packed training sequence.
+    pub max_seq_len: usize,
+    /// Run directory: config, metrics, checkpoints, final adapter.
+    pub out: PathBuf,
+    /// "lora" or "full".
+    pub method: String,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    /// LoRA dropout; only 0 is supported yet.
+    pub lora_dropout: f64,
+    /// "all-linear" or a comma-separated list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+    pub lora_targets: String,
+    /// Scale by alpha/sqrt(rank) instead of alpha/rank.
+    pub rslora: bool,
+    /// Passes over the training split (ignored when max_steps > 0).
+    pub epochs: usize,
+    /// Optimiser steps; 0 = as many as `epochs` take.
+    pub max_steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    /// cosine, linear or constant (after warm-up).
+    pub schedule: Schedule,
+    /// Decoupled weight decay (not applied to norms and biases).
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Clip gradients to this global L2 norm; 0 = no clipping.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Validation loss every N steps (0 = only at the end).
+    pub eval_every: usize,
+    /// Validation batches per evaluation (0 = the whole validation split).
+    pub eval_batches: usize,
+    /// Checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+    /// Checkpoints kept (the most recent ones).
+    pub keep_checkpoints: usize,
+    /// Stop after this many validations without improvement (0 = never).
+    pub early_stopping_patience: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: "smollm2".into(),
+            data: vec![],
+            format: "auto".into(),
+            split: "0.9,0.05,0.05".into(),
+            split_key: String::new(),
+            max_seq_len: 512,
+            out: PathBuf::from("runs/afinar"),
+            method: "lora".into(),
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            lora_targets: "all-linear".into(),
+            rslora: false,
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 2e-4,
+            min_lr: 0.0,
+            warmup_steps: 10,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 50,
+            eval_batches: 8,
+            save_every: 100,
+            keep_checkpoints: 2,
+            early_stopping_patience: 0,
+        }
+    }
+}
+
+fn known_keys() -> Vec<String> {
+    match toml::Value::try_from(TrainConfig::default()) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => vec![],
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
+    let known = known_keys();
+    for key in table.keys() {
+        if !known.contains(key) {
+            let nearest = known.iter().min_by_key(|k| distance(key, k)).cloned().unwrap_or_default();
+            return Err(Error::InvalidArgument(format!(
+                "{origin}: unknown key '{key}' (did you mean '{nearest}'?)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl TrainConfig {
+    /// Defaults, then the TOML file (if any), then each `key=value` override in order.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut table = match toml::Value::try_from(Self::default()) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => unreachable!("the default config serialises to a table"),
+        };
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let user: toml::Table = text
+                .parse()
+                .map_err(|e| Error::bad_file(path, format!("invalid TOML: {e}")))?;
+            check_keys(&user, &path.display().to_string())?;
+            table.extend(user);
+        }
+        for o in overrides {
+            let (k, v) = o.split_once('=').ok_or_else(|| {
+                Error::InvalidArgument(format!("--set '{o}': expected key=value"))
+            })?;
+            let (k, v) = (k.trim(), v.trim());
+            // A TOML value if it parses as one (numbers, booleans, arrays), else a string.
+            let value = format!("v = {v}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(v.to_string()));
+            let one: toml::Table = [(k.to_string(), value)].into_iter().collect();
+            check_keys(&one, "--set")?;
+            table.extend(one);
+        }
+        // `data` may be given as one string.
+        if let Some(toml::Value::String(s)) = table.get("data").cloned() {
+            table.insert("data".into(), toml::Value::Array(vec![toml::Value::String(s)]));
+        }
+        let config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::InvalidArgument(format!("config: {}", e.message())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range and consistency checks with messages that say what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.method != "lora" && self.method != "full" {
+            return bad(format!("method = '{}': use \"lora\" or \"full\"", self.method));
+        }
+        if self.lora_rank == 0 || self.lora_rank > 1024 {
+            return bad(format!("lora_rank = {} is out of range (1..=1024)", self.lora_rank));
+        }
+        if self.lora_alpha <= 0.0 {
+            return bad(format!("lora_alpha = {} must be > 0", self.lora_alpha));
+        }
+        if self.lora_dropout != 0.0 {
+            return bad(format!("lora_dropout = {}: only 0 is supported yet", self.lora_dropout));
+        }
+        if !(self.lr > 0.0 && self.lr < 1.0) {
+            return bad(format!("lr = {} is out of range (0, 1)", self.lr));
+        }
+        if self.min_lr < 0.0 || self.min_lr > self.lr {
+            return bad(format!("min_lr = {} must be in [0, lr]", self.min_lr));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch_size and grad_accum must be ≥ 1".into());
+        }
+        if self.max_seq_len < 8 || self.max_seq_len > 1 << 20 {
+            return bad(format!("max_seq_len = {} is out of range (8..=1048576)", self.max_seq_len));
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            return bad("set epochs ≥ 1 or max_steps ≥ 1".into());
+        }
+        for (name, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("{name} = {v} is out of range [0, 1)"));
+            }
+        }
+        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.adam_eps <= 0.0 {
+            return bad("weight_decay and max_grad_norm must be ≥ 0, adam_eps > 0".into());
+        }
+        if self.data.is_empty() {
+            return bad("no training data: set data = [\"file.jsonl\"] or --data".into());
+        }
+        self.targets()?;
+        Ok(())
+    }
+
+    /// The LoRA target module names.
+    pub fn targets(&self) -> Result<Vec<String>> {
+        const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        if self.lora_targets == "all-linear" {
+            return Ok(ALL.iter().map(|s| s.to_string()).collect());
+        }
+        let list: Vec<String> = self.lora_targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        for t in &list {
+            if !ALL.contains(&t.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "lora_targets: unknown module '{t}' (use all-linear or some of {})",
+                    ALL.join(",")
+                )));
+            }
+        }
+        if list.is_empty() {
+            return Err(Error::InvalidArgument("lora_targets is empty".into()));
+        }
+        Ok(list)
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_suggest_the_nearest() {
+        let c = TrainConfig::load(None, &["data=x.jsonl".into(), "lr=1e-3".into(), "lora_rank=8".into(), "schedule=linear".into()]).unwrap();
+        assert_eq!(c.lr, 1e-3);
+        assert_eq!(c.lora_rank, 8);
+        assert_eq!(c.schedule, Schedule::Linear);
+        assert_eq!(c.data, vec![PathBuf::from("x.jsonl")]);
+        let err = TrainConfig::load(None, &["data=x".into(), "lora_rnk=8".into()]).unwrap_err().to_string();
+        assert_eq!(err, "--set: unknown key 'lora_rnk' (did you mean 'lora_rank'?)");
+        let err = TrainConfig::load(None, &["data=x".into(), "lr=5".into()]).unwrap_err().to_string();
+        assert!(err.contains("lr = 5 is out of range"), "{err}");
+        let err = TrainConfig::load(None, &["data=x".into(), "lora_targets=q_proj,attn".into()]).unwrap_err().to_string();
+        assert!(err.contains("unknown module 'attn'"), "{err}");
+    }
+
+    #[test]
+    fn toml_files_are_checked_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        std::fs::write(&p, "data = [\"a.jsonl\"]\nbatch_sise = 4\n").unwrap();
+        let err = TrainConfig::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(err.ends_with("unknown key 'batch_sise' (did you mean 'batch_size'?)"), "{err}");
+    }
+}

@@ -1,0 +1,64 @@
+//! Attaching LoRA adapters to a model's projections, initialised as PEFT does: A from
+//! Kaiming-uniform (bound 1/√in), B zero, so training starts from the base model exactly.
+
+use candle_core::{Tensor, Var};
+
+use crate::infer::sampling::Rng;
+use crate::model::transformer::{LoraAdapter, Transformer};
+use crate::Result;
+
+/// How adapters are shaped and scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    /// Module names, e.g. `q_proj`, `down_proj`.
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    /// `alpha / rank`, or `alpha / √rank` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// Adds adapters to every targeted projection and returns the trainable variables with their
+/// PEFT-style names (`model.layers.0.self_attn.q_proj.lora_A.weight`). `init_a` gives A's
+/// values for a module name and shape; [`kaiming_a`] is PEFT's default.
+pub fn attach(
+    model: &mut Transformer,
+    spec: &LoraSpec,
+    mut init_a: impl FnMut(&str, usize, usize) -> Vec<f32>,
+) -> Result<Vec<(String, Var)>> {
+    let scale = spec.scale();
+    let mut vars = Vec::new();
+    for (name, lin) in model.linears_mut() {
+        let module = name.rsplit('.').next().unwrap_or_default();
+        if !spec.targets.iter().any(|t| t == module) {
+            continue;
+        }
+        let (out, inp) = lin.weight.dims2()?;
+        let device = lin.weight.device().clone();
+        let a = Var::from_tensor(&Tensor::from_vec(init_a(&name, spec.rank, inp), (spec.rank, inp), &device)?)?;
+        let b = Var::zeros((out, spec.rank), candle_core::DType::F32, &device)?;
+        vars.push((format!("{name}.lora_A.weight"), a.clone()));
+        vars.push((format!("{name}.lora_B.weight"), b.clone()));
+        lin.lora = Some(LoraAdapter { a, b, scale });
+    }
+    Ok(vars)
+}
+
+/// PEFT's default A: uniform in ±1/√in, drawn from a seeded generator.
+pub fn kaiming_a(seed: u64) -> impl FnMut(&str, usize, usize) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    move |_, rows, cols| {
+        let bound = 1.0 / (cols as f64).sqrt();
+        (0..rows * cols).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
+    }
+}

@@ -108,9 +108,23 @@ impl TrainArgs {
         };
         put("model", self.model.as_ref().map(|m| format!("{m:?}")));
         if !self.data.is_empty() {
-            put("data", Some(format!("{:?}", self.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>())));
+            put(
+                "data",
+                Some(format!(
+                    "{:?}",
+                    self.data
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                )),
+            );
         }
-        put("out", self.out.as_ref().map(|p| format!("{:?}", p.display().to_string())));
+        put(
+            "out",
+            self.out
+                .as_ref()
+                .map(|p| format!("{:?}", p.display().to_string())),
+        );
         put("epochs", self.epochs.map(|v| v.to_string()));
         put("max_steps", self.max_steps.map(|v| v.to_string()));
         put("lr", self.lr.map(|v| format!("{v:e}")));
@@ -393,7 +407,11 @@ fn run(cli: Cli) -> Result<()> {
             let config_file = match &args.resume {
                 Some(dir) => {
                     overrides.push(format!("out={:?}", dir.display().to_string()));
-                    Some(args.config.clone().unwrap_or_else(|| dir.join("config.toml")))
+                    Some(
+                        args.config
+                            .clone()
+                            .unwrap_or_else(|| dir.join("config.toml")),
+                    )
                 }
                 None => args.config.clone(),
             };
@@ -403,7 +421,9 @@ fn run(cli: Cli) -> Result<()> {
                 "trained {} steps: loss {:.4}{}, {:.0} tokens/s → {}",
                 summary.steps,
                 summary.final_loss,
-                summary.final_val_loss.map_or(String::new(), |v| format!(", validation loss {v:.4}")),
+                summary
+                    .final_val_loss
+                    .map_or(String::new(), |v| format!(", validation loss {v:.4}")),
                 summary.tokens_per_sec,
                 summary.output.display()
             );
@@ -555,10 +575,18 @@ fn cmd_generate(args: GenerateArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn cmd_chat(spec: &ModelArg, system: Option<String>, sampling: &SamplingArgs, device: &Device) -> Result<()> {
+fn cmd_chat(
+    spec: &ModelArg,
+    system: Option<String>,
+    sampling: &SamplingArgs,
+    device: &Device,
+) -> Result<()> {
     let model = spec.load(device)?;
     if model.chat_template.is_none() {
-        anyhow::bail!("{}: the model has no chat template; use `afinar generate` with a plain prompt", spec.model);
+        anyhow::bail!(
+            "{}: the model has no chat template; use `afinar generate` with a plain prompt",
+            spec.model
+        );
     }
     let opts = sampling.options();
     opts.sampling.validate()?;

@@ -24,8 +24,14 @@ pub fn save(dir: &Path, model: &Model) -> Result<()> {
         tensors.insert("lm_head.weight".into(), h.clone());
     }
     for (i, l) in m.layers.iter().enumerate() {
-        tensors.insert(format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.clone());
-        tensors.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.clone());
+        tensors.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            l.input_layernorm.clone(),
+        );
+        tensors.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            l.post_attention_layernorm.clone(),
+        );
     }
     let mut m2 = m.clone();
     for (name, lin) in m2.linears_mut() {
@@ -52,11 +58,17 @@ pub fn save(dir: &Path, model: &Model) -> Result<()> {
         "sliding_window": c.sliding_window, "hidden_act": "silu", "torch_dtype": "float32",
     });
     let write = |name: &str, v: &serde_json::Value| {
-        crate::data::cache::write_atomic(&dir.join(name), serde_json::to_string_pretty(v).unwrap_or_default().as_bytes())
+        crate::data::cache::write_atomic(
+            &dir.join(name),
+            serde_json::to_string_pretty(v)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
     };
     write("config.json", &config)?;
     let tok = &model.tokenizer;
-    let tok_json: serde_json::Value = serde_json::to_value(&tok.inner).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let tok_json: serde_json::Value =
+        serde_json::to_value(&tok.inner).map_err(|e| Error::Tokenizer(e.to_string()))?;
     write("tokenizer.json", &tok_json)?;
     write(
         "tokenizer_config.json",

@@ -50,7 +50,8 @@ pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Resul
     let tmp = dir.join(".adapter_model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(|e| Error::io(dir, e))?;
-    let json = serde_json::to_string_pretty(config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     crate::data::cache::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
@@ -59,16 +60,27 @@ pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Resul
 pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
-        Error::bad_file(dir, format!("not a PEFT adapter directory (adapter_config.json: {e})"))
+        Error::bad_file(
+            dir,
+            format!("not a PEFT adapter directory (adapter_config.json: {e})"),
+        )
     })?;
-    let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;
+    let cfg: AdapterConfig =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;
     if cfg.peft_type != "LORA" {
-        return Err(Error::bad_file(&cfg_path, format!("peft_type {} is not supported (only LORA)", cfg.peft_type)));
+        return Err(Error::bad_file(
+            &cfg_path,
+            format!("peft_type {} is not supported (only LORA)", cfg.peft_type),
+        ));
     }
     let weights_path = dir.join("adapter_model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights_path, model.device())
         .map_err(|e| Error::bad_file(&weights_path, crate::error::candle_message(&e)))?;
-    let scale = if cfg.use_rslora { cfg.lora_alpha / (cfg.r as f64).sqrt() } else { cfg.lora_alpha / cfg.r as f64 };
+    let scale = if cfg.use_rslora {
+        cfg.lora_alpha / (cfg.r as f64).sqrt()
+    } else {
+        cfg.lora_alpha / cfg.r as f64
+    };
     let mut attached = 0;
     for (name, lin) in model.linears_mut() {
         let a = tensors.remove(&format!("{PREFIX}{name}.lora_A.weight"));
@@ -93,10 +105,16 @@ pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
         attached += 1;
     }
     if attached == 0 {
-        return Err(Error::bad_file(dir, "adapter does not fit the model: none of its module names match the model's layers"));
+        return Err(Error::bad_file(
+            dir,
+            "adapter does not fit the model: none of its module names match the model's layers",
+        ));
     }
     if let Some(extra) = tensors.keys().next() {
-        return Err(Error::bad_file(dir, format!("adapter does not fit the model: tensor {extra} has no matching module")));
+        return Err(Error::bad_file(
+            dir,
+            format!("adapter does not fit the model: tensor {extra} has no matching module"),
+        ));
     }
     Ok(cfg)
 }

@@ -38,7 +38,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias, lora: None })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     /// Applies the layer to `x` of shape (..., in); one 2-D GEMM over all leading dimensions.

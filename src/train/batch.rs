@@ -34,7 +34,10 @@ pub fn count_targets(file: &TokenFile, sequences: &[usize]) -> usize {
         for e in seq[s] as usize..seq[s + 1] as usize {
             let (a, b) = (ex[e] as usize, ex[e + 1] as usize);
             // Token p+1 is a target of position p inside the same example.
-            n += labels[a + 1.min(b - a)..b].iter().filter(|&&l| l != 0).count();
+            n += labels[a + 1.min(b - a)..b]
+                .iter()
+                .filter(|&&l| l != 0)
+                .count();
         }
     }
     n
@@ -44,8 +47,18 @@ pub fn count_targets(file: &TokenFile, sequences: &[usize]) -> usize {
 pub fn make_batch(file: &TokenFile, sequences: &[usize], device: &Device) -> Result<Batch> {
     let (ids_all, labels) = (file.ids(), file.labels());
     let (ex, seq) = (file.example_offsets(), file.sequence_offsets());
-    let span = |s: usize| (ex[seq[s] as usize] as usize, ex[seq[s + 1] as usize] as usize);
-    let t = sequences.iter().map(|&s| span(s).1 - span(s).0).max().unwrap_or(1).max(1);
+    let span = |s: usize| {
+        (
+            ex[seq[s] as usize] as usize,
+            ex[seq[s + 1] as usize] as usize,
+        )
+    };
+    let t = sequences
+        .iter()
+        .map(|&s| span(s).1 - span(s).0)
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let b = sequences.len();
     let mut ids = vec![0u32; b * t];
     let mut pos = vec![0u32; b * t];
@@ -121,7 +134,10 @@ mod tests {
         let m: Vec<f32> = b.mask.flatten_all()?.to_vec1()?;
         let visible = |i: usize, j: usize| m[i * 5 + j] == 0.0;
         assert!(visible(2, 0) && visible(2, 2) && !visible(2, 3));
-        assert!(visible(4, 3) && !visible(4, 2) && !visible(3, 4), "no attention across examples or to the future");
+        assert!(
+            visible(4, 3) && !visible(4, 2) && !visible(3, 4),
+            "no attention across examples or to the future"
+        );
         Ok(())
     }
 }

@@ -35,7 +35,9 @@ fn sync_dir(dir: &Path) {
 }
 
 fn fsync(path: &Path) -> Result<()> {
-    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
 }
 
 /// Writes checkpoint `step` under `dir/checkpoints/`, then keeps only the newest `keep`.
@@ -63,7 +65,8 @@ pub fn save(dir: &Path, opt: &AdamW, state: &TrainState, keep: usize) -> Result<
         fsync(path)?;
     }
     let state_path = tmp.join("state.json");
-    let json = serde_json::to_string_pretty(state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let json =
+        serde_json::to_string_pretty(state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     std::fs::write(&state_path, json).map_err(|e| Error::io(&state_path, e))?;
     fsync(&state_path)?;
     sync_dir(&tmp);
@@ -88,7 +91,9 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
         .map_err(|e| Error::io(&root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join("state.json").is_file()
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                && p.join("state.json").is_file()
         })
         .collect();
     out.sort();
@@ -99,23 +104,51 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load(ckpt: &Path, opt: &mut AdamW) -> Result<TrainState> {
     let state_path = ckpt.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::bad_file(&state_path, e.to_string()))?;
-    let dev = opt.params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+    let state: TrainState =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(&state_path, e.to_string()))?;
+    let dev = opt
+        .params
+        .first()
+        .map(|p| p.var.device().clone())
+        .unwrap_or(Device::Cpu);
     let read = |name: &str| -> Result<HashMap<String, Tensor>> {
         let p = ckpt.join(name);
-        candle_core::safetensors::load(&p, &dev).map_err(|e| Error::bad_file(&p, crate::error::candle_message(&e)))
+        candle_core::safetensors::load(&p, &dev)
+            .map_err(|e| Error::bad_file(&p, crate::error::candle_message(&e)))
     };
     let weights = read("trainable.safetensors")?;
     let moments = read("optimizer.safetensors")?;
     for p in opt.params.iter_mut() {
-        let missing = |what: &str| Error::bad_file(ckpt, format!("checkpoint has no {what} for '{}': it belongs to another configuration", p.name));
+        let missing = |what: &str| {
+            Error::bad_file(
+                ckpt,
+                format!(
+                    "checkpoint has no {what} for '{}': it belongs to another configuration",
+                    p.name
+                ),
+            )
+        };
         let w = weights.get(&p.name).ok_or_else(|| missing("weights"))?;
         if w.dims() != p.var.dims() {
-            return Err(Error::bad_file(ckpt, format!("'{}' has shape {:?} in the checkpoint, {:?} in this run", p.name, w.dims(), p.var.dims())));
+            return Err(Error::bad_file(
+                ckpt,
+                format!(
+                    "'{}' has shape {:?} in the checkpoint, {:?} in this run",
+                    p.name,
+                    w.dims(),
+                    p.var.dims()
+                ),
+            ));
         }
         p.var.set(w)?;
-        p.m = moments.get(&format!("m.{}", p.name)).ok_or_else(|| missing("first moment"))?.clone();
-        p.v = moments.get(&format!("v.{}", p.name)).ok_or_else(|| missing("second moment"))?.clone();
+        p.m = moments
+            .get(&format!("m.{}", p.name))
+            .ok_or_else(|| missing("first moment"))?
+            .clone();
+        p.v = moments
+            .get(&format!("v.{}", p.name))
+            .ok_or_else(|| missing("second moment"))?
+            .clone();
     }
     opt.t = moments
         .get("t")

@@ -123,7 +123,11 @@ fn distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -134,7 +138,11 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
     let known = known_keys();
     for key in table.keys() {
         if !known.contains(key) {
-            let nearest = known.iter().min_by_key(|k| distance(key, k)).cloned().unwrap_or_default();
+            let nearest = known
+                .iter()
+                .min_by_key(|k| distance(key, k))
+                .cloned()
+                .unwrap_or_default();
             return Err(Error::InvalidArgument(format!(
                 "{origin}: unknown key '{key}' (did you mean '{nearest}'?)"
             )));
@@ -175,11 +183,16 @@ impl TrainConfig {
         }
         // `data` may be given as one string.
         if let Some(toml::Value::String(s)) = table.get("data").cloned() {
-            table.insert("data".into(), toml::Value::Array(vec![toml::Value::String(s)]));
+            table.insert(
+                "data".into(),
+                toml::Value::Array(vec![toml::Value::String(s)]),
+            );
         }
         let config: Self = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| Error::InvalidArgument(format!("config: {}", e.message())))?;
+            .map_err(|e: toml::de::Error| {
+                Error::InvalidArgument(format!("config: {}", e.message()))
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -188,16 +201,25 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.method != "lora" && self.method != "full" {
-            return bad(format!("method = '{}': use \"lora\" or \"full\"", self.method));
+            return bad(format!(
+                "method = '{}': use \"lora\" or \"full\"",
+                self.method
+            ));
         }
         if self.lora_rank == 0 || self.lora_rank > 1024 {
-            return bad(format!("lora_rank = {} is out of range (1..=1024)", self.lora_rank));
+            return bad(format!(
+                "lora_rank = {} is out of range (1..=1024)",
+                self.lora_rank
+            ));
         }
         if self.lora_alpha <= 0.0 {
             return bad(format!("lora_alpha = {} must be > 0", self.lora_alpha));
         }
         if self.lora_dropout != 0.0 {
-            return bad(format!("lora_dropout = {}: only 0 is supported yet", self.lora_dropout));
+            return bad(format!(
+                "lora_dropout = {}: only 0 is supported yet",
+                self.lora_dropout
+            ));
         }
         if !(self.lr > 0.0 && self.lr < 1.0) {
             return bad(format!("lr = {} is out of range (0, 1)", self.lr));
@@ -209,12 +231,18 @@ impl TrainConfig {
             return bad("batch_size and grad_accum must be ≥ 1".into());
         }
         if self.max_seq_len < 8 || self.max_seq_len > 1 << 20 {
-            return bad(format!("max_seq_len = {} is out of range (8..=1048576)", self.max_seq_len));
+            return bad(format!(
+                "max_seq_len = {} is out of range (8..=1048576)",
+                self.max_seq_len
+            ));
         }
         if self.epochs == 0 && self.max_steps == 0 {
             return bad("set epochs ≥ 1 or max_steps ≥ 1".into());
         }
-        for (name, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+        for (name, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&v) {
                 return bad(format!("{name} = {v} is out of range [0, 1)"));
             }
@@ -231,11 +259,24 @@ impl TrainConfig {
 
     /// The LoRA target module names.
     pub fn targets(&self) -> Result<Vec<String>> {
-        const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        const ALL: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
         if self.lora_targets == "all-linear" {
             return Ok(ALL.iter().map(|s| s.to_string()).collect());
         }
-        let list: Vec<String> = self.lora_targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let list: Vec<String> = self
+            .lora_targets
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
         for t in &list {
             if !ALL.contains(&t.as_str()) {
                 return Err(Error::InvalidArgument(format!(
@@ -262,16 +303,34 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_unknown_keys_suggest_the_nearest() {
-        let c = TrainConfig::load(None, &["data=x.jsonl".into(), "lr=1e-3".into(), "lora_rank=8".into(), "schedule=linear".into()]).unwrap();
+        let c = TrainConfig::load(
+            None,
+            &[
+                "data=x.jsonl".into(),
+                "lr=1e-3".into(),
+                "lora_rank=8".into(),
+                "schedule=linear".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.lr, 1e-3);
         assert_eq!(c.lora_rank, 8);
         assert_eq!(c.schedule, Schedule::Linear);
         assert_eq!(c.data, vec![PathBuf::from("x.jsonl")]);
-        let err = TrainConfig::load(None, &["data=x".into(), "lora_rnk=8".into()]).unwrap_err().to_string();
-        assert_eq!(err, "--set: unknown key 'lora_rnk' (did you mean 'lora_rank'?)");
-        let err = TrainConfig::load(None, &["data=x".into(), "lr=5".into()]).unwrap_err().to_string();
+        let err = TrainConfig::load(None, &["data=x".into(), "lora_rnk=8".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--set: unknown key 'lora_rnk' (did you mean 'lora_rank'?)"
+        );
+        let err = TrainConfig::load(None, &["data=x".into(), "lr=5".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lr = 5 is out of range"), "{err}");
-        let err = TrainConfig::load(None, &["data=x".into(), "lora_targets=q_proj,attn".into()]).unwrap_err().to_string();
+        let err = TrainConfig::load(None, &["data=x".into(), "lora_targets=q_proj,attn".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown module 'attn'"), "{err}");
     }
 
@@ -281,6 +340,9 @@ mod tests {
         let p = dir.path().join("run.toml");
         std::fs::write(&p, "data = [\"a.jsonl\"]\nbatch_sise = 4\n").unwrap();
         let err = TrainConfig::load(Some(&p), &[]).unwrap_err().to_string();
-        assert!(err.ends_with("unknown key 'batch_sise' (did you mean 'batch_size'?)"), "{err}");
+        assert!(
+            err.ends_with("unknown key 'batch_sise' (did you mean 'batch_size'?)"),
+            "{err}"
+        );
     }
 }

@@ -45,7 +45,11 @@ pub fn attach(
         }
         let (out, inp) = lin.weight.dims2()?;
         let device = lin.weight.device().clone();
-        let a = Var::from_tensor(&Tensor::from_vec(init_a(&name, spec.rank, inp), (spec.rank, inp), &device)?)?;
+        let a = Var::from_tensor(&Tensor::from_vec(
+            init_a(&name, spec.rank, inp),
+            (spec.rank, inp),
+            &device,
+        )?)?;
         let b = Var::zeros((out, spec.rank), candle_core::DType::F32, &device)?;
         vars.push((format!("{name}.lora_A.weight"), a.clone()));
         vars.push((format!("{name}.lora_B.weight"), b.clone()));
@@ -59,6 +63,8 @@ pub fn kaiming_a(seed: u64) -> impl FnMut(&str, usize, usize) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     move |_, rows, cols| {
         let bound = 1.0 / (cols as f64).sqrt();
-        (0..rows * cols).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
+        (0..rows * cols)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+            .collect()
     }
 }

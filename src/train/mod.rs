@@ -54,7 +54,9 @@ pub struct TrainSummary {
 pub fn batch_nll(model: &Transformer, b: &batch::Batch) -> Result<Tensor> {
     let hidden = model.forward_hidden(&b.ids, &b.positions, Some(&b.mask), None)?;
     let h = hidden.dim(D::Minus1)?;
-    let picked = hidden.reshape(((), h))?.index_select(&b.target_positions, 0)?;
+    let picked = hidden
+        .reshape(((), h))?
+        .index_select(&b.target_positions, 0)?;
     let logits = model.logits(&picked)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
@@ -64,10 +66,19 @@ pub fn batch_nll(model: &Transformer, b: &batch::Batch) -> Result<Tensor> {
 }
 
 /// Mean loss per target token over the first `max_batches` batches of a split (0 = all).
-pub fn split_loss(model: &Transformer, file: &TokenFile, batch_size: usize, max_batches: usize) -> Result<Option<f64>> {
+pub fn split_loss(
+    model: &Transformer,
+    file: &TokenFile,
+    batch_size: usize,
+    max_batches: usize,
+) -> Result<Option<f64>> {
     let (mut sum, mut n) = (0f64, 0usize);
     let seqs: Vec<usize> = (0..file.sequences()).collect();
-    let limit = if max_batches == 0 { usize::MAX } else { max_batches };
+    let limit = if max_batches == 0 {
+        usize::MAX
+    } else {
+        max_batches
+    };
     for chunk in seqs.chunks(batch_size.max(1)).take(limit) {
         let b = batch::make_batch(file, chunk, model.device())?;
         if b.n_targets == 0 {
@@ -91,18 +102,38 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 
 /// Keys whose change makes a checkpoint meaningless for this run.
 const RESUME_KEYS: &[&str] = &[
-    "model", "data", "format", "split", "split_key", "max_seq_len", "method", "lora_rank", "lora_alpha",
-    "lora_targets", "rslora", "batch_size", "grad_accum", "seed",
+    "model",
+    "data",
+    "format",
+    "split",
+    "split_key",
+    "max_seq_len",
+    "method",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "rslora",
+    "batch_size",
+    "grad_accum",
+    "seed",
 ];
 
 fn incompatible(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
-    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) = (toml::Value::try_from(saved), toml::Value::try_from(now)) else {
+    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) =
+        (toml::Value::try_from(saved), toml::Value::try_from(now))
+    else {
         return vec![];
     };
     RESUME_KEYS
         .iter()
         .filter(|k| a.get(**k) != b.get(**k))
-        .map(|k| format!("{k}: {} in the run, {} now", a.get(*k).map_or("-".into(), |v| v.to_string()), b.get(*k).map_or("-".into(), |v| v.to_string())))
+        .map(|k| {
+            format!(
+                "{k}: {} in the run, {} now",
+                a.get(*k).map_or("-".into(), |v| v.to_string()),
+                b.get(*k).map_or("-".into(), |v| v.to_string())
+            )
+        })
         .collect()
 }
 
@@ -114,12 +145,21 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let config_path = out.join("config.toml");
     if resume {
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| Error::bad_file(&out, format!("cannot resume: no config.toml in the run directory ({e})")))?;
-        let saved: TrainConfig = toml::from_str(&text).map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
+        let text = std::fs::read_to_string(&config_path).map_err(|e| {
+            Error::bad_file(
+                &out,
+                format!("cannot resume: no config.toml in the run directory ({e})"),
+            )
+        })?;
+        let saved: TrainConfig =
+            toml::from_str(&text).map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
         let diffs = incompatible(&saved, cfg);
         if !diffs.is_empty() {
-            return Err(Error::InvalidArgument(format!("cannot resume {}: the configuration differs ({})", out.display(), diffs.join("; "))));
+            return Err(Error::InvalidArgument(format!(
+                "cannot resume {}: the configuration differs ({})",
+                out.display(),
+                diffs.join("; ")
+            )));
         }
     }
     cache_write(&config_path, cfg.to_toml().as_bytes())?;
@@ -128,7 +168,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     let text = TextSide::load(&cfg.model)?;
     let opts = PrepareOptions {
         data: cfg.data.clone(),
-        format: cfg.format.parse::<Format>().map_err(Error::InvalidArgument)?,
+        format: cfg
+            .format
+            .parse::<Format>()
+            .map_err(Error::InvalidArgument)?,
         split_key: (!cfg.split_key.is_empty()).then(|| cfg.split_key.clone()),
         split: cfg.split.parse()?,
         seed: cfg.seed,
@@ -146,7 +189,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     let mut model = Model::load(&cfg.model, &device)?;
     let base_model = model.source.path().display().to_string();
     let trainables: Vec<(String, Var, bool)> = if cfg.method == "lora" {
-        let spec = lora::LoraSpec { rank: cfg.lora_rank, alpha: cfg.lora_alpha, rslora: cfg.rslora, targets: cfg.targets()? };
+        let spec = lora::LoraSpec {
+            rank: cfg.lora_rank,
+            alpha: cfg.lora_alpha,
+            rslora: cfg.rslora,
+            targets: cfg.targets()?,
+        };
         lora::attach(&mut model.transformer, &spec, lora::kaiming_a(cfg.seed))?
             .into_iter()
             .map(|(n, v)| (n, v, true))
@@ -154,12 +202,21 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     } else {
         unfreeze_all(&mut model.transformer)?
     };
-    let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay };
+    let adam = AdamWConfig {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
     let mut opt = AdamW::new(trainables, adam)?;
 
     let seqs_per_step = cfg.batch_size * cfg.grad_accum;
     let steps_per_epoch = train_file.sequences().div_ceil(seqs_per_step);
-    let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps
+    } else {
+        cfg.epochs * steps_per_epoch
+    };
 
     let mut state = checkpoint::TrainState {
         step: 0,
@@ -175,7 +232,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     let mut history: Vec<Metrics> = Vec::new();
     if resume {
         let ckpt = checkpoint::list(&out)?.pop().ok_or_else(|| {
-            Error::InvalidArgument(format!("cannot resume {}: it has no complete checkpoint", out.display()))
+            Error::InvalidArgument(format!(
+                "cannot resume {}: it has no complete checkpoint",
+                out.display()
+            ))
         })?;
         state = checkpoint::load(&ckpt, &mut opt)?;
         if state.base_model != base_model {
@@ -186,13 +246,23 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         }
         // Keep the metrics up to the checkpoint; the steps after it are redone.
         if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-            history = text.lines().filter_map(|l| serde_json::from_str::<Metrics>(l).ok()).filter(|m| m.step <= state.step).collect();
+            history = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
+                .filter(|m| m.step <= state.step)
+                .collect();
         }
         eprintln!("resuming {} from step {}", out.display(), state.step);
     }
-    let mut metrics_file = std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics_file =
+        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
     for m in &history {
-        writeln!(metrics_file, "{}", serde_json::to_string(m).unwrap_or_default()).map_err(|e| Error::io(&metrics_path, e))?;
+        writeln!(
+            metrics_file,
+            "{}",
+            serde_json::to_string(m).unwrap_or_default()
+        )
+        .map_err(|e| Error::io(&metrics_path, e))?;
     }
 
     let bar = progress_bar(total_steps, state.step, show_progress);
@@ -219,36 +289,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             }
             micro.push(seqs);
         }
-        // Normalise by the label tokens of the whole accumulated batch, so N micro-batches
-        // give exactly the gradient of one batch N times larger.
-        let denom: usize = micro.iter().map(|s| batch::count_targets(&train_file, s)).sum();
-        let mut grads: Option<Vec<Tensor>> = None;
-        let mut loss_sum = 0f64;
-        let mut tokens = 0usize;
-        for seqs in &micro {
-            let b = batch::make_batch(&train_file, seqs, &device)?;
-            tokens += b.n_tokens;
-            if b.n_targets == 0 {
-                continue;
-            }
-            let nll = batch_nll(&model.transformer, &b)?;
-            let loss = (nll / denom.max(1) as f64)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let store = loss.backward()?;
-            let g: Vec<Tensor> = opt
-                .params
-                .iter()
-                .map(|p| {
-                    store.get(p.var.as_tensor()).cloned().ok_or_else(|| {
-                        Error::InvalidArgument(format!("parameter {} received no gradient (a detached op?)", p.name))
-                    })
-                })
-                .collect::<Result<_>>()?;
-            grads = Some(match grads {
-                None => g,
-                Some(acc) => acc.iter().zip(&g).map(|(a, b)| a.add(b)).collect::<candle_core::Result<_>>()?,
-            });
-        }
+        let (grads, loss_sum, tokens) =
+            step_gradients(&model.transformer, &opt, &train_file, &micro)?;
         if !loss_sum.is_finite() {
             return Err(Error::InvalidArgument(format!(
                 "loss is {loss_sum} at step {}; stopping. The last good checkpoint (if any) is in {}",
@@ -256,7 +298,14 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
                 out.join("checkpoints").display()
             )));
         }
-        let lr = optim::lr_at(state.step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule);
+        let lr = optim::lr_at(
+            state.step,
+            total_steps,
+            cfg.warmup_steps,
+            cfg.lr,
+            cfg.min_lr,
+            cfg.schedule,
+        );
         let mut grad_norm = 0.0;
         if let Some(mut g) = grads {
             grad_norm = optim::clip_grad_norm(&mut g, cfg.max_grad_norm)?;
@@ -266,11 +315,20 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         state.tokens_seen += tokens as u64;
         last_loss = loss_sum;
         let tok_s = tokens as f64 / step_start.elapsed().as_secs_f64();
-        recent_tok_s = if recent_tok_s == 0.0 { tok_s } else { 0.8 * recent_tok_s + 0.2 * tok_s };
+        recent_tok_s = if recent_tok_s == 0.0 {
+            tok_s
+        } else {
+            0.8 * recent_tok_s + 0.2 * tok_s
+        };
         let mut val_loss = None;
         let is_last = state.step == total_steps;
         if (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || is_last {
-            val_loss = split_loss(&model.transformer, &val_file, cfg.batch_size, cfg.eval_batches)?;
+            val_loss = split_loss(
+                &model.transformer,
+                &val_file,
+                cfg.batch_size,
+                cfg.eval_batches,
+            )?;
             if let Some(v) = val_loss {
                 last_val = Some(v);
                 if state.best_val_loss.is_none_or(|b| v < b) {
@@ -282,8 +340,21 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             }
         }
         state.elapsed_s = start.elapsed().as_secs_f64();
-        let m = Metrics { step: state.step, loss: loss_sum, val_loss, lr, grad_norm, tokens_per_sec: tok_s, elapsed_s: state.elapsed_s };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m).unwrap_or_default()).map_err(|e| Error::io(&metrics_path, e))?;
+        let m = Metrics {
+            step: state.step,
+            loss: loss_sum,
+            val_loss,
+            lr,
+            grad_norm,
+            tokens_per_sec: tok_s,
+            elapsed_s: state.elapsed_s,
+        };
+        writeln!(
+            metrics_file,
+            "{}",
+            serde_json::to_string(&m).unwrap_or_default()
+        )
+        .map_err(|e| Error::io(&metrics_path, e))?;
         history.push(m);
         if val_loss.is_some() {
             let _ = plot::loss_curve(&out.join("loss.png"), &history);
@@ -293,13 +364,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             "loss {loss_sum:.4}{} lr {lr:.2e} {recent_tok_s:.0} tok/s",
             last_val.map_or(String::new(), |v| format!(" val {v:.4}"))
         ));
-        let stop = cfg.early_stopping_patience > 0 && state.evals_without_improvement >= cfg.early_stopping_patience;
+        let stop = cfg.early_stopping_patience > 0
+            && state.evals_without_improvement >= cfg.early_stopping_patience;
         if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || is_last || stop {
             checkpoint::save(&out, &opt, &state, cfg.keep_checkpoints)?;
         }
         if stop {
             stopped_early = true;
-            bar.println(format!("early stop at step {}: validation loss has not improved for {} evaluations", state.step, state.evals_without_improvement));
+            bar.println(format!(
+                "early stop at step {}: validation loss has not improved for {} evaluations",
+                state.step, state.evals_without_improvement
+            ));
             break;
         }
     }
@@ -308,7 +383,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     // The result: a PEFT adapter, or a full Hugging Face model directory.
     let output = if cfg.method == "lora" {
         let dir = out.join("adapter");
-        let vars: Vec<(String, Var)> = opt.params.iter().map(|p| (p.name.clone(), p.var.clone())).collect();
+        let vars: Vec<(String, Var)> = opt
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .collect();
         let acfg = AdapterConfig {
             peft_type: "LORA".into(),
             task_type: "CAUSAL_LM".into(),
@@ -339,6 +418,53 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     })
 }
 
+/// Gradients of one optimiser step over `micro` batches (lists of sequence indices), in the
+/// order of `opt.params`, with the loss normalised by the label tokens of the whole accumulated
+/// batch — so N micro-batches give exactly the gradient of one batch N times larger. Returns
+/// (gradients, loss, tokens); gradients are `None` when no micro-batch has a target.
+pub fn step_gradients(
+    model: &Transformer,
+    opt: &AdamW,
+    file: &TokenFile,
+    micro: &[Vec<usize>],
+) -> Result<(Option<Vec<Tensor>>, f64, usize)> {
+    let denom: usize = micro.iter().map(|s| batch::count_targets(file, s)).sum();
+    let mut grads: Option<Vec<Tensor>> = None;
+    let mut loss_sum = 0f64;
+    let mut tokens = 0usize;
+    for seqs in micro {
+        let b = batch::make_batch(file, seqs, model.device())?;
+        tokens += b.n_tokens;
+        if b.n_targets == 0 {
+            continue;
+        }
+        let loss = (batch_nll(model, &b)? / denom as f64)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64;
+        let store = loss.backward()?;
+        let g: Vec<Tensor> = opt
+            .params
+            .iter()
+            .map(|p| {
+                store.get(p.var.as_tensor()).cloned().ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "parameter {} received no gradient (a detached op?)",
+                        p.name
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        grads = Some(match grads {
+            None => g,
+            Some(acc) => acc
+                .iter()
+                .zip(&g)
+                .map(|(a, b)| a.add(b))
+                .collect::<candle_core::Result<_>>()?,
+        });
+    }
+    Ok((grads, loss_sum, tokens))
+}
+
 fn cache_write(path: &Path, bytes: &[u8]) -> Result<()> {
     data::cache::write_atomic(path, bytes)
 }
@@ -352,14 +478,26 @@ fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
         out.push((name, v, decay));
         Ok(())
     };
-    var("model.embed_tokens.weight".into(), &mut m.embed_tokens, true)?;
+    var(
+        "model.embed_tokens.weight".into(),
+        &mut m.embed_tokens,
+        true,
+    )?;
     var("model.norm.weight".into(), &mut m.norm, false)?;
     if let Some(h) = m.lm_head.as_mut() {
         var("lm_head.weight".into(), h, true)?;
     }
     for (i, l) in m.layers.iter_mut().enumerate() {
-        var(format!("model.layers.{i}.input_layernorm.weight"), &mut l.input_layernorm, false)?;
-        var(format!("model.layers.{i}.post_attention_layernorm.weight"), &mut l.post_attention_layernorm, false)?;
+        var(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            &mut l.input_layernorm,
+            false,
+        )?;
+        var(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            &mut l.post_attention_layernorm,
+            false,
+        )?;
     }
     for (name, lin) in m.linears_mut() {
         var(format!("{name}.weight"), &mut lin.weight, true)?;

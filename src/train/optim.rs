@@ -42,10 +42,20 @@ impl AdamW {
             .map(|(name, var, decay)| {
                 let m = var.as_tensor().zeros_like()?;
                 let v = m.clone();
-                Ok(Param { name, var, m, v, decay })
+                Ok(Param {
+                    name,
+                    var,
+                    m,
+                    v,
+                    decay,
+                })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { params, config, t: 0 })
+        Ok(Self {
+            params,
+            config,
+            t: 0,
+        })
     }
 
     /// One update with `grads` (same order as `params`) at learning rate `lr`.
@@ -74,7 +84,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -97,7 +111,14 @@ pub enum Schedule {
 
 /// Learning rate at `step` (0-based) of `total`: linear warm-up to `lr`, then the schedule down
 /// to `min_lr`.
-pub fn lr_at(step: usize, total: usize, warmup: usize, lr: f64, min_lr: f64, schedule: Schedule) -> f64 {
+pub fn lr_at(
+    step: usize,
+    total: usize,
+    warmup: usize,
+    lr: f64,
+    min_lr: f64,
+    schedule: Schedule,
+) -> f64 {
     if step < warmup {
         return lr * (step + 1) as f64 / warmup as f64;
     }
@@ -106,7 +127,9 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, lr: f64, min_lr: f64, sch
     match schedule {
         Schedule::Constant => lr,
         Schedule::Linear => min_lr + (lr - min_lr) * (1.0 - progress),
-        Schedule::Cosine => min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        Schedule::Cosine => {
+            min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
     }
 }
 
@@ -120,17 +143,28 @@ mod tests {
         // torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         // with w = [1.0, -2.0], grad = [0.5, -0.25]: after one step w = [0.899, -1.898].
         let var = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
         let mut opt = AdamW::new(vec![("w".into(), var.clone(), true)], cfg)?;
         opt.step(&[Tensor::new(&[0.5f32, -0.25], &Device::Cpu)?], 0.1)?;
         let w: Vec<f32> = var.as_tensor().to_vec1()?;
-        assert!((w[0] - 0.899).abs() < 1e-5 && (w[1] + 1.898).abs() < 1e-5, "{w:?}");
+        assert!(
+            (w[0] - 0.899).abs() < 1e-5 && (w[1] + 1.898).abs() < 1e-5,
+            "{w:?}"
+        );
         Ok(())
     }
 
     #[test]
     fn clipping_bounds_the_global_norm() -> Result<()> {
-        let mut g = vec![Tensor::new(&[3.0f32], &Device::Cpu)?, Tensor::new(&[4.0f32], &Device::Cpu)?];
+        let mut g = vec![
+            Tensor::new(&[3.0f32], &Device::Cpu)?,
+            Tensor::new(&[4.0f32], &Device::Cpu)?,
+        ];
         let n = clip_grad_norm(&mut g, 1.0)?;
         assert!((n - 5.0).abs() < 1e-9);
         let after = clip_grad_norm(&mut g, 0.0)?;

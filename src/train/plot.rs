@@ -35,10 +35,23 @@ impl Canvas {
 pub fn loss_curve(path: &Path, history: &[Metrics]) -> Result<()> {
     let mut c = Canvas(vec![[255, 255, 255]; W * H]);
     let grey = [160, 160, 160];
-    c.line((MARGIN as f64, MARGIN as f64), (MARGIN as f64, (H - MARGIN) as f64), grey);
-    c.line((MARGIN as f64, (H - MARGIN) as f64), ((W - MARGIN) as f64, (H - MARGIN) as f64), grey);
-    let vals = history.iter().flat_map(|m| std::iter::once(m.loss).chain(m.val_loss)).filter(|v| v.is_finite());
-    let (lo, hi) = vals.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    c.line(
+        (MARGIN as f64, MARGIN as f64),
+        (MARGIN as f64, (H - MARGIN) as f64),
+        grey,
+    );
+    c.line(
+        (MARGIN as f64, (H - MARGIN) as f64),
+        ((W - MARGIN) as f64, (H - MARGIN) as f64),
+        grey,
+    );
+    let vals = history
+        .iter()
+        .flat_map(|m| std::iter::once(m.loss).chain(m.val_loss))
+        .filter(|v| v.is_finite());
+    let (lo, hi) = vals.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
     if history.is_empty() || !lo.is_finite() {
         return Ok(());
     }
@@ -50,9 +63,16 @@ pub fn loss_curve(path: &Path, history: &[Metrics]) -> Result<()> {
         (x, y)
     };
     for w in history.windows(2) {
-        c.line(px(w[0].step, w[0].loss), px(w[1].step, w[1].loss), [40, 90, 200]);
+        c.line(
+            px(w[0].step, w[0].loss),
+            px(w[1].step, w[1].loss),
+            [40, 90, 200],
+        );
     }
-    let val: Vec<(usize, f64)> = history.iter().filter_map(|m| m.val_loss.map(|v| (m.step, v))).collect();
+    let val: Vec<(usize, f64)> = history
+        .iter()
+        .filter_map(|m| m.val_loss.map(|v| (m.step, v)))
+        .collect();
     for w in val.windows(2) {
         c.line(px(w[0].0, w[0].1), px(w[1].0, w[1].1), [210, 50, 40]);
     }
@@ -84,7 +104,11 @@ fn encode_png(pixels: &[[u8; 3]]) -> Vec<u8> {
     ihdr.extend_from_slice(&(W as u32).to_be_bytes());
     ihdr.extend_from_slice(&(H as u32).to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
-    for (kind, data) in [(b"IHDR", ihdr.as_slice()), (b"IDAT", idat.as_slice()), (b"IEND", &[][..])] {
+    for (kind, data) in [
+        (b"IHDR", ihdr.as_slice()),
+        (b"IDAT", idat.as_slice()),
+        (b"IEND", &[][..]),
+    ] {
         out.extend_from_slice(&(data.len() as u32).to_be_bytes());
         let mut crc = flate2::Crc::new();
         crc.update(kind);

@@ -11,7 +11,8 @@ It writes, next to this file:
   ../fixtures/tiny-qwen2/, ../fixtures/tiny-mistral/
                         small randomly-initialised checkpoints in Hugging Face layout (Qwen2 in
                         bf16 and sharded, Mistral in f32) with a small trained BPE tokenizer;
-  tiny_models.json      their logits and greedy continuations.
+  tiny_models.json      their logits and greedy continuations;
+  lora_grads.json       PEFT's LoRA gradients (norm of dL/dB per adapted matrix) on a fixed batch.
 """
 import base64
 import json
@@ -179,9 +180,45 @@ def tiny(kind):
             "chat": tok.apply_chat_template(CONVERSATIONS[2][0], tokenize=False, add_generation_prompt=True)}
 
 
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_grads(gguf):
+    """dL/dB of every LoRA matrix (PEFT, r=8, alpha=16, all seven projections, B = 0, A given by a
+    formula afinar's test reproduces) on a fixed 2x24 batch, loss = mean CE over all next tokens."""
+    from peft import LoraConfig, get_peft_model
+    d, f = os.path.split(os.path.abspath(gguf))
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    torch.set_grad_enabled(True)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES))
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            mi = MODULES.index(name.rsplit(".", 1)[1])
+            w = mod.lora_A["default"].weight
+            r, n_in = w.shape
+            idx = np.arange(r * n_in, dtype=np.float64).reshape(r, n_in)
+            a = 0.02 * np.sin(0.37 * idx + 1.3 * layer + 0.7 * mi)
+            with torch.no_grad():
+                w.copy_(torch.tensor(a.astype(np.float32)))
+    ids = torch.tensor([[(i * 7919 + j * 104729) % 49000 + 100 for j in range(24)] for i in range(2)])
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    norms = {}
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            key = name.replace("base_model.model.", "").replace(".default", "")
+            norms[key] = float(p.grad.double().norm())
+    torch.set_grad_enabled(False)
+    with open(os.path.join(HERE, "lora_grads.json"), "w") as fh:
+        json.dump({"versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                   "rank": 8, "alpha": 16, "ids": ids.tolist(), "loss": float(out.loss), "grad_norms": norms}, fh, indent=0)
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
+    lora_grads(sys.argv[1])
     smollm2(sys.argv[1])
     tiny_out = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "models": [tiny("qwen2"), tiny("mistral")]}

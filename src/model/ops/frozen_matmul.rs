@@ -45,7 +45,9 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return x.matmul(&weight.detach().t()?);
     }
-    x.apply_op1(FrozenMatmul { weight: weight.detach() })
+    x.apply_op1(FrozenMatmul {
+        weight: weight.detach(),
+    })
 }
 
 #[cfg(test)]
@@ -61,7 +63,10 @@ mod tests {
         let g = Tensor::randn(0f32, 1., (5, 3), &dev)?; // fixed upstream gradient
         let y = frozen_matmul(x.as_tensor(), &w)?;
         let reference = x.as_tensor().matmul(&w.t()?)?;
-        let diff = (y.clone() - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (y.clone() - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "forward differs by {diff}");
         // L = sum(y ⊙ g): dL/dx by backprop against central differences in f64.
         let loss = (y * &g)?.sum_all()?;
@@ -80,7 +85,10 @@ mod tests {
             }
             s
         };
-        let base: Vec<Vec<f64>> = x0.iter().map(|r| r.iter().map(|&v| v as f64).collect()).collect();
+        let base: Vec<Vec<f64>> = x0
+            .iter()
+            .map(|r| r.iter().map(|&v| v as f64).collect())
+            .collect();
         let h = 1e-4;
         for i in 0..5 {
             for j in 0..7 {
@@ -89,7 +97,11 @@ mod tests {
                 let mut m = base.clone();
                 m[i][j] -= h;
                 let fd = (f(&p) - f(&m)) / (2.0 * h);
-                assert!((fd - dx[i][j] as f64).abs() < 1e-3, "dx[{i}][{j}]: {} vs {fd}", dx[i][j]);
+                assert!(
+                    (fd - dx[i][j] as f64).abs() < 1e-3,
+                    "dx[{i}][{j}]: {} vs {fd}",
+                    dx[i][j]
+                );
             }
         }
         // The weight is frozen: it is not a variable and gets no gradient.

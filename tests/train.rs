@@ -1,0 +1,461 @@
+//! Training correctness: LoRA gradients against PEFT, every trainable parameter gets a
+//! gradient, accumulation equals one big batch, runs are deterministic, a SIGKILLed run resumes
+//! onto the same loss curve, and saved adapters load back (and refuse the wrong model).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use afinar::data::cache::{self, TokenFile};
+use afinar::data::Packed;
+use afinar::model::{Model, Transformer};
+use afinar::train::lora::{self, LoraSpec};
+use afinar::train::optim::{AdamW, AdamWConfig};
+use afinar::train::{step_gradients, TrainConfig};
+use candle_core::{Device, Tensor, Var};
+use common::{golden, root};
+
+const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// A token file with one example per sequence, every token after the first a target.
+fn token_file(dir: &Path, seqs: &[Vec<u32>], labels: Option<&[Vec<u8>]>) -> TokenFile {
+    let mut p = Packed {
+        example_offsets: vec![0],
+        sequence_offsets: vec![0],
+        ..Default::default()
+    };
+    for (i, s) in seqs.iter().enumerate() {
+        p.ids.extend(s);
+        match labels {
+            Some(l) => p.labels.extend(&l[i]),
+            None => p
+                .labels
+                .extend(s.iter().enumerate().map(|(j, _)| u8::from(j > 0))),
+        }
+        p.example_offsets.push(p.ids.len() as u64);
+        p.sequence_offsets.push((i + 1) as u64);
+    }
+    let path = dir.join("t.bin");
+    cache::write(&path, &p).unwrap();
+    TokenFile::open(&path).unwrap()
+}
+
+fn optimizer(vars: Vec<(String, Var)>) -> AdamW {
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    AdamW::new(vars.into_iter().map(|(n, v)| (n, v, true)).collect(), cfg).unwrap()
+}
+
+#[test]
+fn lora_gradients_match_peft() {
+    let g = golden("lora_grads.json");
+    let mut model = Model::load("smollm2", &Device::Cpu).unwrap();
+    let spec = LoraSpec {
+        rank: 8,
+        alpha: 16.0,
+        rslora: false,
+        targets: MODULES.iter().map(|s| s.to_string()).collect(),
+    };
+    // The same deterministic A as tests/golden/make_golden.py; B = 0.
+    let vars = lora::attach(&mut model.transformer, &spec, |name, r, n_in| {
+        let layer: f64 = name.split('.').nth(2).unwrap().parse().unwrap();
+        let mi = MODULES.iter().position(|m| name.ends_with(m)).unwrap() as f64;
+        (0..r * n_in)
+            .map(|k| (0.02 * (0.37 * k as f64 + 1.3 * layer + 0.7 * mi).sin()) as f32)
+            .collect()
+    })
+    .unwrap();
+    assert_eq!(vars.len(), 2 * 7 * 30);
+    let seqs: Vec<Vec<u32>> = g["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(common::ids)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = token_file(dir.path(), &seqs, None);
+    let opt = optimizer(vars);
+    let (grads, loss, _) = step_gradients(&model.transformer, &opt, &file, &[vec![0, 1]]).unwrap();
+    let want_loss = g["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want_loss).abs() / want_loss < 1e-4,
+        "loss {loss} vs PEFT {want_loss}"
+    );
+    let grads = grads.unwrap();
+    let mut checked = 0;
+    for (p, grad) in opt.params.iter().zip(&grads) {
+        let Some(want) = g["grad_norms"].get(&p.name) else {
+            continue;
+        };
+        let want = want.as_f64().unwrap();
+        let got = grad
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64;
+        assert!(
+            (got - want).abs() <= 1e-4 * want.max(1e-8),
+            "{}: |dL/dB| = {got}, PEFT {want}",
+            p.name
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 210, "every lora_B matrix compared");
+}
+
+/// The tiny Mistral fixture with LoRA on all projections and a non-zero B, so that A too must
+/// receive a gradient.
+fn tiny_with_lora() -> (Transformer, Vec<(String, Var)>) {
+    let dir = root().join("tests/fixtures/tiny-mistral");
+    let mut model = Model::load(dir.to_str().unwrap(), &Device::Cpu)
+        .unwrap()
+        .transformer;
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: MODULES.iter().map(|s| s.to_string()).collect(),
+    };
+    let vars = lora::attach(&mut model, &spec, lora::kaiming_a(1)).unwrap();
+    for (name, v) in &vars {
+        if name.ends_with("lora_B.weight") {
+            v.set(&Tensor::randn(0f32, 0.02, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    (model, vars)
+}
+
+fn tiny_batch(dir: &Path) -> TokenFile {
+    // Sequences of different lengths and label counts, so a per-micro-batch mean would differ.
+    let seqs: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            (0..(6 + 5 * i))
+                .map(|j| ((i * 31 + j * 7) % 300 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    let labels: Vec<Vec<u8>> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (0..s.len()).map(|j| u8::from(j > i)).collect())
+        .collect();
+    token_file(dir, &seqs, Some(&labels))
+}
+
+#[test]
+fn every_trainable_parameter_receives_a_nonzero_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_batch(dir.path());
+    let (model, vars) = tiny_with_lora();
+    let opt = optimizer(vars);
+    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]]).unwrap();
+    for (p, g) in opt.params.iter().zip(grads.unwrap()) {
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{} has a zero gradient", p.name);
+    }
+    // Full fine-tuning: every weight, norm and embedding too.
+    let mdir = root().join("tests/fixtures/tiny-qwen2");
+    let cfg = TrainConfig {
+        method: "full".into(),
+        ..TrainConfig::default()
+    };
+    assert_eq!(cfg.method, "full");
+    let mut model = Model::load(mdir.to_str().unwrap(), &Device::Cpu)
+        .unwrap()
+        .transformer;
+    let vars = afinar_full_vars(&mut model);
+    let opt = optimizer(vars);
+    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]]).unwrap();
+    assert!(opt.params.len() > 20);
+    for (p, g) in opt.params.iter().zip(grads.unwrap()) {
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{} has a zero gradient", p.name);
+    }
+}
+
+/// Every tensor of the model as a variable (what `method = "full"` trains).
+fn afinar_full_vars(m: &mut Transformer) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    let mut var = |name: String, t: &mut Tensor| {
+        let v = Var::from_tensor(t).unwrap();
+        *t = v.as_tensor().clone();
+        out.push((name, v));
+    };
+    var("embed".into(), &mut m.embed_tokens);
+    var("norm".into(), &mut m.norm);
+    for (i, l) in m.layers.iter_mut().enumerate() {
+        var(format!("{i}.in_norm"), &mut l.input_layernorm);
+        var(format!("{i}.post_norm"), &mut l.post_attention_layernorm);
+    }
+    for (name, lin) in m.linears_mut() {
+        var(format!("{name}.weight"), &mut lin.weight);
+        if let Some(b) = lin.bias.as_mut() {
+            var(format!("{name}.bias"), b);
+        }
+    }
+    out
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_big_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_batch(dir.path());
+    let (model, vars) = tiny_with_lora();
+    let opt = optimizer(vars);
+    let norm = |g: &[Tensor]| -> Vec<Vec<f32>> {
+        g.iter()
+            .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let (big, big_loss, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]]).unwrap();
+    let big = norm(&big.unwrap());
+    for split in [
+        vec![vec![0, 1], vec![2, 3]],
+        vec![vec![0], vec![1], vec![2], vec![3]],
+    ] {
+        let (g, loss, _) = step_gradients(&model, &opt, &file, &split).unwrap();
+        assert!(
+            (loss - big_loss).abs() < 1e-5 * big_loss,
+            "loss {loss} vs {big_loss}"
+        );
+        for (a, b) in norm(&g.unwrap()).iter().zip(&big) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 + 1e-4 * y.abs(),
+                    "{x} vs {y} with micro-batches {split:?}"
+                );
+            }
+        }
+    }
+}
+
+fn afinar() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_afinar"))
+}
+
+/// Writes a small conjugation dataset and returns the `train` arguments for a short run.
+fn run_args(data_dir: &Path, out: &Path, steps: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    let data = data_dir.join("conj.jsonl");
+    std::fs::write(&data, text.lines().take(400).collect::<Vec<_>>().join("\n")).unwrap();
+    [
+        "train",
+        "--quiet",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+        "--batch-size",
+        "2",
+        "--max-seq-len",
+        "96",
+        "--lora-rank",
+        "4",
+        "--set",
+        "lora_targets=q_proj,v_proj",
+        "--set",
+        "save_every=2",
+        "--set",
+        "eval_every=4",
+        "--set",
+        "eval_batches=2",
+        "--set",
+        "warmup_steps=2",
+        "--set",
+        "lr=1e-3",
+        "--set",
+        "keep_checkpoints=3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn losses(run: &Path) -> Vec<(usize, f64, Option<f64>)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap() as usize,
+                v["loss"].as_f64().unwrap(),
+                v["val_loss"].as_f64(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn determinism_and_exact_resume_after_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("killed"),
+    );
+    for run in [&a, &b] {
+        let out = afinar()
+            .args(run_args(tmp.path(), run, 8))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let reference = losses(&a);
+    assert_eq!(reference.len(), 8);
+    assert_eq!(
+        reference,
+        losses(&b),
+        "same seed and inputs, same loss curve bit for bit"
+    );
+    assert!(
+        reference[7].1 < reference[0].1,
+        "the loss goes down: {reference:?}"
+    );
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "loss.png",
+        "config.toml",
+    ] {
+        assert!(a.join(f).is_file(), "{f} written");
+    }
+
+    // Kill -9 once the step-4 checkpoint exists, then resume.
+    let mut child = afinar().args(run_args(tmp.path(), &c, 8)).spawn().unwrap();
+    let ckpt = c.join("checkpoints/step-0000004/state.json");
+    let t0 = std::time::Instant::now();
+    while !ckpt.is_file() {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint appeared");
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    // No temporary directory is ever taken for a checkpoint.
+    let listed = afinar::train::checkpoint::list(&c).unwrap();
+    assert!(!listed.is_empty());
+    let out = afinar()
+        .args(["train", "--quiet", "--resume", c.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        losses(&c),
+        reference,
+        "resumed curve equals the uninterrupted one"
+    );
+
+    // Resuming with a different configuration is refused, saying what differs.
+    let out = afinar()
+        .args([
+            "train",
+            "--quiet",
+            "--resume",
+            c.to_str().unwrap(),
+            "--set",
+            "lora_rank=8",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("configuration differs (lora_rank: 4 in the run, 8 now)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn saved_adapters_load_back_and_refuse_another_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = afinar()
+        .args(run_args(tmp.path(), &run, 2))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let adapter: PathBuf = run.join("adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    let tensors =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(tensors.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    assert_eq!(tensors.len(), 30 * 2 * 2);
+    // The adapter changes the model's output.
+    let base = Model::load("smollm2", &Device::Cpu).unwrap();
+    let mut tuned = Model::load("smollm2", &Device::Cpu).unwrap();
+    afinar::export::peft::load(&adapter, &mut tuned.transformer).unwrap();
+    let ids = Tensor::new(&[[1u32, 4093, 28, 253]], &Device::Cpu).unwrap();
+    let d = (base.transformer.forward(&ids, None).unwrap()
+        - tuned.transformer.forward(&ids, None).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    assert!(d > 1e-3, "adapter has an effect ({d})");
+    // The wrong base model: a clear error naming the adapter and the mismatch.
+    let mut other = Model::load(
+        root().join("tests/fixtures/tiny-mistral").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let err = afinar::export::peft::load(&adapter, &mut other.transformer)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("adapter does not fit the model"), "{err}");
+    assert!(err.contains(adapter.to_str().unwrap()), "{err}");
+}

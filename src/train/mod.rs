@@ -322,7 +322,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         };
         let mut val_loss = None;
         let is_last = state.step == total_steps;
-        if (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || is_last {
+        if (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) || is_last {
             val_loss = split_loss(
                 &model.transformer,
                 &val_file,
@@ -366,7 +366,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         ));
         let stop = cfg.early_stopping_patience > 0
             && state.evals_without_improvement >= cfg.early_stopping_patience;
-        if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || is_last || stop {
+        if (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)) || is_last || stop {
             checkpoint::save(&out, &opt, &state, cfg.keep_checkpoints)?;
         }
         if stop {

@@ -70,18 +70,14 @@ impl Linear {
     }
 }
 
-/// RMSNorm from differentiable ops: `x / sqrt(mean(x²) + eps) * w`.
+/// RMSNorm `x / sqrt(mean(x²) + eps) * w`, differentiable (fused, hand-written backward).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let x = x.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(x.broadcast_mul(weight)?)
+    Ok(super::ops::rms_norm::rms_norm(x, weight, eps)?)
 }
 
-/// Softmax over the last dimension from differentiable ops (max subtracted for stability).
+/// Softmax over the last dimension, differentiable (fused, hand-written backward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    Ok(super::ops::softmax::softmax_last_dim(x)?)
 }
 
 /// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin`.
@@ -146,15 +142,12 @@ impl Attention {
         // head are stacked along the sequence axis, so one batched matmul serves them all.
         let q = q.reshape((b, kvh, n_rep * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((b, kvh, n_rep, t, total))?
-                .broadcast_add(m)?
-                .reshape((b, kvh, n_rep * t, total))?,
-            None => scores,
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?;
+        let probs = match mask {
+            Some(m) => super::ops::softmax::masked_softmax(&scores, m, scale)?,
+            None => softmax_last_dim(&(scores * scale)?)?,
         };
-        let probs = softmax_last_dim(&scores)?;
+        let probs = probs.reshape((b, kvh, n_rep * t, total))?;
         let out = probs.matmul(&v)?; // (b, kvh, n_rep*t, d)
         let out = out
             .reshape((b, h, t, d))?
@@ -174,9 +167,9 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&super::ops::swiglu::swiglu(&gate, &up)?)
     }
 }
 

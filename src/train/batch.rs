@@ -84,8 +84,8 @@ pub fn make_batch(file: &TokenFile, sequences: &[usize], device: &Device) -> Res
                 }
             }
         }
-        for (p, s) in seg.iter_mut().enumerate().skip(len) {
-            *s = usize::MAX - p;
+        for (p, slot) in seg.iter_mut().enumerate().skip(len) {
+            *slot = usize::MAX - p;
         }
         for i in 0..t {
             let row = &mut mask[(bi * t + i) * t..(bi * t + i + 1) * t];

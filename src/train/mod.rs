@@ -4,6 +4,7 @@
 //! checkpoints.
 
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod lora;
@@ -58,11 +59,7 @@ pub fn batch_nll(model: &Transformer, b: &batch::Batch) -> Result<Tensor> {
         .reshape(((), h))?
         .index_select(&b.target_positions, 0)?;
     let logits = model.logits(&picked)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let target_logit = shifted.gather(&b.targets.unsqueeze(1)?, 1)?;
-    Ok((lse - target_logit)?.sum_all()?)
+    Ok(crate::model::ops::cross_entropy::cross_entropy(&logits, &b.targets)?.sum_all()?)
 }
 
 /// Mean loss per target token over the first `max_batches` batches of a split (0 = all).

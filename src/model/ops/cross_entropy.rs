@@ -1,0 +1,90 @@
+//! Per-row cross-entropy `nll_r = logsumexp(z_r) − z_r[t_r]` with a hand-written backward:
+//! dz_r = (softmax(z_r) − onehot(t_r)) · dnll_r, recomputed from the logits.
+//!
+//! Why our own op: over a 49k vocabulary the differentiable composition (max, sub, exp, sum,
+//! log, gather) keeps four logits-sized tensors per batch; this keeps none.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{f32_slice, from_vec, to_vec};
+
+struct CrossEntropy;
+
+fn lse(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + (row.iter().map(|v| (v - max).exp() as f64).sum::<f64>().ln() as f32)
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let z = f32_slice(zs, zl)?;
+        let (n, v) = zl.shape().dims2()?;
+        let t = match tl.contiguous_offsets() {
+            Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
+            None => candle_core::bail!("fused-cross-entropy: targets must be contiguous"),
+        };
+        if t.len() != n {
+            candle_core::bail!("fused-cross-entropy: {n} rows but {} targets", t.len());
+        }
+        if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
+            candle_core::bail!("fused-cross-entropy: target {bad} is outside the vocabulary ({v})");
+        }
+        let nll: Vec<f32> = z.par_chunks(v).zip(t.par_iter()).map(|(row, &ti)| lse(row) - row[ti as usize]).collect();
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
+    }
+
+    fn bwd(&self, z: &Tensor, t: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (zv, dv) = (to_vec(z)?, to_vec(dy)?);
+        let tv: Vec<u32> = t.to_vec1()?;
+        let v = z.dim(1)?;
+        let mut dz = vec![0f32; zv.len()];
+        dz.par_chunks_mut(v).zip(zv.par_chunks(v)).enumerate().for_each(|(r, (d, row))| {
+            let l = lse(row);
+            for (o, &x) in d.iter_mut().zip(row) {
+                *o = (x - l).exp() * dv[r];
+            }
+            d[tv[r] as usize] -= dv[r];
+        });
+        Ok((Some(from_vec(dz, z.shape(), z)?), None))
+    }
+}
+
+/// Negative log-likelihood of `targets` (n, u32) under `logits` (n, vocab), one value per row,
+/// differentiable in the logits. Off the CPU, the composition of candle ops.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !logits.device().is_cpu() || logits.dtype() != candle_core::DType::F32 {
+        let max = logits.max_keepdim(1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+        return (lse - shifted.gather(&targets.unsqueeze(1)?, 1)?)?.squeeze(1);
+    }
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::fd_check;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_reference_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let z = Tensor::randn(0f32, 3., (4, 11), &dev)?;
+        let t = Tensor::new(&[3u32, 0, 10, 3], &dev)?;
+        let max = z.max_keepdim(1)?;
+        let shifted = z.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+        let reference = (lse - shifted.gather(&t.unsqueeze(1)?, 1)?)?.squeeze(1)?;
+        let d = (cross_entropy(&z, &t)? - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        fd_check(&Var::from_tensor(&z)?, |x| cross_entropy(x, &t))?;
+        assert!(cross_entropy(&z, &Tensor::new(&[3u32, 0, 11, 3], &dev)?).is_err());
+        Ok(())
+    }
+}

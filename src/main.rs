@@ -50,6 +50,17 @@ enum Command {
         #[command(subcommand)]
         what: DataCommand,
     },
+    /// Score a text: per-token log-probabilities and perplexity (with --json, also the
+    /// last position's logits, which tests/golden/check_peft_adapter.py compares with PEFT).
+    Score {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The text to score.
+        #[arg(long, short)]
+        prompt: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Fine-tune a model (LoRA by default) from a TOML config, flags and --set overrides.
     Train(TrainArgs),
     /// Measure speed; prints a `RESULT {json}` line last, as ../shared/bench does.
@@ -360,7 +371,9 @@ struct GenerateArgs {
 /// removes that cost; the peak footprint is unchanged.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("GLIBC_TUNABLES").is_none() && std::env::var_os("AFINAR_DEFAULT_MALLOC").is_none() {
+    if std::env::var_os("GLIBC_TUNABLES").is_none()
+        && std::env::var_os("AFINAR_DEFAULT_MALLOC").is_none()
+    {
         // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
         unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0);
@@ -437,6 +450,41 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data {
             what: DataCommand::Inspect { path, model, split },
         } => inspect(&path, &model, &split)?,
+        Command::Score {
+            model,
+            prompt,
+            json,
+        } => {
+            let m = model.load(&device)?;
+            let ids = m.tokenizer.encode(&prompt, true)?;
+            if ids.len() < 2 {
+                anyhow::bail!("the text must have at least two tokens to score");
+            }
+            let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+            let logits: Vec<Vec<f32>> =
+                m.transformer.forward(&input, None)?.squeeze(0)?.to_vec2()?;
+            let logprobs: Vec<f64> = (1..ids.len())
+                .map(|i| {
+                    let row = &logits[i - 1];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let lse = max
+                        + row
+                            .iter()
+                            .map(|&v| (v as f64 - max).exp())
+                            .sum::<f64>()
+                            .ln();
+                    row[ids[i] as usize] as f64 - lse
+                })
+                .collect();
+            let ppl = (-logprobs.iter().sum::<f64>() / logprobs.len() as f64).exp();
+            if json {
+                let out = serde_json::json!({"ids": ids, "logprobs": logprobs, "perplexity": ppl,
+                                             "last_logits": logits.last()});
+                println!("{out}");
+            } else {
+                println!("{} tokens, perplexity {ppl:.3}", ids.len());
+            }
+        }
         Command::Train(args) => {
             let mut overrides = args.overrides();
             let config_file = match &args.resume {
@@ -465,7 +513,16 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&summary)?);
         }
         Command::Bench {
-            what: BenchCommand::Train { model, batch, seq, rank, warmup, steps, json },
+            what:
+                BenchCommand::Train {
+                    model,
+                    batch,
+                    seq,
+                    rank,
+                    warmup,
+                    steps,
+                    json,
+                },
         } => {
             let r = afinar::train::bench::run(&afinar::train::bench::BenchTrain {
                 model: model.model,

@@ -459,3 +459,13 @@ fn saved_adapters_load_back_and_refuse_another_model() {
     assert!(err.contains("adapter does not fit the model"), "{err}");
     assert!(err.contains(adapter.to_str().unwrap()), "{err}");
 }
+
+#[test]
+fn example_configs_parse() {
+    for entry in std::fs::read_dir(root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let cfg = TrainConfig::load(Some(&path), &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!cfg.data.is_empty(), "{}", path.display());
+    }
+}

@@ -169,7 +169,8 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&super::ops::swiglu::swiglu(&gate, &up)?)
+        self.down_proj
+            .forward(&super::ops::swiglu::swiglu(&gate, &up)?)
     }
 }
 

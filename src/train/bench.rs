@@ -36,7 +36,11 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size as u64;
     let mut rng = Rng::new(1);
-    let mut p = Packed { example_offsets: vec![0], sequence_offsets: vec![0], ..Default::default() };
+    let mut p = Packed {
+        example_offsets: vec![0],
+        sequence_offsets: vec![0],
+        ..Default::default()
+    };
     for i in 0..b.batch {
         for j in 0..b.seq {
             p.ids.push((rng.next_u64() % vocab) as u32);
@@ -52,29 +56,60 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
     let file = TokenFile::open(&path)?;
     let _ = std::fs::remove_dir_all(&dir);
     let vars: Vec<(String, candle_core::Var, bool)> = if b.full {
-        return Err(crate::Error::InvalidArgument("bench train --full is not implemented yet".into()));
+        return Err(crate::Error::InvalidArgument(
+            "bench train --full is not implemented yet".into(),
+        ));
     } else {
         let spec = LoraSpec {
             rank: b.rank,
             alpha: 2.0 * b.rank as f64,
             rslora: false,
-            targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
         };
-        lora::attach(&mut model.transformer, &spec, lora::kaiming_a(1))?.into_iter().map(|(n, v)| (n, v, true)).collect()
+        lora::attach(&mut model.transformer, &spec, lora::kaiming_a(1))?
+            .into_iter()
+            .map(|(n, v)| (n, v, true))
+            .collect()
     };
-    let mut opt = AdamW::new(vars, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+    let mut opt = AdamW::new(
+        vars,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+    )?;
     let batch: Vec<usize> = (0..b.batch).collect();
     let mut times = Vec::new();
     let (mut fwd_bwd, mut opt_s) = (Vec::new(), Vec::new());
     for i in 0..b.warmup + b.steps {
         let t = Instant::now();
-        let (grads, loss, _) = step_gradients(&model.transformer, &opt, &file, std::slice::from_ref(&batch))?;
+        let (grads, loss, _) = step_gradients(
+            &model.transformer,
+            &opt,
+            &file,
+            std::slice::from_ref(&batch),
+        )?;
         let t_fb = t.elapsed().as_secs_f64();
         if let Some(g) = grads {
             opt.step(&g, 2e-4)?;
         }
         let total = t.elapsed().as_secs_f64();
-        eprintln!("step {i}: {total:.3} s (loss {loss:.4}){}", if i < b.warmup { " warm-up" } else { "" });
+        eprintln!(
+            "step {i}: {total:.3} s (loss {loss:.4}){}",
+            if i < b.warmup { " warm-up" } else { "" }
+        );
         if i >= b.warmup {
             times.push(total);
             fwd_bwd.push(t_fb);
@@ -106,6 +141,10 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }

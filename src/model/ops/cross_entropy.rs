@@ -21,7 +21,13 @@ impl CustomOp2 for CrossEntropy {
         "fused-cross-entropy"
     }
 
-    fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let z = f32_slice(zs, zl)?;
         let (n, v) = zl.shape().dims2()?;
         let t = match tl.contiguous_offsets() {
@@ -34,22 +40,35 @@ impl CustomOp2 for CrossEntropy {
         if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
             candle_core::bail!("fused-cross-entropy: target {bad} is outside the vocabulary ({v})");
         }
-        let nll: Vec<f32> = z.par_chunks(v).zip(t.par_iter()).map(|(row, &ti)| lse(row) - row[ti as usize]).collect();
+        let nll: Vec<f32> = z
+            .par_chunks(v)
+            .zip(t.par_iter())
+            .map(|(row, &ti)| lse(row) - row[ti as usize])
+            .collect();
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
-    fn bwd(&self, z: &Tensor, t: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        z: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (zv, dv) = (to_vec(z)?, to_vec(dy)?);
         let tv: Vec<u32> = t.to_vec1()?;
         let v = z.dim(1)?;
         let mut dz = vec![0f32; zv.len()];
-        dz.par_chunks_mut(v).zip(zv.par_chunks(v)).enumerate().for_each(|(r, (d, row))| {
-            let l = lse(row);
-            for (o, &x) in d.iter_mut().zip(row) {
-                *o = (x - l).exp() * dv[r];
-            }
-            d[tv[r] as usize] -= dv[r];
-        });
+        dz.par_chunks_mut(v)
+            .zip(zv.par_chunks(v))
+            .enumerate()
+            .for_each(|(r, (d, row))| {
+                let l = lse(row);
+                for (o, &x) in d.iter_mut().zip(row) {
+                    *o = (x - l).exp() * dv[r];
+                }
+                d[tv[r] as usize] -= dv[r];
+            });
         Ok((Some(from_vec(dz, z.shape(), z)?), None))
     }
 }
@@ -63,7 +82,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
         return (lse - shifted.gather(&targets.unsqueeze(1)?, 1)?)?.squeeze(1);
     }
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, CrossEntropy)
 }
 
 #[cfg(test)]
@@ -81,7 +102,10 @@ mod tests {
         let shifted = z.broadcast_sub(&max)?;
         let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
         let reference = (lse - shifted.gather(&t.unsqueeze(1)?, 1)?)?.squeeze(1)?;
-        let d = (cross_entropy(&z, &t)? - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (cross_entropy(&z, &t)? - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         fd_check(&Var::from_tensor(&z)?, |x| cross_entropy(x, &t))?;
         assert!(cross_entropy(&z, &Tensor::new(&[3u32, 0, 11, 3], &dev)?).is_err());

@@ -21,7 +21,11 @@ pub(crate) fn fd_check(
     let y = f(x.as_tensor())?;
     let c = Tensor::randn(0f32, 1., y.shape(), y.device())?;
     let loss = |t: &Tensor| -> candle_core::Result<f64> {
-        Ok(f(t)?.mul(&c)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+        Ok(f(t)?
+            .mul(&c)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?)
     };
     let grads = (y * &c)?.sum_all()?.backward()?;
     let g: Vec<f32> = grads.get(x).expect("gradient").flatten_all()?.to_vec1()?;
@@ -36,7 +40,11 @@ pub(crate) fn fd_check(
         let tm = Tensor::from_vec(m, x.shape(), x.device())?;
         let fd = (loss(&tp)? - loss(&tm)?) / (2.0 * h as f64);
         let err = (fd - g[i] as f64).abs();
-        assert!(err <= 2e-2 * fd.abs().max(0.1), "element {i}: backward {} vs finite difference {fd}", g[i]);
+        assert!(
+            err <= 2e-2 * fd.abs().max(0.1),
+            "element {i}: backward {} vs finite difference {fd}",
+            g[i]
+        );
     }
     Ok(())
 }

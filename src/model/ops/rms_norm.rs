@@ -18,24 +18,38 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
         let n = w.len();
         let mut y = vec![0f32; x.len()];
         let chunk = n * rows_per_task(n);
-        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
-                let r = (1.0 / (ms + self.eps as f64).sqrt()) as f32;
-                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = v * r * g;
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                    let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+                    let r = (1.0 / (ms + self.eps as f64).sqrt()) as f32;
+                    for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                        *o = v * r * g;
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (xv, wv, gv) = (to_vec(x)?, to_vec(w)?, to_vec(dy)?);
         let n = wv.len();
         let chunk = n * rows_per_task(n);
@@ -49,7 +63,12 @@ impl CustomOp2 for RmsNorm {
                     let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
                     let r64 = 1.0 / (ms + self.eps as f64).sqrt();
                     let r = r64 as f32;
-                    let dot: f64 = xr.iter().zip(gr).zip(&wv).map(|((&a, &b), &c)| a as f64 * b as f64 * c as f64).sum();
+                    let dot: f64 = xr
+                        .iter()
+                        .zip(gr)
+                        .zip(&wv)
+                        .map(|((&a, &b), &c)| a as f64 * b as f64 * c as f64)
+                        .sum();
                     let k = (r64 * r64 * r64 * dot / n as f64) as f32;
                     for i in 0..n {
                         d[i] = r * wv[i] * gr[i] - xr[i] * k;
@@ -63,7 +82,10 @@ impl CustomOp2 for RmsNorm {
         for part in dw_parts {
             dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
-        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?)))
+        Ok((
+            Some(from_vec(dx, x.shape(), x)?),
+            Some(from_vec(dw, w.shape(), w)?),
+        ))
     }
 }
 
@@ -74,7 +96,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
         return x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w);
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
 }
 
 #[cfg(test)]
@@ -90,7 +113,10 @@ mod tests {
         let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
         let var = x.sqr()?.mean_keepdim(2)?;
         let reference = x.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&w)?;
-        let d = (rms_norm(&x, &w, 1e-5)? - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (rms_norm(&x, &w, 1e-5)? - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         let xv = Var::from_tensor(&x)?;
         fd_check(&xv, |t| rms_norm(t, &w, 1e-5))?;

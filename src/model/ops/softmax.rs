@@ -13,18 +13,20 @@ struct Softmax;
 
 fn softmax_rows(x: &[f32], cols: usize) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(cols * rows_per_task(cols)).zip(x.par_chunks(cols * rows_per_task(cols))).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(cols).zip(xc.chunks(cols)) {
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v - max).exp();
-                sum += *o as f64;
+    y.par_chunks_mut(cols * rows_per_task(cols))
+        .zip(x.par_chunks(cols * rows_per_task(cols)))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(cols).zip(xc.chunks(cols)) {
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = (v - max).exp();
+                    sum += *o as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                yr.iter_mut().for_each(|o| *o *= inv);
             }
-            let inv = (1.0 / sum) as f32;
-            yr.iter_mut().for_each(|o| *o *= inv);
-        }
-    });
+        });
     y
 }
 
@@ -35,7 +37,10 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = l.shape().dims().last().copied().unwrap_or(1);
-        Ok((CpuStorage::F32(softmax_rows(f32_slice(s, l)?, cols)), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(softmax_rows(f32_slice(s, l)?, cols)),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -43,14 +48,24 @@ impl CustomOp1 for Softmax {
         let (yv, dyv) = (to_vec(y)?, to_vec(dy)?);
         let mut dx = vec![0f32; yv.len()];
         let chunk = cols * rows_per_task(cols);
-        dx.par_chunks_mut(chunk).zip(yv.par_chunks(chunk).zip(dyv.par_chunks(chunk))).for_each(|(dc, (yc, gc))| {
-            for ((d, yr), gr) in dc.chunks_mut(cols).zip(yc.chunks(cols)).zip(gc.chunks(cols)) {
-                let dot = yr.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
-                for ((o, &a), &b) in d.iter_mut().zip(yr).zip(gr) {
-                    *o = a * (b - dot);
+        dx.par_chunks_mut(chunk)
+            .zip(yv.par_chunks(chunk).zip(dyv.par_chunks(chunk)))
+            .for_each(|(dc, (yc, gc))| {
+                for ((d, yr), gr) in dc
+                    .chunks_mut(cols)
+                    .zip(yc.chunks(cols))
+                    .zip(gc.chunks(cols))
+                {
+                    let dot = yr
+                        .iter()
+                        .zip(gr)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>() as f32;
+                    for ((o, &a), &b) in d.iter_mut().zip(yr).zip(gr) {
+                        *o = a * (b - dot);
+                    }
                 }
-            }
-        });
+            });
         Ok(Some(from_vec(dx, y.shape(), y)?))
     }
 }
@@ -69,35 +84,53 @@ impl CustomOp2 for MaskedSoftmax {
         "fused-masked-softmax"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ms: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, m) = (f32_slice(xs, xl)?, f32_slice(ms, ml)?);
         let dims = xl.shape().dims();
         let (t, cols) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let per_batch = self.heads * t;
         let mask_batches = m.len() / (t * cols);
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(r, (yr, xr))| {
-            let (bi, i) = (r / per_batch, r % t);
-            let mb = if mask_batches == 1 { 0 } else { bi };
-            let mr = &m[(mb * t + i) * cols..(mb * t + i + 1) * cols];
-            let mut max = f32::NEG_INFINITY;
-            for ((o, &v), &k) in yr.iter_mut().zip(xr).zip(mr) {
-                *o = v * self.scale + k;
-                max = max.max(*o);
-            }
-            let mut sum = 0f64;
-            for o in yr.iter_mut() {
-                *o = (*o - max).exp();
-                sum += *o as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            yr.iter_mut().for_each(|o| *o *= inv);
-        });
+        y.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .enumerate()
+            .for_each(|(r, (yr, xr))| {
+                let (bi, i) = (r / per_batch, r % t);
+                let mb = if mask_batches == 1 { 0 } else { bi };
+                let mr = &m[(mb * t + i) * cols..(mb * t + i + 1) * cols];
+                let mut max = f32::NEG_INFINITY;
+                for ((o, &v), &k) in yr.iter_mut().zip(xr).zip(mr) {
+                    *o = v * self.scale + k;
+                    max = max.max(*o);
+                }
+                let mut sum = 0f64;
+                for o in yr.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _m: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = Softmax.bwd(y, y, dy)?.map(|d| d * self.scale as f64).transpose()?;
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _m: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = Softmax
+            .bwd(y, y, dy)?
+            .map(|d| d * self.scale as f64)
+            .transpose()?;
         Ok((dx, None))
     }
 }
@@ -111,7 +144,13 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
         let x = (scores * scale)?.broadcast_add(&mask.unsqueeze(1)?)?;
         return softmax_last_dim(&x);
     }
-    scores.contiguous()?.apply_op2(&mask.contiguous()?, MaskedSoftmax { scale: scale as f32, heads: h })
+    scores.contiguous()?.apply_op2(
+        &mask.contiguous()?,
+        MaskedSoftmax {
+            scale: scale as f32,
+            heads: h,
+        },
+    )
 }
 
 /// Softmax over the last dimension, differentiable. Falls back to the composition of candle ops
@@ -136,7 +175,10 @@ mod tests {
         let dev = Device::Cpu;
         let mut x = Tensor::randn(0f32, 2., (3, 5, 7), &dev)?;
         // A masked entry, as attention has.
-        x = x.slice_assign(&[0..1, 0..1, 6..7], &Tensor::new(&[[[f32::NEG_INFINITY]]], &dev)?)?;
+        x = x.slice_assign(
+            &[0..1, 0..1, 6..7],
+            &Tensor::new(&[[[f32::NEG_INFINITY]]], &dev)?,
+        )?;
         let y = softmax_last_dim(&x)?;
         let max = x.max_keepdim(2)?;
         let e = x.broadcast_sub(&max)?.exp()?;
@@ -151,7 +193,15 @@ mod tests {
         let dev = Device::Cpu;
         let (b, h, t) = (2, 3, 4);
         let scores = Tensor::randn(0f32, 1., (b, h, t, t), &dev)?;
-        let causal: Vec<f32> = (0..b * t * t).map(|k| if k % t > (k / t) % t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let causal: Vec<f32> = (0..b * t * t)
+            .map(|k| {
+                if k % t > (k / t) % t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let mask = Tensor::from_vec(causal, (b, 1, 1, t, t), &dev)?;
         let got = masked_softmax(&scores, &mask, 0.5)?;
         let x = (&scores * 0.5)?.broadcast_add(&mask.reshape((b, 1, t, t))?)?;
@@ -159,6 +209,8 @@ mod tests {
         let e = x.broadcast_sub(&max)?.exp()?;
         let want = e.broadcast_div(&e.sum_keepdim(3)?)?;
         assert!((got - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
-        fd_check(&Var::from_tensor(&scores)?, |s| masked_softmax(s, &mask, 0.5))
+        fd_check(&Var::from_tensor(&scores)?, |s| {
+            masked_softmax(s, &mask, 0.5)
+        })
     }
 }

@@ -18,27 +18,45 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (f32_slice(gs, gl)?, f32_slice(us, ul)?);
         if g.len() != u.len() {
             candle_core::bail!("fused-swiglu: gate and up differ in size");
         }
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(yc, (gc, uc))| {
-            for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = a / (1.0 + (-a).exp()) * b;
-            }
-        });
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(yc, (gc, uc))| {
+                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                    *o = a / (1.0 + (-a).exp()) * b;
+                }
+            });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (gv, uv, dv) = (to_vec(g)?, to_vec(u)?, to_vec(dy)?);
         let mut dg = vec![0f32; gv.len()];
         let mut du = vec![0f32; gv.len()];
         dg.par_chunks_mut(CHUNK)
             .zip(du.par_chunks_mut(CHUNK))
-            .zip(gv.par_chunks(CHUNK).zip(uv.par_chunks(CHUNK)).zip(dv.par_chunks(CHUNK)))
+            .zip(
+                gv.par_chunks(CHUNK)
+                    .zip(uv.par_chunks(CHUNK))
+                    .zip(dv.par_chunks(CHUNK)),
+            )
             .for_each(|((dgc, duc), ((gc, uc), dc))| {
                 for i in 0..gc.len() {
                     let s = 1.0 / (1.0 + (-gc[i]).exp());
@@ -46,7 +64,10 @@ impl CustomOp2 for SwiGlu {
                     duc[i] = dc[i] * gc[i] * s;
                 }
             });
-        Ok((Some(from_vec(dg, g.shape(), g)?), Some(from_vec(du, u.shape(), u)?)))
+        Ok((
+            Some(from_vec(dg, g.shape(), g)?),
+            Some(from_vec(du, u.shape(), u)?),
+        ))
     }
 }
 
@@ -69,7 +90,10 @@ mod tests {
         let dev = Device::Cpu;
         let g = Tensor::randn(0f32, 2., (3, 9), &dev)?;
         let u = Tensor::randn(0f32, 1., (3, 9), &dev)?;
-        let d = (swiglu(&g, &u)? - (g.silu()? * &u)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (swiglu(&g, &u)? - (g.silu()? * &u)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         fd_check(&Var::from_tensor(&g)?, |t| swiglu(t, &u))?;
         fd_check(&Var::from_tensor(&u)?, |t| swiglu(&g, t))

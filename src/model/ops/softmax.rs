@@ -185,7 +185,7 @@ mod tests {
         let reference = e.broadcast_div(&e.sum_keepdim(2)?)?;
         assert!((y - reference)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
         let v = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 6), &dev)?)?;
-        fd_check(&v, |t| softmax_last_dim(t))
+        fd_check(&v, softmax_last_dim)
     }
 
     #[test]

@@ -80,13 +80,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(super::ops::softmax::softmax_last_dim(x)?)
 }
 
-/// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin`.
+/// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin` (fused, hand-written backward).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+    Ok(super::ops::rope::apply_rope(x, cos, sin)?)
 }
 
 /// One attention block: projections, RoPE and grouped-query attention.

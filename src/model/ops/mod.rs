@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cross_entropy;
 pub mod frozen_matmul;
 pub mod rms_norm;
+pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 

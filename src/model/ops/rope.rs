@@ -1,0 +1,106 @@
+//! Rotary position embedding, Hugging Face's rotate-half form: `y = x·cos + rot(x)·sin` with
+//! rot(x) = [−x₂, x₁], and a hand-written backward: dx = dy·cos + rotᵀ(dy·sin), rotᵀ(z) = [z₂, −z₁].
+//!
+//! Why our own op: candle's `rope` has no backward (it silently detaches), and the composition
+//! (narrow, neg, cat, two products, a sum) writes six query/key-sized tensors per layer.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{f32_slice, from_vec, to_vec};
+
+/// x (b, h, t, d); cos and sin (b or 1, 1, t, d).
+struct Rope;
+
+fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], dims: (usize, usize, usize, usize), inverse: bool) -> Vec<f32> {
+    let (_, h, t, d) = dims;
+    let half = d / 2;
+    let table_batches = cos.len() / (t * d);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (yr, xr))| {
+        let (bi, ti) = (r / (h * t), r % t);
+        let tb = if table_batches == 1 { 0 } else { bi };
+        let off = (tb * t + ti) * d;
+        let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
+        for i in 0..half {
+            let (a, b) = (xr[i], xr[i + half]);
+            if inverse {
+                // dx = dy·cos + rotᵀ(dy·sin)
+                yr[i] = a * c[i] + b * s[i + half];
+                yr[i + half] = b * c[i + half] - a * s[i];
+            } else {
+                yr[i] = a * c[i] - b * s[i];
+                yr[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    });
+    y
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = xl.shape().dims4()?;
+        let y = rope_rows(f32_slice(xs, xl)?, f32_slice(cs, cl)?, f32_slice(ss, sl)?, dims, false);
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = dy.dims4()?;
+        let dx = rope_rows(&to_vec(dy)?, &to_vec(cos)?, &to_vec(sin)?, dims, true);
+        Ok((Some(from_vec(dx, dy.shape(), dy)?), None, None))
+    }
+}
+
+/// Applies RoPE to `x` (b, h, t, d) with tables (b or 1, 1, t, d); differentiable in `x`
+/// (the tables are constants). Off the CPU, the composition of candle ops.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        let half = x.dim(candle_core::D::Minus1)? / 2;
+        let x1 = x.narrow(candle_core::D::Minus1, 0, half)?;
+        let x2 = x.narrow(candle_core::D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], candle_core::D::Minus1)?;
+        return x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?;
+    }
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::fd_check;
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn matches_reference_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 4, 6), &dev)?;
+        let ang = Tensor::randn(0f32, 1., (2, 1, 4, 6), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let x1 = x.narrow(D::Minus1, 0, 3)?;
+        let x2 = x.narrow(D::Minus1, 3, 3)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let want = (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+        let got = apply_rope(&x, &cos, &sin)?;
+        assert!((got - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        fd_check(&Var::from_tensor(&x)?, |t| apply_rope(t, &cos, &sin))
+    }
+}

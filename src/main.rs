@@ -270,7 +270,7 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 8)]
         steps: usize,
-        /// Print only the RESULT line's JSON (for ab.py).
+        /// Only the RESULT line, no per-step timings (for ab.py).
         #[arg(long)]
         json: bool,
     },
@@ -532,8 +532,8 @@ fn run(cli: Cli) -> Result<()> {
                 warmup,
                 steps,
                 full: false,
+                verbose: !json,
             })?;
-            let _ = json;
             println!("RESULT {r}");
         }
         Command::Bench {

@@ -82,9 +82,15 @@ enum Compression {
 /// skipped into `report`, or are fatal with `strict`.
 pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
     if path.is_dir() {
+        let t = std::time::Instant::now();
         let mut files = Vec::new();
         walk(path, &mut files)?;
         files.sort();
+        tracing::debug!(
+            "listed {} files in {:.3}s",
+            files.len(),
+            t.elapsed().as_secs_f64()
+        );
         let (known, unknown): (Vec<_>, Vec<_>) =
             files.into_iter().partition(|f| kind_of(f).is_some());
         for f in unknown {
@@ -109,7 +115,9 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
                 })
                 .collect()
         };
-        let io_threads = (rayon::current_num_threads() * 4).clamp(8, 64);
+        // Measured on a folder of 100k files, cold cache, 2 cores: 8 reads in flight 2.1 s,
+        // 32 in flight 1.5 s, 64 in flight 1.4 s.
+        let io_threads = (rayon::current_num_threads() * 32).clamp(32, 128);
         let results = match rayon::ThreadPoolBuilder::new()
             .num_threads(io_threads)
             .build()

@@ -26,6 +26,8 @@ pub struct BenchTrain {
     pub warmup: usize,
     pub steps: usize,
     pub full: bool,
+    /// Print per-step timings on stderr.
+    pub verbose: bool,
 }
 
 /// Runs the benchmark and returns its `RESULT` object.

@@ -12,28 +12,37 @@ use super::cpu::{f32_slice, from_vec, to_vec};
 /// x (b, h, t, d); cos and sin (b or 1, 1, t, d).
 struct Rope;
 
-fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], dims: (usize, usize, usize, usize), inverse: bool) -> Vec<f32> {
+fn rope_rows(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    dims: (usize, usize, usize, usize),
+    inverse: bool,
+) -> Vec<f32> {
     let (_, h, t, d) = dims;
     let half = d / 2;
     let table_batches = cos.len() / (t * d);
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (yr, xr))| {
-        let (bi, ti) = (r / (h * t), r % t);
-        let tb = if table_batches == 1 { 0 } else { bi };
-        let off = (tb * t + ti) * d;
-        let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
-        for i in 0..half {
-            let (a, b) = (xr[i], xr[i + half]);
-            if inverse {
-                // dx = dy·cos + rotᵀ(dy·sin)
-                yr[i] = a * c[i] + b * s[i + half];
-                yr[i + half] = b * c[i + half] - a * s[i];
-            } else {
-                yr[i] = a * c[i] - b * s[i];
-                yr[i + half] = b * c[i + half] + a * s[i + half];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .for_each(|(r, (yr, xr))| {
+            let (bi, ti) = (r / (h * t), r % t);
+            let tb = if table_batches == 1 { 0 } else { bi };
+            let off = (tb * t + ti) * d;
+            let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
+            for i in 0..half {
+                let (a, b) = (xr[i], xr[i + half]);
+                if inverse {
+                    // dx = dy·cos + rotᵀ(dy·sin)
+                    yr[i] = a * c[i] + b * s[i + half];
+                    yr[i + half] = b * c[i + half] - a * s[i];
+                } else {
+                    yr[i] = a * c[i] - b * s[i];
+                    yr[i + half] = b * c[i + half] + a * s[i + half];
+                }
             }
-        }
-    });
+        });
     y
 }
 
@@ -52,7 +61,13 @@ impl CustomOp3 for Rope {
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = xl.shape().dims4()?;
-        let y = rope_rows(f32_slice(xs, xl)?, f32_slice(cs, cl)?, f32_slice(ss, sl)?, dims, false);
+        let y = rope_rows(
+            f32_slice(xs, xl)?,
+            f32_slice(cs, cl)?,
+            f32_slice(ss, sl)?,
+            dims,
+            false,
+        );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -80,7 +95,8 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], candle_core::D::Minus1)?;
         return x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?;
     }
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
 }
 
 #[cfg(test)]

@@ -270,6 +270,12 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// LoRA target modules.
+        #[arg(
+            long,
+            default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+        )]
+        targets: String,
         /// Only the RESULT line, no per-step timings (for ab.py).
         #[arg(long)]
         json: bool,
@@ -521,6 +527,7 @@ fn run(cli: Cli) -> Result<()> {
                     rank,
                     warmup,
                     steps,
+                    targets,
                     json,
                 },
         } => {
@@ -532,6 +539,7 @@ fn run(cli: Cli) -> Result<()> {
                 warmup,
                 steps,
                 full: false,
+                targets,
                 verbose: !json,
             })?;
             println!("RESULT {r}");

@@ -479,23 +479,44 @@ fn full_fine_tuning_writes_a_loadable_hugging_face_directory() {
     let base = root().join("tests/fixtures/tiny-qwen2");
     let run = tmp.path().join("run");
     let out = afinar()
-        .args(["train", "--quiet", "--model", base.to_str().unwrap(), "--data", data.to_str().unwrap()])
-        .args(["--out", run.to_str().unwrap(), "--max-steps", "3", "--set", "method=full", "--set", "lr=1e-3"])
+        .args([
+            "train",
+            "--quiet",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--out",
+            run.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--set",
+            "method=full",
+            "--set",
+            "lr=1e-3",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tuned = Model::load(run.join("model").to_str().unwrap(), &Device::Cpu).unwrap();
     let original = Model::load(base.to_str().unwrap(), &Device::Cpu).unwrap();
     assert_eq!(tuned.config(), original.config());
     assert!(tuned.chat_template.is_some());
     let ids = Tensor::new(&[[5u32, 17, 42, 9]], &Device::Cpu).unwrap();
-    let d = (tuned.transformer.forward(&ids, None).unwrap() - original.transformer.forward(&ids, None).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = (tuned.transformer.forward(&ids, None).unwrap()
+        - original.transformer.forward(&ids, None).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
     assert!(d > 1e-4, "weights changed ({d})");
 }

@@ -26,6 +26,8 @@ pub struct BenchTrain {
     pub warmup: usize,
     pub steps: usize,
     pub full: bool,
+    /// Comma-separated LoRA target modules.
+    pub targets: String,
     /// Print per-step timings on stderr.
     pub verbose: bool,
 }
@@ -108,10 +110,10 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
             opt.step(&g, 2e-4)?;
         }
         let total = t.elapsed().as_secs_f64();
-        eprintln!(
-            "step {i}: {total:.3} s (loss {loss:.4}){}",
-            if i < b.warmup { " warm-up" } else { "" }
-        );
+        if b.verbose {
+            let tag = if i < b.warmup { " warm-up" } else { "" };
+            eprintln!("step {i}: {total:.3} s (loss {loss:.4}){tag}");
+        }
         if i >= b.warmup {
             times.push(total);
             fwd_bwd.push(t_fb);
@@ -128,7 +130,7 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
     Ok(json!({
         "mode": "lora",
         "config": {"model": model.source.path().display().to_string(), "batch": b.batch, "seq": b.seq, "rank": b.rank,
-                   "alpha": 2 * b.rank, "targets": 7, "warmup": b.warmup, "steps": b.steps},
+                   "alpha": 2 * b.rank, "targets": b.targets, "warmup": b.warmup, "steps": b.steps},
         "threads": candle_core::utils::get_num_threads(),
         "malloc": std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "default".into()),
         "tokens_per_s": tokens / step,

@@ -551,6 +551,22 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Prints the first example of a split with its loss-carrying text marked.
+fn print_first_example(
+    tok: &afinar::model::TextTokenizer,
+    split: &str,
+    ids: &[u32],
+    labels: &[u8],
+) {
+    use afinar::data::inspect;
+    println!(
+        "\nfirst {split} example, loss-carrying text in {}…{}:",
+        inspect::LOSS_OPEN,
+        inspect::LOSS_CLOSE
+    );
+    println!("{}", inspect::render_masked(tok, ids, labels));
+}
+
 fn inspect(path: &std::path::Path, model: &str, split: &str) -> Result<()> {
     use afinar::data::{inspect, PreparedDir};
     if path.join("manifest.json").is_file() {
@@ -570,18 +586,11 @@ fn inspect(path: &std::path::Path, model: &str, split: &str) -> Result<()> {
         let tokens = dir.split(split)?;
         if tokens.examples() > 0 {
             let r = tokens.example_range(0);
-            println!(
-                "\nfirst {split} example, loss-carrying text in {}…{}:",
-                inspect::LOSS_OPEN,
-                inspect::LOSS_CLOSE
-            );
-            println!(
-                "{}",
-                inspect::render_masked(
-                    &text.tokenizer,
-                    &tokens.ids()[r.clone()],
-                    &tokens.labels()[r]
-                )
+            print_first_example(
+                &text.tokenizer,
+                split,
+                &tokens.ids()[r.clone()],
+                &tokens.labels()[r],
             );
         }
     } else {
@@ -598,22 +607,12 @@ fn inspect(path: &std::path::Path, model: &str, split: &str) -> Result<()> {
             .collect();
         print!("{}", inspect::summary(&splits, &p.report, p.records));
         if let Some(s) = p.splits.get(split).filter(|s| s.packed.examples() > 0) {
-            let (a, b) = (
-                s.packed.example_offsets[0] as usize,
-                s.packed.example_offsets[1] as usize,
-            );
-            println!(
-                "\nfirst {split} example, loss-carrying text in {}…{}:",
-                inspect::LOSS_OPEN,
-                inspect::LOSS_CLOSE
-            );
-            println!(
-                "{}",
-                inspect::render_masked(
-                    &text.tokenizer,
-                    &s.packed.ids[a..b],
-                    &s.packed.labels[a..b]
-                )
+            let r = s.packed.example_offsets[0] as usize..s.packed.example_offsets[1] as usize;
+            print_first_example(
+                &text.tokenizer,
+                split,
+                &s.packed.ids[r.clone()],
+                &s.packed.labels[r],
             );
         }
     }

@@ -211,6 +211,23 @@ fn invalid_utf8(file: &Path, line: usize, offset: usize) -> String {
     )
 }
 
+/// Reports invalid UTF-8 at `offset` of a whole-file buffer, with its line.
+fn bad_utf8_in(
+    file: &Path,
+    bytes: &[u8],
+    offset: usize,
+    strict: bool,
+    report: &mut Report,
+) -> Result<()> {
+    let line = 1 + bytes[..offset].iter().filter(|&&b| b == b'\n').count();
+    bad(
+        strict,
+        report,
+        "invalid UTF-8",
+        invalid_utf8(file, line, offset),
+    )
+}
+
 /// A `.json` file holding one array of objects, or JSON Lines (one object per line).
 fn read_json(
     file: &Arc<PathBuf>,
@@ -223,14 +240,7 @@ fn read_json(
         let text = match std::str::from_utf8(bytes) {
             Ok(t) => t,
             Err(e) => {
-                let off = e.valid_up_to();
-                let line = 1 + bytes[..off].iter().filter(|&&b| b == b'\n').count();
-                bad(
-                    strict,
-                    report,
-                    "invalid UTF-8",
-                    invalid_utf8(file, line, off),
-                )?;
+                bad_utf8_in(file, bytes, e.valid_up_to(), strict, report)?;
                 return Ok(vec![]);
             }
         };
@@ -447,13 +457,12 @@ fn read_text(
             value: RawValue::Text(text),
         }]),
         Err(e) => {
-            let off = e.utf8_error().valid_up_to();
-            let line = 1 + e.as_bytes()[..off].iter().filter(|&&b| b == b'\n').count();
-            bad(
+            bad_utf8_in(
+                file,
+                e.as_bytes(),
+                e.utf8_error().valid_up_to(),
                 strict,
                 report,
-                "invalid UTF-8",
-                invalid_utf8(file, line, off),
             )?;
             Ok(vec![])
         }

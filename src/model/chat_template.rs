@@ -68,6 +68,13 @@ impl ChatTemplate {
         })
     }
 
+    /// The template of a model, if it has one, compiled with its tokenizer's special tokens.
+    pub fn for_model(source: Option<String>, tok: &super::TextTokenizer) -> Result<Option<Self>> {
+        source
+            .map(|t| Self::new(&t, tok.bos_token.as_deref(), tok.eos_token.as_deref()))
+            .transpose()
+    }
+
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// answer starts.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

@@ -38,15 +38,7 @@ impl TextSide {
             ModelSource::Gguf(path) => gguf::load_text_side(path)?,
             ModelSource::HfDir(dir) => hf::load_text_side(dir)?,
         };
-        let chat_template = template
-            .map(|t| {
-                ChatTemplate::new(
-                    &t,
-                    tokenizer.bos_token.as_deref(),
-                    tokenizer.eos_token.as_deref(),
-                )
-            })
-            .transpose()?;
+        let chat_template = ChatTemplate::for_model(template, &tokenizer)?;
         Ok(Self {
             source,
             tokenizer,
@@ -98,15 +90,7 @@ impl Model {
                 )
             }
         };
-        let chat_template = template
-            .map(|t| {
-                ChatTemplate::new(
-                    &t,
-                    tokenizer.bos_token.as_deref(),
-                    tokenizer.eos_token.as_deref(),
-                )
-            })
-            .transpose()?;
+        let chat_template = ChatTemplate::for_model(template, &tokenizer)?;
         let transformer = Transformer::from_weights(config, weights, factors)?;
         Ok(Self {
             source,

@@ -68,17 +68,7 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
             rank: b.rank,
             alpha: 2.0 * b.rank as f64,
             rslora: false,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: b.targets.split(',').map(|t| t.trim().to_string()).collect(),
         };
         lora::attach(&mut model.transformer, &spec, lora::kaiming_a(1))?
             .into_iter()

@@ -259,15 +259,7 @@ impl TrainConfig {
 
     /// The LoRA target module names.
     pub fn targets(&self) -> Result<Vec<String>> {
-        const ALL: [&str; 7] = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
+        use super::lora::ALL_LINEAR as ALL;
         if self.lora_targets == "all-linear" {
             return Ok(ALL.iter().map(|s| s.to_string()).collect());
         }

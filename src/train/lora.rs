@@ -7,6 +7,17 @@ use crate::infer::sampling::Rng;
 use crate::model::transformer::{LoraAdapter, Transformer};
 use crate::Result;
 
+/// The projections LoRA can target (`all-linear`), in the order of a layer.
+pub const ALL_LINEAR: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// How adapters are shaped and scaled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {

@@ -67,6 +67,7 @@ fn lora_gradients_match_peft() {
         rank: 8,
         alpha: 16.0,
         rslora: false,
+        dropout: 0.0,
         targets: MODULES.iter().map(|s| s.to_string()).collect(),
     };
     // The same deterministic A as tests/golden/make_golden.py; B = 0.
@@ -88,7 +89,8 @@ fn lora_gradients_match_peft() {
     let dir = tempfile::tempdir().unwrap();
     let file = token_file(dir.path(), &seqs, None);
     let opt = optimizer(vars);
-    let (grads, loss, _) = step_gradients(&model.transformer, &opt, &file, &[vec![0, 1]]).unwrap();
+    let (grads, loss, _) =
+        step_gradients(&model.transformer, &opt, &file, &[vec![0, 1]], 0).unwrap();
     let want_loss = g["loss"].as_f64().unwrap();
     assert!(
         (loss - want_loss).abs() / want_loss < 1e-4,
@@ -130,6 +132,7 @@ fn tiny_with_lora() -> (Transformer, Vec<(String, Var)>) {
         rank: 4,
         alpha: 8.0,
         rslora: false,
+        dropout: 0.0,
         targets: MODULES.iter().map(|s| s.to_string()).collect(),
     };
     let vars = lora::attach(&mut model, &spec, lora::kaiming_a(1)).unwrap();
@@ -165,7 +168,7 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
     let file = tiny_batch(dir.path());
     let (model, vars) = tiny_with_lora();
     let opt = optimizer(vars);
-    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]]).unwrap();
+    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0).unwrap();
     for (p, g) in opt.params.iter().zip(grads.unwrap()) {
         let n = g
             .abs()
@@ -188,7 +191,7 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
         .transformer;
     let vars = afinar_full_vars(&mut model);
     let opt = optimizer(vars);
-    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]]).unwrap();
+    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0).unwrap();
     assert!(opt.params.len() > 20);
     for (p, g) in opt.params.iter().zip(grads.unwrap()) {
         let n = g
@@ -236,13 +239,13 @@ fn accumulated_micro_batches_equal_one_big_batch() {
             .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
             .collect()
     };
-    let (big, big_loss, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]]).unwrap();
+    let (big, big_loss, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0).unwrap();
     let big = norm(&big.unwrap());
     for split in [
         vec![vec![0, 1], vec![2, 3]],
         vec![vec![0], vec![1], vec![2], vec![3]],
     ] {
-        let (g, loss, _) = step_gradients(&model, &opt, &file, &split).unwrap();
+        let (g, loss, _) = step_gradients(&model, &opt, &file, &split, 0).unwrap();
         assert!(
             (loss - big_loss).abs() < 1e-5 * big_loss,
             "loss {loss} vs {big_loss}"
@@ -519,4 +522,46 @@ fn full_fine_tuning_writes_a_loadable_hugging_face_directory() {
     .to_scalar::<f32>()
     .unwrap();
     assert!(d > 1e-4, "weights changed ({d})");
+}
+
+#[test]
+fn lora_dropout_is_deterministic_per_key_and_off_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_batch(dir.path());
+    let mdir = root().join("tests/fixtures/tiny-mistral");
+    let mut model = Model::load(mdir.to_str().unwrap(), &Device::Cpu)
+        .unwrap()
+        .transformer;
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        dropout: 0.3,
+        targets: MODULES.iter().map(|s| s.to_string()).collect(),
+    };
+    let vars = lora::attach(&mut model, &spec, lora::kaiming_a(1)).unwrap();
+    for (name, v) in &vars {
+        if name.ends_with("lora_B.weight") {
+            v.set(&Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let opt = optimizer(vars);
+    let loss = |key: u64| {
+        step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], key)
+            .unwrap()
+            .1
+    };
+    let (off, a1, a2, b) = (loss(0), loss(7), loss(7), loss(8));
+    assert_eq!(a1, a2, "same key, same masks");
+    assert_ne!(a1, b, "another key, other masks");
+    assert_ne!(a1, off, "dropout changes the loss");
+    assert_eq!(off, loss(0), "key 0 is no dropout");
+    // After a step the key is reset, so evaluation never drops anything.
+    assert_eq!(
+        model
+            .lora_dropout_key
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }

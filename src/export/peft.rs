@@ -101,6 +101,7 @@ pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
             a: Var::from_tensor(&a.to_dtype(candle_core::DType::F32)?)?,
             b: Var::from_tensor(&b.to_dtype(candle_core::DType::F32)?)?,
             scale,
+            dropout: Default::default(),
         });
         attached += 1;
     }

@@ -13,12 +13,46 @@ use super::ops::frozen_matmul::frozen_matmul;
 use super::weights::Weights;
 use crate::Result;
 
-/// A low-rank adapter on a [`Linear`]: `y += scale · (x Aᵀ) Bᵀ`, A (rank, in), B (out, rank).
+/// A low-rank adapter on a [`Linear`]: `y += scale · (dropout(x) Aᵀ) Bᵀ`, A (rank, in),
+/// B (out, rank).
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     pub a: Var,
     pub b: Var,
     pub scale: f64,
+    pub dropout: LoraDropout,
+}
+
+/// LoRA dropout with masks that are a pure function of (key, adapter id): the trainer sets the
+/// key for each micro-batch (0 = off, as in evaluation), so a run and its resumed copy draw the
+/// same masks.
+#[derive(Debug, Clone, Default)]
+pub struct LoraDropout {
+    pub p: f32,
+    pub id: u64,
+    pub key: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LoraDropout {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let key = self.key.load(std::sync::atomic::Ordering::Relaxed);
+        if self.p <= 0.0 || key == 0 {
+            return Ok(x.clone());
+        }
+        let mut rng =
+            crate::infer::sampling::Rng::new(key ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if (rng.next_f64() as f32) < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    }
 }
 
 /// A dense layer `y = x Wᵀ + b` with the weight in PyTorch layout (out, in), optionally with a
@@ -61,7 +95,9 @@ impl Linear {
             None => y,
         };
         let y = match &self.lora {
-            Some(l) => (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
+            Some(l) => {
+                (y + (l.dropout.apply(&x)?.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
+            }
             None => y,
         };
         let mut out_dims = dims;
@@ -215,6 +251,8 @@ pub struct Transformer {
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<Tensor>,
     inv_freq: Tensor,
+    /// Key of the current LoRA dropout masks (0 = no dropout); set by the trainer.
+    pub lora_dropout_key: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Transformer {
@@ -292,6 +330,7 @@ impl Transformer {
             norm,
             lm_head,
             inv_freq,
+            lora_dropout_key: Default::default(),
         })
     }
 

@@ -68,6 +68,7 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
             rank: b.rank,
             alpha: 2.0 * b.rank as f64,
             rslora: false,
+            dropout: 0.0,
             targets: b.targets.split(',').map(|t| t.trim().to_string()).collect(),
         };
         lora::attach(&mut model.transformer, &spec, lora::kaiming_a(1))?
@@ -94,6 +95,7 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
             &opt,
             &file,
             std::slice::from_ref(&batch),
+            0,
         )?;
         let t_fb = t.elapsed().as_secs_f64();
         if let Some(g) = grads {

@@ -31,7 +31,7 @@ pub struct TrainConfig {
     pub method: String,
     pub lora_rank: usize,
     pub lora_alpha: f64,
-    /// LoRA dropout; only 0 is supported yet.
+    /// Dropout on the LoRA input, in [0, 1).
     pub lora_dropout: f64,
     /// "all-linear" or a comma-separated list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
     pub lora_targets: String,

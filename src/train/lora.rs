@@ -4,7 +4,7 @@
 use candle_core::{Tensor, Var};
 
 use crate::infer::sampling::Rng;
-use crate::model::transformer::{LoraAdapter, Transformer};
+use crate::model::transformer::{LoraAdapter, LoraDropout, Transformer};
 use crate::Result;
 
 /// The projections LoRA can target (`all-linear`), in the order of a layer.
@@ -26,6 +26,8 @@ pub struct LoraSpec {
     pub rslora: bool,
     /// Module names, e.g. `q_proj`, `down_proj`.
     pub targets: Vec<String>,
+    /// Dropout on the adapter's input (0 = none).
+    pub dropout: f32,
 }
 
 impl LoraSpec {
@@ -41,13 +43,16 @@ impl LoraSpec {
 
 /// Adds adapters to every targeted projection and returns the trainable variables with their
 /// PEFT-style names (`model.layers.0.self_attn.q_proj.lora_A.weight`). `init_a` gives A's
-/// values for a module name and shape; [`kaiming_a`] is PEFT's default.
+/// values for a module name and shape; [`kaiming_a`] is PEFT's default. Dropout masks follow
+/// `dropout_key` (see [`LoraDropout`]).
 pub fn attach(
     model: &mut Transformer,
     spec: &LoraSpec,
     mut init_a: impl FnMut(&str, usize, usize) -> Vec<f32>,
 ) -> Result<Vec<(String, Var)>> {
     let scale = spec.scale();
+    let key = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    model.lora_dropout_key = key.clone();
     let mut vars = Vec::new();
     for (name, lin) in model.linears_mut() {
         let module = name.rsplit('.').next().unwrap_or_default();
@@ -64,7 +69,18 @@ pub fn attach(
         let b = Var::zeros((out, spec.rank), candle_core::DType::F32, &device)?;
         vars.push((format!("{name}.lora_A.weight"), a.clone()));
         vars.push((format!("{name}.lora_B.weight"), b.clone()));
-        lin.lora = Some(LoraAdapter { a, b, scale });
+        let id = vars.len() as u64;
+        let dropout = LoraDropout {
+            p: spec.dropout,
+            id,
+            key: key.clone(),
+        };
+        lin.lora = Some(LoraAdapter {
+            a,
+            b,
+            scale,
+            dropout,
+        });
     }
     Ok(vars)
 }

@@ -190,6 +190,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             rank: cfg.lora_rank,
             alpha: cfg.lora_alpha,
             rslora: cfg.rslora,
+            dropout: cfg.lora_dropout as f32,
             targets: cfg.targets()?,
         };
         lora::attach(&mut model.transformer, &spec, lora::kaiming_a(cfg.seed))?
@@ -286,8 +287,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             }
             micro.push(seqs);
         }
+        // This step's dropout masks: a function of (seed, step), so a resumed run draws the same.
+        let dropout_key =
+            crate::data::split::stable_hash(&(state.step as u64).to_le_bytes(), cfg.seed);
         let (grads, loss_sum, tokens) =
-            step_gradients(&model.transformer, &opt, &train_file, &micro)?;
+            step_gradients(&model.transformer, &opt, &train_file, &micro, dropout_key)?;
         if !loss_sum.is_finite() {
             return Err(Error::InvalidArgument(format!(
                 "loss is {loss_sum} at step {}; stopping. The last good checkpoint (if any) is in {}",
@@ -419,17 +423,27 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
 /// order of `opt.params`, with the loss normalised by the label tokens of the whole accumulated
 /// batch — so N micro-batches give exactly the gradient of one batch N times larger. Returns
 /// (gradients, loss, tokens); gradients are `None` when no micro-batch has a target.
+/// `dropout_key` seeds this step's LoRA dropout masks (0 = no dropout).
 pub fn step_gradients(
     model: &Transformer,
     opt: &AdamW,
     file: &TokenFile,
     micro: &[Vec<usize>],
+    dropout_key: u64,
 ) -> Result<(Option<Vec<Tensor>>, f64, usize)> {
     let denom: usize = micro.iter().map(|s| batch::count_targets(file, s)).sum();
     let mut grads: Option<Vec<Tensor>> = None;
     let mut loss_sum = 0f64;
     let mut tokens = 0usize;
-    for seqs in micro {
+    for (i, seqs) in micro.iter().enumerate() {
+        let key = if dropout_key == 0 {
+            0
+        } else {
+            (dropout_key ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+        };
+        model
+            .lora_dropout_key
+            .store(key, std::sync::atomic::Ordering::Relaxed);
         let b = batch::make_batch(file, seqs, model.device())?;
         tokens += b.n_tokens;
         if b.n_targets == 0 {
@@ -459,6 +473,9 @@ pub fn step_gradients(
                 .collect::<candle_core::Result<_>>()?,
         });
     }
+    model
+        .lora_dropout_key
+        .store(0, std::sync::atomic::Ordering::Relaxed);
     Ok((grads, loss_sum, tokens))
 }
 

@@ -299,6 +299,8 @@ fn run_args(data_dir: &Path, out: &Path, steps: usize) -> Vec<String> {
         "lr=1e-3",
         "--set",
         "keep_checkpoints=3",
+        "--set",
+        "lora_dropout=0.1",
     ]
     .iter()
     .map(|s| s.to_string())

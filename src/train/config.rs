@@ -215,9 +215,9 @@ impl TrainConfig {
         if self.lora_alpha <= 0.0 {
             return bad(format!("lora_alpha = {} must be > 0", self.lora_alpha));
         }
-        if self.lora_dropout != 0.0 {
+        if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad(format!(
-                "lora_dropout = {}: only 0 is supported yet",
+                "lora_dropout = {} is out of range [0, 1)",
                 self.lora_dropout
             ));
         }

@@ -7,7 +7,7 @@ use afinar::infer::{generate, GenerateOptions, SamplingParams};
 use afinar::model::Message;
 use base64::Engine;
 use candle_core::Tensor;
-use common::{golden, ids, max_abs_diff, smollm2};
+use common::{floats, golden, ids, max_abs_diff, smollm2};
 
 fn f32_from_b64(s: &str) -> Vec<f32> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
@@ -42,12 +42,7 @@ fn logits_match_transformers() {
         );
         let sample = ids(&rec["sample_vocab_ids"]);
         for (pos, want) in rec["sampled_logits"].as_array().unwrap().iter().enumerate() {
-            let want: Vec<f32> = want
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
+            let want = floats(want);
             let got: Vec<f32> = sample.iter().map(|&i| logits[pos][i as usize]).collect();
             let d = max_abs_diff(&got, &want);
             assert!(d <= 1e-3, "position {pos}: logits differ by {d}");

@@ -6,7 +6,7 @@ mod common;
 use afinar::infer::{generate, GenerateOptions, SamplingParams};
 use afinar::model::{Message, Model};
 use candle_core::{Device, Tensor};
-use common::{golden, ids, max_abs_diff, root};
+use common::{floats, golden, ids, max_abs_diff, root};
 
 #[test]
 fn tiny_models_match_transformers() {
@@ -39,12 +39,7 @@ fn tiny_models_match_transformers() {
                 .to_vec2()
                 .unwrap();
             for (pos, want) in rec["logits"].as_array().unwrap().iter().enumerate() {
-                let want: Vec<f32> = want
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect();
+                let want = floats(want);
                 let d = max_abs_diff(&logits[pos], &want);
                 assert!(
                     d <= 1e-3,

@@ -123,7 +123,7 @@ fn lora_gradients_match_peft() {
 
 /// The tiny Mistral fixture with LoRA on all projections and a non-zero B, so that A too must
 /// receive a gradient.
-fn tiny_with_lora() -> (Transformer, Vec<(String, Var)>) {
+fn tiny_with_lora(dropout: f32) -> (Transformer, Vec<(String, Var)>) {
     let dir = root().join("tests/fixtures/tiny-mistral");
     let mut model = Model::load(dir.to_str().unwrap(), &Device::Cpu)
         .unwrap()
@@ -132,7 +132,7 @@ fn tiny_with_lora() -> (Transformer, Vec<(String, Var)>) {
         rank: 4,
         alpha: 8.0,
         rslora: false,
-        dropout: 0.0,
+        dropout,
         targets: MODULES.iter().map(|s| s.to_string()).collect(),
     };
     let vars = lora::attach(&mut model, &spec, lora::kaiming_a(1)).unwrap();
@@ -166,7 +166,7 @@ fn tiny_batch(dir: &Path) -> TokenFile {
 fn every_trainable_parameter_receives_a_nonzero_gradient() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny_batch(dir.path());
-    let (model, vars) = tiny_with_lora();
+    let (model, vars) = tiny_with_lora(0.0);
     let opt = optimizer(vars);
     let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0).unwrap();
     for (p, g) in opt.params.iter().zip(grads.unwrap()) {
@@ -232,7 +232,7 @@ fn afinar_full_vars(m: &mut Transformer) -> Vec<(String, Var)> {
 fn accumulated_micro_batches_equal_one_big_batch() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny_batch(dir.path());
-    let (model, vars) = tiny_with_lora();
+    let (model, vars) = tiny_with_lora(0.0);
     let opt = optimizer(vars);
     let norm = |g: &[Tensor]| -> Vec<Vec<f32>> {
         g.iter()
@@ -530,24 +530,7 @@ fn full_fine_tuning_writes_a_loadable_hugging_face_directory() {
 fn lora_dropout_is_deterministic_per_key_and_off_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let file = tiny_batch(dir.path());
-    let mdir = root().join("tests/fixtures/tiny-mistral");
-    let mut model = Model::load(mdir.to_str().unwrap(), &Device::Cpu)
-        .unwrap()
-        .transformer;
-    let spec = LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        rslora: false,
-        dropout: 0.3,
-        targets: MODULES.iter().map(|s| s.to_string()).collect(),
-    };
-    let vars = lora::attach(&mut model, &spec, lora::kaiming_a(1)).unwrap();
-    for (name, v) in &vars {
-        if name.ends_with("lora_B.weight") {
-            v.set(&Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    let (model, vars) = tiny_with_lora(0.3);
     let opt = optimizer(vars);
     let loss = |key: u64| {
         step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], key)

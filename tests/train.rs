@@ -550,3 +550,72 @@ fn lora_dropout_is_deterministic_per_key_and_off_without_one() {
         0
     );
 }
+
+#[test]
+fn a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let src = root().join("tests/fixtures/tiny-mistral");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    let data = tmp.path().join("c.jsonl");
+    std::fs::write(&data, text.lines().take(100).collect::<Vec<_>>().join("\n")).unwrap();
+    let run = tmp.path().join("run");
+    let args = |steps: &str| {
+        let mut a: Vec<String> = [
+            "train",
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(
+            [
+                "--out",
+                run.to_str().unwrap(),
+                "--max-steps",
+                steps,
+                "--set",
+                "save_every=1",
+            ]
+            .map(String::from),
+        );
+        a
+    };
+    let out = afinar().args(args("2")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Poison the base model in place, then continue: step 3 has a NaN loss.
+    let weights = model.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let head = t.get("lm_head.weight").unwrap();
+    let nan = Tensor::full(f32::NAN, head.dims(), &Device::Cpu).unwrap();
+    t.insert("lm_head.weight".into(), nan);
+    candle_core::safetensors::save(&t, &weights).unwrap();
+    let mut resume = vec![
+        "train".to_string(),
+        "--quiet".into(),
+        "--resume".into(),
+        run.to_str().unwrap().into(),
+    ];
+    resume.extend(["--max-steps", "4"].map(String::from));
+    let out = afinar().args(&resume).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loss is NaN at step 3"), "{err}");
+    let ckpts = afinar::train::checkpoint::list(&run).unwrap();
+    assert!(ckpts.last().unwrap().ends_with("step-0000002"), "{ckpts:?}");
+    let state = std::fs::read_to_string(ckpts.last().unwrap().join("state.json")).unwrap();
+    assert!(state.contains("\"step\": 2"));
+}

@@ -214,6 +214,9 @@ struct DataArgs {
     /// Make any bad record fatal instead of skipping and counting it.
     #[arg(long)]
     strict: bool,
+    /// System message for conversations that have none (instead of the template's default).
+    #[arg(long)]
+    system: Option<String>,
 }
 
 impl DataArgs {
@@ -239,6 +242,7 @@ impl DataArgs {
                 afinar::data::Overlong::Truncate
             },
             strict: self.strict,
+            system: self.system.clone(),
         })
     }
 }

@@ -445,3 +445,41 @@ fn empty_or_label_free_datasets_are_errors() {
     let err = data::prepare(&o, smol()).err().unwrap().to_string();
     assert!(err.contains("all 5 examples have empty labels"), "{err}");
 }
+
+#[test]
+fn a_default_system_message_replaces_the_templates_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "a.jsonl", conjugation_head(3).as_bytes());
+    let with_own = br#"{"messages": [{"role": "system", "content": "Mine."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#;
+    let g = write(dir.path(), "b.jsonl", with_own);
+    let mut o = opts(&[&f, &g]);
+    o.split = SplitFractions([1.0, 0.0, 0.0]);
+    let default = all_examples(&data::prepare(&o, smol()).unwrap());
+    o.system = Some("Conjugate.".into());
+    let short = all_examples(&data::prepare(&o, smol()).unwrap());
+    let tok = &smol().tokenizer;
+    let texts: Vec<String> = short
+        .iter()
+        .map(|(ids, _)| tok.decode(ids, false).unwrap())
+        .collect();
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| t.starts_with("<|im_start|>system\nConjugate.<|im_end|>"))
+            .count(),
+        3
+    );
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| t.starts_with("<|im_start|>system\nMine.<|im_end|>"))
+            .count(),
+        1,
+        "an example's own system message is kept"
+    );
+    let total = |v: &[(Vec<u32>, Vec<u8>)]| v.iter().map(|(i, _)| i.len()).sum::<usize>();
+    assert!(
+        total(&short) < total(&default),
+        "a short system message makes examples shorter"
+    );
+}

@@ -619,3 +619,46 @@ fn a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
     let state = std::fs::read_to_string(ckpts.last().unwrap().join("state.json")).unwrap();
     assert!(state.contains("\"step\": 2"));
 }
+
+#[test]
+fn packed_sequences_give_the_same_loss_as_one_example_at_a_time() {
+    // Block-diagonal attention and restarting positions make packing invisible to the loss.
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    let data = tmp.path().join("c.jsonl");
+    std::fs::write(&data, text.lines().take(40).collect::<Vec<_>>().join("\n")).unwrap();
+    let mdir = root().join("tests/fixtures/tiny-qwen2");
+    let side = afinar::model::TextSide::load(mdir.to_str().unwrap()).unwrap();
+    let model = Model::load(mdir.to_str().unwrap(), &Device::Cpu)
+        .unwrap()
+        .transformer;
+    let mut losses = Vec::new();
+    for packing in [afinar::data::Packing::Pack, afinar::data::Packing::Pad] {
+        let opts = afinar::data::PrepareOptions {
+            data: vec![data.clone()],
+            split: afinar::data::SplitFractions([1.0, 0.0, 0.0]),
+            max_seq_len: 256,
+            packing,
+            ..Default::default()
+        };
+        let p = afinar::data::prepare(&opts, &side).unwrap();
+        let path = tmp.path().join(format!("{packing:?}.bin"));
+        cache::write(&path, &p.splits["train"].packed).unwrap();
+        let file = TokenFile::open(&path).unwrap();
+        losses.push((
+            file.sequences(),
+            afinar::train::split_loss(&model, &file, 4, 0)
+                .unwrap()
+                .unwrap(),
+        ));
+    }
+    let ((packed_seqs, packed), (padded_seqs, padded)) = (losses[0], losses[1]);
+    assert!(
+        packed_seqs < padded_seqs,
+        "{packed_seqs} packed sequences vs {padded_seqs}"
+    );
+    assert!(
+        (packed - padded).abs() < 1e-5 * padded,
+        "packed {packed} vs padded {padded}"
+    );
+}

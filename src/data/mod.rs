@@ -46,6 +46,9 @@ pub struct PrepareOptions {
     pub packing: Packing,
     pub overlong: Overlong,
     pub strict: bool,
+    /// System message given to conversations that have none (Axolotl's
+    /// `default_system_message`); `None` leaves the template's own default.
+    pub system: Option<String>,
 }
 
 impl Default for PrepareOptions {
@@ -63,6 +66,7 @@ impl Default for PrepareOptions {
             packing: Packing::Pack,
             overlong: Overlong::Truncate,
             strict: false,
+            system: None,
         }
     }
 }
@@ -181,7 +185,19 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
     let mut items: Vec<(Item, usize)> = Vec::with_capacity(converted.len());
     for (res, fixed) in converted {
         match res {
-            Ok(item) => {
+            Ok(mut item) => {
+                if let (Some(sys), Example::Chat(turns)) = (&opts.system, &mut item.example) {
+                    if turns.first().is_none_or(|t| t.role != "system") {
+                        turns.insert(
+                            0,
+                            shapes::Turn {
+                                role: "system".into(),
+                                content: sys.clone(),
+                                train: false,
+                            },
+                        );
+                    }
+                }
                 let split = fixed.unwrap_or_else(|| opts.split.assign(&item.split_key, opts.seed));
                 items.push((item, split));
             }
@@ -263,11 +279,12 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
     }
     let mut splits = BTreeMap::new();
     for (i, (encs, ev)) in per_split.into_iter().zip(evals).enumerate() {
-        let packing = if i == 0 { opts.packing } else { Packing::Pad };
+        // Validation and test are packed like training: attention never crosses examples and
+        // positions restart, so their loss is the same as one example at a time, with less padding.
         let packed = pack::pack(
             encs,
             opts.max_seq_len,
-            packing,
+            opts.packing,
             opts.seed.wrapping_add(i as u64),
         );
         let stats = SplitStats::of(&packed);
@@ -400,6 +417,7 @@ fn settings_json(opts: &PrepareOptions) -> serde_json::Value {
         "packing": format!("{:?}", opts.packing).to_lowercase(),
         "overlong": format!("{:?}", opts.overlong).to_lowercase(),
         "strict": opts.strict,
+        "system": opts.system,
     })
 }
 

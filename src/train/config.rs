@@ -25,6 +25,8 @@ pub struct TrainConfig {
     pub split_key: String,
     /// Maximum tokens per packed training sequence.
     pub max_seq_len: usize,
+    /// System message for conversations that have none ("" = the chat template's default).
+    pub system: String,
     /// Run directory: config, metrics, checkpoints, final adapter.
     pub out: PathBuf,
     /// "lora" or "full".
@@ -79,6 +81,7 @@ impl Default for TrainConfig {
             split: "0.9,0.05,0.05".into(),
             split_key: String::new(),
             max_seq_len: 512,
+            system: String::new(),
             out: PathBuf::from("runs/afinar"),
             method: "lora".into(),
             lora_rank: 16,

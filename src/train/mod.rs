@@ -105,6 +105,7 @@ const RESUME_KEYS: &[&str] = &[
     "split",
     "split_key",
     "max_seq_len",
+    "system",
     "method",
     "lora_rank",
     "lora_alpha",
@@ -173,6 +174,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         split: cfg.split.parse()?,
         seed: cfg.seed,
         max_seq_len: cfg.max_seq_len,
+        system: (!cfg.system.is_empty()).then(|| cfg.system.clone()),
         ..Default::default()
     };
     let prepared = data::prepare_cached(&opts, &cfg.model, &text, &out.join("data"))?;

@@ -16,15 +16,23 @@ use afinar::train::{step_gradients, TrainConfig};
 use candle_core::{Device, Tensor, Var};
 use common::{golden, root};
 
-const MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use lora::ALL_LINEAR as MODULES;
+
+/// Largest absolute difference between two models' logits on `ids`.
+fn logit_gap(a: &Transformer, b: &Transformer, ids: &[u32]) -> f32 {
+    let ids = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    (a.forward(&ids, None).unwrap() - b.forward(&ids, None).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
 
 /// A token file with one example per sequence, every token after the first a target.
 fn token_file(dir: &Path, seqs: &[Vec<u32>], labels: Option<&[Vec<u8>]>) -> TokenFile {
@@ -162,37 +170,9 @@ fn tiny_batch(dir: &Path) -> TokenFile {
     token_file(dir, &seqs, Some(&labels))
 }
 
-#[test]
-fn every_trainable_parameter_receives_a_nonzero_gradient() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = tiny_batch(dir.path());
-    let (model, vars) = tiny_with_lora(0.0);
-    let opt = optimizer(vars);
-    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0).unwrap();
-    for (p, g) in opt.params.iter().zip(grads.unwrap()) {
-        let n = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(n > 0.0, "{} has a zero gradient", p.name);
-    }
-    // Full fine-tuning: every weight, norm and embedding too.
-    let mdir = root().join("tests/fixtures/tiny-qwen2");
-    let cfg = TrainConfig {
-        method: "full".into(),
-        ..TrainConfig::default()
-    };
-    assert_eq!(cfg.method, "full");
-    let mut model = Model::load(mdir.to_str().unwrap(), &Device::Cpu)
-        .unwrap()
-        .transformer;
-    let vars = afinar_full_vars(&mut model);
-    let opt = optimizer(vars);
-    let (grads, _, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0).unwrap();
-    assert!(opt.params.len() > 20);
+/// Checks that every parameter of `opt` gets a non-zero gradient on the tiny batch.
+fn assert_all_gradients_nonzero(model: &Transformer, opt: &AdamW, file: &TokenFile) {
+    let (grads, _, _) = step_gradients(model, opt, file, &[vec![0, 1, 2, 3]], 0).unwrap();
     for (p, g) in opt.params.iter().zip(grads.unwrap()) {
         let n = g
             .abs()
@@ -205,27 +185,25 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
     }
 }
 
-/// Every tensor of the model as a variable (what `method = "full"` trains).
-fn afinar_full_vars(m: &mut Transformer) -> Vec<(String, Var)> {
-    let mut out = Vec::new();
-    let mut var = |name: String, t: &mut Tensor| {
-        let v = Var::from_tensor(t).unwrap();
-        *t = v.as_tensor().clone();
-        out.push((name, v));
-    };
-    var("embed".into(), &mut m.embed_tokens);
-    var("norm".into(), &mut m.norm);
-    for (i, l) in m.layers.iter_mut().enumerate() {
-        var(format!("{i}.in_norm"), &mut l.input_layernorm);
-        var(format!("{i}.post_norm"), &mut l.post_attention_layernorm);
-    }
-    for (name, lin) in m.linears_mut() {
-        var(format!("{name}.weight"), &mut lin.weight);
-        if let Some(b) = lin.bias.as_mut() {
-            var(format!("{name}.bias"), b);
-        }
-    }
-    out
+#[test]
+fn every_trainable_parameter_receives_a_nonzero_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_batch(dir.path());
+    let (model, vars) = tiny_with_lora(0.0);
+    assert_all_gradients_nonzero(&model, &optimizer(vars), &file);
+    // Full fine-tuning (what `method = "full"` trains): every weight, norm and embedding too.
+    let mdir = root().join("tests/fixtures/tiny-qwen2");
+    let mut model = Model::load(mdir.to_str().unwrap(), &Device::Cpu)
+        .unwrap()
+        .transformer;
+    let vars: Vec<(String, Var)> = afinar::train::unfreeze_all(&mut model)
+        .unwrap()
+        .into_iter()
+        .map(|(n, v, _)| (n, v))
+        .collect();
+    let opt = optimizer(vars);
+    assert!(opt.params.len() > 20);
+    assert_all_gradients_nonzero(&model, &opt, &file);
 }
 
 #[test]
@@ -441,16 +419,7 @@ fn saved_adapters_load_back_and_refuse_another_model() {
     let base = Model::load("smollm2", &Device::Cpu).unwrap();
     let mut tuned = Model::load("smollm2", &Device::Cpu).unwrap();
     afinar::export::peft::load(&adapter, &mut tuned.transformer).unwrap();
-    let ids = Tensor::new(&[[1u32, 4093, 28, 253]], &Device::Cpu).unwrap();
-    let d = (base.transformer.forward(&ids, None).unwrap()
-        - tuned.transformer.forward(&ids, None).unwrap())
-    .unwrap()
-    .abs()
-    .unwrap()
-    .max_all()
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap();
+    let d = logit_gap(&base.transformer, &tuned.transformer, &[1, 4093, 28, 253]);
     assert!(d > 1e-3, "adapter has an effect ({d})");
     // The wrong base model: a clear error naming the adapter and the mismatch.
     let mut other = Model::load(
@@ -513,16 +482,7 @@ fn full_fine_tuning_writes_a_loadable_hugging_face_directory() {
     let original = Model::load(base.to_str().unwrap(), &Device::Cpu).unwrap();
     assert_eq!(tuned.config(), original.config());
     assert!(tuned.chat_template.is_some());
-    let ids = Tensor::new(&[[5u32, 17, 42, 9]], &Device::Cpu).unwrap();
-    let d = (tuned.transformer.forward(&ids, None).unwrap()
-        - original.transformer.forward(&ids, None).unwrap())
-    .unwrap()
-    .abs()
-    .unwrap()
-    .max_all()
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap();
+    let d = logit_gap(&tuned.transformer, &original.transformer, &[5, 17, 42, 9]);
     assert!(d > 1e-4, "weights changed ({d})");
 }
 

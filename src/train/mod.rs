@@ -486,7 +486,7 @@ fn cache_write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Turns every weight into a variable for full fine-tuning; weight decay skips norms and biases.
-fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
+pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
     let mut out = Vec::new();
     let mut var = |name: String, t: &mut Tensor, decay: bool| -> Result<()> {
         let v = Var::from_tensor(t)?;

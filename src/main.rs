@@ -447,14 +447,9 @@ fn run(cli: Cli) -> Result<()> {
                     out.display()
                 );
             }
-            let splits: Vec<_> = m
-                .splits
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
             print!(
                 "{}",
-                afinar::data::inspect::summary(&splits, &m.report, m.records)
+                afinar::data::inspect::summary(&m.splits, &m.report, m.records)
             );
         }
         Command::Data {
@@ -577,16 +572,11 @@ fn inspect(path: &std::path::Path, model: &str, split: &str) -> Result<()> {
         let dir = PreparedDir::open(path)?;
         let m = &dir.manifest;
         let text = TextSide::load(&m.model)?;
-        let splits: Vec<_> = m
-            .splits
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
         println!(
             "prepared for model {} (max-seq-len {})",
             m.model, m.settings["max_seq_len"]
         );
-        print!("{}", inspect::summary(&splits, &m.report, m.records));
+        print!("{}", inspect::summary(&m.splits, &m.report, m.records));
         let tokens = dir.split(split)?;
         if tokens.examples() > 0 {
             let r = tokens.example_range(0);
@@ -604,7 +594,7 @@ fn inspect(path: &std::path::Path, model: &str, split: &str) -> Result<()> {
             ..Default::default()
         };
         let p = afinar::data::prepare(&opts, &text)?;
-        let splits: Vec<_> = p
+        let splits = p
             .splits
             .iter()
             .map(|(k, v)| (k.clone(), v.stats.clone()))

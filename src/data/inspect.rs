@@ -2,6 +2,7 @@
 //! percentiles, truncated and skipped counts with reasons, the share of tokens that carry loss,
 //! and one example rendered with its loss mask made visible.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::model::TextTokenizer;
@@ -37,7 +38,7 @@ pub fn render_masked(tok: &TextTokenizer, ids: &[u32], labels: &[u8]) -> String 
 }
 
 /// The summary text for split statistics and the report.
-pub fn summary(splits: &[(String, SplitStats)], report: &Report, records: usize) -> String {
+pub fn summary(splits: &BTreeMap<String, SplitStats>, report: &Report, records: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "records parsed: {records}");
     let _ = writeln!(
@@ -46,7 +47,7 @@ pub fn summary(splits: &[(String, SplitStats)], report: &Report, records: usize)
         "split", "examples", "sequences", "tokens", "loss share"
     );
     for name in SPLITS {
-        if let Some((_, st)) = splits.iter().find(|(n, _)| n == name) {
+        if let Some(st) = splits.get(name) {
             let share = if st.tokens > 0 {
                 st.label_tokens as f64 / st.tokens as f64
             } else {

@@ -394,6 +394,13 @@ fn tune_malloc() {
 
 fn main() -> ExitCode {
     tune_malloc();
+    // Die quietly on a closed pipe (`afinar data inspect DIR | head`) as other Unix tools do,
+    // instead of panicking in print!.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

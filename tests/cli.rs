@@ -252,3 +252,18 @@ fn data_prepare_then_inspect_the_bundled_conjugation_set() {
         "{err}"
     );
 }
+
+#[test]
+fn a_closed_stdout_pipe_ends_quietly() {
+    // As in `afinar info | head -1`: the reader goes away before afinar prints.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_afinar"))
+        .args(["info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

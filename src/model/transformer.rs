@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::ModelConfig;
+use super::ops::attention::AttentionMask;
 use super::ops::frozen_matmul::frozen_matmul;
+use super::ops::lora_linear::lora_linear;
 use super::weights::Weights;
 use crate::Result;
 
@@ -34,15 +36,16 @@ pub struct LoraDropout {
 }
 
 impl LoraDropout {
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    /// The mask for an input of `n` elements, scaled by 1/(1 − p); `None` when dropout is off.
+    fn mask(&self, n: usize) -> Option<std::sync::Arc<Vec<f32>>> {
         let key = self.key.load(std::sync::atomic::Ordering::Relaxed);
         if self.p <= 0.0 || key == 0 {
-            return Ok(x.clone());
+            return None;
         }
         let mut rng =
             crate::infer::sampling::Rng::new(key ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keep = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = (0..x.elem_count())
+        let mask = (0..n)
             .map(|_| {
                 if (rng.next_f64() as f32) < self.p {
                     0.0
@@ -51,7 +54,14 @@ impl LoraDropout {
                 }
             })
             .collect();
-        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+        Some(std::sync::Arc::new(mask))
+    }
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self.mask(x.elem_count()) {
+            None => Ok(x.clone()),
+            Some(m) => Ok((x * Tensor::from_vec(m.to_vec(), x.shape(), x.device())?)?),
+        }
     }
 }
 
@@ -85,20 +95,35 @@ impl Linear {
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
         let x = x.reshape((rows, inp))?;
-        let y = if self.weight.is_variable() {
-            x.matmul(&self.weight.t()?)?
-        } else {
-            frozen_matmul(&x, &self.weight)?
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let fused = x.device().is_cpu() && x.dtype() == DType::F32 && !self.weight.is_variable();
         let y = match &self.lora {
-            Some(l) => {
-                (y + (l.dropout.apply(&x)?.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
+            Some(l) if fused => lora_linear(
+                &x,
+                &self.weight,
+                self.bias.as_ref(),
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scale,
+                l.dropout.mask(x.elem_count()),
+            )?,
+            _ => {
+                let y = if self.weight.is_variable() {
+                    x.matmul(&self.weight.t()?)?
+                } else {
+                    frozen_matmul(&x, &self.weight)?
+                };
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                match &self.lora {
+                    Some(l) => {
+                        (y + (l.dropout.apply(&x)?.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?
+                            * l.scale)?)?
+                    }
+                    None => y,
+                }
             }
-            None => y,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
@@ -109,11 +134,6 @@ impl Linear {
 /// RMSNorm `x / sqrt(mean(x²) + eps) * w`, differentiable (fused, hand-written backward).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(super::ops::rms_norm::rms_norm(x, weight, eps)?)
-}
-
-/// Softmax over the last dimension, differentiable (fused, hand-written backward).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    Ok(super::ops::softmax::softmax_last_dim(x)?)
 }
 
 /// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin` (fused, hand-written backward).
@@ -138,30 +158,17 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
+        mask: Option<&AttentionMask>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let n_rep = h / kvh;
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, h, d))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?;
-        let q = apply_rope(&q.contiguous()?, &rope.0, &rope.1)?;
-        let k = apply_rope(&k.contiguous()?, &rope.0, &rope.1)?;
-        let v = v.contiguous()?;
+        // Everything stays in the (b, t, heads, d) layout the projections write: no copies.
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?;
+        let q = apply_rope(&q, &rope.0, &rope.1)?;
+        let k = apply_rope(&k, &rope.0, &rope.1)?;
         let (k, v) = match cache {
             Some(c) => {
                 let (k, v) = c.append(&k, &v)?;
@@ -169,23 +176,9 @@ impl Attention {
             }
             None => (k, v),
         };
-        let total = k.dim(2)?;
-        // Grouped-query attention without copying K/V: the n_rep query heads that share one KV
-        // head are stacked along the sequence axis, so one batched matmul serves them all.
-        let q = q.reshape((b, kvh, n_rep * t, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?;
-        let probs = match mask {
-            Some(m) => super::ops::softmax::masked_softmax(&scores, m, scale)?,
-            None => softmax_last_dim(&(scores * scale)?)?,
-        };
-        let probs = probs.reshape((b, kvh, n_rep * t, total))?;
-        let out = probs.matmul(&v)?; // (b, kvh, n_rep*t, d)
-        let out = out
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
-        self.o_proj.forward(&out)
+        let out = super::ops::attention::attention(&q, &k, &v, mask, scale)?;
+        self.o_proj.forward(&out.reshape((b, t, h * d))?)
     }
 }
 
@@ -225,7 +218,7 @@ impl Cache {
     pub fn new(model: &Transformer) -> Self {
         Self {
             layers: (0..model.config.num_layers)
-                .map(|_| KvCache::new(2, 512))
+                .map(|_| KvCache::new(1, 512))
                 .collect(),
         }
     }
@@ -361,12 +354,12 @@ impl Transformer {
         self.embed_tokens.device()
     }
 
-    /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, 1, t, head_dim).
+    /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, t, 1, head_dim).
     fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(2)?;
         Ok((emb.cos()?, emb.sin()?))
     }
 
@@ -387,11 +380,12 @@ impl Transformer {
             self.config.hidden_size,
         ))?;
         let rope = self.rope_tables(positions)?;
+        let mask = mask.map(AttentionMask::new).transpose()?;
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            x = (x + layer.self_attn.forward(&h, &rope, mask, kv)?)?;
+            x = (x + layer.self_attn.forward(&h, &rope, mask.as_ref(), kv)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }

@@ -27,3 +27,58 @@ pub fn from_vec(v: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
 pub fn rows_per_task(cols: usize) -> usize {
     (16_384 / cols.max(1)).max(1)
 }
+
+/// Runs `f` on a tensor's f32 data without copying it when it is contiguous on the CPU (the
+/// backward passes read their saved inputs this way), else on a contiguous copy.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (s, l) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(c), Some((a, b))) = (&*s, l.contiguous_offsets()) {
+            return Ok(f(&c.as_slice::<f32>()?[a..b]));
+        }
+    }
+    Ok(f(&to_vec(t)?))
+}
+
+/// `dst (m×n) = [dst +] beta · lhs (m×k) · rhs (k×n)`, every operand given as (pointer, row
+/// stride, column stride) so transposed and interleaved views need no copy. `parallel` spreads
+/// one product over the thread pool; kernels that already run one product per task pass false.
+///
+/// # Safety
+/// The pointers must cover the strided extents given, and `dst` must not alias the operands.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    parallel: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        if parallel {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        },
+    )
+}

@@ -3,12 +3,13 @@
 //! because the composition of differentiable ops costs memory and passes that training pays for
 //! at every step.
 
+pub mod attention;
 pub mod cpu;
 pub mod cross_entropy;
 pub mod frozen_matmul;
+pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;
-pub mod softmax;
 pub mod swiglu;
 
 /// Checks the gradient of `L = Σ f(x) ⊙ c` (c a fixed random tensor) with respect to `x`

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::cpu::{f32_slice, from_vec, to_vec};
 
-/// x (b, h, t, d); cos and sin (b or 1, 1, t, d).
+/// x (b, t, h, d), as the projections write it; cos and sin (b or 1, t, 1, d).
 struct Rope;
 
 fn rope_rows(
@@ -19,7 +19,7 @@ fn rope_rows(
     dims: (usize, usize, usize, usize),
     inverse: bool,
 ) -> Vec<f32> {
-    let (_, h, t, d) = dims;
+    let (_, t, h, d) = dims;
     let half = d / 2;
     let table_batches = cos.len() / (t * d);
     let mut y = vec![0f32; x.len()];
@@ -27,7 +27,7 @@ fn rope_rows(
         .zip(x.par_chunks(d))
         .enumerate()
         .for_each(|(r, (yr, xr))| {
-            let (bi, ti) = (r / (h * t), r % t);
+            let (bi, ti) = (r / (t * h), (r / h) % t);
             let tb = if table_batches == 1 { 0 } else { bi };
             let off = (tb * t + ti) * d;
             let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
@@ -85,7 +85,7 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// Applies RoPE to `x` (b, h, t, d) with tables (b or 1, 1, t, d); differentiable in `x`
+/// Applies RoPE to `x` (b, t, h, d) with tables (b or 1, t, 1, d); differentiable in `x`
 /// (the tables are constants). Off the CPU, the composition of candle ops.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
@@ -108,8 +108,8 @@ mod tests {
     #[test]
     fn matches_reference_and_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 3, 4, 6), &dev)?;
-        let ang = Tensor::randn(0f32, 1., (2, 1, 4, 6), &dev)?;
+        let x = Tensor::randn(0f32, 1., (2, 4, 3, 6), &dev)?;
+        let ang = Tensor::randn(0f32, 1., (2, 4, 1, 6), &dev)?;
         let (cos, sin) = (ang.cos()?, ang.sin()?);
         let x1 = x.narrow(D::Minus1, 0, 3)?;
         let x2 = x.narrow(D::Minus1, 3, 3)?;

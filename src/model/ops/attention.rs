@@ -44,6 +44,13 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// The pointer; a method so closures capture the whole `Shared` (which is `Send`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
@@ -87,7 +94,6 @@ impl Attention {
                 let qp = q[(bi * t * h + hi) * d..].as_ptr();
                 let kp = k[(bi * total * kvh + g) * d..].as_ptr();
                 let vp = v[(bi * total * kvh + g) * d..].as_ptr();
-                let out_ptr = out_ptr;
                 unsafe {
                     // S = scale · Q Kᵀ
                     gemm(
@@ -116,7 +122,7 @@ impl Attention {
                     // O = P V, written at (bi, ·, hi, ·)
                     gemm(
                         (t, d, total),
-                        (out_ptr.0.add((bi * t * h + hi) * d), h * d, 1),
+                        (out_ptr.get().add((bi * t * h + hi) * d), h * d, 1),
                         false,
                         (p.as_ptr(), total, 1),
                         (vp, kvh * d, 1),
@@ -150,7 +156,6 @@ impl Attention {
         // dK and dV rows, so they run in one task.
         (0..b * kvh).into_par_iter().for_each(|bg| {
             let (bi, g) = (bg / kvh, bg % kvh);
-            let (dqp, dkp, dvp) = (dqp, dkp, dvp);
             let kvo = (bi * total * kvh + g) * d;
             let mut ds = vec![0f32; t * total];
             for hi in g * n_rep..(g + 1) * n_rep {
@@ -182,7 +187,7 @@ impl Attention {
                     // dQ = dS K
                     gemm(
                         (t, d, total),
-                        (dqp.0.add(qo), h * d, 1),
+                        (dqp.get().add(qo), h * d, 1),
                         false,
                         (ds.as_ptr(), total, 1),
                         (k[kvo..].as_ptr(), kvh * d, 1),
@@ -192,7 +197,7 @@ impl Attention {
                     // dK += dSᵀ Q
                     gemm(
                         (total, d, t),
-                        (dkp.0.add(kvo), kvh * d, 1),
+                        (dkp.get().add(kvo), kvh * d, 1),
                         true,
                         (ds.as_ptr(), 1, total),
                         (q[qo..].as_ptr(), h * d, 1),
@@ -202,7 +207,7 @@ impl Attention {
                     // dV += Pᵀ dO
                     gemm(
                         (total, d, t),
-                        (dvp.0.add(kvo), kvh * d, 1),
+                        (dvp.get().add(kvo), kvh * d, 1),
                         true,
                         (p.as_ptr(), 1, total),
                         (dout[qo..].as_ptr(), h * d, 1),

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::ModelConfig;
-use super::ops::attention::AttentionMask;
+use super::ops::attention::{AttentionMask, Heads};
 use super::ops::frozen_matmul::frozen_matmul;
 use super::ops::lora_linear::lora_linear;
 use super::weights::Weights;
@@ -94,7 +94,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
-        let x = x.reshape((rows, inp))?;
+        // A reshape is a graph node whose backward copies the gradient: none for 2-D inputs.
+        let x = if dims.len() == 2 {
+            x.clone()
+        } else {
+            x.reshape((rows, inp))?
+        };
         let fused = x.device().is_cpu() && x.dtype() == DType::F32 && !self.weight.is_variable();
         let y = match &self.lora {
             Some(l) if fused => lora_linear(
@@ -125,6 +130,9 @@ impl Linear {
                 }
             }
         };
+        if dims.len() == 2 {
+            return Ok(y);
+        }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
@@ -154,31 +162,38 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// `x` is (b·t, hidden).
     fn forward(
         &self,
         x: &Tensor,
+        b: usize,
         rope: &(Tensor, Tensor),
         mask: Option<&AttentionMask>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // Everything stays in the (b, t, heads, d) layout the projections write: no copies.
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, d))?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, d))?;
-        let q = apply_rope(&q, &rope.0, &rope.1)?;
-        let k = apply_rope(&k, &rope.0, &rope.1)?;
+        // Everything stays 2-D, (b·t, heads·d), the layout the projections write: no copies,
+        // and no reshape nodes whose backward would copy the gradient.
+        let q = apply_rope(&self.q_proj.forward(x)?, &rope.0, &rope.1)?;
+        let k = apply_rope(&self.k_proj.forward(x)?, &rope.0, &rope.1)?;
+        let v = self.v_proj.forward(x)?;
         let (k, v) = match cache {
             Some(c) => {
-                let (k, v) = c.append(&k, &v)?;
+                let (k, v) =
+                    c.append(&k.reshape((b, (), kvh * d))?, &v.reshape((b, (), kvh * d))?)?;
                 (k.contiguous()?, v.contiguous()?)
             }
             None => (k, v),
         };
+        let heads = Heads {
+            batch: b,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+        };
         let scale = 1.0 / (d as f64).sqrt();
-        let out = super::ops::attention::attention(&q, &k, &v, mask, scale)?;
-        self.o_proj.forward(&out.reshape((b, t, h * d))?)
+        let out = super::ops::attention::attention(&q, &k, &v, mask, scale, heads)?;
+        self.o_proj.forward(&out)
     }
 }
 
@@ -374,22 +389,21 @@ impl Transformer {
         mut cache: Option<&mut Cache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((
-            b,
-            t,
-            self.config.hidden_size,
-        ))?;
+        // (b·t, hidden) until the end: see `Attention::forward`.
+        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?;
         let rope = self.rope_tables(positions)?;
         let mask = mask.map(AttentionMask::new).transpose()?;
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            x = (x + layer.self_attn.forward(&h, &rope, mask.as_ref(), kv)?)?;
+            x = (x + layer.self_attn.forward(&h, b, &rope, mask.as_ref(), kv)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        rms_norm(&x, &self.norm, eps)
+        rms_norm(&x, &self.norm, eps)?
+            .reshape((b, t, self.config.hidden_size))
+            .map_err(Into::into)
     }
 
     /// Projects hidden states (..., hidden) to vocabulary logits (..., vocab).

@@ -290,24 +290,48 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Attention of `q` (b, t, h, d) over `k`, `v` (b, T, kvh, d) with an additive `mask`
-/// (b or 1, t, T) or none (every key visible); returns (b, t, h, d). Differentiable in q, k and
-/// v. Off the CPU, the composition of candle ops.
+/// Head counts and batch size, which the (b·t, heads·d) layout does not carry.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Attention of `q` over `k`, `v`, laid out (b, t, h, d) and (b, T, kvh, d) whatever their
+/// rank (the model passes (b·t, h·d)), with an additive `mask` (b or 1, t, T) or none (every
+/// key visible); the output has `q`'s shape and layout. Differentiable in q, k and v. Off the
+/// CPU, the composition of candle ops.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&AttentionMask>,
     scale: f64,
+    heads: Heads,
 ) -> Result<Tensor> {
-    let (b, t, h, d) = q.dims4()?;
-    let (_, total, kvh, _) = k.dims4()?;
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+    } = heads;
+    let t = q.elem_count() / (b * h * d);
+    let total = k.elem_count() / (b * kvh * d);
     let mask_data = mask.and_then(|m| m.data.clone());
     if !q.device().is_cpu()
         || q.dtype() != candle_core::DType::F32
         || (mask.is_some() && mask_data.is_none())
     {
-        return attention_reference(q, k, v, mask.map(|m| &m.tensor), scale);
+        let out = attention_reference(
+            &q.reshape((b, t, h, d))?,
+            &k.reshape((b, total, kvh, d))?,
+            &v.reshape((b, total, kvh, d))?,
+            mask.map(|m| &m.tensor),
+            scale,
+        )?;
+        return out.reshape(q.shape());
     }
     let op = Attention {
         scale: scale as f32,
@@ -406,24 +430,35 @@ mod tests {
         let mask = packed_mask(b, t, &dev)?;
         let m = AttentionMask::new(&mask)?;
         let scale = 0.4;
-        let got = attention(&q, &k, &v, Some(&m), scale)?;
+        let hd = Heads {
+            batch: b,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+        };
+        let got = attention(&q, &k, &v, Some(&m), scale, hd)?;
         let want = attention_reference(&q, &k, &v, Some(&mask), scale)?;
         assert!(max_diff(&got, &want) < 1e-5);
         // Without a mask, and with more keys than queries (a KV cache).
         let k2 = Tensor::randn(0f32, 1., (b, t + 3, kvh, d), &dev)?;
         let v2 = Tensor::randn(0f32, 1., (b, t + 3, kvh, d), &dev)?;
-        let got = attention(&q, &k2, &v2, None, scale)?;
+        let got = attention(&q, &k2, &v2, None, scale, hd)?;
         let want = attention_reference(&q, &k2, &v2, None, scale)?;
         assert!(max_diff(&got, &want) < 1e-5);
+        // The model's (b·t, heads·d) layout gives the same numbers.
+        let flat = |x: &Tensor| x.reshape((b * x.dim(1).unwrap(), ())).unwrap();
+        let got = attention(&flat(&q), &flat(&k), &flat(&v), Some(&m), scale, hd)?;
+        let want = attention_reference(&q, &k, &v, Some(&mask), scale)?;
+        assert!(max_diff(&got.reshape(want.shape())?, &want) < 1e-5);
 
         fd_check(&Var::from_tensor(&q)?, |x| {
-            attention(x, &k, &v, Some(&m), scale)
+            attention(x, &k, &v, Some(&m), scale, hd)
         })?;
         fd_check(&Var::from_tensor(&k)?, |x| {
-            attention(&q, x, &v, Some(&m), scale)
+            attention(&q, x, &v, Some(&m), scale, hd)
         })?;
         fd_check(&Var::from_tensor(&v)?, |x| {
-            attention(&q, &k, x, Some(&m), scale)
+            attention(&q, &k, x, Some(&m), scale, hd)
         })
     }
 }

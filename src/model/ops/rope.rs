@@ -9,17 +9,20 @@ use rayon::prelude::*;
 
 use super::cpu::{f32_slice, from_vec, to_vec};
 
-/// x (b, t, h, d), as the projections write it; cos and sin (b or 1, t, 1, d).
-struct Rope;
+/// x laid out (b, t, h, d), as the projections write it; cos and sin (b or 1, t, 1, d).
+struct Rope {
+    t: usize,
+    h: usize,
+    d: usize,
+}
 
 fn rope_rows(
     x: &[f32],
     cos: &[f32],
     sin: &[f32],
-    dims: (usize, usize, usize, usize),
+    &Rope { t, h, d }: &Rope,
     inverse: bool,
 ) -> Vec<f32> {
-    let (_, t, h, d) = dims;
     let half = d / 2;
     let table_batches = cos.len() / (t * d);
     let mut y = vec![0f32; x.len()];
@@ -60,12 +63,11 @@ impl CustomOp3 for Rope {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = xl.shape().dims4()?;
         let y = rope_rows(
             f32_slice(xs, xl)?,
             f32_slice(cs, cl)?,
             f32_slice(ss, sl)?,
-            dims,
+            self,
             false,
         );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -79,24 +81,31 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dims = dy.dims4()?;
-        let dx = rope_rows(&to_vec(dy)?, &to_vec(cos)?, &to_vec(sin)?, dims, true);
+        let dx = rope_rows(&to_vec(dy)?, &to_vec(cos)?, &to_vec(sin)?, self, true);
         Ok((Some(from_vec(dx, dy.shape(), dy)?), None, None))
     }
 }
 
-/// Applies RoPE to `x` (b, t, h, d) with tables (b or 1, t, 1, d); differentiable in `x`
-/// (the tables are constants). Off the CPU, the composition of candle ops.
+/// Applies RoPE to `x`, shaped (b, t, h, d) or (b·t, h·d), with tables (b or 1, t, 1, d);
+/// differentiable in `x` (the tables are constants). Off the CPU, the composition of candle ops.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, t, _, d) = cos.dims4()?;
+    let h = if x.rank() == 4 {
+        x.dim(2)?
+    } else {
+        x.dim(candle_core::D::Minus1)? / d
+    };
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
-        let half = x.dim(candle_core::D::Minus1)? / 2;
-        let x1 = x.narrow(candle_core::D::Minus1, 0, half)?;
-        let x2 = x.narrow(candle_core::D::Minus1, half, half)?;
+        let x4 = x.reshape(((), t, h, d))?;
+        let half = d / 2;
+        let x1 = x4.narrow(candle_core::D::Minus1, 0, half)?;
+        let x2 = x4.narrow(candle_core::D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], candle_core::D::Minus1)?;
-        return x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?;
+        let y = (x4.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+        return y.reshape(x.shape());
     }
     x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { t, h, d })
 }
 
 #[cfg(test)]
@@ -116,7 +125,16 @@ mod tests {
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         let want = (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
         let got = apply_rope(&x, &cos, &sin)?;
-        assert!((got - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        assert!((got - want.clone())?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        // The same data as (b·t, h·d), the layout the model uses.
+        let flat = apply_rope(&x.reshape((8, 18))?, &cos, &sin)?;
+        assert!(
+            (flat.reshape(want.shape())? - want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                < 1e-6
+        );
         fd_check(&Var::from_tensor(&x)?, |t| apply_rope(t, &cos, &sin))
     }
 }

@@ -1,14 +1,17 @@
 //! afinar: fine-tune open language models on your own data and serve the result.
 //!
-//! The crate follows the pipeline a user walks through, one folder per step:
-//! `model` (load weights, tokenizer and chat template), `infer` (sampling and generation).
-//! Data preparation, training, evaluation, serving and export follow the same pattern.
+//! The crate follows the pipeline a user walks through, one folder per step: `data` (load,
+//! template, tokenize, split, pack), `model` (weights, tokenizer, chat template, fused ops),
+//! `train`, `eval`, `infer` (sampling, generation) and `export` (PEFT adapters, merged models);
+//! `quickstart` runs them all in one go.
 
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod infer;
 pub mod model;
+pub mod quickstart;
 pub mod train;
 
 pub use error::{Error, Result};

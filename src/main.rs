@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 
+use afinar::infer::scripts::{parse_scripts, ScriptFilter};
 use afinar::infer::{generate, GenerateOptions, SamplingParams};
 use afinar::model::{source::DEFAULT_MODEL, Message, Model, TextSide};
 
@@ -63,6 +64,12 @@ enum Command {
     },
     /// Fine-tune a model (LoRA by default) from a TOML config, flags and --set overrides.
     Train(TrainArgs),
+    /// Evaluate a model or adapter on a split: loss, perplexity and generation metrics, with
+    /// --compare-base side by side with the base model.
+    Eval(EvalArgs),
+    /// The whole pipeline on the bundled Spanish conjugation data (or --data): fetch the model,
+    /// prepare, evaluate the base model, train LoRA (~10 min), evaluate again, report.
+    Quickstart(QuickstartArgs),
     /// Measure speed; prints a `RESULT {json}` line last, as ../shared/bench does.
     Bench {
         #[command(subcommand)]
@@ -145,6 +152,79 @@ impl TrainArgs {
         put("seed", self.seed.map(|v| v.to_string()));
         o
     }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Data file(s) or folder; defaults to the training data of the adapter's run.
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Split to evaluate: test, validation or train.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Comma-separated metrics: loss, perplexity, exact_match, accuracy, chrf, rouge_l.
+    #[arg(
+        long,
+        default_value = "loss,perplexity,exact_match,accuracy,chrf,rouge_l"
+    )]
+    metrics: String,
+    /// Generate for the first N examples of the split only (0 = all); loss covers the split.
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Prompts generated together (greedy decoding, left-padded).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Also evaluate the base model and show both side by side.
+    #[arg(long)]
+    compare_base: bool,
+    /// Write every metric with its count and the settings to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Directory for examples.jsonl (default: RUN/eval for an adapter from `afinar train`,
+    /// else ./eval).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only let generation write letters of these Unicode scripts, e.g. Latin (Common —
+    /// digits, punctuation, spaces — and Inherited are always allowed).
+    #[arg(long)]
+    allowed_scripts: Option<String>,
+    /// System message for conversations without one (default: the adapter's run's setting).
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct QuickstartArgs {
+    /// Training time budget in minutes (the step count that fits, at most one epoch).
+    #[arg(long, conflicts_with = "steps")]
+    minutes: Option<f64>,
+    /// Train exactly this many steps instead of a time budget.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Your own data instead of the bundled conjugation set (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Model (default: the recipe's, smollm2).
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Run directory.
+    #[arg(long, default_value = "runs/quickstart")]
+    out: PathBuf,
+    /// Test examples generated for, before and after (0 = the whole test split).
+    #[arg(long, default_value_t = 200)]
+    eval_limit: usize,
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Override any key of configs/quickstart.toml, e.g. --set lr=5e-4 (repeatable).
+    #[arg(long = "set")]
+    set: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -311,7 +391,7 @@ impl ModelArg {
     fn load(&self, device: &Device) -> Result<Model> {
         let mut m = Model::load(&self.model, device)?;
         if let Some(dir) = &self.adapter {
-            afinar::export::peft::load(dir, &mut m.transformer)?;
+            afinar::export::peft::load(dir, &mut m.transformer, &self.model)?;
         }
         Ok(m)
     }
@@ -337,11 +417,23 @@ struct SamplingArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Only let the model write letters of these Unicode scripts, e.g. Latin or Latin,Greek
+    /// (Common — digits, punctuation, spaces — and Inherited are always allowed).
+    #[arg(long)]
+    allowed_scripts: Option<String>,
 }
 
 impl SamplingArgs {
-    fn options(&self) -> GenerateOptions {
-        GenerateOptions {
+    fn options(&self, model: &Model) -> Result<GenerateOptions> {
+        let scripts = match &self.allowed_scripts {
+            Some(list) => Some(std::sync::Arc::new(ScriptFilter::new(
+                &model.tokenizer,
+                parse_scripts(list)?,
+            ))),
+            None => None,
+        };
+        Ok(GenerateOptions {
+            scripts,
             max_new_tokens: self.max_new_tokens,
             sampling: SamplingParams {
                 temperature: self.temperature,
@@ -351,7 +443,7 @@ impl SamplingArgs {
                 seed: self.seed,
             },
             stop_at_end_token: true,
-        }
+        })
     }
 }
 
@@ -524,6 +616,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             println!("{}", serde_json::to_string(&summary)?);
         }
+        Command::Eval(args) => cmd_eval(args)?,
+        Command::Quickstart(args) => cmd_quickstart(args)?,
         Command::Bench {
             what:
                 BenchCommand::Train {
@@ -555,6 +649,161 @@ fn run(cli: Cli) -> Result<()> {
         } => bench_infer(&model.model, runs, json, &device)?,
     }
     Ok(())
+}
+
+fn cmd_eval(args: EvalArgs) -> Result<()> {
+    use afinar::eval::{self, metrics, EvalOptions};
+    let metrics = metrics::parse_list(&args.metrics).map_err(anyhow::Error::msg)?;
+    let run = args.model.adapter.as_deref().and_then(eval::run_dir_of);
+    // The adapter's run fixes the data settings (split, seed, template options), so the test
+    // split is the one training never saw.
+    let mut prepare = match &run {
+        Some(dir) => afinar::train::TrainConfig::load(Some(&dir.join("config.toml")), &[])?
+            .prepare_options()?,
+        None => afinar::data::PrepareOptions::default(),
+    };
+    if !args.data.is_empty() {
+        prepare.data = args.data.clone();
+    }
+    if prepare.data.is_empty() {
+        anyhow::bail!(
+            "no data: give --data FILE (or an --adapter from `afinar train`, whose data is used)"
+        );
+    }
+    if args.system.is_some() {
+        prepare.system = args.system.clone();
+    }
+    let out = args.out.clone().unwrap_or_else(|| match &run {
+        Some(dir) => dir.join("eval"),
+        None => PathBuf::from("eval"),
+    });
+    let opts = EvalOptions {
+        model: args.model.model.clone(),
+        adapter: args.model.adapter.clone(),
+        prepare,
+        split: args.split.clone(),
+        metrics,
+        limit: args.limit,
+        max_new_tokens: args.max_new_tokens,
+        batch_size: args.batch_size,
+        compare_base: args.compare_base,
+        allowed_scripts: match &args.allowed_scripts {
+            Some(l) => parse_scripts(l)?,
+            None => vec![],
+        },
+        data_dir: match &run {
+            Some(dir) => dir.join("data"),
+            None => out.join("data"),
+        },
+        out: out.clone(),
+    };
+    let report = eval::evaluate(&opts, |m| eprintln!("{m}"))?;
+    print!("{}", eval::report::table(&report));
+    eprintln!("examples → {}", out.join("examples.jsonl").display());
+    if let Some(p) = &args.json {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("metrics → {}", p.display());
+    }
+    if let Some(p) = &args.report {
+        std::fs::write(p, eval::report::html(&report))
+            .with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("report → {}", p.display());
+    }
+    Ok(())
+}
+
+fn cmd_quickstart(args: QuickstartArgs) -> Result<()> {
+    let mut set = vec![format!("out={:?}", args.out.display().to_string())];
+    if let Some(m) = &args.model {
+        set.push(format!("model={m:?}"));
+    }
+    if !args.data.is_empty() {
+        let files: Vec<String> = args.data.iter().map(|p| p.display().to_string()).collect();
+        set.push(format!("data={files:?}"));
+        // The bundled set's grouping field; other data may not have it.
+        set.push("split_key=\"\"".into());
+    }
+    if let Some(m) = args.minutes {
+        set.push(format!("max_minutes={m}"));
+    }
+    if let Some(n) = args.steps {
+        set.push(format!("max_steps={n}"));
+        set.push("max_minutes=0".into());
+    }
+    set.extend(args.set.iter().cloned());
+    let r = afinar::quickstart::run(&afinar::quickstart::QuickstartOptions {
+        set,
+        eval_limit: args.eval_limit,
+        max_new_tokens: args.max_new_tokens,
+        batch_size: 16,
+    })?;
+    eprintln!(
+        "\n[6/6] before and after (test split{})",
+        if r.config.split_key.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": its {} values never appear in training",
+                r.config.split_key
+            )
+        }
+    );
+    print!("{}", afinar::eval::report::table(&r.report));
+    let c = &r.config;
+    let system = if c.system.is_empty() {
+        String::new()
+    } else {
+        format!(" --system {}", shell_quote(&c.system))
+    };
+    let example = r
+        .report
+        .examples
+        .first()
+        .map_or("Hola".to_string(), |e| e.prompt.clone());
+    println!("\nreport   {}", r.report_html.display());
+    println!("metrics  {}", r.report_json.display());
+    println!("adapter  {} (PEFT format)", r.adapter.display());
+    println!("\nchat with the tuned model:");
+    println!(
+        "  afinar chat --model {} --adapter {}{system} --temperature 0",
+        c.model,
+        r.adapter.display()
+    );
+    println!("one answer:");
+    println!(
+        "  afinar generate --model {} --adapter {}{system} --temperature 0 --prompt {}",
+        c.model,
+        r.adapter.display(),
+        shell_quote(&example)
+    );
+    println!("evaluate it again, side by side with the base model:");
+    println!(
+        "  afinar eval --model {} --adapter {} --compare-base --limit {} --report report.html",
+        c.model,
+        r.adapter.display(),
+        args.eval_limit
+    );
+    Ok(())
+}
+
+/// Quotes `s` for a POSIX shell command line: '…', or bash's $'…' when it holds newlines.
+fn shell_quote(s: &str) -> String {
+    if s.contains(['\n', '\t']) {
+        let body: String = s
+            .chars()
+            .map(|c| match c {
+                '\n' => "\\n".to_string(),
+                '\t' => "\\t".to_string(),
+                '\\' => "\\\\".to_string(),
+                '\'' => "\\'".to_string(),
+                c => c.to_string(),
+            })
+            .collect();
+        format!("$'{body}'")
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Prints the first example of a split with its loss-carrying text marked.
@@ -662,7 +911,7 @@ fn print_info(i: &afinar::model::ModelInfo) {
 
 fn cmd_generate(args: GenerateArgs, device: &Device) -> Result<()> {
     let model = args.model.load(device)?;
-    let opts = args.sampling.options();
+    let opts = args.sampling.options(&model)?;
     opts.sampling.validate()?;
     let prompt = if args.chat || args.system.is_some() {
         let mut messages = Vec::new();
@@ -703,7 +952,7 @@ fn cmd_chat(
             spec.model
         );
     }
-    let opts = sampling.options();
+    let opts = sampling.options(&model)?;
     opts.sampling.validate()?;
     let base: Vec<Message> = system
         .map(|s| vec![Message::new("system", s)])
@@ -808,6 +1057,7 @@ fn bench_infer(
         max_new_tokens: 128,
         sampling: SamplingParams::default(),
         stop_at_end_token: false,
+        scripts: None,
     };
     let mut walls = Vec::new();
     let mut after_first = Vec::new();

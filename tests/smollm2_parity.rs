@@ -58,6 +58,7 @@ fn greedy_continuation_matches_transformers() {
         max_new_tokens: 32,
         sampling: SamplingParams::default(),
         stop_at_end_token: false,
+        scripts: None,
     };
     for rec in g["logits"].as_array().unwrap() {
         let prompt = ids(&rec["ids"]);
@@ -143,7 +144,7 @@ fn streamed_text_equals_final_text() {
             seed: 3,
             ..Default::default()
         },
-        stop_at_end_token: true,
+        ..Default::default()
     };
     let mut streamed = String::new();
     let out = generate(model, &prompt, &opts, |p| streamed.push_str(p)).unwrap();

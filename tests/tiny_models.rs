@@ -51,6 +51,7 @@ fn tiny_models_match_transformers() {
                 max_new_tokens: 16,
                 sampling: SamplingParams::default(),
                 stop_at_end_token: false,
+                scripts: None,
             };
             let out = generate(&model, &prompt, &opts, |_| {}).unwrap();
             assert_eq!(

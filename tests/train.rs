@@ -418,20 +418,21 @@ fn saved_adapters_load_back_and_refuse_another_model() {
     // The adapter changes the model's output.
     let base = Model::load("smollm2", &Device::Cpu).unwrap();
     let mut tuned = Model::load("smollm2", &Device::Cpu).unwrap();
-    afinar::export::peft::load(&adapter, &mut tuned.transformer).unwrap();
+    afinar::export::peft::load(&adapter, &mut tuned.transformer, "smollm2").unwrap();
     let d = logit_gap(&base.transformer, &tuned.transformer, &[1, 4093, 28, 253]);
     assert!(d > 1e-3, "adapter has an effect ({d})");
     // The wrong base model: a clear error naming the adapter and the mismatch.
-    let mut other = Model::load(
-        root().join("tests/fixtures/tiny-mistral").to_str().unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let err = afinar::export::peft::load(&adapter, &mut other.transformer)
-        .unwrap_err()
-        .to_string();
+    let mistral = root().join("tests/fixtures/tiny-mistral");
+    let mut other = Model::load(mistral.to_str().unwrap(), &Device::Cpu).unwrap();
+    let err =
+        afinar::export::peft::load(&adapter, &mut other.transformer, mistral.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+    // Names the adapter, the model it was given, and the base it was trained on.
     assert!(err.contains("adapter does not fit the model"), "{err}");
     assert!(err.contains(adapter.to_str().unwrap()), "{err}");
+    assert!(err.contains(mistral.to_str().unwrap()), "{err}");
+    assert!(err.contains("SmolLM2-135M-Instruct"), "{err}");
 }
 
 #[test]

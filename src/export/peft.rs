@@ -56,8 +56,9 @@ pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Resul
 }
 
 /// Loads a PEFT LoRA adapter into `model` (frozen: for inference and evaluation). Errors name
-/// the adapter and the model when shapes or module names do not fit.
-pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
+/// the adapter, the base it was trained on and `model_name` when shapes or module names do not
+/// fit.
+pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<AdapterConfig> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
         Error::bad_file(
@@ -81,6 +82,18 @@ pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
     } else {
         cfg.lora_alpha / cfg.r as f64
     };
+    let trained_on = cfg
+        .base_model_name_or_path
+        .clone()
+        .unwrap_or_else(|| "an unrecorded base model".into());
+    let misfit = |what: String| {
+        Error::bad_file(
+            dir,
+            format!(
+                "adapter does not fit the model {model_name}: {what} (the adapter was trained on {trained_on})"
+            ),
+        )
+    };
     let mut attached = 0;
     for (name, lin) in model.linears_mut() {
         let a = tensors.remove(&format!("{PREFIX}{name}.lora_A.weight"));
@@ -88,14 +101,11 @@ pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
         let (Some(a), Some(b)) = (a, b) else { continue };
         let (out, inp) = lin.weight.dims2()?;
         if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
-            return Err(Error::bad_file(
-                dir,
-                format!(
-                    "adapter does not fit the model: {name} is {out}×{inp} but the adapter has A {:?} and B {:?} (trained for another base model?)",
-                    a.dims(),
-                    b.dims()
-                ),
-            ));
+            return Err(misfit(format!(
+                "{name} is {out}×{inp} but the adapter has A {:?} and B {:?}",
+                a.dims(),
+                b.dims()
+            )));
         }
         lin.lora = Some(LoraAdapter {
             a: Var::from_tensor(&a.to_dtype(candle_core::DType::F32)?)?,
@@ -106,16 +116,12 @@ pub fn load(dir: &Path, model: &mut Transformer) -> Result<AdapterConfig> {
         attached += 1;
     }
     if attached == 0 {
-        return Err(Error::bad_file(
-            dir,
-            "adapter does not fit the model: none of its module names match the model's layers",
+        return Err(misfit(
+            "none of its module names match the model's layers".into(),
         ));
     }
     if let Some(extra) = tensors.keys().next() {
-        return Err(Error::bad_file(
-            dir,
-            format!("adapter does not fit the model: tensor {extra} has no matching module"),
-        ));
+        return Err(misfit(format!("tensor {extra} has no matching module")));
     }
     Ok(cfg)
 }

@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::sampling::{Sampler, SamplingParams};
+use super::scripts::ScriptFilter;
 use crate::model::tokenizer::TokenStream;
 use crate::model::transformer::Cache;
 use crate::model::Model;
@@ -19,6 +20,8 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Stop at the model's end tokens (EOS, end-of-turn). Benchmarks turn this off.
     pub stop_at_end_token: bool,
+    /// Only write letters of these scripts (`--allowed-scripts`).
+    pub scripts: Option<std::sync::Arc<ScriptFilter>>,
 }
 
 impl Default for GenerateOptions {
@@ -27,6 +30,7 @@ impl Default for GenerateOptions {
             max_new_tokens: 256,
             sampling: SamplingParams::default(),
             stop_at_end_token: true,
+            scripts: None,
         }
     }
 }
@@ -85,11 +89,19 @@ pub fn generate(
     let start = Instant::now();
     let mut prefill_secs = 0.0;
     let mut finish_reason = FinishReason::Length;
+    let mut pending: Vec<u8> = Vec::new();
     let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
     for step in 0..budget {
         let logits = model.transformer.forward_last(&input, Some(&mut cache))?;
         let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let next = sampler.sample(&mut logits, &history);
+        let next = match &opts.scripts {
+            Some(f) => {
+                let id = f.choose(&logits, &pending, |l| sampler.sample(l, &history));
+                pending = f.pending_after(&pending, id);
+                id
+            }
+            None => sampler.sample(&mut logits, &history),
+        };
         if step == 0 {
             prefill_secs = start.elapsed().as_secs_f64();
         }

@@ -43,6 +43,10 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Optimiser steps; 0 = as many as `epochs` take.
     pub max_steps: usize,
+    /// Time budget in minutes (0 = none): after the first steps, the step count becomes what
+    /// fits in it (never more than epochs/max_steps give) and is saved as max_steps, so the
+    /// schedule is known and a resume is exact.
+    pub max_minutes: f64,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
@@ -91,6 +95,7 @@ impl Default for TrainConfig {
             rslora: false,
             epochs: 1,
             max_steps: 0,
+            max_minutes: 0.0,
             batch_size: 4,
             grad_accum: 1,
             lr: 2e-4,
@@ -157,16 +162,27 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
 impl TrainConfig {
     /// Defaults, then the TOML file (if any), then each `key=value` override in order.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?),
+            None => None,
+        };
+        Self::load_text(
+            text.as_deref().zip(file.map(|p| p.display().to_string())),
+            overrides,
+        )
+    }
+
+    /// Like [`TrainConfig::load`] with the TOML given as (text, where it came from).
+    pub fn load_text(toml_text: Option<(&str, String)>, overrides: &[String]) -> Result<Self> {
         let mut table = match toml::Value::try_from(Self::default()) {
             Ok(toml::Value::Table(t)) => t,
             _ => unreachable!("the default config serialises to a table"),
         };
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        if let Some((text, origin)) = toml_text {
             let user: toml::Table = text
                 .parse()
-                .map_err(|e| Error::bad_file(path, format!("invalid TOML: {e}")))?;
-            check_keys(&user, &path.display().to_string())?;
+                .map_err(|e| Error::InvalidArgument(format!("{origin}: invalid TOML: {e}")))?;
+            check_keys(&user, &origin)?;
             table.extend(user);
         }
         for o in overrides {
@@ -253,6 +269,9 @@ impl TrainConfig {
         if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.adam_eps <= 0.0 {
             return bad("weight_decay and max_grad_norm must be ≥ 0, adam_eps > 0".into());
         }
+        if !(self.max_minutes.is_finite() && self.max_minutes >= 0.0) {
+            return bad(format!("max_minutes = {} must be ≥ 0", self.max_minutes));
+        }
         if self.data.is_empty() {
             return bad("no training data: set data = [\"file.jsonl\"] or --data".into());
         }
@@ -284,6 +303,23 @@ impl TrainConfig {
             return Err(Error::InvalidArgument("lora_targets is empty".into()));
         }
         Ok(list)
+    }
+
+    /// The data settings: what `afinar eval` reuses so its split and templating are training's.
+    pub fn prepare_options(&self) -> Result<crate::data::PrepareOptions> {
+        Ok(crate::data::PrepareOptions {
+            data: self.data.clone(),
+            format: self
+                .format
+                .parse::<crate::data::Format>()
+                .map_err(Error::InvalidArgument)?,
+            split_key: (!self.split_key.is_empty()).then(|| self.split_key.clone()),
+            split: self.split.parse()?,
+            seed: self.seed,
+            max_seq_len: self.max_seq_len,
+            system: (!self.system.is_empty()).then(|| self.system.clone()),
+            ..Default::default()
+        })
     }
 
     /// The resolved configuration as TOML.

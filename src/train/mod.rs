@@ -18,8 +18,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var, D};
 use serde::Serialize;
 
+use crate::data;
 use crate::data::cache::TokenFile;
-use crate::data::{self, Format, PrepareOptions};
 use crate::export::peft::{self, AdapterConfig};
 use crate::infer::sampling::Rng;
 use crate::model::{Model, TextSide, Transformer};
@@ -97,6 +97,9 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     v
 }
 
+/// Steps timed before a `max_minutes` budget is turned into a step count.
+const BUDGET_PROBE_STEPS: usize = 3;
+
 /// Keys whose change makes a checkpoint meaningless for this run.
 const RESUME_KEYS: &[&str] = &[
     "model",
@@ -139,6 +142,7 @@ fn incompatible(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
 /// key that shapes the model, the data or the order of batches.
 pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<TrainSummary> {
     let device = Device::Cpu;
+    let mut cfg = cfg.clone();
     let out = cfg.out.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let config_path = out.join("config.toml");
@@ -151,7 +155,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         })?;
         let saved: TrainConfig =
             toml::from_str(&text).map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
-        let diffs = incompatible(&saved, cfg);
+        let diffs = incompatible(&saved, &cfg);
         if !diffs.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "cannot resume {}: the configuration differs ({})",
@@ -159,24 +163,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
                 diffs.join("; ")
             )));
         }
+        // A time budget was turned into a step count at the start of the run: keep it.
+        if cfg.max_minutes > 0.0 && saved.max_minutes == 0.0 && saved.max_steps > 0 {
+            cfg.max_steps = saved.max_steps;
+            cfg.max_minutes = 0.0;
+        }
     }
     cache_write(&config_path, cfg.to_toml().as_bytes())?;
 
     // Data: prepared (or reused) inside the run directory.
     let text = TextSide::load(&cfg.model)?;
-    let opts = PrepareOptions {
-        data: cfg.data.clone(),
-        format: cfg
-            .format
-            .parse::<Format>()
-            .map_err(Error::InvalidArgument)?,
-        split_key: (!cfg.split_key.is_empty()).then(|| cfg.split_key.clone()),
-        split: cfg.split.parse()?,
-        seed: cfg.seed,
-        max_seq_len: cfg.max_seq_len,
-        system: (!cfg.system.is_empty()).then(|| cfg.system.clone()),
-        ..Default::default()
-    };
+    let opts = cfg.prepare_options()?;
     let prepared = data::prepare_cached(&opts, &cfg.model, &text, &out.join("data"))?;
     let train_file = prepared.split("train")?;
     let val_file = prepared.split("validation")?;
@@ -212,7 +209,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
 
     let seqs_per_step = cfg.batch_size * cfg.grad_accum;
     let steps_per_epoch = train_file.sequences().div_ceil(seqs_per_step);
-    let total_steps = if cfg.max_steps > 0 {
+    let mut total_steps = if cfg.max_steps > 0 {
         cfg.max_steps
     } else {
         cfg.epochs * steps_per_epoch
@@ -316,6 +313,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         }
         state.step += 1;
         state.tokens_seen += tokens as u64;
+        if cfg.max_minutes > 0.0 && state.step == BUDGET_PROBE_STEPS.min(total_steps) {
+            // Fit the run into the time budget, leaving room for validations and checkpoints,
+            // and record the result as max_steps so a resume follows the same schedule.
+            let per_step = start.elapsed().as_secs_f64() / state.step as f64;
+            let fits = (cfg.max_minutes * 60.0 * 0.92 / per_step) as usize;
+            total_steps = total_steps.min(fits.max(state.step));
+            cfg.max_steps = total_steps;
+            cfg.max_minutes = 0.0;
+            cache_write(&config_path, cfg.to_toml().as_bytes())?;
+            bar.set_length(total_steps as u64);
+        }
         last_loss = loss_sum;
         let tok_s = tokens as f64 / step_start.elapsed().as_secs_f64();
         recent_tok_s = if recent_tok_s == 0.0 {

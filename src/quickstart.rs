@@ -1,0 +1,126 @@
+//! `afinar quickstart`: the whole pipeline in one command, as a newcomer's first run and a
+//! template for their own — fetch the model, prepare the data, evaluate the base model, train a
+//! LoRA adapter, evaluate it on the same examples, and report before/after.
+
+use std::path::PathBuf;
+
+use crate::eval::{self, EvalOptions, EvalReport, Metric};
+use crate::train::{self, TrainConfig};
+use crate::Result;
+
+/// The recipe, kept in the repository where users read it.
+pub const RECIPE: &str = include_str!("../configs/quickstart.toml");
+
+/// What to run; everything else comes from [`RECIPE`] and `set`.
+#[derive(Debug, Clone)]
+pub struct QuickstartOptions {
+    /// Overrides of the recipe's keys (`--set`, and the flags turned into keys).
+    pub set: Vec<String>,
+    /// Test examples generated for, before and after (0 = the whole test split).
+    pub eval_limit: usize,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+/// What a finished quickstart leaves behind.
+#[derive(Debug)]
+pub struct QuickstartResult {
+    pub report: EvalReport,
+    pub config: TrainConfig,
+    pub adapter: PathBuf,
+    pub report_html: PathBuf,
+    pub report_json: PathBuf,
+}
+
+/// Runs the six steps, printing each as it starts.
+pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
+    let cfg = TrainConfig::load_text(Some((RECIPE, "configs/quickstart.toml".into())), &opts.set)?;
+    let out = cfg.out.clone();
+    let step = |n: usize, what: &str| eprintln!("\n[{n}/6] {what}");
+
+    step(1, &format!("model: {}", cfg.model));
+    let source = crate::model::source::resolve(&cfg.model)?;
+    eprintln!("      {}", source.path().display());
+
+    step(2, "data: prepare (template, tokenize, split, pack)");
+    let text = crate::model::TextSide::load(&cfg.model)?;
+    let prepared = crate::data::prepare_cached(
+        &cfg.prepare_options()?,
+        &cfg.model,
+        &text,
+        &out.join("data"),
+    )?;
+    for (name, s) in &prepared.manifest.splits {
+        eprintln!(
+            "      {name}: {} examples, {} label tokens",
+            s.examples, s.label_tokens
+        );
+    }
+
+    let eval_opts = |adapter: Option<PathBuf>| -> Result<EvalOptions> {
+        Ok(EvalOptions {
+            model: cfg.model.clone(),
+            adapter,
+            prepare: cfg.prepare_options()?,
+            split: "test".into(),
+            metrics: vec![
+                Metric::Loss,
+                Metric::Perplexity,
+                Metric::ExactMatch,
+                Metric::Chrf,
+            ],
+            limit: opts.eval_limit,
+            max_new_tokens: opts.max_new_tokens,
+            batch_size: opts.batch_size,
+            compare_base: false,
+            allowed_scripts: vec![],
+            out: out.join("eval"),
+            data_dir: out.join("data"),
+        })
+    };
+    let progress = |m: &str| eprintln!("      {m}");
+
+    step(3, "evaluate the base model on the test split");
+    let base = eval::evaluate(&eval_opts(None)?, progress)?;
+    eprint!("{}", indent(&eval::report::table(&base)));
+
+    step(4, "train a LoRA adapter");
+    let summary = train::train(&cfg, false, true)?;
+    eprintln!(
+        "      {} steps, final loss {:.3}, validation loss {}, {:.0} tokens/s",
+        summary.steps,
+        summary.final_loss,
+        summary
+            .final_val_loss
+            .map_or("-".into(), |v| format!("{v:.3}")),
+        summary.tokens_per_sec
+    );
+
+    step(5, "evaluate the tuned adapter on the same examples");
+    let adapter = summary.output.clone();
+    let tuned = eval::evaluate(&eval_opts(Some(adapter.clone()))?, progress)?;
+    let report = base.merge(tuned);
+    let report_html = out.join("report.html");
+    let report_json = out.join("eval.json");
+    crate::data::cache::write_atomic(&report_html, eval::report::html(&report).as_bytes())?;
+    let json = serde_json::to_string_pretty(&report.to_json()).unwrap_or_default();
+    crate::data::cache::write_atomic(&report_json, json.as_bytes())?;
+    let lines: String = report
+        .examples
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap_or_default() + "\n")
+        .collect();
+    crate::data::cache::write_atomic(&out.join("eval").join("examples.jsonl"), lines.as_bytes())?;
+
+    Ok(QuickstartResult {
+        report,
+        config: cfg,
+        adapter,
+        report_html,
+        report_json,
+    })
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("      {l}\n")).collect()
+}

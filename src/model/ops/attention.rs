@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, gemm, with_f32};
+use super::cpu::{exp, f32_slice, gemm, with_f32};
 
 /// An additive attention mask (b or 1, t, T) shared by every head, read once per forward pass.
 #[derive(Debug, Clone)]
@@ -236,7 +236,7 @@ fn softmax_in_place(row: &mut [f32]) {
     }
     let mut sum = 0f64;
     for x in row.iter_mut() {
-        *x = (*x - max).exp();
+        *x = exp(*x - max);
         sum += *x as f64;
     }
     let inv = (1.0 / sum) as f32;

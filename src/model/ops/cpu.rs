@@ -28,6 +28,38 @@ pub fn rows_per_task(cols: usize) -> usize {
     (16_384 / cols.max(1)).max(1)
 }
 
+/// A tensor's f32 data for a backward pass: borrowed (the storage stays read-locked while the
+/// view lives) when contiguous on the CPU, else a contiguous copy.
+pub enum F32View<'a> {
+    Borrowed(candle_core::StorageRef<'a>, std::ops::Range<usize>),
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for F32View<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32View::Borrowed(s, r) => match &**s {
+                candle_core::Storage::Cpu(c) => &c.as_slice::<f32>().unwrap_or_default()[r.clone()],
+                _ => &[],
+            },
+            F32View::Owned(v) => v,
+        }
+    }
+}
+
+/// The f32 data of `t` without a copy where possible (see [`F32View`]).
+pub fn view(t: &Tensor) -> Result<F32View<'_>> {
+    let (s, l) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(c), Some((a, b))) = (&*s, l.contiguous_offsets()) {
+        if c.as_slice::<f32>().is_ok() {
+            return Ok(F32View::Borrowed(s, a..b));
+        }
+    }
+    drop(s);
+    Ok(F32View::Owned(to_vec(t)?))
+}
+
 /// Runs `f` on a tensor's f32 data without copying it when it is contiguous on the CPU (the
 /// backward passes read their saved inputs this way), else on a contiguous copy.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -81,4 +113,51 @@ pub unsafe fn gemm(
             gemm::Parallelism::None
         },
     )
+}
+
+/// e^x in f32 for the kernels' hot loops (softmax, cross-entropy, SiLU).
+///
+/// Why our own: libm's `expf` is an opaque call, so a loop over 50 million logits runs it one
+/// value at a time; this inlines and vectorises. Range reduction x = n·ln2 + r, |r| ≤ ln2/2,
+/// then a degree-6 Taylor polynomial for e^r (relative error < 2e-7, as `expf`'s rounding), and
+/// 2^n built in the exponent bits. Below −87.3 it returns 0 (so −∞ masks give exact zeros), and
+/// above 88 it saturates at e^88 rather than +∞.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.clamp(-87.3, 88.0);
+    // Round to nearest by adding and subtracting 1.5·2²³ (f32::round is a libm call without
+    // SSE4.1, which the baseline x86-64 target lacks).
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (xc * LOG2E + SHIFT) - SHIFT;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_matches_libm() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (super::exp(x) as f64, (x as f64).exp());
+            worst = worst.max((a - b).abs() / b);
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "relative error {worst}");
+        assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(super::exp(0.0), 1.0);
+    }
 }

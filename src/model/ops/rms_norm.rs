@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, from_vec, rows_per_task, to_vec};
+use super::cpu::{f32_slice, from_vec, rows_per_task, view};
 
 struct RmsNorm {
     eps: f32,
@@ -50,7 +50,7 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xv, wv, gv) = (to_vec(x)?, to_vec(w)?, to_vec(dy)?);
+        let (xv, wv, gv) = (view(x)?, view(w)?, view(dy)?);
         let n = wv.len();
         let chunk = n * rows_per_task(n);
         let mut dx = vec![0f32; xv.len()];
@@ -66,7 +66,7 @@ impl CustomOp2 for RmsNorm {
                     let dot: f64 = xr
                         .iter()
                         .zip(gr)
-                        .zip(&wv)
+                        .zip(wv.iter())
                         .map(|((&a, &b), &c)| a as f64 * b as f64 * c as f64)
                         .sum();
                     let k = (r64 * r64 * r64 * dot / n as f64) as f32;

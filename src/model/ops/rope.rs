@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, from_vec, to_vec};
+use super::cpu::{f32_slice, from_vec, view};
 
 /// x laid out (b, t, h, d), as the projections write it; cos and sin (b or 1, t, 1, d).
 struct Rope {
@@ -81,7 +81,7 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = rope_rows(&to_vec(dy)?, &to_vec(cos)?, &to_vec(sin)?, self, true);
+        let dx = rope_rows(&view(dy)?, &view(cos)?, &view(sin)?, self, true);
         Ok((Some(from_vec(dx, dy.shape(), dy)?), None, None))
     }
 }

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_slice, from_vec, to_vec};
+use super::cpu::{exp, f32_slice, from_vec, view};
 
 struct SwiGlu;
 
@@ -34,7 +34,7 @@ impl CustomOp2 for SwiGlu {
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(yc, (gc, uc))| {
                 for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = a / (1.0 + (-a).exp()) * b;
+                    *o = a / (1.0 + exp(-a)) * b;
                 }
             });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
@@ -47,7 +47,7 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dv) = (to_vec(g)?, to_vec(u)?, to_vec(dy)?);
+        let (gv, uv, dv) = (view(g)?, view(u)?, view(dy)?);
         let mut dg = vec![0f32; gv.len()];
         let mut du = vec![0f32; gv.len()];
         dg.par_chunks_mut(CHUNK)
@@ -59,7 +59,7 @@ impl CustomOp2 for SwiGlu {
             )
             .for_each(|((dgc, duc), ((gc, uc), dc))| {
                 for i in 0..gc.len() {
-                    let s = 1.0 / (1.0 + (-gc[i]).exp());
+                    let s = 1.0 / (1.0 + exp(-gc[i]));
                     dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
                     duc[i] = dc[i] * gc[i] * s;
                 }

@@ -20,14 +20,36 @@ use super::cpu::{exp, f32_slice, gemm, with_f32};
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
     tensor: Tensor,
-    data: Option<Arc<Vec<f32>>>,
+    data: Option<Arc<MaskData>>,
+}
+
+/// The mask's values and, per query row, the range of keys it does not mask out (causal and
+/// packed masks hide most keys: the kernels skip what lies outside).
+#[derive(Debug)]
+struct MaskData {
+    values: Vec<f32>,
+    /// (first visible key, one past the last) per row of every mask batch.
+    ranges: Vec<(usize, usize)>,
 }
 
 impl AttentionMask {
     /// Wraps an additive mask broadcastable to (b, 1, t, T) (e.g. shaped (b, 1, 1, t, T)).
     pub fn new(mask: &Tensor) -> Result<Self> {
         let data = if mask.device().is_cpu() && mask.dtype() == candle_core::DType::F32 {
-            Some(Arc::new(mask.flatten_all()?.to_vec1::<f32>()?))
+            let total = mask.dim(candle_core::D::Minus1)?;
+            let values = mask.flatten_all()?.to_vec1::<f32>()?;
+            let ranges = values
+                .chunks(total)
+                .map(|row| {
+                    let lo = row.iter().position(|m| *m > f32::NEG_INFINITY);
+                    let hi = row.iter().rposition(|m| *m > f32::NEG_INFINITY);
+                    match (lo, hi) {
+                        (Some(lo), Some(hi)) => (lo, hi + 1),
+                        _ => (0, 0),
+                    }
+                })
+                .collect();
+            Some(Arc::new(MaskData { values, ranges }))
         } else {
             None
         };
@@ -37,6 +59,9 @@ impl AttentionMask {
         })
     }
 }
+
+/// Query rows handled together: each block multiplies only the keys some row of it can see.
+const ROW_BLOCK: usize = 32;
 
 /// Raw pointer that parallel tasks may share because each writes a disjoint set of elements.
 #[derive(Clone, Copy)]
@@ -63,13 +88,36 @@ struct Dims {
 
 struct Attention {
     scale: f32,
-    mask: Option<Arc<Vec<f32>>>,
+    mask: Option<Arc<MaskData>>,
     dims: Dims,
     /// P from the forward pass, for the backward.
     probs: Mutex<Option<Arc<Vec<f32>>>>,
 }
 
 impl Attention {
+    /// The blocks of query rows of batch row `bi`: (rows, first key, one past the last key).
+    fn blocks(&self, bi: usize) -> Vec<(std::ops::Range<usize>, usize, usize)> {
+        let Dims { t, total, .. } = self.dims;
+        (0..t)
+            .step_by(ROW_BLOCK)
+            .map(|r0| {
+                let rows = r0..(r0 + ROW_BLOCK).min(t);
+                let (k0, k1) = match &self.mask {
+                    None => (0, total),
+                    Some(m) => {
+                        let batches = m.ranges.len() / t;
+                        let mb = if batches == 1 { 0 } else { bi };
+                        rows.clone()
+                            .map(|i| m.ranges[mb * t + i])
+                            .filter(|(lo, hi)| lo < hi)
+                            .fold((total, 0), |(a, b), (lo, hi)| (a.min(lo), b.max(hi)))
+                    }
+                };
+                (rows, k0, k1)
+            })
+            .collect()
+    }
+
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let Dims {
             b,
@@ -84,51 +132,57 @@ impl Attention {
         let mut probs = vec![0f32; b * h * t * total];
         let out_ptr = Shared(out.as_mut_ptr());
         let mask = self.mask.as_deref();
-        let mask_batches = mask.map_or(1, |m| m.len() / (t * total));
+        let mask_batches = mask.map_or(1, |m| m.values.len() / (t * total));
         probs
             .par_chunks_mut(t * total)
             .enumerate()
             .for_each(|(bh, p)| {
                 let (bi, hi) = (bh / h, bh % h);
                 let g = hi / n_rep;
-                let qp = q[(bi * t * h + hi) * d..].as_ptr();
-                let kp = k[(bi * total * kvh + g) * d..].as_ptr();
-                let vp = v[(bi * total * kvh + g) * d..].as_ptr();
-                unsafe {
-                    // S = scale · Q Kᵀ
-                    gemm(
-                        (t, total, d),
-                        (p.as_mut_ptr(), total, 1),
-                        false,
-                        (qp, h * d, 1),
-                        (kp, 1, kvh * d),
-                        self.scale,
-                        false,
-                    );
-                }
+                let kvo = (bi * total * kvh + g) * d;
                 let mrows = mask.map(|m| {
                     let mb = if mask_batches == 1 { 0 } else { bi };
-                    &m[mb * t * total..(mb + 1) * t * total]
+                    &m.values[mb * t * total..(mb + 1) * t * total]
                 });
-                for (i, row) in p.chunks_mut(total).enumerate() {
-                    if let Some(mr) = mrows {
-                        row.iter_mut()
-                            .zip(&mr[i * total..(i + 1) * total])
-                            .for_each(|(s, m)| *s += m);
+                for (rows, k0, k1) in self.blocks(bi) {
+                    if k0 >= k1 {
+                        continue; // nothing visible: P and O stay zero
                     }
-                    softmax_in_place(row);
-                }
-                unsafe {
-                    // O = P V, written at (bi, ·, hi, ·)
-                    gemm(
-                        (t, d, total),
-                        (out_ptr.get().add((bi * t * h + hi) * d), h * d, 1),
-                        false,
-                        (p.as_ptr(), total, 1),
-                        (vp, kvh * d, 1),
-                        1.0,
-                        false,
-                    );
+                    let (r0, n, w) = (rows.start, rows.len(), k1 - k0);
+                    let qo = (bi * t * h + hi) * d + r0 * h * d;
+                    unsafe {
+                        // S = scale · Q Kᵀ on the visible columns
+                        gemm(
+                            (n, w, d),
+                            (p[r0 * total + k0..].as_mut_ptr(), total, 1),
+                            false,
+                            (q[qo..].as_ptr(), h * d, 1),
+                            (k[kvo + k0 * kvh * d..].as_ptr(), 1, kvh * d),
+                            self.scale,
+                            false,
+                        );
+                    }
+                    for i in rows.clone() {
+                        let row = &mut p[i * total + k0..i * total + k1];
+                        if let Some(mr) = mrows {
+                            row.iter_mut()
+                                .zip(&mr[i * total + k0..i * total + k1])
+                                .for_each(|(s, m)| *s += m);
+                        }
+                        softmax_in_place(row);
+                    }
+                    unsafe {
+                        // O = P V, written at (bi, ·, hi, ·)
+                        gemm(
+                            (n, d, w),
+                            (out_ptr.get().add(qo), h * d, 1),
+                            false,
+                            (p[r0 * total + k0..].as_ptr(), total, 1),
+                            (v[kvo + k0 * kvh * d..].as_ptr(), kvh * d, 1),
+                            1.0,
+                            false,
+                        );
+                    }
                 }
             });
         (out, probs)
@@ -157,63 +211,76 @@ impl Attention {
         (0..b * kvh).into_par_iter().for_each(|bg| {
             let (bi, g) = (bg / kvh, bg % kvh);
             let kvo = (bi * total * kvh + g) * d;
+            let blocks = self.blocks(bi);
             let mut ds = vec![0f32; t * total];
             for hi in g * n_rep..(g + 1) * n_rep {
-                let qo = (bi * t * h + hi) * d;
                 let p = &probs[(bi * h + hi) * t * total..(bi * h + hi + 1) * t * total];
-                unsafe {
-                    // dP = dO Vᵀ
-                    gemm(
-                        (t, total, d),
-                        (ds.as_mut_ptr(), total, 1),
-                        false,
-                        (dout[qo..].as_ptr(), h * d, 1),
-                        (v[kvo..].as_ptr(), 1, kvh * d),
-                        1.0,
-                        false,
-                    );
-                }
-                for (dr, pr) in ds.chunks_mut(total).zip(p.chunks(total)) {
-                    let dot = dr
-                        .iter()
-                        .zip(pr)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>() as f32;
-                    dr.iter_mut()
-                        .zip(pr)
-                        .for_each(|(x, &pv)| *x = pv * (*x - dot) * self.scale);
-                }
-                unsafe {
-                    // dQ = dS K
-                    gemm(
-                        (t, d, total),
-                        (dqp.get().add(qo), h * d, 1),
-                        false,
-                        (ds.as_ptr(), total, 1),
-                        (k[kvo..].as_ptr(), kvh * d, 1),
-                        1.0,
-                        false,
-                    );
-                    // dK += dSᵀ Q
-                    gemm(
-                        (total, d, t),
-                        (dkp.get().add(kvo), kvh * d, 1),
-                        true,
-                        (ds.as_ptr(), 1, total),
-                        (q[qo..].as_ptr(), h * d, 1),
-                        1.0,
-                        false,
-                    );
-                    // dV += Pᵀ dO
-                    gemm(
-                        (total, d, t),
-                        (dvp.get().add(kvo), kvh * d, 1),
-                        true,
-                        (p.as_ptr(), 1, total),
-                        (dout[qo..].as_ptr(), h * d, 1),
-                        1.0,
-                        false,
-                    );
+                for (rows, k0, k1) in &blocks {
+                    let (k0, k1) = (*k0, *k1);
+                    if k0 >= k1 {
+                        continue;
+                    }
+                    let (r0, n, w) = (rows.start, rows.len(), k1 - k0);
+                    let qo = (bi * t * h + hi) * d + r0 * h * d;
+                    let (pb, kb, vb) = (r0 * total + k0, kvo + k0 * kvh * d, kvo + k0 * kvh * d);
+                    unsafe {
+                        // dP = dO Vᵀ
+                        gemm(
+                            (n, w, d),
+                            (ds[pb..].as_mut_ptr(), total, 1),
+                            false,
+                            (dout[qo..].as_ptr(), h * d, 1),
+                            (v[vb..].as_ptr(), 1, kvh * d),
+                            1.0,
+                            false,
+                        );
+                    }
+                    for i in rows.clone() {
+                        let (dr, pr) = (
+                            &mut ds[i * total + k0..i * total + k1],
+                            &p[i * total + k0..i * total + k1],
+                        );
+                        let dot = dr
+                            .iter()
+                            .zip(pr)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>() as f32;
+                        dr.iter_mut()
+                            .zip(pr)
+                            .for_each(|(x, &pv)| *x = pv * (*x - dot) * self.scale);
+                    }
+                    unsafe {
+                        // dQ = dS K
+                        gemm(
+                            (n, d, w),
+                            (dqp.get().add(qo), h * d, 1),
+                            false,
+                            (ds[pb..].as_ptr(), total, 1),
+                            (k[kb..].as_ptr(), kvh * d, 1),
+                            1.0,
+                            false,
+                        );
+                        // dK += dSᵀ Q
+                        gemm(
+                            (w, d, n),
+                            (dkp.get().add(kb), kvh * d, 1),
+                            true,
+                            (ds[pb..].as_ptr(), 1, total),
+                            (q[qo..].as_ptr(), h * d, 1),
+                            1.0,
+                            false,
+                        );
+                        // dV += Pᵀ dO
+                        gemm(
+                            (w, d, n),
+                            (dvp.get().add(vb), kvh * d, 1),
+                            true,
+                            (p[pb..].as_ptr(), 1, total),
+                            (dout[qo..].as_ptr(), h * d, 1),
+                            1.0,
+                            false,
+                        );
+                    }
                 }
             }
         });
@@ -409,7 +476,8 @@ mod tests {
         let data: Vec<f32> = (0..b * t * t)
             .map(|k| {
                 let (i, j) = ((k / t) % t, k % t);
-                let same = (i < t / 2) == (j < t / 2);
+                let cut = t - 6;
+                let same = (i < cut) == (j < cut);
                 if j <= i && same {
                     0.0
                 } else {
@@ -423,7 +491,8 @@ mod tests {
     #[test]
     fn matches_reference_and_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
-        let (b, t, h, kvh, d) = (2, 5, 4, 2, 6);
+        // t spans two row blocks, and the packed mask starts a new sequence inside the second.
+        let (b, t, h, kvh, d) = (2, ROW_BLOCK + 9, 4, 2, 6);
         let q = Tensor::randn(0f32, 1., (b, t, h, d), &dev)?;
         let k = Tensor::randn(0f32, 1., (b, t, kvh, d), &dev)?;
         let v = Tensor::randn(0f32, 1., (b, t, kvh, d), &dev)?;

@@ -122,11 +122,17 @@ fn shortened_quickstart_then_eval_and_its_errors() {
     ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    assert!(stdout.contains("afinar chat --model smollm2 --adapter"), "{stdout}");
+    assert!(
+        stdout.contains("afinar chat --model smollm2 --adapter"),
+        "{stdout}"
+    );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let (base, tuned) = (&v["base"]["metrics"], &v["tuned"]["metrics"]);
-    let (bl, tl) = (base["loss"].as_f64().unwrap(), tuned["loss"].as_f64().unwrap());
+    let (bl, tl) = (
+        base["loss"].as_f64().unwrap(),
+        tuned["loss"].as_f64().unwrap(),
+    );
     assert!(tl < bl, "tuned test loss {tl} should be below base {bl}");
     let em = tuned["exact_match"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&em));
@@ -206,5 +212,8 @@ fn shortened_quickstart_then_eval_and_its_errors() {
         dir.path().join("e3").to_str().unwrap(),
     ]);
     assert_ne!(code, 0);
-    assert!(err.contains("test split") && err.contains("is empty"), "{err}");
+    assert!(
+        err.contains("test split") && err.contains("is empty"),
+        "{err}"
+    );
 }

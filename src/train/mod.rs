@@ -50,16 +50,27 @@ pub struct TrainSummary {
     pub stopped_early: bool,
 }
 
-/// Sum of negative log-likelihoods of the batch's targets (differentiable), computing logits
-/// only at positions that carry loss.
-pub fn batch_nll(model: &Transformer, b: &batch::Batch) -> Result<Tensor> {
+/// Sum of negative log-likelihoods of the batch's targets (differentiable when `with_grad`),
+/// computing logits only at positions that carry loss. A frozen head on the CPU takes the fused
+/// head + cross-entropy op, which never holds the whole batch's logits.
+pub fn batch_nll(model: &Transformer, b: &batch::Batch, with_grad: bool) -> Result<Tensor> {
     let hidden = model.forward_hidden(&b.ids, &b.positions, Some(&b.mask), None)?;
     let h = hidden.dim(D::Minus1)?;
     let picked = hidden
         .reshape(((), h))?
         .index_select(&b.target_positions, 0)?;
-    let logits = model.logits(&picked)?;
-    Ok(crate::model::ops::cross_entropy::cross_entropy(&logits, &b.targets)?.sum_all()?)
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
+    let nll =
+        if head.device().is_cpu() && head.dtype() == candle_core::DType::F32 && !head.is_variable()
+        {
+            crate::model::ops::linear_cross_entropy::linear_cross_entropy(
+                &picked, head, &b.targets, with_grad,
+            )?
+        } else {
+            let logits = model.logits(&picked)?;
+            crate::model::ops::cross_entropy::cross_entropy(&logits, &b.targets)?
+        };
+    Ok(nll.sum_all()?)
 }
 
 /// Mean loss per target token over the first `max_batches` batches of a split (0 = all).
@@ -81,7 +92,7 @@ pub fn split_loss(
         if b.n_targets == 0 {
             continue;
         }
-        sum += batch_nll(model, &b)?.detach().to_scalar::<f32>()? as f64;
+        sum += batch_nll(model, &b, false)?.detach().to_scalar::<f32>()? as f64;
         n += b.n_targets;
     }
     Ok((n > 0).then(|| sum / n as f64))
@@ -459,7 +470,7 @@ pub fn step_gradients(
         if b.n_targets == 0 {
             continue;
         }
-        let loss = (batch_nll(model, &b)? / denom as f64)?;
+        let loss = (batch_nll(model, &b, true)? / denom as f64)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
         let store = loss.backward()?;
         let g: Vec<Tensor> = opt

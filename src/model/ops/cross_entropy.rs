@@ -25,7 +25,11 @@ fn lse(row: &[f32]) -> f32 {
             *a += exp(v - max);
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|&v| exp(v - max) as f64).sum();
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| exp(v - max) as f64)
+        .sum();
     max + ((acc.iter().map(|&a| a as f64).sum::<f64>() + tail).ln() as f32)
 }
 

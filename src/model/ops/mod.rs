@@ -7,6 +7,7 @@ pub mod attention;
 pub mod cpu;
 pub mod cross_entropy;
 pub mod frozen_matmul;
+pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;

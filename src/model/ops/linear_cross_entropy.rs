@@ -1,0 +1,214 @@
+//! The language-model head and the cross-entropy in one op, a chunk of rows at a time (as
+//! Liger-Kernel's fused linear cross-entropy): nll_r = logsumexp(h_r Wᵀ) − h_r·W[t_r], and, in the
+//! same pass, dh_r = (softmax(h_r Wᵀ) − onehot(t_r)) W, which the backward only scales by dnll_r.
+//!
+//! Why our own op: with a 49k vocabulary the logits of a 4 × 256 batch are 200 MB; written out,
+//! read for the loss, read again for the softmax gradient, and the 200 MB gradient written and
+//! read by the GEMM. Here the logits of 64 rows (12 MB) live only while their row block is
+//! processed. The head weight must be frozen (LoRA, or full fine-tuning with tied embeddings
+//! frozen is not supported: callers fall back to the unfused path for a trainable head).
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{exp, f32_slice, gemm, view, with_f32};
+
+/// Rows whose logits are held at once.
+const ROWS: usize = 256;
+
+struct LinearCrossEntropy {
+    /// (vocab, hidden), frozen.
+    weight: Tensor,
+    /// Compute dh in the forward pass (training); off for evaluation.
+    with_grad: bool,
+    /// dh (rows × hidden), unscaled, for the backward.
+    dh: Mutex<Option<Vec<f32>>>,
+}
+
+/// log Σ exp over a row, summed in lanes of 8 (vectorised) then in f64.
+fn lse(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += exp(v - max);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| exp(v - max) as f64)
+        .sum();
+    max + ((acc.iter().map(|&a| a as f64).sum::<f64>() + tail).ln() as f32)
+}
+
+impl LinearCrossEntropy {
+    fn run(&self, h: &[f32], t: &[u32], w: &[f32], hs: usize, vocab: usize) -> Vec<f32> {
+        let n = t.len();
+        let mut nll = vec![0f32; n];
+        let mut dh = if self.with_grad {
+            vec![0f32; n * hs]
+        } else {
+            Vec::new()
+        };
+        let mut logits = vec![0f32; ROWS.min(n) * vocab];
+        for r0 in (0..n).step_by(ROWS) {
+            let m = ROWS.min(n - r0);
+            let z = &mut logits[..m * vocab];
+            unsafe {
+                // z = h Wᵀ
+                gemm(
+                    (m, vocab, hs),
+                    (z.as_mut_ptr(), vocab, 1),
+                    false,
+                    (h[r0 * hs..].as_ptr(), hs, 1),
+                    (w.as_ptr(), 1, hs),
+                    1.0,
+                    true,
+                );
+            }
+            let with_grad = self.with_grad;
+            z.par_chunks_mut(vocab)
+                .zip(nll[r0..r0 + m].par_iter_mut())
+                .zip(t[r0..r0 + m].par_iter())
+                .for_each(|((row, out), &ti)| {
+                    let l = lse(row);
+                    *out = l - row[ti as usize];
+                    if with_grad {
+                        row.iter_mut().for_each(|x| *x = exp(*x - l));
+                        row[ti as usize] -= 1.0;
+                    }
+                });
+            if with_grad {
+                unsafe {
+                    // dh = (softmax − onehot) W
+                    gemm(
+                        (m, hs, vocab),
+                        (dh[r0 * hs..].as_mut_ptr(), hs, 1),
+                        false,
+                        (z.as_ptr(), vocab, 1),
+                        (w.as_ptr(), hs, 1),
+                        1.0,
+                        true,
+                    );
+                }
+            }
+        }
+        if self.with_grad {
+            *self.dh.lock().unwrap() = Some(dh);
+        }
+        nll
+    }
+}
+
+impl CustomOp2 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs_: &CpuStorage,
+        hl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, hs) = hl.shape().dims2()?;
+        let (vocab, hs2) = self.weight.dims2()?;
+        if hs != hs2 {
+            candle_core::bail!("linear-cross-entropy: hidden {hs} but head weight has {hs2}");
+        }
+        let t = match tl.contiguous_offsets() {
+            Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
+            None => candle_core::bail!("linear-cross-entropy: targets must be contiguous"),
+        };
+        if t.len() != n {
+            candle_core::bail!("linear-cross-entropy: {n} rows but {} targets", t.len());
+        }
+        if let Some(bad) = t.iter().find(|&&x| x as usize >= vocab) {
+            candle_core::bail!(
+                "linear-cross-entropy: target {bad} is outside the vocabulary ({vocab})"
+            );
+        }
+        let h = f32_slice(hs_, hl)?;
+        let nll = with_f32(&self.weight, |w| self.run(h, t, w, hs, vocab))?;
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        _t: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let guard = self.dh.lock().unwrap();
+        let Some(dh) = guard.as_ref() else {
+            candle_core::bail!("linear-cross-entropy: backward without a training forward pass");
+        };
+        let hs = h.dim(1)?;
+        let g = view(dy)?;
+        let mut out = vec![0f32; dh.len()];
+        out.par_chunks_mut(hs)
+            .zip(dh.par_chunks(hs))
+            .zip(g.par_iter())
+            .for_each(|((o, d), &s)| o.iter_mut().zip(d).for_each(|(o, d)| *o = d * s));
+        Ok((Some(Tensor::from_vec(out, h.shape(), h.device())?), None))
+    }
+}
+
+/// Negative log-likelihood of `targets` (n, u32) under the logits `hidden · weightᵀ`, one value
+/// per row, for `hidden` (n, hs) and a frozen head `weight` (vocab, hs); differentiable in
+/// `hidden` when `with_grad` (training). CPU and f32 only: callers use the head and
+/// [`super::cross_entropy::cross_entropy`] elsewhere.
+pub fn linear_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    with_grad: bool,
+) -> Result<Tensor> {
+    hidden.contiguous()?.apply_op2(
+        &targets.contiguous()?,
+        LinearCrossEntropy {
+            weight: weight.detach(),
+            with_grad,
+            dh: Mutex::new(None),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::cross_entropy::cross_entropy;
+    use crate::model::ops::fd_check;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_head_plus_cross_entropy_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        // More rows than one block, so the chunking is exercised.
+        let (n, hs, vocab) = (ROWS + 5, 6, 11);
+        let h = Tensor::randn(0f32, 1., (n, hs), &dev)?;
+        let w = Tensor::randn(0f32, 1., (vocab, hs), &dev)?;
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % vocab as u32).collect();
+        let t = Tensor::from_vec(t, n, &dev)?;
+        let want = cross_entropy(&h.matmul(&w.t()?)?, &t)?;
+        let got = linear_cross_entropy(&h, &w, &t, true)?;
+        let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        let eval_only = linear_cross_entropy(&h, &w, &t, false)?;
+        assert!((eval_only - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+        let small = h.narrow(0, 0, 4)?;
+        let ts = t.narrow(0, 0, 4)?;
+        fd_check(&Var::from_tensor(&small)?, |x| {
+            linear_cross_entropy(x, &w, &ts, true)
+        })?;
+        let bad = Tensor::from_vec(vec![vocab as u32; n], n, &dev)?;
+        assert!(linear_cross_entropy(&h, &w, &bad, true).is_err());
+        Ok(())
+    }
+}

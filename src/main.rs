@@ -756,10 +756,17 @@ fn cmd_quickstart(args: QuickstartArgs) -> Result<()> {
     } else {
         format!(" --system {}", shell_quote(&c.system))
     };
-    let example = r
-        .report
-        .examples
-        .first()
+    // A prompt the tuned model answers correctly, else the first one.
+    let examples = &r.report.examples;
+    let example = examples
+        .iter()
+        .find(|e| {
+            e.scores
+                .get("tuned")
+                .and_then(|s| s.get("exact_match"))
+                .is_some_and(|v| *v > 0.5)
+        })
+        .or(examples.first())
         .map_or("Hola".to_string(), |e| e.prompt.clone());
     println!("\nreport   {}", r.report_html.display());
     println!("metrics  {}", r.report_json.display());

@@ -20,13 +20,12 @@ fn metric_names(r: &EvalReport) -> Vec<String> {
         .map(|m| m.name().to_string())
         .filter(|n| r.results.values().any(|s| s.metrics.contains_key(n)))
         .collect();
-    if r.results.values().any(|s| {
-        s.script_drift.outputs > 0
-            || s.counts.contains_key("exact_match")
-            || s.counts.contains_key("chrf")
-            || s.counts.contains_key("rouge_l")
-            || s.counts.contains_key("accuracy")
-    }) {
+    // Drift is measured whenever text was generated.
+    let generated = Metric::ALL
+        .iter()
+        .filter(|m| m.needs_generation())
+        .any(|m| r.results.values().any(|s| s.counts.contains_key(m.name())));
+    if generated {
         names.push("script_drift".into());
     }
     names

@@ -1,0 +1,336 @@
+//! The OpenAI wire format: requests parsed field by field (so a wrong type names its field),
+//! validated with messages that say what is allowed, and the error shape OpenAI clients expect.
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::model::Message;
+
+/// An error as OpenAI returns it: an HTTP status and
+/// `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 invalid_request_error about `param`.
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    /// 404 for a model name that is not served.
+    pub fn unknown_model(name: &str, served: &[String]) -> Self {
+        Self {
+            status: 404,
+            message: format!(
+                "The model `{name}` does not exist; this server has: {}",
+                served.join(", ")
+            ),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    /// 401 for a missing or wrong API key.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: 401,
+            message: "Incorrect or missing API key: send `Authorization: Bearer KEY`".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    /// 500 for a failure inside generation (never expected; reported, not panicked).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: 500,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+/// Generation settings shared by both endpoints, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model: String,
+    pub max_tokens: Option<usize>,
+    pub temperature: f32,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    pub seed: u64,
+    pub stream: bool,
+    /// Streaming: send a last chunk with `usage` (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+/// A chat completion request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub settings: Settings,
+    pub messages: Vec<Message>,
+}
+
+/// A (legacy) text completion request.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    pub settings: Settings,
+    pub prompt: String,
+}
+
+fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(None, format!("the body is not valid JSON: {e}"))
+    })?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::invalid(None, "the body must be a JSON object")),
+    }
+}
+
+fn number(m: &Map<String, Value>, key: &str, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            let v = n.as_f64().unwrap_or(f64::NAN);
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(Some(v))
+            } else {
+                Err(ApiError::invalid(
+                    Some(key),
+                    format!("`{key}` must be between {lo} and {hi} (got {n})"),
+                ))
+            }
+        }
+        Some(other) => Err(ApiError::invalid(
+            Some(key),
+            format!("`{key}` must be a number (got {})", type_name(other)),
+        )),
+    }
+}
+
+fn integer(m: &Map<String, Value>, key: &str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(v) if (lo..=hi).contains(&v) => Ok(Some(v)),
+            _ => Err(ApiError::invalid(
+                Some(key),
+                format!("`{key}` must be an integer from {lo} to {hi} (got {n})"),
+            )),
+        },
+        Some(other) => Err(ApiError::invalid(
+            Some(key),
+            format!("`{key}` must be an integer (got {})", type_name(other)),
+        )),
+    }
+}
+
+fn boolean(m: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::invalid(
+            Some(key),
+            format!("`{key}` must be true or false (got {})", type_name(other)),
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
+    let model = match m.get("model") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("model"),
+                format!("`model` must be a non-empty string (got {})", type_name(other)),
+            ))
+        }
+    };
+    let max_tokens = match integer(m, "max_completion_tokens", 1, i64::from(u32::MAX))? {
+        Some(v) => Some(v),
+        None => integer(m, "max_tokens", 1, i64::from(u32::MAX))?,
+    };
+    if let Some(n) = integer(m, "n", 1, 1_000_000)? {
+        if n != 1 {
+            return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
+        }
+    }
+    let stop = match m.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("stop"),
+                "`stop` must be a string or an array of up to 4 strings",
+            ))
+        }
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(Some("stop"), "stop sequences must not be empty"));
+    }
+    let include_usage = match m.get("stream_options") {
+        Some(Value::Object(o)) => boolean(o, "include_usage")?,
+        _ => false,
+    };
+    Ok(Settings {
+        model,
+        max_tokens: max_tokens.map(|v| v as usize),
+        temperature: number(m, "temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32,
+        top_p: number(m, "top_p", 0.0, 1.0)?
+            .map(|p| {
+                if p > 0.0 {
+                    Ok(p as f32)
+                } else {
+                    Err(ApiError::invalid(Some("top_p"), "`top_p` must be > 0"))
+                }
+            })
+            .transpose()?,
+        stop,
+        seed: integer(m, "seed", i64::MIN, i64::MAX)?.unwrap_or(0) as u64,
+        stream: boolean(m, "stream")?,
+        include_usage,
+    })
+}
+
+/// Text of a message's `content`: a string, or OpenAI's array of `{"type": "text", "text"}`.
+fn content(v: Option<&Value>, i: usize) -> Result<String, ApiError> {
+    let param = format!("messages[{i}].content");
+    match v {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| match (p.get("type"), p.get("text")) {
+                (Some(Value::String(t)), Some(Value::String(s))) if t == "text" => Ok(s.as_str()),
+                _ => Err(ApiError::invalid(
+                    Some(&param),
+                    "only text content parts ({\"type\": \"text\", \"text\": …}) are supported",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.concat()),
+        Some(Value::Null) | None => Err(ApiError::invalid(
+            Some(&param),
+            format!("`{param}` is missing"),
+        )),
+        Some(other) => Err(ApiError::invalid(
+            Some(&param),
+            format!("`{param}` must be a string (got {})", type_name(other)),
+        )),
+    }
+}
+
+/// Parses and validates a `/v1/chat/completions` body.
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let m = object(body)?;
+    let settings = settings(&m)?;
+    let list = match m.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(Some("messages"), "`messages` is empty"))
+        }
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(Some("messages"), "`messages` is missing"))
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                format!("`messages` must be an array (got {})", type_name(other)),
+            ))
+        }
+    };
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, msg) in list.iter().enumerate() {
+        let role = match msg.get("role") {
+            Some(Value::String(r)) => r.as_str(),
+            _ => {
+                return Err(ApiError::invalid(
+                    Some(&format!("messages[{i}].role")),
+                    format!("`messages[{i}].role` must be a string"),
+                ))
+            }
+        };
+        let role = match role {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::invalid(
+                    Some(&format!("messages[{i}].role")),
+                    format!(
+                        "unknown role `{other}` in messages[{i}]; use system, user or assistant"
+                    ),
+                ))
+            }
+        };
+        messages.push(Message::new(role, content(msg.get("content"), i)?));
+    }
+    Ok(ChatRequest { settings, messages })
+}
+
+/// Parses and validates a `/v1/completions` body.
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let m = object(body)?;
+    let settings = settings(&m)?;
+    let prompt = match m.get("prompt") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(Value::String(_)) => {
+            return Err(ApiError::invalid(Some("prompt"), "`prompt` is empty"))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "`prompt` must be a non-empty string",
+            ))
+        }
+    };
+    Ok(CompletionRequest { settings, prompt })
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}

@@ -3,7 +3,7 @@
 //! The crate follows the pipeline a user walks through, one folder per step: `data` (load,
 //! template, tokenize, split, pack), `model` (weights, tokenizer, chat template, fused ops),
 //! `train`, `eval`, `infer` (sampling, generation) and `export` (PEFT adapters, merged models);
-//! `quickstart` runs them all in one go.
+//! `serve` (the OpenAI-compatible server); `quickstart` runs them all in one go.
 
 pub mod data;
 pub mod error;
@@ -12,6 +12,7 @@ pub mod export;
 pub mod infer;
 pub mod model;
 pub mod quickstart;
+pub mod serve;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -70,6 +70,8 @@ enum Command {
     /// The whole pipeline on the bundled Spanish conjugation data (or --data): fetch the model,
     /// prepare, evaluate the base model, train LoRA (~10 min), evaluate again, report.
     Quickstart(QuickstartArgs),
+    /// Serve the model and adapters over an OpenAI-compatible HTTP API, with a chat page at /.
+    Serve(ServeArgs),
     /// Measure speed; prints a `RESULT {json}` line last, as ../shared/bench does.
     Bench {
         #[command(subcommand)]
@@ -198,6 +200,38 @@ struct EvalArgs {
     /// System message for conversations without one (default: the adapter's run's setting).
     #[arg(long)]
     system: Option<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A .gguf file, a Hugging Face model directory, a Hub repo id, or the alias smollm2; served
+    /// under this name.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// A LoRA adapter served as its own model id: NAME=DIR (repeatable).
+    #[arg(long = "adapter", value_parser = parse_kv)]
+    adapters: Vec<(String, String)>,
+    /// Address to bind; 127.0.0.1 keeps the server local (use 0.0.0.0 to expose it).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health and the page.
+    #[arg(long, env = "AFINAR_API_KEY")]
+    api_key: Option<String>,
+    /// Generations running at once; later requests wait in arrival order.
+    #[arg(long, default_value_t = 2)]
+    max_concurrent: usize,
+    /// Cap (and default) for max_tokens.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Only let the model write letters of these Unicode scripts (e.g. Latin).
+    #[arg(long)]
+    allowed_scripts: Option<String>,
 }
 
 #[derive(Args)]
@@ -618,6 +652,24 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(args) => cmd_eval(args)?,
         Command::Quickstart(args) => cmd_quickstart(args)?,
+        Command::Serve(args) => afinar::serve::serve(&afinar::serve::ServeOptions {
+            model: args.model,
+            adapters: args
+                .adapters
+                .into_iter()
+                .map(|(k, v)| (k, PathBuf::from(v)))
+                .collect(),
+            host: args.host,
+            port: args.port,
+            api_key: args.api_key,
+            max_concurrent: args.max_concurrent,
+            max_tokens: args.max_tokens,
+            max_body_bytes: args.max_body_bytes,
+            allowed_scripts: match &args.allowed_scripts {
+                Some(l) => parse_scripts(l)?,
+                None => vec![],
+            },
+        })?,
         Command::Bench {
             what:
                 BenchCommand::Train {
@@ -783,6 +835,12 @@ fn cmd_quickstart(args: QuickstartArgs) -> Result<()> {
         c.model,
         r.adapter.display(),
         shell_quote(&example)
+    );
+    println!("serve it (OpenAI-compatible API and a chat page at http://127.0.0.1:8080/):");
+    println!(
+        "  afinar serve --model {} --adapter tuned={}",
+        c.model,
+        r.adapter.display()
     );
     println!("evaluate it again, side by side with the base model:");
     println!(

@@ -67,6 +67,20 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
+    generate_until(model, prompt, opts, |piece| {
+        on_text(piece);
+        true
+    })
+}
+
+/// Like [`generate`], but stops (with finish reason `stop`) as soon as `on_text` returns false:
+/// a stop sequence was seen, or the client went away.
+pub fn generate_until(
+    model: &Model,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation> {
     opts.sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::InvalidArgument("the prompt is empty".into()));
@@ -112,8 +126,11 @@ pub fn generate(
         tokens.push(next);
         history.push(next);
         if let Some(piece) = stream.push(next)? {
-            on_text(&piece);
             text.push_str(&piece);
+            if !on_text(&piece) {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
         }
         input = Tensor::new(&[next], device)?.unsqueeze(0)?;
     }

@@ -26,6 +26,7 @@ impl Message {
 }
 
 /// A compiled chat template with the special tokens it may reference.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     pub source: String,

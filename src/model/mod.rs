@@ -47,7 +47,8 @@ impl TextSide {
     }
 }
 
-/// A loaded model, ready for inference or training.
+/// A loaded model, ready for inference or training. Cloning shares the weights.
+#[derive(Clone)]
 pub struct Model {
     pub source: ModelSource,
     pub transformer: Transformer,

@@ -100,9 +100,8 @@ pub struct CompletionRequest {
 }
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid(None, format!("the body is not valid JSON: {e}"))
-    })?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(None, format!("the body is not valid JSON: {e}")))?;
     match v {
         Value::Object(m) => Ok(m),
         _ => Err(ApiError::invalid(None, "the body must be a JSON object")),
@@ -176,7 +175,10 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         Some(other) => {
             return Err(ApiError::invalid(
                 Some("model"),
-                format!("`model` must be a non-empty string (got {})", type_name(other)),
+                format!(
+                    "`model` must be a non-empty string (got {})",
+                    type_name(other)
+                ),
             ))
         }
     };
@@ -204,7 +206,10 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         }
     };
     if stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(Some("stop"), "stop sequences must not be empty"));
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "stop sequences must not be empty",
+        ));
     }
     let include_usage = match m.get("stream_options") {
         Some(Value::Object(o)) => boolean(o, "include_usage")?,

@@ -1,0 +1,51 @@
+"""The official `openai` Python package against `afinar serve`: models list, chat completion
+(whole and streamed, which must agree), text completion, and an unknown model's 404.
+
+    python3 tests/clients/openai_client.py http://127.0.0.1:PORT
+
+Run by tests/serve.rs (`cargo test`); exits non-zero with a message on any mismatch.
+"""
+import sys
+
+import openai
+
+base = sys.argv[1].rstrip("/") + "/v1"
+client = openai.OpenAI(base_url=base, api_key="unused")
+
+ids = [m.id for m in client.models.list().data]
+assert "smollm2" in ids, ids
+
+messages = [{"role": "user", "content": "Name a colour."}]
+whole = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16)
+text = whole.choices[0].message.content
+assert text, whole
+assert whole.choices[0].finish_reason in ("stop", "length"), whole
+assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+stream = client.chat.completions.create(
+    model="smollm2", messages=messages, temperature=0, max_tokens=16, stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage, reasons = [], None, []
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.content:
+            pieces.append(c.delta.content)
+        if c.finish_reason:
+            reasons.append(c.finish_reason)
+assert "".join(pieces) == text, ("".join(pieces), text)
+assert reasons and reasons[-1] in ("stop", "length"), reasons
+assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens, usage
+
+comp = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=8, temperature=0)
+assert comp.choices[0].text, comp
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    raise AssertionError("an unknown model must fail")
+except openai.NotFoundError as e:
+    assert e.status_code == 404
+
+print("openai client: ok", len(pieces), "chunks")

@@ -1,0 +1,399 @@
+//! `afinar serve` as clients see it: the real binary on a free port, the real default model, an
+//! HTTP client over loopback. OpenAI's response shapes, streaming that adds up to the
+//! non-streamed answer, adapters by name, authentication, limits, and every kind of bad request
+//! answered with a 4xx JSON error.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use afinar::export::peft::{self, AdapterConfig};
+use afinar::train::lora::{self, LoraSpec};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+/// A running server, killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_afinar"))
+        .arg("serve")
+        .args(["--port", "0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let base = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited");
+        if let Some(addr) = line.trim().strip_prefix("afinar: listening on ") {
+            break addr.to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = err.read_to_string(&mut sink);
+    });
+    Server { child, base }
+}
+
+/// (status, JSON body) of a request; 4xx/5xx are returned, not raised.
+fn call(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let mut req = ureq::request(method, url);
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, v)
+}
+
+/// An adapter with random non-zero B on q_proj and v_proj, so it changes the answers.
+fn random_adapter(dir: &Path) {
+    let mut model = afinar::model::Model::load("smollm2", &Device::Cpu).unwrap();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        dropout: 0.0,
+    };
+    let vars = lora::attach(&mut model.transformer, &spec, lora::kaiming_a(3)).unwrap();
+    for (name, v) in &vars {
+        if name.ends_with("lora_B.weight") {
+            v.set(&Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let cfg = AdapterConfig {
+        peft_type: "LORA".into(),
+        task_type: "CAUSAL_LM".into(),
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: spec.targets.clone(),
+        use_rslora: false,
+        bias: "none".into(),
+        fan_in_fan_out: false,
+        base_model_name_or_path: Some("smollm2".into()),
+        inference_mode: true,
+    };
+    peft::save(dir, &cfg, &vars).unwrap();
+}
+
+fn chat_body(model: &str, stream: bool) -> String {
+    json!({"model": model, "stream": stream, "temperature": 0, "max_tokens": 24,
+           "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    .to_string()
+}
+
+#[test]
+fn openai_endpoints_streaming_adapters_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    random_adapter(&adapter);
+    let spec = format!("rand={}", adapter.display());
+    let s = start(&["--adapter", &spec, "--max-tokens", "64"]);
+    let url = |p: &str| format!("{}{p}", s.base);
+
+    let (st, v) = call("GET", &url("/health"), None, None);
+    assert_eq!((st, v["status"].as_str()), (200, Some("ok")));
+    let (st, v) = call("GET", &url("/v1/models"), None, None);
+    assert_eq!(st, 200);
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["smollm2", "rand"]);
+
+    // Non-streaming: OpenAI's object, greedy text equal to `afinar generate`'s.
+    let (st, v) = call(
+        "POST",
+        &url("/v1/chat/completions"),
+        None,
+        Some(&chat_body("smollm2", false)),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(matches!(
+        v["choices"][0]["finish_reason"].as_str(),
+        Some("stop" | "length")
+    ));
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    let model = common::smollm2();
+    let ids = model
+        .encode_chat(
+            &[afinar::model::Message::new(
+                "user",
+                "What is the capital of France?",
+            )],
+            true,
+        )
+        .unwrap();
+    let opts = afinar::infer::GenerateOptions {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let want = afinar::infer::generate(model, &ids, &opts, |_| {}).unwrap();
+    assert_eq!(text, want.text);
+
+    // Streaming: SSE chunks that add up to the same text, then [DONE].
+    let resp = ureq::post(&url("/v1/chat/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(&chat_body("smollm2", true))
+        .unwrap();
+    assert!(resp.content_type().starts_with("text/event-stream"));
+    let mut streamed = String::new();
+    let mut lines = Vec::new();
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(d) = line.strip_prefix("data: ") {
+            lines.push(d.to_string());
+            if d != "[DONE]" {
+                let c: Value = serde_json::from_str(d).unwrap();
+                assert_eq!(c["object"], "chat.completion.chunk");
+                if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+                    streamed.push_str(t);
+                }
+            }
+        }
+    }
+    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"));
+    assert!(lines.len() > 3, "several chunks: {lines:?}");
+    assert_eq!(streamed, text);
+
+    // The adapter by name answers differently; an unknown name is a 404 in OpenAI's shape.
+    let (st, v) = call(
+        "POST",
+        &url("/v1/chat/completions"),
+        None,
+        Some(&chat_body("rand", false)),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_ne!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        text
+    );
+    assert_eq!(v["model"], "rand");
+    let (st, v) = call(
+        "POST",
+        &url("/v1/chat/completions"),
+        None,
+        Some(&chat_body("gpt-4", false)),
+    );
+    assert_eq!(st, 404);
+    assert_eq!(v["error"]["code"], "model_not_found");
+
+    // Text completions, and a stop sequence that ends the answer.
+    let body = json!({"model": "smollm2", "prompt": "One, two, three,", "max_tokens": 12,
+                      "temperature": 0, "stop": [","]})
+    .to_string();
+    let (st, v) = call("POST", &url("/v1/completions"), None, Some(&body));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(
+        !v["choices"][0]["text"].as_str().unwrap().contains(','),
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // Bad requests: 400 with a JSON error naming the problem, never a 5xx.
+    let bad: &[(&str, &str)] = &[
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (r#"{"messages": "hi"}"#, "must be an array"),
+        (r#"{"messages": []}"#, "is empty"),
+        (
+            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
+            "unknown role",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": 5}]}"#,
+            "must be a string",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+            "must be a number",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "temperature": 9}"#,
+            "between 0 and 2",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}"#,
+            "max_tokens",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1e300}"#,
+            "max_tokens",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_p": 0}"#,
+            "top_p",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "n": 3}"#,
+            "n = 1",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#,
+            "true or false",
+        ),
+    ];
+    for (body, want) in bad {
+        let (st, v) = call("POST", &url("/v1/chat/completions"), None, Some(body));
+        assert_eq!(st, 400, "{body} → {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{body}: {msg}");
+    }
+    // Prompt + max_tokens beyond the context.
+    let long = "word ".repeat(9000);
+    let body =
+        json!({"messages": [{"role": "user", "content": long}], "max_tokens": 64}).to_string();
+    let (st, v) = call("POST", &url("/v1/chat/completions"), None, Some(&body));
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("context"),
+        "{v}"
+    );
+    // A body over the limit is refused (4xx).
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(2 << 20));
+    let (st, v) = call("POST", &url("/v1/completions"), None, Some(&huge));
+    assert_eq!(st, 413, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than"),
+        "{v}"
+    );
+    // Unknown endpoint.
+    let (st, v) = call("GET", &url("/v1/nothing"), None, None);
+    assert_eq!(st, 404);
+    assert!(v["error"]["message"].is_string());
+
+    // Several clients at once: all served.
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let u = url("/v1/chat/completions");
+            std::thread::spawn(move || {
+                let body = json!({"messages": [{"role": "user", "content": format!("Count to {}", i + 2)}],
+                                  "max_tokens": 8, "temperature": 0}).to_string();
+                call("POST", &u, None, Some(&body)).0
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+
+    // The chat page: embedded, no external assets.
+    let page = ureq::get(&url("/")).call().unwrap();
+    assert!(page.content_type().starts_with("text/html"));
+    let html = page.into_string().unwrap();
+    assert!(html.contains("/v1/chat/completions") && html.contains("textContent"));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external assets"
+    );
+    assert!(
+        !html.contains("innerHTML"),
+        "model text is never parsed as HTML"
+    );
+}
+
+#[test]
+fn api_key_guards_everything_but_health() {
+    let s = start(&["--api-key", "sekret"]);
+    let url = |p: &str| format!("{}{p}", s.base);
+    assert_eq!(call("GET", &url("/health"), None, None).0, 200);
+    let (st, v) = call("GET", &url("/v1/models"), None, None);
+    assert_eq!(st, 401);
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    assert_eq!(call("GET", &url("/v1/models"), Some("wrong"), None).0, 401);
+    assert_eq!(call("GET", &url("/v1/models"), Some("sekret"), None).0, 200);
+    let body = chat_body("smollm2", false);
+    assert_eq!(
+        call("POST", &url("/v1/chat/completions"), None, Some(&body)).0,
+        401
+    );
+    assert_eq!(
+        call(
+            "POST",
+            &url("/v1/chat/completions"),
+            Some("sekret"),
+            Some(&body)
+        )
+        .0,
+        200
+    );
+}
+
+/// The official `openai` Python package against the server (installed by `.ci/run`; installed
+/// here with pip when missing).
+#[test]
+fn official_openai_python_client() {
+    let has = |py: &str| {
+        Command::new(py)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has("python3") {
+        let _ = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "openai"])
+            .status();
+    }
+    assert!(
+        has("python3"),
+        "the openai package is needed: python3 -m pip install openai"
+    );
+    let s = start(&[]);
+    let out = Command::new("python3")
+        .arg(common::root().join("tests/clients/openai_client.py"))
+        .arg(&s.base)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -397,3 +397,38 @@ fn official_openai_python_client() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The chat page driven in headless Chromium (Debian's `chromium` and npm's `playwright-core`,
+/// both installed by `.ci/run`, which sets AFINAR_REQUIRE_WEB_TEST=1 so that missing tools fail
+/// the test there instead of skipping it).
+#[test]
+fn chat_page_in_headless_chromium() {
+    let web = common::root().join("tests/web");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let ready = Path::new(&chromium).exists() && web.join("node_modules/playwright-core").is_dir();
+    if !ready {
+        assert!(
+            std::env::var_os("AFINAR_REQUIRE_WEB_TEST").is_none(),
+            "needs {chromium} and `npm install` in tests/web (see .ci/run)"
+        );
+        eprintln!("skipped: needs {chromium} and `npm install` in tests/web (see .ci/run)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    random_adapter(&adapter);
+    let spec = format!("rand={}", adapter.display());
+    let s = start(&["--adapter", &spec, "--max-tokens", "48"]);
+    let out = Command::new("node")
+        .arg(web.join("chat.test.mjs"))
+        .arg(&s.base)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

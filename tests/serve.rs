@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -14,10 +14,11 @@ use afinar::train::lora::{self, LoraSpec};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-/// A running server, killed on drop.
+/// A running server, killed on drop; `log` collects what it prints to stderr.
 struct Server {
     child: Child,
     base: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -45,12 +46,16 @@ fn start(args: &[&str]) -> Server {
             break addr.to_string();
         }
     };
-    // Keep draining stderr so the server never blocks on a full pipe.
+    // Keep draining stderr (so the server never blocks on a full pipe) into `log`.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = err.read_to_string(&mut sink);
+        for line in err.lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
     });
-    Server { child, base }
+    Server { child, base, log }
 }
 
 /// (status, JSON body) of a request; 4xx/5xx are returned, not raised.
@@ -322,6 +327,33 @@ fn openai_endpoints_streaming_adapters_and_errors() {
     for h in handles {
         assert_eq!(h.join().unwrap(), 200);
     }
+
+    // A streaming client that leaves after the first chunk stops its generation.
+    let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                      "max_tokens": 64, "temperature": 0, "stream": true})
+    .to_string();
+    let resp = ureq::post(&url("/v1/chat/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(&body)
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    drop(reader);
+    let mut stopped = false;
+    for _ in 0..200 {
+        if s.log
+            .lock()
+            .unwrap()
+            .contains("client went away; generation stopped after")
+        {
+            stopped = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(stopped, "server log: {}", s.log.lock().unwrap());
 
     // The chat page: embedded, no external assets.
     let page = ureq::get(&url("/")).call().unwrap();

@@ -315,12 +315,22 @@ async fn start(
             held: String::new(),
         };
         let mut hit_stop = false;
+        let mut gone = false;
         let result = generate_until(model, &prompt, &opts, |piece| {
             let (out, stop) = matcher.push(piece);
             hit_stop |= stop;
-            let open = out.is_empty() || tx.blocking_send(Piece::Text(out)).is_ok();
-            open && !stop
+            gone = !(out.is_empty() || tx.blocking_send(Piece::Text(out)).is_ok());
+            !gone && !stop
         });
+        if gone {
+            if let Ok(g) = &result {
+                eprintln!(
+                    "afinar: client went away; generation stopped after {} tokens",
+                    g.generated_tokens
+                );
+            }
+            return;
+        }
         let last = match result {
             Ok(g) => {
                 if !hit_stop && !matcher.held.is_empty() {

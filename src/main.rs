@@ -665,10 +665,7 @@ fn run(cli: Cli) -> Result<()> {
             max_concurrent: args.max_concurrent,
             max_tokens: args.max_tokens,
             max_body_bytes: args.max_body_bytes,
-            allowed_scripts: match &args.allowed_scripts {
-                Some(l) => parse_scripts(l)?,
-                None => vec![],
-            },
+            allowed_scripts: scripts_arg(args.allowed_scripts.as_deref())?,
         })?,
         Command::Bench {
             what:
@@ -739,10 +736,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         batch_size: args.batch_size,
         compare_base: args.compare_base,
-        allowed_scripts: match &args.allowed_scripts {
-            Some(l) => parse_scripts(l)?,
-            None => vec![],
-        },
+        allowed_scripts: scripts_arg(args.allowed_scripts.as_deref())?,
         data_dir: match &run {
             Some(dir) => dir.join("data"),
             None => out.join("data"),
@@ -850,6 +844,11 @@ fn cmd_quickstart(args: QuickstartArgs) -> Result<()> {
         args.eval_limit
     );
     Ok(())
+}
+
+/// The scripts of an `--allowed-scripts` list (none when the flag is absent).
+fn scripts_arg(list: Option<&str>) -> Result<Vec<unicode_script::Script>> {
+    Ok(list.map(parse_scripts).transpose()?.unwrap_or_default())
 }
 
 /// Quotes `s` for a POSIX shell command line: '…', or bash's $'…' when it holds newlines.

@@ -6,19 +6,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{root, smollm2_path};
-
-fn afinar(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_afinar"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{afinar, root, smollm2_path};
 
 /// Runs `afinar info --model PATH` and checks for a single clear error line containing `want`.
 fn expect_error(model: &std::path::Path, want: &str) {

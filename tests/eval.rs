@@ -5,25 +5,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use afinar::infer::batch::greedy_batch;
 use afinar::infer::scripts::{parse_scripts, scripts_in, ScriptFilter};
 use afinar::infer::{generate, GenerateOptions};
 use afinar::model::Message;
-use common::{root, smollm2};
-
-fn afinar(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_afinar"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{afinar, root, smollm2};
 
 fn chat_prompt(text: &str) -> Vec<u32> {
     smollm2()

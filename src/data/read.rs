@@ -323,7 +323,8 @@ fn read_json(
     Ok(out)
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// "a string", "an array", …: a JSON value's kind for error messages.
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::data::read::json_kind as type_name;
 use crate::model::Message;
 
 /// An error as OpenAI returns it: an HTTP status and
@@ -154,17 +155,6 @@ fn boolean(m: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
             Some(key),
             format!("`{key}` must be true or false (got {})", type_name(other)),
         )),
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

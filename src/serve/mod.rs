@@ -69,16 +69,20 @@ struct AppState {
 }
 
 impl AppState {
-    fn find(&self, name: &str) -> std::result::Result<&Served, ApiError> {
+    /// The index of the model a request names (the base when it names none).
+    fn find(&self, name: &str) -> std::result::Result<usize, ApiError> {
         if name.is_empty() {
-            return Ok(&self.models[0]);
+            return Ok(0);
         }
-        self.models.iter().find(|m| m.id == name).ok_or_else(|| {
-            ApiError::unknown_model(
-                name,
-                &self.models.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
-            )
-        })
+        self.models
+            .iter()
+            .position(|m| m.id == name)
+            .ok_or_else(|| {
+                ApiError::unknown_model(
+                    name,
+                    &self.models.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+                )
+            })
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -480,12 +484,8 @@ async fn chat_inner(
         return Err(ApiError::unauthorized());
     }
     let req = api::parse_chat(&body)?;
-    let served = st.find(&req.settings.model)?;
-    let index = st
-        .models
-        .iter()
-        .position(|m| m.id == served.id)
-        .unwrap_or(0);
+    let index = st.find(&req.settings.model)?;
+    let served = &st.models[index];
     let model_id = served.id.clone();
     let prompt = served
         .model
@@ -543,12 +543,8 @@ async fn completions_inner(
         return Err(ApiError::unauthorized());
     }
     let req = api::parse_completion(&body)?;
-    let served = st.find(&req.settings.model)?;
-    let index = st
-        .models
-        .iter()
-        .position(|m| m.id == served.id)
-        .unwrap_or(0);
+    let index = st.find(&req.settings.model)?;
+    let served = &st.models[index];
     let model_id = served.id.clone();
     let prompt = served
         .model

@@ -145,6 +145,25 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// log Σ exp over a row (the max subtracted first), summed in lanes of 8 so the loop vectorises,
+/// then in f64.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += exp(v - max);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| exp(v - max) as f64)
+        .sum();
+    max + ((acc.iter().map(|&a| a as f64).sum::<f64>() + tail).ln() as f32)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

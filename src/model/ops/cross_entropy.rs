@@ -7,30 +7,12 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, from_vec, view};
+use super::cpu::{exp, f32_slice, from_vec, log_sum_exp, view};
 
 /// Keeps each row's log-sum-exp from the forward pass, so the backward makes one pass.
 #[derive(Default)]
 struct CrossEntropy {
     lse: std::sync::Mutex<Vec<f32>>,
-}
-
-fn lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Sum in f32 lanes of 8 (vectorised), then in f64.
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += exp(v - max);
-        }
-    }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| exp(v - max) as f64)
-        .sum();
-    max + ((acc.iter().map(|&a| a as f64).sum::<f64>() + tail).ln() as f32)
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -57,7 +39,7 @@ impl CustomOp2 for CrossEntropy {
         if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
             candle_core::bail!("fused-cross-entropy: target {bad} is outside the vocabulary ({v})");
         }
-        let lses: Vec<f32> = z.par_chunks(v).map(lse).collect();
+        let lses: Vec<f32> = z.par_chunks(v).map(log_sum_exp).collect();
         let nll: Vec<f32> = lses
             .iter()
             .zip(z.chunks(v).zip(t))
@@ -83,7 +65,7 @@ impl CustomOp2 for CrossEntropy {
             .zip(zv.par_chunks(v))
             .enumerate()
             .for_each(|(r, (d, row))| {
-                let l = saved.get(r).copied().unwrap_or_else(|| lse(row));
+                let l = saved.get(r).copied().unwrap_or_else(|| log_sum_exp(row));
                 for (o, &x) in d.iter_mut().zip(row) {
                     *o = exp(x - l) * dv[r];
                 }

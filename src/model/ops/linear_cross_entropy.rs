@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, view, with_f32};
+use super::cpu::{exp, f32_slice, gemm, log_sum_exp, view, with_f32};
 
 /// Rows whose logits are held at once.
 const ROWS: usize = 256;
@@ -25,24 +25,6 @@ struct LinearCrossEntropy {
     with_grad: bool,
     /// dh (rows × hidden), unscaled, for the backward.
     dh: Mutex<Option<Vec<f32>>>,
-}
-
-/// log Σ exp over a row, summed in lanes of 8 (vectorised) then in f64.
-fn lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += exp(v - max);
-        }
-    }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| exp(v - max) as f64)
-        .sum();
-    max + ((acc.iter().map(|&a| a as f64).sum::<f64>() + tail).ln() as f32)
 }
 
 impl LinearCrossEntropy {
@@ -75,7 +57,7 @@ impl LinearCrossEntropy {
                 .zip(nll[r0..r0 + m].par_iter_mut())
                 .zip(t[r0..r0 + m].par_iter())
                 .for_each(|((row, out), &ti)| {
-                    let l = lse(row);
+                    let l = log_sum_exp(row);
                     *out = l - row[ti as usize];
                     if with_grad {
                         row.iter_mut().for_each(|x| *x = exp(*x - l));

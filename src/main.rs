@@ -1,5 +1,6 @@
-//! The `afinar` command line. Each subcommand is one step of the pipeline:
-//! `info` / `generate` / `chat` (model → infer) and `bench` (speed measurements).
+//! The `afinar` command line. Each subcommand is one step of the pipeline: `data` (prepare,
+//! inspect) → `info` (model) → `train` → `eval` → `generate` / `chat` / `score` / `serve` (infer
+//! and deploy); `quickstart` chains data → train → eval, and `bench` measures speed.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

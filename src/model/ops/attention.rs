@@ -63,6 +63,12 @@ impl AttentionMask {
 /// Query rows handled together: each block multiplies only the keys some row of it can see.
 const ROW_BLOCK: usize = 32;
 
+/// Up to this many query rows, scores and outputs are plain dot products (no GEMM calls).
+const DIRECT_ROWS: usize = 4;
+
+/// Attention with fewer score entries than this runs on the calling thread.
+const SERIAL_BELOW: usize = 1 << 16;
+
 /// Raw pointer that parallel tasks may share because each writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
@@ -133,58 +139,91 @@ impl Attention {
         let out_ptr = Shared(out.as_mut_ptr());
         let mask = self.mask.as_deref();
         let mask_batches = mask.map_or(1, |m| m.values.len() / (t * total));
-        probs
-            .par_chunks_mut(t * total)
-            .enumerate()
-            .for_each(|(bh, p)| {
-                let (bi, hi) = (bh / h, bh % h);
-                let g = hi / n_rep;
-                let kvo = (bi * total * kvh + g) * d;
-                let mrows = mask.map(|m| {
-                    let mb = if mask_batches == 1 { 0 } else { bi };
-                    &m.values[mb * t * total..(mb + 1) * t * total]
-                });
-                for (rows, k0, k1) in self.blocks(bi) {
-                    if k0 >= k1 {
-                        continue; // nothing visible: P and O stay zero
-                    }
-                    let (r0, n, w) = (rows.start, rows.len(), k1 - k0);
-                    let qo = (bi * t * h + hi) * d + r0 * h * d;
-                    unsafe {
-                        // S = scale · Q Kᵀ on the visible columns
-                        gemm(
-                            (n, w, d),
-                            (p[r0 * total + k0..].as_mut_ptr(), total, 1),
-                            false,
-                            (q[qo..].as_ptr(), h * d, 1),
-                            (k[kvo + k0 * kvh * d..].as_ptr(), 1, kvh * d),
-                            self.scale,
-                            false,
-                        );
-                    }
+        let head = |(bh, p): (usize, &mut [f32])| {
+            let (bi, hi) = (bh / h, bh % h);
+            let g = hi / n_rep;
+            let kvo = (bi * total * kvh + g) * d;
+            let mrows = mask.map(|m| {
+                let mb = if mask_batches == 1 { 0 } else { bi };
+                &m.values[mb * t * total..(mb + 1) * t * total]
+            });
+            for (rows, k0, k1) in self.blocks(bi) {
+                if k0 >= k1 {
+                    continue; // nothing visible: P and O stay zero
+                }
+                let (r0, n, w) = (rows.start, rows.len(), k1 - k0);
+                let qo = (bi * t * h + hi) * d + r0 * h * d;
+                if t <= DIRECT_ROWS {
+                    // Decoding: a handful of rows; plain dot products cost less than GEMM calls.
                     for i in rows.clone() {
+                        let qr = &q[(bi * t + i) * h * d + hi * d..][..d];
                         let row = &mut p[i * total + k0..i * total + k1];
+                        for (jj, sc) in row.iter_mut().enumerate() {
+                            let kr = &k[kvo + (k0 + jj) * kvh * d..][..d];
+                            *sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale;
+                        }
                         if let Some(mr) = mrows {
                             row.iter_mut()
                                 .zip(&mr[i * total + k0..i * total + k1])
                                 .for_each(|(s, m)| *s += m);
                         }
                         softmax_in_place(row);
+                        // SAFETY: row i of head hi is written by this task only.
+                        let or = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                out_ptr.get().add((bi * t + i) * h * d + hi * d),
+                                d,
+                            )
+                        };
+                        for (jj, &pj) in row.iter().enumerate() {
+                            let vr = &v[kvo + (k0 + jj) * kvh * d..][..d];
+                            or.iter_mut().zip(vr).for_each(|(o, x)| *o += pj * x);
+                        }
                     }
-                    unsafe {
-                        // O = P V, written at (bi, ·, hi, ·)
-                        gemm(
-                            (n, d, w),
-                            (out_ptr.get().add(qo), h * d, 1),
-                            false,
-                            (p[r0 * total + k0..].as_ptr(), total, 1),
-                            (v[kvo + k0 * kvh * d..].as_ptr(), kvh * d, 1),
-                            1.0,
-                            false,
-                        );
-                    }
+                    continue;
                 }
-            });
+                unsafe {
+                    // S = scale · Q Kᵀ on the visible columns
+                    gemm(
+                        (n, w, d),
+                        (p[r0 * total + k0..].as_mut_ptr(), total, 1),
+                        false,
+                        (q[qo..].as_ptr(), h * d, 1),
+                        (k[kvo + k0 * kvh * d..].as_ptr(), 1, kvh * d),
+                        self.scale,
+                        false,
+                    );
+                }
+                for i in rows.clone() {
+                    let row = &mut p[i * total + k0..i * total + k1];
+                    if let Some(mr) = mrows {
+                        row.iter_mut()
+                            .zip(&mr[i * total + k0..i * total + k1])
+                            .for_each(|(s, m)| *s += m);
+                    }
+                    softmax_in_place(row);
+                }
+                unsafe {
+                    // O = P V, written at (bi, ·, hi, ·)
+                    gemm(
+                        (n, d, w),
+                        (out_ptr.get().add(qo), h * d, 1),
+                        false,
+                        (p[r0 * total + k0..].as_ptr(), total, 1),
+                        (v[kvo + k0 * kvh * d..].as_ptr(), kvh * d, 1),
+                        1.0,
+                        false,
+                    );
+                }
+            }
+        };
+        // Decoding one token is a few thousand multiply-adds per head: spreading that over the
+        // thread pool costs more than it saves.
+        if b * h * t * total < SERIAL_BELOW {
+            probs.chunks_mut(t * total).enumerate().for_each(head);
+        } else {
+            probs.par_chunks_mut(t * total).enumerate().for_each(head);
+        }
         (out, probs)
     }
 
@@ -514,11 +553,41 @@ mod tests {
         let got = attention(&q, &k2, &v2, None, scale, hd)?;
         let want = attention_reference(&q, &k2, &v2, None, scale)?;
         assert!(max_diff(&got, &want) < 1e-5);
+        // One new token over a cache (the direct path), with and without a mask.
+        let q1 = q.narrow(1, 0, 1)?.contiguous()?;
+        let got = attention(&q1, &k2, &v2, None, scale, hd)?;
+        let want = attention_reference(&q1, &k2, &v2, None, scale)?;
+        assert!(max_diff(&got, &want) < 1e-5);
+        let m1: Vec<f32> = (0..b * (t + 3))
+            .map(|j| if j % 5 == 1 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let m1 = Tensor::from_vec(m1, (b, 1, 1, 1, t + 3), &dev)?;
+        let got = attention(&q1, &k2, &v2, Some(&AttentionMask::new(&m1)?), scale, hd)?;
+        let want = attention_reference(&q1, &k2, &v2, Some(&m1), scale)?;
+        assert!(max_diff(&got, &want) < 1e-5);
         // The model's (b·t, heads·d) layout gives the same numbers.
         let flat = |x: &Tensor| x.reshape((b * x.dim(1).unwrap(), ())).unwrap();
         let got = attention(&flat(&q), &flat(&k), &flat(&v), Some(&m), scale, hd)?;
         let want = attention_reference(&q, &k, &v, Some(&mask), scale)?;
         assert!(max_diff(&got.reshape(want.shape())?, &want) < 1e-5);
+
+        // Large enough for the parallel path: forward and gradients against the reference's.
+        let (bl, tl) = (2, 150);
+        let ql = Var::from_tensor(&Tensor::randn(0f32, 1., (bl, tl, h, d), &dev)?)?;
+        let kl = Var::from_tensor(&Tensor::randn(0f32, 1., (bl, tl, kvh, d), &dev)?)?;
+        let vl = Var::from_tensor(&Tensor::randn(0f32, 1., (bl, tl, kvh, d), &dev)?)?;
+        assert!(bl * h * tl * tl >= SERIAL_BELOW);
+        let ml = packed_mask(bl, tl, &dev)?;
+        let hl = Heads { batch: bl, ..hd };
+        let c = Tensor::randn(0f32, 1., (bl, tl, h, d), &dev)?;
+        let got = attention(&ql, &kl, &vl, Some(&AttentionMask::new(&ml)?), scale, hl)?;
+        let want = attention_reference(&ql, &kl, &vl, Some(&ml), scale)?;
+        assert!(max_diff(&got, &want) < 1e-5);
+        let g1 = (got * &c)?.sum_all()?.backward()?;
+        let g2 = (want * &c)?.sum_all()?.backward()?;
+        for v in [&ql, &kl, &vl] {
+            assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-4);
+        }
 
         fd_check(&Var::from_tensor(&q)?, |x| {
             attention(x, &k, &v, Some(&m), scale, hd)

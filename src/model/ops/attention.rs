@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, with_f32};
+use super::cpu::{exp, f32_slice, gemm, view};
 
 /// An additive attention mask (b or 1, t, T) shared by every head, read once per forward pass.
 #[derive(Debug, Clone)]
@@ -162,12 +162,7 @@ impl Attention {
                             let kr = &k[kvo + (k0 + jj) * kvh * d..][..d];
                             *sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale;
                         }
-                        if let Some(mr) = mrows {
-                            row.iter_mut()
-                                .zip(&mr[i * total + k0..i * total + k1])
-                                .for_each(|(s, m)| *s += m);
-                        }
-                        softmax_in_place(row);
+                        masked_softmax(row, mrows.map(|m| &m[i * total + k0..i * total + k1]));
                         // SAFETY: row i of head hi is written by this task only.
                         let or = unsafe {
                             std::slice::from_raw_parts_mut(
@@ -196,12 +191,7 @@ impl Attention {
                 }
                 for i in rows.clone() {
                     let row = &mut p[i * total + k0..i * total + k1];
-                    if let Some(mr) = mrows {
-                        row.iter_mut()
-                            .zip(&mr[i * total + k0..i * total + k1])
-                            .for_each(|(s, m)| *s += m);
-                    }
-                    softmax_in_place(row);
+                    masked_softmax(row, mrows.map(|m| &m[i * total + k0..i * total + k1]));
                 }
                 unsafe {
                     // O = P V, written at (bi, ·, hi, ·)
@@ -333,6 +323,14 @@ struct Grads {
     dv: Vec<f32>,
 }
 
+/// Adds the mask's row (if any) to the scores, then takes the softmax in place.
+fn masked_softmax(row: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(m) = mask {
+        row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
+    }
+    softmax_in_place(row);
+}
+
 /// Softmax of one row in place (a row of only −∞ gives zeros, not NaN).
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -380,13 +378,8 @@ impl CustomOp3 for Attention {
             self.probs.lock().unwrap().clone().ok_or_else(|| {
                 candle_core::Error::Msg("fused attention: no forward pass".into())
             })?;
-        let g = with_f32(q, |q| {
-            with_f32(k, |k| {
-                with_f32(v, |v| {
-                    with_f32(dout, |dy| self.backward(q, k, v, dy, &probs))
-                })
-            })
-        })????;
+        let (qv, kv, vv, gv) = (view(q)?, view(k)?, view(v)?, view(dout)?);
+        let g = self.backward(&qv, &kv, &vv, &gv, &probs);
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(g.dq, q.shape(), dev)?),

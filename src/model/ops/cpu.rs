@@ -60,16 +60,26 @@ pub fn view(t: &Tensor) -> Result<F32View<'_>> {
     Ok(F32View::Owned(to_vec(t)?))
 }
 
-/// Runs `f` on a tensor's f32 data without copying it when it is contiguous on the CPU (the
-/// backward passes read their saved inputs this way), else on a contiguous copy.
-pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    {
-        let (s, l) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(c), Some((a, b))) = (&*s, l.contiguous_offsets()) {
-            return Ok(f(&c.as_slice::<f32>()?[a..b]));
-        }
+/// The u32 targets of a cross-entropy op, checked: contiguous, one per row, inside the
+/// vocabulary. `op` names the op in the error.
+pub fn targets<'a>(
+    op: &str,
+    ts: &'a CpuStorage,
+    tl: &Layout,
+    rows: usize,
+    vocab: usize,
+) -> Result<&'a [u32]> {
+    let t = match tl.contiguous_offsets() {
+        Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
+        None => candle_core::bail!("{op}: targets must be contiguous"),
+    };
+    if t.len() != rows {
+        candle_core::bail!("{op}: {rows} rows but {} targets", t.len());
     }
-    Ok(f(&to_vec(t)?))
+    if let Some(bad) = t.iter().find(|&&x| x as usize >= vocab) {
+        candle_core::bail!("{op}: target {bad} is outside the vocabulary ({vocab})");
+    }
+    Ok(t)
 }
 
 /// `dst (m×n) = [dst +] beta · lhs (m×k) · rhs (k×n)`, every operand given as (pointer, row

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, from_vec, log_sum_exp, view};
+use super::cpu::{exp, f32_slice, from_vec, log_sum_exp, targets, view};
 
 /// Keeps each row's log-sum-exp from the forward pass, so the backward makes one pass.
 #[derive(Default)]
@@ -29,16 +29,7 @@ impl CustomOp2 for CrossEntropy {
     ) -> Result<(CpuStorage, Shape)> {
         let z = f32_slice(zs, zl)?;
         let (n, v) = zl.shape().dims2()?;
-        let t = match tl.contiguous_offsets() {
-            Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
-            None => candle_core::bail!("fused-cross-entropy: targets must be contiguous"),
-        };
-        if t.len() != n {
-            candle_core::bail!("fused-cross-entropy: {n} rows but {} targets", t.len());
-        }
-        if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
-            candle_core::bail!("fused-cross-entropy: target {bad} is outside the vocabulary ({v})");
-        }
+        let t = targets("fused-cross-entropy", ts, tl, n, v)?;
         let lses: Vec<f32> = z.par_chunks(v).map(log_sum_exp).collect();
         let nll: Vec<f32> = lses
             .iter()

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, log_sum_exp, view, with_f32};
+use super::cpu::{exp, f32_slice, gemm, log_sum_exp, targets, view};
 
 /// Rows whose logits are held at once.
 const ROWS: usize = 256;
@@ -103,20 +103,9 @@ impl CustomOp2 for LinearCrossEntropy {
         if hs != hs2 {
             candle_core::bail!("linear-cross-entropy: hidden {hs} but head weight has {hs2}");
         }
-        let t = match tl.contiguous_offsets() {
-            Some((a, b)) => &ts.as_slice::<u32>()?[a..b],
-            None => candle_core::bail!("linear-cross-entropy: targets must be contiguous"),
-        };
-        if t.len() != n {
-            candle_core::bail!("linear-cross-entropy: {n} rows but {} targets", t.len());
-        }
-        if let Some(bad) = t.iter().find(|&&x| x as usize >= vocab) {
-            candle_core::bail!(
-                "linear-cross-entropy: target {bad} is outside the vocabulary ({vocab})"
-            );
-        }
+        let t = targets("linear-cross-entropy", ts, tl, n, vocab)?;
         let h = f32_slice(hs_, hl)?;
-        let nll = with_f32(&self.weight, |w| self.run(h, t, w, hs, vocab))?;
+        let nll = self.run(h, t, &view(&self.weight)?, hs, vocab);
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 

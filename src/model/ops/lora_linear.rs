@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cpu::{f32_slice, gemm, with_f32};
+use super::cpu::{f32_slice, gemm, view};
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -217,7 +217,7 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(xl, al)?;
         let (x, a, b) = (f32_slice(xs, xl)?, f32_slice(as_, al)?, f32_slice(bs, bl)?);
-        let y = with_f32(&self.weight, |w| self.forward(x, w, a, b, d))?;
+        let y = self.forward(x, &view(&self.weight)?, a, b, d);
         Ok((CpuStorage::F32(y), Shape::from((d.rows, d.out))))
     }
 
@@ -230,13 +230,8 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(x.layout(), a.layout())?;
-        let (dx, da, db) = with_f32(x, |x| {
-            with_f32(&self.weight, |w| {
-                with_f32(a, |a| {
-                    with_f32(b, |b| with_f32(dy, |dy| self.backward(x, w, a, b, dy, d)))
-                })
-            })
-        })?????;
+        let (xv, wv, av, bv, gv) = (view(x)?, view(&self.weight)?, view(a)?, view(b)?, view(dy)?);
+        let (dx, da, db) = self.backward(&xv, &wv, &av, &bv, &gv, d);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),

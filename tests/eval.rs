@@ -188,6 +188,20 @@ fn shortened_quickstart_then_eval_and_its_errors() {
     assert!(err.contains("exact_match") && err.contains("chrf"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
+    // A split that does not exist: the valid ones are listed.
+    let (code, _, err) = afinar(&[
+        "eval",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--split",
+        "dev",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("unknown split \"dev\"") && err.contains("validation"),
+        "{err}"
+    );
+
     // An empty test split.
     let tiny = dir.path().join("tiny.jsonl");
     write_subset(&tiny, 2);

@@ -163,8 +163,6 @@ fn prompt_of(model: &Model, ex: &EvalExample) -> Result<Option<(Vec<u32>, String
 /// Runs the evaluation. `progress` receives one line per phase.
 pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<EvalReport> {
     let device = Device::Cpu;
-    let text = TextSide::load(&opts.model)?;
-    let prepared = data::prepare_cached(&opts.prepare, &opts.model, &text, &opts.data_dir)?;
     let split_name = opts.split.as_str();
     if !data::SPLITS.contains(&split_name) {
         return Err(Error::InvalidArgument(format!(
@@ -172,6 +170,8 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
             data::SPLITS.join(", ")
         )));
     }
+    let text = TextSide::load(&opts.model)?;
+    let prepared = data::prepare_cached(&opts.prepare, &opts.model, &text, &opts.data_dir)?;
     let file = prepared.split(split_name)?;
     let mut examples = prepared.eval_examples(split_name)?;
     let sources = opts

@@ -31,7 +31,6 @@ pub fn greedy_batch(
     filter: Option<&ScriptFilter>,
     mut on_done: impl FnMut(usize),
 ) -> Result<Vec<Completion>> {
-    let mut out = Vec::with_capacity(prompts.len());
     // Similar lengths together waste less padding; the order is restored at the end.
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
@@ -47,8 +46,7 @@ pub fn greedy_batch(
         on_done(done.len());
     }
     done.sort_by_key(|(i, _)| *i);
-    out.extend(done.into_iter().map(|(_, c)| c));
-    Ok(out)
+    Ok(done.into_iter().map(|(_, c)| c).collect())
 }
 
 fn one_batch(

@@ -363,6 +363,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown module 'attn'"), "{err}");
+        let err = TrainConfig::load(None, &["data=x".into(), "max_minutes=-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_minutes = -1 must be ≥ 0"), "{err}");
     }
 
     #[test]

@@ -464,25 +464,29 @@ async fn read_body(st: &AppState, body: Body) -> std::result::Result<Bytes, ApiE
         })
 }
 
-async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match read_body(&st, body).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    match chat_inner(st, headers, body).await {
-        Ok(r) => r,
+/// Authentication first, then the body (within the limit), then `inner`; every error becomes
+/// an OpenAI-shaped response.
+async fn handle<F, Fut>(st: Arc<AppState>, headers: &HeaderMap, body: Body, inner: F) -> Response
+where
+    F: FnOnce(Arc<AppState>, Bytes) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Response, ApiError>>,
+{
+    if !st.authorized(headers) {
+        return ApiError::unauthorized().into_response();
+    }
+    match read_body(&st, body).await {
+        Ok(body) => inner(st, body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(
-    st: Arc<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> std::result::Result<Response, ApiError> {
-    if !st.authorized(&headers) {
-        return Err(ApiError::unauthorized());
-    }
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    handle(st, &headers, body, chat_inner).await
+}
+
+async fn chat_inner(st: Arc<AppState>, body: Bytes) -> std::result::Result<Response, ApiError> {
     let req = api::parse_chat(&body)?;
     let index = st.find(&req.settings.model)?;
     let served = &st.models[index];
@@ -524,24 +528,13 @@ async fn chat_inner(
 }
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match read_body(&st, body).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    match completions_inner(st, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    handle(st, &headers, body, completions_inner).await
 }
 
 async fn completions_inner(
     st: Arc<AppState>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> std::result::Result<Response, ApiError> {
-    if !st.authorized(&headers) {
-        return Err(ApiError::unauthorized());
-    }
     let req = api::parse_completion(&body)?;
     let index = st.find(&req.settings.model)?;
     let served = &st.models[index];

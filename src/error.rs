@@ -29,9 +29,37 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    /// A user-supplied setting is out of range or inconsistent.
+    /// A command-line flag or request field is out of range or inconsistent.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A training config (TOML file or `--set` override) is wrong: unknown key, bad value.
+    #[error("{0}")]
+    Config(String),
+
+    /// A dataset cannot be used as given: no data, an empty split, a record refused by --strict.
+    #[error("{0}")]
+    Data(String),
+
+    /// A run directory cannot be resumed (no checkpoint, different configuration or model).
+    #[error("{0}")]
+    Resume(String),
+
+    /// Training went wrong at run time: a non-finite loss, a parameter without a gradient.
+    #[error("{0}")]
+    Training(String),
+
+    /// The HTTP server could not start or stopped with an error.
+    #[error("{0}")]
+    Server(String),
+
+    /// Something afinar does not do (yet), said with what to use instead.
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// A value could not be written as JSON.
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
 
     /// A tensor operation failed.
     #[error("{}", candle_message(.0))]

@@ -6,12 +6,15 @@
 //! `serve` (the OpenAI-compatible server); `quickstart` runs them all in one go.
 
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod fs;
 pub mod infer;
 pub mod model;
 pub mod quickstart;
+pub mod rng;
 pub mod serve;
 pub mod train;
 

@@ -1062,7 +1062,7 @@ fn cmd_chat(
 
 /// Deterministic pseudo-random token ids below `vocab`, avoiding the first 16 (special) ids.
 fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut rng = afinar::infer::sampling::Rng::new(seed);
+    let mut rng = afinar::rng::Rng::new(seed);
     (0..n)
         .map(|_| 16 + (rng.next_u64() % (vocab as u64 - 16)) as u32)
         .collect()

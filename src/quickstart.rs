@@ -102,15 +102,15 @@ pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
     let report = base.merge(tuned);
     let report_html = out.join("report.html");
     let report_json = out.join("eval.json");
-    crate::data::cache::write_atomic(&report_html, eval::report::html(&report).as_bytes())?;
+    crate::fs::write_atomic(&report_html, eval::report::html(&report).as_bytes())?;
     let json = serde_json::to_string_pretty(&report.to_json()).unwrap_or_default();
-    crate::data::cache::write_atomic(&report_json, json.as_bytes())?;
+    crate::fs::write_atomic(&report_json, json.as_bytes())?;
     let lines: String = report
         .examples
         .iter()
         .map(|e| serde_json::to_string(e).unwrap_or_default() + "\n")
         .collect();
-    crate::data::cache::write_atomic(&out.join("eval").join("examples.jsonl"), lines.as_bytes())?;
+    crate::fs::write_atomic(&out.join("eval").join("examples.jsonl"), lines.as_bytes())?;
 
     Ok(QuickstartResult {
         report,

@@ -91,7 +91,7 @@ fn random_adapter(dir: &Path) {
     };
     let vars = lora::attach(&mut model.transformer, &spec, lora::kaiming_a(3)).unwrap();
     // B from a seeded generator (candle's randn is not seeded), large enough to change answers.
-    let mut rng = afinar::infer::sampling::Rng::new(11);
+    let mut rng = afinar::rng::Rng::new(11);
     for (name, v) in &vars {
         if name.ends_with("lora_B.weight") {
             let vals: Vec<f32> = (0..v.elem_count())

@@ -6,8 +6,7 @@
 //! ids `u32 × n_tokens`, labels `u8 × n_tokens`, example offsets `u64 × (n_examples + 1)`,
 //! sequence offsets `u64 × (n_sequences + 1)` (see [`Packed`]).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use memmap2::Mmap;
 
@@ -19,22 +18,6 @@ const HEADER: usize = 32;
 
 fn pad8(n: usize) -> usize {
     n.div_ceil(8) * 8
-}
-
-/// Writes `data` to `path` atomically (temporary file, fsync, rename).
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(data).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-fn tmp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(name)
 }
 
 /// Serialises a split.
@@ -56,7 +39,7 @@ pub fn write(path: &Path, p: &Packed) -> Result<()> {
     for v in p.example_offsets.iter().chain(&p.sequence_offsets) {
         buf.extend_from_slice(&v.to_le_bytes());
     }
-    write_atomic(path, &buf)
+    crate::fs::write_atomic(path, &buf)
 }
 
 /// A memory-mapped split.

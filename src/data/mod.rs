@@ -203,7 +203,7 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
             }
             Err((kind, msg)) => {
                 if opts.strict {
-                    return Err(Error::InvalidArgument(format!("{msg} (--strict)")));
+                    return Err(Error::Data(format!("{msg} (--strict)")));
                 }
                 report.skip(kind, msg);
             }
@@ -245,7 +245,7 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
             Outcome::Rejected((kind, msg)) => {
                 let msg = format!("{}: {msg}", item.location);
                 if opts.strict {
-                    return Err(Error::InvalidArgument(format!("{msg} (--strict)")));
+                    return Err(Error::Data(format!("{msg} (--strict)")));
                 }
                 report.skip(kind, msg);
             }
@@ -268,7 +268,7 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
         } else {
             "the dataset is empty".to_string()
         };
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Data(format!(
             "{}: {why}",
             opts.data
                 .iter()
@@ -434,17 +434,20 @@ fn manifest_key(
     let sources = source_files(&all)?;
     let tok_json = serde_json::to_string(&text.tokenizer.inner)
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let tokenizer_hash = hex(split::stable_hash(tok_json.as_bytes(), 0));
+    let tokenizer_hash = hex(crate::rng::stable_hash(tok_json.as_bytes(), 0));
     let template = text
         .chat_template
         .as_ref()
         .map_or("", |t| t.source.as_str());
-    let template_hash = hex(split::stable_hash(template.as_bytes(), 0));
+    let template_hash = hex(crate::rng::stable_hash(template.as_bytes(), 0));
     let key_material = serde_json::json!({
         "v": env!("CARGO_PKG_VERSION"), "model": model, "sources": sources, "tok": tokenizer_hash,
         "tmpl": template_hash, "settings": settings_json(opts),
     });
-    let key = hex(split::stable_hash(key_material.to_string().as_bytes(), 0));
+    let key = hex(crate::rng::stable_hash(
+        key_material.to_string().as_bytes(),
+        0,
+    ));
     Ok((key, sources, tokenizer_hash, template_hash))
 }
 
@@ -516,12 +519,10 @@ pub fn prepare_cached(
         cache::write(&out.join(format!("{name}.bin")), &split.packed)?;
         let mut jsonl = String::new();
         for ex in &split.eval_examples {
-            jsonl.push_str(
-                &serde_json::to_string(ex).map_err(|e| Error::InvalidArgument(e.to_string()))?,
-            );
+            jsonl.push_str(&serde_json::to_string(ex)?);
             jsonl.push('\n');
         }
-        cache::write_atomic(
+        crate::fs::write_atomic(
             &out.join(format!("{name}.examples.jsonl")),
             jsonl.as_bytes(),
         )?;
@@ -543,9 +544,8 @@ pub fn prepare_cached(
         report: prepared.report,
         prepare_seconds: prepared.seconds,
     };
-    let json = serde_json::to_string_pretty(&manifest)
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    cache::write_atomic(&out.join("manifest.json"), json.as_bytes())?;
+    let json = serde_json::to_string_pretty(&manifest)?;
+    crate::fs::write_atomic(&out.join("manifest.json"), json.as_bytes())?;
     Ok(PreparedDir {
         dir: out.to_path_buf(),
         manifest,

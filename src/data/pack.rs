@@ -3,7 +3,7 @@
 //! one example per sequence. Written here rather than taken from a library because the layout
 //! (flat ids + example and sequence offsets) is exactly what the memory-mapped cache stores.
 
-use crate::infer::sampling::Rng;
+use crate::rng::Rng;
 
 use super::encode::Encoded;
 

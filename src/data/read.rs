@@ -99,7 +99,7 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
                 f.display()
             );
             if strict {
-                return Err(Error::InvalidArgument(msg));
+                return Err(Error::Data(msg));
             }
             report.skip("unrecognised file extension", msg);
         }
@@ -159,7 +159,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// Reads one file according to its extension.
 pub fn read_file(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
     let (kind, comp) = kind_of(path).ok_or_else(|| {
-        Error::InvalidArgument(format!(
+        Error::Data(format!(
             "{}: unknown data file type (use .jsonl, .json, .jsonl.gz, .jsonl.zst, .csv, .tsv, .parquet or .txt)",
             path.display()
         ))
@@ -198,7 +198,7 @@ fn read_bytes(path: &Path, comp: Compression) -> Result<Vec<u8>> {
 /// Records a bad input: fatal with `strict`, else skipped and counted.
 fn bad(strict: bool, report: &mut Report, kind: &str, message: String) -> Result<()> {
     if strict {
-        return Err(Error::InvalidArgument(format!("{message} (--strict)")));
+        return Err(Error::Data(format!("{message} (--strict)")));
     }
     report.skip(kind, message);
     Ok(())

@@ -2,24 +2,11 @@
 //! key: the same data and seed give the same split on every machine and in every run, and
 //! adding examples never moves existing ones to another split.
 
+use crate::rng::stable_hash;
 use crate::{Error, Result};
 
 /// Names of the three splits, in order.
 pub const SPLITS: [&str; 3] = ["train", "validation", "test"];
-
-/// FNV-1a over `bytes`, seeded, then mixed (splitmix64 finaliser) for a uniform 64-bit value.
-pub fn stable_hash(bytes: &[u8], seed: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^ (h >> 31)
-}
 
 /// Fractions of train / validation / test.
 #[derive(Debug, Clone, Copy, PartialEq)]

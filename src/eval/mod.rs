@@ -182,7 +182,7 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
         .collect::<Vec<_>>()
         .join(", ");
     if file.sequences() == 0 || examples.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Data(format!(
             "the {split_name} split of {sources} is empty; give more data, a larger {split_name} \
              fraction (--split) or a {split_name} file of its own"
         )));
@@ -205,7 +205,7 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
     }
     let wants_generation = opts.metrics.iter().any(|m| m.needs_generation());
     if wants_generation && kept.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Data(format!(
             "the {split_name} split of {sources} has no example with a prompt and a reference \
              (raw text?); use --metrics loss,perplexity"
         )));
@@ -365,6 +365,6 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
         .iter()
         .map(|e| serde_json::to_string(e).unwrap_or_default() + "\n")
         .collect();
-    data::cache::write_atomic(&opts.out.join("examples.jsonl"), lines.as_bytes())?;
+    crate::fs::write_atomic(&opts.out.join("examples.jsonl"), lines.as_bytes())?;
     Ok(report)
 }

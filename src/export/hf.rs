@@ -58,7 +58,7 @@ pub fn save(dir: &Path, model: &Model) -> Result<()> {
         "sliding_window": c.sliding_window, "hidden_act": "silu", "torch_dtype": "float32",
     });
     let write = |name: &str, v: &serde_json::Value| {
-        crate::data::cache::write_atomic(
+        crate::fs::write_atomic(
             &dir.join(name),
             serde_json::to_string_pretty(v)
                 .unwrap_or_default()

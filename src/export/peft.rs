@@ -50,9 +50,8 @@ pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Resul
     let tmp = dir.join(".adapter_model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(|e| Error::io(dir, e))?;
-    let json =
-        serde_json::to_string_pretty(config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    crate::data::cache::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+    let json = serde_json::to_string_pretty(config)?;
+    crate::fs::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
 /// Loads a PEFT LoRA adapter into `model` (frozen: for inference and evaluation). Errors name

@@ -2,6 +2,7 @@
 //! Hugging Face's order, with a seeded RNG of our own so a seed gives the same text on every
 //! platform and crate version.
 
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// How the next token is chosen. `temperature == 0` means greedy.
@@ -52,57 +53,6 @@ impl SamplingParams {
             ));
         }
         Ok(())
-    }
-}
-
-/// xoshiro256** seeded by splitmix64: small, fast, and stable across versions.
-#[derive(Debug, Clone)]
-pub struct Rng {
-    s: [u64; 4],
-}
-
-impl Rng {
-    /// A generator whose whole sequence is determined by `seed`.
-    pub fn new(seed: u64) -> Self {
-        let mut x = seed;
-        let mut next = || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        Self {
-            s: [next(), next(), next(), next()],
-        }
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// The internal state, for checkpoints that must resume exactly.
-    pub fn state(&self) -> [u64; 4] {
-        self.s
-    }
-
-    /// Restores a state from [`Rng::state`].
-    pub fn from_state(s: [u64; 4]) -> Self {
-        Self { s }
     }
 }
 

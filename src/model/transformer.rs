@@ -42,8 +42,7 @@ impl LoraDropout {
         if self.p <= 0.0 || key == 0 {
             return None;
         }
-        let mut rng =
-            crate::infer::sampling::Rng::new(key ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = crate::rng::Rng::new(crate::rng::derive_seed(key, self.id));
         let keep = 1.0 / (1.0 - self.p);
         let mask = (0..n)
             .map(|_| {

@@ -175,19 +175,19 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Error::InvalidArgument(format!("cannot start the runtime: {e}")))?;
+        .map_err(|e| Error::Server(format!("cannot start the runtime: {e}")))?;
     rt.block_on(async move {
         let addr = format!("{}:{}", opts.host, opts.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
-            .map_err(|e| Error::InvalidArgument(format!("cannot listen on {addr}: {e}")))?;
+            .map_err(|e| Error::Server(format!("cannot listen on {addr}: {e}")))?;
         let local: SocketAddr = listener
             .local_addr()
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            .map_err(|e| Error::Server(e.to_string()))?;
         eprintln!("afinar: listening on http://{local}");
         axum::serve(listener, router)
             .await
-            .map_err(|e| Error::InvalidArgument(format!("server error: {e}")))
+            .map_err(|e| Error::Server(format!("server error: {e}")))
     })
 }
 

@@ -13,8 +13,8 @@ use super::optim::{AdamW, AdamWConfig};
 use super::step_gradients;
 use crate::data::cache::{self, TokenFile};
 use crate::data::Packed;
-use crate::infer::sampling::Rng;
 use crate::model::Model;
+use crate::rng::Rng;
 use crate::Result;
 
 /// Options of the benchmark.
@@ -60,7 +60,7 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
     let file = TokenFile::open(&path)?;
     let _ = std::fs::remove_dir_all(&dir);
     let vars: Vec<(String, candle_core::Var, bool)> = if b.full {
-        return Err(crate::Error::InvalidArgument(
+        return Err(crate::Error::Unsupported(
             "bench train --full is not implemented yet".into(),
         ));
     } else {

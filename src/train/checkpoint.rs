@@ -65,8 +65,7 @@ pub fn save(dir: &Path, opt: &AdamW, state: &TrainState, keep: usize) -> Result<
         fsync(path)?;
     }
     let state_path = tmp.join("state.json");
-    let json =
-        serde_json::to_string_pretty(state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let json = serde_json::to_string_pretty(state)?;
     std::fs::write(&state_path, json).map_err(|e| Error::io(&state_path, e))?;
     fsync(&state_path)?;
     sync_dir(&tmp);

@@ -151,7 +151,7 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
                 .min_by_key(|k| distance(key, k))
                 .cloned()
                 .unwrap_or_default();
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Config(format!(
                 "{origin}: unknown key '{key}' (did you mean '{nearest}'?)"
             )));
         }
@@ -181,14 +181,14 @@ impl TrainConfig {
         if let Some((text, origin)) = toml_text {
             let user: toml::Table = text
                 .parse()
-                .map_err(|e| Error::InvalidArgument(format!("{origin}: invalid TOML: {e}")))?;
+                .map_err(|e| Error::Config(format!("{origin}: invalid TOML: {e}")))?;
             check_keys(&user, &origin)?;
             table.extend(user);
         }
         for o in overrides {
-            let (k, v) = o.split_once('=').ok_or_else(|| {
-                Error::InvalidArgument(format!("--set '{o}': expected key=value"))
-            })?;
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("--set '{o}': expected key=value")))?;
             let (k, v) = (k.trim(), v.trim());
             // A TOML value if it parses as one (numbers, booleans, arrays), else a string.
             let value = format!("v = {v}")
@@ -209,16 +209,14 @@ impl TrainConfig {
         }
         let config: Self = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| {
-                Error::InvalidArgument(format!("config: {}", e.message()))
-            })?;
+            .map_err(|e: toml::de::Error| Error::Config(format!("config: {}", e.message())))?;
         config.validate()?;
         Ok(config)
     }
 
     /// Range and consistency checks with messages that say what is allowed.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidArgument(m));
+        let bad = |m: String| Err(Error::Config(m));
         if self.method != "lora" && self.method != "full" {
             return bad(format!(
                 "method = '{}': use \"lora\" or \"full\"",
@@ -293,14 +291,14 @@ impl TrainConfig {
             .collect();
         for t in &list {
             if !ALL.contains(&t.as_str()) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Config(format!(
                     "lora_targets: unknown module '{t}' (use all-linear or some of {})",
                     ALL.join(",")
                 )));
             }
         }
         if list.is_empty() {
-            return Err(Error::InvalidArgument("lora_targets is empty".into()));
+            return Err(Error::Config("lora_targets is empty".into()));
         }
         Ok(list)
     }
@@ -312,7 +310,7 @@ impl TrainConfig {
             format: self
                 .format
                 .parse::<crate::data::Format>()
-                .map_err(Error::InvalidArgument)?,
+                .map_err(Error::Config)?,
             split_key: (!self.split_key.is_empty()).then(|| self.split_key.clone()),
             split: self.split.parse()?,
             seed: self.seed,

@@ -3,8 +3,8 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::infer::sampling::Rng;
 use crate::model::transformer::{LoraAdapter, LoraDropout, Transformer};
+use crate::rng::Rng;
 use crate::Result;
 
 /// The projections LoRA can target (`all-linear`), in the order of a layer.

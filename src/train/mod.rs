@@ -21,8 +21,8 @@ use serde::Serialize;
 use crate::data;
 use crate::data::cache::TokenFile;
 use crate::export::peft::{self, AdapterConfig};
-use crate::infer::sampling::Rng;
 use crate::model::{Model, TextSide, Transformer};
+use crate::rng::Rng;
 use crate::{Error, Result};
 pub use config::TrainConfig;
 use optim::{AdamW, AdamWConfig};
@@ -100,7 +100,7 @@ pub fn split_loss(
 
 /// The sequence order of an epoch: a seeded shuffle, the same on every run and after resume.
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut rng = Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = Rng::new(crate::rng::derive_seed(seed, epoch as u64));
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
@@ -168,7 +168,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             toml::from_str(&text).map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
         let diffs = incompatible(&saved, &cfg);
         if !diffs.is_empty() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Resume(format!(
                 "cannot resume {}: the configuration differs ({})",
                 out.display(),
                 diffs.join("; ")
@@ -189,7 +189,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     let train_file = prepared.split("train")?;
     let val_file = prepared.split("validation")?;
     if train_file.sequences() == 0 {
-        return Err(Error::InvalidArgument("the training split is empty".into()));
+        return Err(Error::Data("the training split is empty".into()));
     }
 
     // Model and trainable parameters.
@@ -240,14 +240,14 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
     let mut history: Vec<Metrics> = Vec::new();
     if resume {
         let ckpt = checkpoint::list(&out)?.pop().ok_or_else(|| {
-            Error::InvalidArgument(format!(
+            Error::Resume(format!(
                 "cannot resume {}: it has no complete checkpoint",
                 out.display()
             ))
         })?;
         state = checkpoint::load(&ckpt, &mut opt)?;
         if state.base_model != base_model {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Resume(format!(
                 "cannot resume: the run was trained on {} but the model is now {base_model}",
                 state.base_model
             )));
@@ -298,12 +298,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             micro.push(seqs);
         }
         // This step's dropout masks: a function of (seed, step), so a resumed run draws the same.
-        let dropout_key =
-            crate::data::split::stable_hash(&(state.step as u64).to_le_bytes(), cfg.seed);
+        let dropout_key = crate::rng::stable_hash(&(state.step as u64).to_le_bytes(), cfg.seed);
         let (grads, loss_sum, tokens) =
             step_gradients(&model.transformer, &opt, &train_file, &micro, dropout_key)?;
         if !loss_sum.is_finite() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Training(format!(
                 "loss is {loss_sum} at step {}; stopping. The last good checkpoint (if any) is in {}",
                 state.step + 1,
                 out.join("checkpoints").display()
@@ -460,7 +459,7 @@ pub fn step_gradients(
         let key = if dropout_key == 0 {
             0
         } else {
-            (dropout_key ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+            crate::rng::derive_seed(dropout_key, i as u64) | 1
         };
         model
             .lora_dropout_key
@@ -478,7 +477,7 @@ pub fn step_gradients(
             .iter()
             .map(|p| {
                 store.get(p.var.as_tensor()).cloned().ok_or_else(|| {
-                    Error::InvalidArgument(format!(
+                    Error::Training(format!(
                         "parameter {} received no gradient (a detached op?)",
                         p.name
                     ))
@@ -501,7 +500,7 @@ pub fn step_gradients(
 }
 
 fn cache_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    data::cache::write_atomic(path, bytes)
+    crate::fs::write_atomic(path, bytes)
 }
 
 /// Turns every weight into a variable for full fine-tuning; weight decay skips norms and biases.

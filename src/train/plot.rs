@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::Metrics;
-use crate::{Error, Result};
+use crate::Result;
 
 const W: usize = 640;
 const H: usize = 400;
@@ -85,7 +85,7 @@ pub fn loss_curve(path: &Path, history: &[Metrics]) -> Result<()> {
         }
     }
     let png = encode_png(&c.0);
-    crate::data::cache::write_atomic(path, &png).map_err(|e| Error::InvalidArgument(e.to_string()))
+    crate::fs::write_atomic(path, &png)
 }
 
 fn encode_png(pixels: &[[u8; 3]]) -> Vec<u8> {

@@ -1,52 +1,23 @@
-//! Data preparation with the default model's real tokenizer and chat template: every input
-//! format, answer-only labels, BOS/EOS guards, split, packing, cache reuse, and the error text of
-//! each kind of bad input.
+//! Data preparation: every input format, answer-only labels, BOS/EOS guards, split, packing,
+//! cache reuse, and the error text of each kind of bad input. These run offline on the tiny
+//! fixture's real byte-level BPE tokenizer and ChatML template (tests/fixtures/tiny-qwen2), in the
+//! fast tier; what depends on SmolLM2's own template (its default system message) is in
+//! tests/data_smollm2.rs.
 
 mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use afinar::data::{self, Format, Packing, PrepareOptions, SplitFractions};
 use afinar::model::TextSide;
-use common::root;
-
-fn smol() -> &'static TextSide {
-    static T: OnceLock<TextSide> = OnceLock::new();
-    T.get_or_init(|| TextSide::load("smollm2").unwrap())
-}
+use common::{all_examples, conjugation_head, root, tiny_spec, tiny_text as tiny, write};
 
 fn opts(paths: &[&Path]) -> PrepareOptions {
     PrepareOptions {
         data: paths.iter().map(|p| p.to_path_buf()).collect(),
         ..Default::default()
     }
-}
-
-fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
-}
-
-/// All examples of all splits, as (ids, labels) in a canonical order.
-fn all_examples(p: &data::Prepared) -> Vec<(Vec<u32>, Vec<u8>)> {
-    let mut out = Vec::new();
-    for s in p.splits.values() {
-        let o = &s.packed.example_offsets;
-        for e in 0..s.packed.examples() {
-            let (a, b) = (o[e] as usize, o[e + 1] as usize);
-            out.push((s.packed.ids[a..b].to_vec(), s.packed.labels[a..b].to_vec()));
-        }
-    }
-    out.sort();
-    out
-}
-
-fn conjugation_head(n: usize) -> String {
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    text.lines().take(n).map(|l| format!("{l}\n")).collect()
 }
 
 #[test]
@@ -93,10 +64,10 @@ fn every_file_format_gives_the_same_tokens() {
         files.push(write(dir.path(), name, &w.into_inner().unwrap()));
     }
     files.push(root().join("tests/fixtures/data/alpaca.parquet"));
-    let reference = all_examples(&data::prepare(&opts(&[&files[0]]), smol()).unwrap());
+    let reference = all_examples(&data::prepare(&opts(&[&files[0]]), tiny()).unwrap());
     assert_eq!(reference.len(), 20);
     for f in &files[1..] {
-        let p = data::prepare(&opts(&[f]), smol()).unwrap();
+        let p = data::prepare(&opts(&[f]), tiny()).unwrap();
         assert_eq!(p.report.skipped, 0, "{}: {:?}", f.display(), p.report);
         assert_eq!(all_examples(&p), reference, "{}", f.display());
     }
@@ -116,8 +87,8 @@ fn loss_covers_answers_and_their_end_of_turn_only() {
     let mut o = opts(&[&f]);
     o.split = SplitFractions([1.0, 0.0, 0.0]);
     o.packing = Packing::Pad;
-    let p = data::prepare(&o, smol()).unwrap();
-    let tok = &smol().tokenizer;
+    let p = data::prepare(&o, tiny()).unwrap();
+    let tok = &tiny().tokenizer;
     let mut spans: Vec<Vec<String>> = Vec::new();
     for (ids, labels) in all_examples(&p) {
         // Decode every maximal run of loss-carrying tokens.
@@ -171,8 +142,8 @@ fn completion_and_text_shapes_end_with_eos_and_long_text_is_windowed() {
     let mut o = opts(&[&f]);
     o.split = SplitFractions([1.0, 0.0, 0.0]);
     o.max_seq_len = 64;
-    let p = data::prepare(&o, smol()).unwrap();
-    let tok = &smol().tokenizer;
+    let p = data::prepare(&o, tiny()).unwrap();
+    let tok = &tiny().tokenizer;
     let eos = tok.eos_id().unwrap();
     let ex = all_examples(&p);
     let total_text_tokens = tok.encode(&long, false).unwrap().len() + 1;
@@ -250,8 +221,8 @@ fn split_is_deterministic_and_keeps_verbs_together() {
     let mut o = opts(&[&f]);
     o.split_key = Some("verb".into());
     o.split = "0.8,0.1,0.1".parse().unwrap();
-    let a = data::prepare(&o, smol()).unwrap();
-    let b = data::prepare(&o, smol()).unwrap();
+    let a = data::prepare(&o, tiny()).unwrap();
+    let b = data::prepare(&o, tiny()).unwrap();
     for s in data::SPLITS {
         assert_eq!(
             a.splits[s].packed, b.splits[s].packed,
@@ -304,22 +275,22 @@ fn cache_is_reused_until_an_input_changes() {
     let f = write(dir.path(), "a.jsonl", conjugation_head(50).as_bytes());
     let out = dir.path().join("prepared");
     let o = opts(&[&f]);
-    let first = data::prepare_cached(&o, "smollm2", smol(), &out).unwrap();
+    let first = data::prepare_cached(&o, tiny_spec(), tiny(), &out).unwrap();
     assert!(!first.reused);
-    let second = data::prepare_cached(&o, "smollm2", smol(), &out).unwrap();
+    let second = data::prepare_cached(&o, tiny_spec(), tiny(), &out).unwrap();
     assert!(second.reused);
     let train = second.split("train").unwrap();
     assert_eq!(train.examples(), first.manifest.splits["train"].examples);
     let mut o2 = o.clone();
     o2.max_seq_len = 512;
     assert!(
-        !data::prepare_cached(&o2, "smollm2", smol(), &out)
+        !data::prepare_cached(&o2, tiny_spec(), tiny(), &out)
             .unwrap()
             .reused,
         "settings changed"
     );
     std::fs::write(&f, conjugation_head(40)).unwrap();
-    let third = data::prepare_cached(&o2, "smollm2", smol(), &out).unwrap();
+    let third = data::prepare_cached(&o2, tiny_spec(), tiny(), &out).unwrap();
     assert!(!third.reused, "file changed");
     assert_eq!(third.manifest.records, 40);
 }
@@ -338,7 +309,7 @@ fn a_folder_of_text_files_is_one_example_per_file() {
         .unwrap();
     }
     std::fs::write(root_dir.join("image.png"), b"\x89PNG").unwrap();
-    let p = data::prepare(&opts(&[&root_dir]), smol()).unwrap();
+    let p = data::prepare(&opts(&[&root_dir]), tiny()).unwrap();
     let n: usize = p.splits.values().map(|s| s.stats.examples).sum();
     assert_eq!(n, 300);
     assert_eq!(
@@ -359,7 +330,7 @@ fn problems(
     let mut o = opts(&[&f]);
     o.format = format;
     o.strict = strict;
-    match data::prepare(&o, smol()) {
+    match data::prepare(&o, tiny()) {
         Ok(p) => (
             None,
             p.report
@@ -437,49 +408,11 @@ fn empty_or_label_free_datasets_are_errors() {
     assert!(err.unwrap().ends_with("the dataset is empty"));
     let (err, _) = problems("d.jsonl", b"{\"q\": 1}\n", Format::Auto, false);
     assert!(err.unwrap().contains("all 1 records were skipped"));
-    // With a 16-token limit the system prompt alone fills the sequence: no answer token is left.
+    // With a 16-token limit the prompt alone fills the sequence: no answer token is left.
     let dir = tempfile::tempdir().unwrap();
     let f = write(dir.path(), "d.jsonl", conjugation_head(5).as_bytes());
     let mut o = opts(&[&f]);
     o.max_seq_len = 16;
-    let err = data::prepare(&o, smol()).err().unwrap().to_string();
+    let err = data::prepare(&o, tiny()).err().unwrap().to_string();
     assert!(err.contains("all 5 examples have empty labels"), "{err}");
-}
-
-#[test]
-fn a_default_system_message_replaces_the_templates_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = write(dir.path(), "a.jsonl", conjugation_head(3).as_bytes());
-    let with_own = br#"{"messages": [{"role": "system", "content": "Mine."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#;
-    let g = write(dir.path(), "b.jsonl", with_own);
-    let mut o = opts(&[&f, &g]);
-    o.split = SplitFractions([1.0, 0.0, 0.0]);
-    let default = all_examples(&data::prepare(&o, smol()).unwrap());
-    o.system = Some("Conjugate.".into());
-    let short = all_examples(&data::prepare(&o, smol()).unwrap());
-    let tok = &smol().tokenizer;
-    let texts: Vec<String> = short
-        .iter()
-        .map(|(ids, _)| tok.decode(ids, false).unwrap())
-        .collect();
-    assert_eq!(
-        texts
-            .iter()
-            .filter(|t| t.starts_with("<|im_start|>system\nConjugate.<|im_end|>"))
-            .count(),
-        3
-    );
-    assert_eq!(
-        texts
-            .iter()
-            .filter(|t| t.starts_with("<|im_start|>system\nMine.<|im_end|>"))
-            .count(),
-        1,
-        "an example's own system message is kept"
-    );
-    let total = |v: &[(Vec<u32>, Vec<u8>)]| v.iter().map(|(i, _)| i.len()).sum::<usize>();
-    assert!(
-        total(&short) < total(&default),
-        "a short system message makes examples shorter"
-    );
 }

@@ -2,10 +2,11 @@
 //! and the golden files written by `tests/golden/make_golden.py`.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use afinar::model::Model;
+use afinar::data;
+use afinar::model::{Model, TextSide};
 use candle_core::Device;
 
 /// The repository root.
@@ -24,6 +25,57 @@ pub fn golden(name: &str) -> serde_json::Value {
 pub fn smollm2() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| Model::load("smollm2", &Device::Cpu).expect("default model loads"))
+}
+
+/// The default model's tokenizer and chat template (no weights).
+pub fn smollm2_text() -> &'static TextSide {
+    static T: OnceLock<TextSide> = OnceLock::new();
+    T.get_or_init(|| TextSide::load("smollm2").expect("default model available"))
+}
+
+/// The tiny Qwen2 fixture (a real byte-level BPE tokenizer of 320 tokens, a ChatML template and
+/// 2-layer weights): no download, loads in milliseconds, for tests where SmolLM2 is not the point.
+pub fn tiny_spec() -> &'static str {
+    static S: OnceLock<String> = OnceLock::new();
+    S.get_or_init(|| {
+        root()
+            .join("tests/fixtures/tiny-qwen2")
+            .display()
+            .to_string()
+    })
+}
+
+/// The tiny fixture's tokenizer and chat template.
+pub fn tiny_text() -> &'static TextSide {
+    static T: OnceLock<TextSide> = OnceLock::new();
+    T.get_or_init(|| TextSide::load(tiny_spec()).expect("tiny fixture loads"))
+}
+
+/// Writes `content` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+/// The first `n` records of the bundled conjugation set, as JSONL text.
+pub fn conjugation_head(n: usize) -> String {
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    text.lines().take(n).map(|l| format!("{l}\n")).collect()
+}
+
+/// All examples of all splits, as (ids, labels) in a canonical order.
+pub fn all_examples(p: &data::Prepared) -> Vec<(Vec<u32>, Vec<u8>)> {
+    let mut out = Vec::new();
+    for s in p.splits.values() {
+        let o = &s.packed.example_offsets;
+        for e in 0..s.packed.examples() {
+            let (a, b) = (o[e] as usize, o[e + 1] as usize);
+            out.push((s.packed.ids[a..b].to_vec(), s.packed.labels[a..b].to_vec()));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Path of the default model's GGUF.

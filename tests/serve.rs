@@ -1,13 +1,15 @@
 //! `afinar serve` as clients see it: the real binary on a free port, the real default model, an
 //! HTTP client over loopback. OpenAI's response shapes, streaming that adds up to the
 //! non-streamed answer, adapters by name, authentication, limits, and every kind of bad request
-//! answered with a 4xx JSON error.
+//! answered with a 4xx JSON error. One server (with an adapter) is shared by the tests that need
+//! no special flags; the API-key test starts its own.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 
 use afinar::export::peft::{self, AdapterConfig};
 use afinar::train::lora::{self, LoraSpec};
@@ -123,27 +125,86 @@ fn chat_body(model: &str, stream: bool) -> String {
     .to_string()
 }
 
-#[test]
-fn openai_endpoints_streaming_adapters_and_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let adapter = dir.path().join("adapter");
-    random_adapter(&adapter);
-    let spec = format!("rand={}", adapter.display());
-    // A small body limit, so an oversized body still fits the socket buffers and the client
-    // reads the 413 instead of a broken pipe.
-    let s = start(&[
-        "--adapter",
-        &spec,
-        "--max-tokens",
-        "64",
-        "--max-body-bytes",
-        "65536",
-    ]);
-    let url = |p: &str| format!("{}{p}", s.base);
+/// The server most tests share: the default model plus a random adapter named `rand`, with a small
+/// body limit so that an oversized body still fits the socket buffers and the client reads the
+/// 413 instead of a broken pipe. Started once per test binary; killed when the binary exits.
+fn shared() -> &'static Shared {
+    static S: OnceLock<Shared> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let adapter = dir.path().join("adapter");
+        random_adapter(&adapter);
+        let spec = format!("rand={}", adapter.display());
+        let server = start(&[
+            "--adapter",
+            &spec,
+            "--max-tokens",
+            "64",
+            "--max-body-bytes",
+            "65536",
+        ]);
+        let pid = server.child.id() as libc::pid_t;
+        SHARED_PID.store(pid, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: registers a plain extern "C" function with no captured state; it only reads an
+        // atomic and sends a signal, both async-signal-safe.
+        unsafe { libc::atexit(kill_shared) };
+        Shared {
+            server,
+            adapter,
+            _dir: dir,
+        }
+    })
+}
 
-    let (st, v) = call("GET", &url("/health"), None, None);
+struct Shared {
+    server: Server,
+    adapter: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Shared {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.base)
+    }
+}
+
+/// Statics are never dropped, so the shared server is killed when the test binary exits.
+static SHARED_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn kill_shared() {
+    let pid = SHARED_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) on the pid of the child this binary started; no memory is touched.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// The chat request the tests ask: ids of the prompt and the library's own greedy answer.
+fn library_answer(model: &afinar::model::Model) -> String {
+    let ids = model
+        .encode_chat(
+            &[afinar::model::Message::new(
+                "user",
+                "What is the capital of France?",
+            )],
+            true,
+        )
+        .unwrap();
+    let opts = afinar::infer::GenerateOptions {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    afinar::infer::generate(model, &ids, &opts, |_| {})
+        .unwrap()
+        .text
+}
+
+#[test]
+fn health_and_models_by_name() {
+    let s = shared();
+    let (st, v) = call("GET", &s.url("/health"), None, None);
     assert_eq!((st, v["status"].as_str()), (200, Some("ok")));
-    let (st, v) = call("GET", &url("/v1/models"), None, None);
+    let (st, v) = call("GET", &s.url("/v1/models"), None, None);
     assert_eq!(st, 200);
     let ids: Vec<&str> = v["data"]
         .as_array()
@@ -152,11 +213,16 @@ fn openai_endpoints_streaming_adapters_and_errors() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["smollm2", "rand"]);
+}
 
-    // Non-streaming: OpenAI's object, greedy text equal to `afinar generate`'s.
+/// Non-streaming: OpenAI's object, greedy text equal to `afinar generate`'s; streaming: SSE
+/// chunks that add up to the same text, then [DONE].
+#[test]
+fn chat_completion_whole_and_streamed_equals_the_library() {
+    let s = shared();
     let (st, v) = call(
         "POST",
-        &url("/v1/chat/completions"),
+        &s.url("/v1/chat/completions"),
         None,
         Some(&chat_body("smollm2", false)),
     );
@@ -175,25 +241,9 @@ fn openai_endpoints_streaming_adapters_and_errors() {
         u["total_tokens"].as_u64().unwrap(),
         u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
     );
-    let model = common::smollm2();
-    let ids = model
-        .encode_chat(
-            &[afinar::model::Message::new(
-                "user",
-                "What is the capital of France?",
-            )],
-            true,
-        )
-        .unwrap();
-    let opts = afinar::infer::GenerateOptions {
-        max_new_tokens: 24,
-        ..Default::default()
-    };
-    let want = afinar::infer::generate(model, &ids, &opts, |_| {}).unwrap();
-    assert_eq!(text, want.text);
+    assert_eq!(text, library_answer(common::smollm2()));
 
-    // Streaming: SSE chunks that add up to the same text, then [DONE].
-    let resp = ureq::post(&url("/v1/chat/completions"))
+    let resp = ureq::post(&s.url("/v1/chat/completions"))
         .set("Content-Type", "application/json")
         .send_string(&chat_body("smollm2", true))
         .unwrap();
@@ -216,42 +266,44 @@ fn openai_endpoints_streaming_adapters_and_errors() {
     assert_eq!(lines.last().map(String::as_str), Some("[DONE]"));
     assert!(lines.len() > 3, "several chunks: {lines:?}");
     assert_eq!(streamed, text);
+}
 
-    // The adapter by name answers differently; an unknown name is a 404 in OpenAI's shape.
+/// The adapter by name answers exactly as the library does for base + adapter (and not as the
+/// base model); an unknown name is a 404 in OpenAI's shape.
+#[test]
+fn adapter_by_name_and_unknown_model() {
+    let s = shared();
     let (st, v) = call(
         "POST",
-        &url("/v1/chat/completions"),
+        &s.url("/v1/chat/completions"),
         None,
         Some(&chat_body("rand", false)),
     );
     assert_eq!(st, 200, "{v}");
-    // Exactly what the library gives for base + adapter, and not the base model's answer.
-    let mut tuned = model.clone();
-    peft::load(&adapter, &mut tuned.transformer, "smollm2").unwrap();
-    let want_tuned = afinar::infer::generate(&tuned, &ids, &opts, |_| {}).unwrap();
-    assert_eq!(
-        v["choices"][0]["message"]["content"].as_str().unwrap(),
-        want_tuned.text
-    );
-    assert_ne!(
-        v["choices"][0]["message"]["content"].as_str().unwrap(),
-        text
-    );
+    let mut tuned = common::smollm2().clone();
+    peft::load(&s.adapter, &mut tuned.transformer, "smollm2").unwrap();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(answer, library_answer(&tuned));
+    assert_ne!(answer, library_answer(common::smollm2()));
     assert_eq!(v["model"], "rand");
     let (st, v) = call(
         "POST",
-        &url("/v1/chat/completions"),
+        &s.url("/v1/chat/completions"),
         None,
         Some(&chat_body("gpt-4", false)),
     );
     assert_eq!(st, 404);
     assert_eq!(v["error"]["code"], "model_not_found");
+}
 
-    // Text completions, and a stop sequence that ends the answer.
+/// Text completions, and a stop sequence that ends the answer.
+#[test]
+fn text_completion_with_a_stop_sequence() {
+    let s = shared();
     let body = json!({"model": "smollm2", "prompt": "One, two, three,", "max_tokens": 12,
                       "temperature": 0, "stop": [","]})
     .to_string();
-    let (st, v) = call("POST", &url("/v1/completions"), None, Some(&body));
+    let (st, v) = call("POST", &s.url("/v1/completions"), None, Some(&body));
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["object"], "text_completion");
     assert!(
@@ -259,8 +311,13 @@ fn openai_endpoints_streaming_adapters_and_errors() {
         "{v}"
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
 
-    // Bad requests: 400 with a JSON error naming the problem, never a 5xx.
+/// Bad requests: 4xx with a JSON error naming the problem, never a 5xx.
+#[test]
+fn bad_requests_get_a_4xx_json_error() {
+    let s = shared();
+    let url = |p: &str| s.url(p);
     let bad: &[(&str, &str)] = &[
         ("{not json", "not valid JSON"),
         ("[1, 2]", "JSON object"),
@@ -334,11 +391,15 @@ fn openai_endpoints_streaming_adapters_and_errors() {
     let (st, v) = call("GET", &url("/v1/nothing"), None, None);
     assert_eq!(st, 404);
     assert!(v["error"]["message"].is_string());
+}
 
-    // Several clients at once: all served.
+/// Several clients at once: all served.
+#[test]
+fn several_clients_at_once() {
+    let s = shared();
     let handles: Vec<_> = (0..3)
         .map(|i| {
-            let u = url("/v1/chat/completions");
+            let u = s.url("/v1/chat/completions");
             std::thread::spawn(move || {
                 let body = json!({"messages": [{"role": "user", "content": format!("Count to {}", i + 2)}],
                                   "max_tokens": 8, "temperature": 0}).to_string();
@@ -349,12 +410,16 @@ fn openai_endpoints_streaming_adapters_and_errors() {
     for h in handles {
         assert_eq!(h.join().unwrap(), 200);
     }
+}
 
-    // A streaming client that leaves after the first chunk stops its generation.
+/// A streaming client that leaves after the first chunk stops its generation.
+#[test]
+fn a_client_leaving_mid_stream_stops_its_generation() {
+    let s = shared();
     let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
                       "max_tokens": 64, "temperature": 0, "stream": true})
     .to_string();
-    let resp = ureq::post(&url("/v1/chat/completions"))
+    let resp = ureq::post(&s.url("/v1/chat/completions"))
         .set("Content-Type", "application/json")
         .send_string(&body)
         .unwrap();
@@ -365,7 +430,8 @@ fn openai_endpoints_streaming_adapters_and_errors() {
     drop(reader);
     let mut stopped = false;
     for _ in 0..200 {
-        if s.log
+        if s.server
+            .log
             .lock()
             .unwrap()
             .contains("client went away; generation stopped after")
@@ -375,10 +441,14 @@ fn openai_endpoints_streaming_adapters_and_errors() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(stopped, "server log: {}", s.log.lock().unwrap());
+    assert!(stopped, "server log: {}", s.server.log.lock().unwrap());
+}
 
-    // The chat page: embedded, no external assets.
-    let page = ureq::get(&url("/")).call().unwrap();
+/// The chat page: embedded, no external assets, model text never parsed as HTML.
+#[test]
+fn chat_page_is_self_contained() {
+    let s = shared();
+    let page = ureq::get(&s.url("/")).call().unwrap();
     assert!(page.content_type().starts_with("text/html"));
     let html = page.into_string().unwrap();
     assert!(html.contains("/v1/chat/completions") && html.contains("textContent"));
@@ -438,10 +508,9 @@ fn official_openai_python_client() {
         has("python3"),
         "the openai package is needed: python3 -m pip install openai"
     );
-    let s = start(&[]);
     let out = Command::new("python3")
         .arg(common::root().join("tests/clients/openai_client.py"))
-        .arg(&s.base)
+        .arg(&shared().server.base)
         .output()
         .unwrap();
     assert!(
@@ -468,14 +537,9 @@ fn chat_page_in_headless_chromium() {
         eprintln!("skipped: needs {chromium} and `npm install` in tests/web (see .ci/run)");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let adapter = dir.path().join("adapter");
-    random_adapter(&adapter);
-    let spec = format!("rand={}", adapter.display());
-    let s = start(&["--adapter", &spec, "--max-tokens", "48"]);
     let out = Command::new("node")
         .arg(web.join("chat.test.mjs"))
-        .arg(&s.base)
+        .arg(&shared().server.base)
         .env("CHROMIUM", &chromium)
         .output()
         .unwrap();

@@ -416,3 +416,136 @@ fn empty_or_label_free_datasets_are_errors() {
     let err = data::prepare(&o, tiny()).err().unwrap().to_string();
     assert!(err.contains("all 5 examples have empty labels"), "{err}");
 }
+
+#[test]
+fn an_unbalanced_csv_quote_loses_one_row_and_says_where_it_opened() {
+    // 20 data rows; row 5 (line 6) opens a quote that a later row's stray quote closes, so
+    // without the check rows 6..13 vanish into one field and nothing is reported.
+    let mut csv = String::from("instruction,input,output\n");
+    for i in 1..=20 {
+        match i {
+            5 => csv.push_str("Conjugate,\"tener,tuve\n"),
+            13 => csv.push_str("Conjugate,ir,\"fui\"\n"),
+            _ => csv.push_str(&format!("Conjugate,verb{i},form{i}\n")),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "d.csv", csv.as_bytes());
+    let mut o = opts(&[&f]);
+    o.split = SplitFractions([1.0, 0.0, 0.0]);
+    let p = data::prepare(&o, tiny()).unwrap();
+    assert_eq!(p.records, 19, "every row but the one with the open quote");
+    assert_eq!(p.report.by_reason.get("unbalanced quote in CSV"), Some(&1));
+    assert!(
+        p.report
+            .samples
+            .iter()
+            .any(|s| s.contains("d.csv:6: a quoted field opens on this row")),
+        "{:?}",
+        p.report.samples
+    );
+    o.strict = true;
+    let err = data::prepare(&o, tiny()).err().unwrap().to_string();
+    assert!(err.contains("d.csv:6: a quoted field opens"), "{err}");
+    // A legitimate multi-line quoted field is one record, not a problem.
+    let ok = "instruction,input,output\nWrite,a poem,\"Roses\nare red\"\nConjugate,ser,fui\n";
+    let g = write(dir.path(), "ok.csv", ok.as_bytes());
+    let mut o = opts(&[&g]);
+    o.split = SplitFractions([1.0, 0.0, 0.0]);
+    let p = data::prepare(&o, tiny()).unwrap();
+    assert_eq!((p.records, p.report.skipped), (2, 0));
+}
+
+#[test]
+fn a_byte_order_mark_costs_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = conjugation_head(3);
+    let rows: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let array = serde_json::to_string(&rows).unwrap();
+    for (name, body) in [("a.jsonl", jsonl.clone()), ("a.json", array)] {
+        let f = write(dir.path(), name, format!("\u{feff}{body}").as_bytes());
+        let p = data::prepare(&opts(&[&f]), tiny()).unwrap();
+        assert_eq!((p.records, p.report.skipped), (3, 0), "{name}");
+    }
+}
+
+#[test]
+fn numbers_in_text_fields_are_said_and_arrays_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "d.jsonl",
+        b"{\"instruction\": \"2+2?\", \"output\": 4}\n{\"instruction\": \"list\", \"output\": [\"a\", \"b\"]}\n{\"instruction\": \"ok\", \"output\": \"fine\"}\n",
+    );
+    let mut o = opts(&[&f]);
+    o.split = SplitFractions([1.0, 0.0, 0.0]);
+    let p = data::prepare(&o, tiny()).unwrap();
+    assert_eq!(p.records, 3);
+    assert_eq!(
+        p.report.notes.get("number or boolean read as text"),
+        Some(&1)
+    );
+    let text = p.report.samples.join("\n");
+    assert!(
+        text.contains("d.jsonl:1: field 'output' holds a number or boolean, read as text"),
+        "{text}"
+    );
+    assert!(
+        text.contains("d.jsonl:2: field 'output' must be a string, found an array"),
+        "{text}"
+    );
+    assert!(!text.contains("needs 'output'"), "{text}");
+    o.strict = true;
+    let err = data::prepare(&o, tiny()).err().unwrap().to_string();
+    assert!(
+        err.contains("d.jsonl:1: field 'output' holds a number"),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn symlinks_loops_fifos_and_dotfiles_in_a_folder_are_followed_or_reported() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    write(&outside, "linked.txt", b"A file reached through a symlink.");
+    let root_dir = dir.path().join("notes");
+    std::fs::create_dir_all(root_dir.join("sub")).unwrap();
+    write(&root_dir, "a.txt", b"First note.");
+    write(&root_dir.join("sub"), "b.txt", b"Second note.");
+    write(&root_dir, ".hidden.txt", b"never read");
+    symlink(outside.join("linked.txt"), root_dir.join("link.txt")).unwrap();
+    symlink(&root_dir, root_dir.join("sub/loop")).unwrap();
+    symlink(dir.path().join("missing.txt"), root_dir.join("broken.txt")).unwrap();
+    let fifo = root_dir.join("pipe.txt");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path we own; no memory is shared.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+
+    let mut o = opts(&[&root_dir]);
+    o.split = SplitFractions([1.0, 0.0, 0.0]);
+    let p = data::prepare(&o, tiny()).unwrap();
+    assert_eq!(p.records, 3, "a.txt, sub/b.txt and the linked file");
+    for (reason, n) in [
+        ("hidden file or folder", 1),
+        ("symlink loop", 1),
+        ("broken symlink", 1),
+        ("not a regular file", 1),
+    ] {
+        assert_eq!(
+            p.report.by_reason.get(reason),
+            Some(&n),
+            "{reason}: {:?}",
+            p.report
+        );
+    }
+    // The cache key walks the same files and finishes.
+    let out = dir.path().join("prepared");
+    let cached = data::prepare_cached(&o, tiny_spec(), tiny(), &out).unwrap();
+    assert_eq!(cached.manifest.records, 3);
+}

@@ -186,6 +186,23 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
     for (res, fixed) in converted {
         match res {
             Ok(mut item) => {
+                if !item.coerced.is_empty() {
+                    let msg = format!(
+                        "{}: field {} holds a number or boolean, read as text",
+                        item.location,
+                        item.coerced
+                            .iter()
+                            .map(|f| format!("'{f}'"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    if opts.strict {
+                        return Err(Error::Data(format!(
+                            "{msg} (--strict takes text fields only: quote the value)"
+                        )));
+                    }
+                    report.note("number or boolean read as text", msg);
+                }
                 if let (Some(sys), Example::Chat(turns)) = (&opts.system, &mut item.example) {
                     if turns.first().is_none_or(|t| t.role != "system") {
                         turns.insert(
@@ -365,13 +382,12 @@ fn source_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
                 p.display()
             )));
         }
-        let mut files = Vec::new();
-        if p.is_dir() {
-            collect(p, &mut files)?;
+        // The same walk as the reader's, so the cache key covers exactly the files read.
+        let files = if p.is_dir() {
+            read::walk(p)?.files
         } else {
-            files.push(p.clone());
-        }
-        files.sort();
+            vec![p.clone()]
+        };
         for f in files {
             let md = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?;
             let modified_ns = md
@@ -387,18 +403,6 @@ fn source_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
         }
     }
     Ok(out)
-}
-
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let p = e.map_err(|e| Error::io(dir, e))?.path();
-        if p.is_dir() {
-            collect(&p, out)?;
-        } else {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 fn hex(h: u64) -> String {

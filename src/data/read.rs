@@ -83,9 +83,15 @@ enum Compression {
 pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
     if path.is_dir() {
         let t = std::time::Instant::now();
-        let mut files = Vec::new();
-        walk(path, &mut files)?;
-        files.sort();
+        let Walk { files, skipped } = walk(path)?;
+        for (kind, msg) in skipped {
+            // Hidden files (.DS_Store, .gitignore) are never data: counted even with --strict.
+            if kind == HIDDEN {
+                report.skip(kind, msg);
+            } else {
+                bad(strict, report, kind, msg)?;
+            }
+        }
         tracing::debug!(
             "listed {} files in {:.3}s",
             files.len(),
@@ -142,19 +148,104 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
     }
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
+/// The skip reason of entries whose name starts with a dot.
+const HIDDEN: &str = "hidden file or folder";
+
+/// The files under a directory, as both the reader and the cache key see them, with every entry
+/// that was passed over and why.
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// Regular files (symlinks to files followed), sorted.
+    pub files: Vec<PathBuf>,
+    /// (reason kind, `path: what happened`) for each entry not read.
+    pub skipped: Vec<(&'static str, String)>,
+}
+
+/// Walks `dir` recursively. Symlinks to files and directories are followed; a directory reached
+/// twice (a symlink loop, or two links to one folder) is read once and the repeat reported.
+/// Hidden entries (`.name`), FIFOs, sockets, devices, broken links and unreadable entries are
+/// skipped and reported, never silently dropped.
+pub fn walk(dir: &Path) -> Result<Walk> {
+    let mut w = Walk::default();
+    let mut seen = std::collections::HashSet::new();
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    seen.insert(root);
+    walk_into(dir, &mut seen, &mut w, true)?;
+    w.files.sort();
+    Ok(w)
+}
+
+fn walk_into(
+    dir: &Path,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    w: &mut Walk,
+    top: bool,
+) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        // The folder the user named must be readable; one inside it is reported and skipped.
+        Err(e) if !top => {
+            w.skipped
+                .push(("unreadable entry", format!("{}: {e}", dir.display())));
+            return Ok(());
+        }
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                w.skipped
+                    .push(("unreadable entry", format!("{}: {e}", dir.display())));
+                continue;
+            }
+        };
         let p = entry.path();
-        let ft = entry.file_type().map_err(|e| Error::io(&p, e))?;
-        if ft.is_dir() {
-            walk(&p, out)?;
-        } else if ft.is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
-            out.push(p);
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            w.skipped.push((HIDDEN, format!("{}: hidden", p.display())));
+            continue;
+        }
+        // metadata() follows symlinks: what a link points to decides.
+        let md = match std::fs::metadata(&p) {
+            Ok(md) => md,
+            Err(e) => {
+                let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+                let kind = if is_link && e.raw_os_error() == Some(libc::ELOOP) {
+                    "symlink loop"
+                } else if is_link {
+                    "broken symlink"
+                } else {
+                    "unreadable entry"
+                };
+                w.skipped.push((kind, format!("{}: {e}", p.display())));
+                continue;
+            }
+        };
+        if md.is_dir() {
+            match std::fs::canonicalize(&p) {
+                Ok(real) if seen.insert(real.clone()) => walk_into(&p, seen, w, false)?,
+                Ok(real) => w.skipped.push((
+                    "symlink loop",
+                    format!("{}: leads to {}, already read", p.display(), real.display()),
+                )),
+                Err(e) => w
+                    .skipped
+                    .push(("unreadable entry", format!("{}: {e}", p.display()))),
+            }
+        } else if md.is_file() {
+            w.files.push(p);
+        } else {
+            w.skipped.push((
+                "not a regular file",
+                format!("{}: a FIFO, socket or device", p.display()),
+            ));
         }
     }
     Ok(())
 }
+
+/// The UTF-8 byte-order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Reads one file according to its extension.
 pub fn read_file(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
@@ -168,7 +259,19 @@ pub fn read_file(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
     match kind {
         Kind::Parquet => read_parquet(&file, strict, report),
         _ => {
-            let bytes = read_bytes(path, comp)?;
+            let mut bytes = read_bytes(path, comp)?;
+            // A UTF-8 byte-order mark (Windows editors write one): blanked in JSON, so byte
+            // offsets in messages stay those of the file; dropped from text; CSV trims it from
+            // the header.
+            if bytes.starts_with(BOM) {
+                match kind {
+                    Kind::Json => bytes[..3].fill(b' '),
+                    Kind::Text => {
+                        bytes.drain(..3);
+                    }
+                    _ => {}
+                }
+            }
             match kind {
                 Kind::Json => read_json(&file, &bytes, strict, report),
                 Kind::Csv(delim) => read_csv(&file, &bytes, delim, strict, report),
@@ -379,69 +482,132 @@ fn read_csv(
             "the CSV file has no header row",
         ));
     }
+    // Rows are read from `start` (a byte offset) by a reader that restarts after a row whose
+    // quote never closes properly: such a quote swallows the following rows into one field, so
+    // the row where it opened is reported and skipped, and reading resumes on the next line.
     let mut out = Vec::new();
     let mut record = csv::ByteRecord::new();
-    loop {
-        match rdr.read_byte_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line() as usize);
-                bad(
-                    strict,
-                    report,
-                    "unreadable CSV row",
-                    format!("{}:{line}: {e}", file.display()),
-                )?;
-                continue;
-            }
-        }
-        let pos = record.position().cloned();
-        let line = pos.as_ref().map_or(0, |p| p.line() as usize);
-        if record.len() != headers.len() {
-            bad(
-                strict,
-                report,
-                "ragged CSV row",
-                format!(
-                    "{}:{line}: row has {} fields, the header has {}",
-                    file.display(),
-                    record.len(),
-                    headers.len()
-                ),
-            )?;
-            continue;
-        }
-        let mut map = Map::new();
-        let mut ok = true;
-        for (i, (h, f)) in headers.iter().zip(record.iter()).enumerate() {
-            match std::str::from_utf8(f) {
-                Ok(s) => {
-                    map.insert(h.clone(), Value::String(s.to_string()));
-                }
+    let (mut start, mut line_base) = (0usize, 0usize);
+    let mut first = Some(rdr);
+    'restart: loop {
+        let mut rows = match first.take() {
+            Some(r) => r,
+            None => csv::ReaderBuilder::new()
+                .delimiter(delim)
+                .flexible(true)
+                .has_headers(false)
+                .from_reader(&bytes[start..]),
+        };
+        loop {
+            match rows.read_byte_record(&mut record) {
+                Ok(false) => break 'restart,
+                Ok(true) => {}
                 Err(e) => {
-                    let field_start = pos.as_ref().map_or(0, |p| p.byte() as usize)
-                        + record.range(i).map_or(0, |r| r.start);
+                    let line = line_base + e.position().map_or(0, |p| p.line() as usize);
                     bad(
                         strict,
                         report,
-                        "invalid UTF-8",
-                        invalid_utf8(file, line, field_start + e.valid_up_to()),
+                        "unreadable CSV row",
+                        format!("{}:{line}: {e}", file.display()),
                     )?;
-                    ok = false;
-                    break;
+                    continue;
                 }
             }
-        }
-        if ok {
-            out.push(RawRecord {
-                file: file.clone(),
-                line,
-                value: RawValue::Object(map),
-            });
+            let pos = record.position().cloned();
+            let line = line_base + pos.as_ref().map_or(0, |p| p.line() as usize);
+            let row_start = start + pos.as_ref().map_or(0, |p| p.byte() as usize);
+            if let Some(swallowed) = swallowed_rows(&record, delim, headers.len()) {
+                bad(
+                    strict,
+                    report,
+                    "unbalanced quote in CSV",
+                    format!(
+                        "{}:{line}: a quoted field opens on this row and runs over {swallowed} \
+                         following line(s) shaped like rows (an unbalanced quote?); this row is \
+                         skipped and reading resumes on the next line",
+                        file.display()
+                    ),
+                )?;
+                let next_line = bytes[row_start..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |i| row_start + i + 1);
+                start = next_line;
+                line_base = line;
+                continue 'restart;
+            }
+            if record.len() != headers.len() {
+                bad(
+                    strict,
+                    report,
+                    "ragged CSV row",
+                    format!(
+                        "{}:{line}: row has {} fields, the header has {}",
+                        file.display(),
+                        record.len(),
+                        headers.len()
+                    ),
+                )?;
+                continue;
+            }
+            let mut map = Map::new();
+            let mut ok = true;
+            for (i, (h, f)) in headers.iter().zip(record.iter()).enumerate() {
+                match std::str::from_utf8(f) {
+                    Ok(s) => {
+                        map.insert(h.clone(), Value::String(s.to_string()));
+                    }
+                    Err(e) => {
+                        let field_start = row_start + record.range(i).map_or(0, |r| r.start);
+                        bad(
+                            strict,
+                            report,
+                            "invalid UTF-8",
+                            invalid_utf8(file, line, field_start + e.valid_up_to()),
+                        )?;
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                out.push(RawRecord {
+                    file: file.clone(),
+                    line,
+                    value: RawValue::Object(map),
+                });
+            }
         }
     }
     Ok(out)
+}
+
+/// How many lines inside this row's multi-line fields look like complete rows of their own
+/// (`columns` fields when read alone): the sign of a quote that opened and never closed where
+/// it should, swallowing the rows after it. `None` when there are none.
+fn swallowed_rows(record: &csv::ByteRecord, delim: u8, columns: usize) -> Option<usize> {
+    if columns < 2 {
+        return None;
+    }
+    let mut n = 0;
+    for field in record.iter().filter(|f| f.contains(&b'\n')) {
+        for inner in field.split(|&b| b == b'\n').skip(1) {
+            let inner = inner.strip_suffix(b"\r").unwrap_or(inner);
+            if inner.is_empty() {
+                continue;
+            }
+            let mut one = csv::ReaderBuilder::new()
+                .delimiter(delim)
+                .flexible(true)
+                .has_headers(false)
+                .from_reader(inner);
+            let mut r = csv::ByteRecord::new();
+            if one.read_byte_record(&mut r).unwrap_or(false) && r.len() == columns {
+                n += 1;
+            }
+        }
+    }
+    (n > 0).then_some(n)
 }
 
 /// A whole text file is one record.

@@ -20,6 +20,9 @@ pub struct Report {
     pub dropped_too_long: usize,
     /// Conversations whose assistant turns carry no token after templating.
     pub zero_label_examples: usize,
+    /// Inputs kept but changed or worth knowing about (e.g. a number read as text), by kind.
+    #[serde(default)]
+    pub notes: BTreeMap<String, usize>,
 }
 
 impl Report {
@@ -31,6 +34,16 @@ impl Report {
         *n += 1;
         if *n <= SAMPLES_PER_REASON {
             tracing::debug!("{message}");
+            self.samples.push(message);
+        }
+    }
+
+    /// Records an input that was kept but changed (it is not a skip): counted by `kind`, the
+    /// first few messages kept with the samples.
+    pub fn note(&mut self, kind: &str, message: String) {
+        let n = self.notes.entry(kind.to_string()).or_default();
+        *n += 1;
+        if *n <= SAMPLES_PER_REASON {
             self.samples.push(message);
         }
     }
@@ -49,6 +62,9 @@ impl Report {
         self.truncated += other.truncated;
         self.dropped_too_long += other.dropped_too_long;
         self.zero_label_examples += other.zero_label_examples;
+        for (k, v) in other.notes {
+            *self.notes.entry(k).or_default() += v;
+        }
     }
 
     /// One line per reason, for the summary.
@@ -58,6 +74,9 @@ impl Report {
             .iter()
             .map(|(k, v)| format!("skipped {v}: {k}"))
             .collect();
+        for (k, v) in &self.notes {
+            lines.push(format!("{k}: {v}"));
+        }
         if self.truncated > 0 {
             lines.push(format!("truncated to max-seq-len: {}", self.truncated));
         }

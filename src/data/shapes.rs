@@ -65,6 +65,8 @@ pub struct Item {
     pub example: Example,
     /// `file:line`, for messages.
     pub location: String,
+    /// Text fields whose value was a number or boolean, read as its JSON text (`7`, `true`).
+    pub coerced: Vec<String>,
     /// Split key: the `--split-key` field's value if set and present, else the content.
     pub split_key: String,
     /// Reference answers for evaluation (alpaca `output` plus any `answers`).
@@ -83,13 +85,30 @@ impl FieldMap {
     fn get<'a>(&self, obj: &'a Map<String, Value>, ours: &str) -> Option<&'a Value> {
         obj.get(self.name(ours))
     }
-    fn string(&self, obj: &Map<String, Value>, ours: &str) -> Option<String> {
-        match self.get(obj, ours)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Null => None,
-            Value::Number(n) => Some(n.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            _ => None,
+    /// A text field: a string; a number or boolean is read as its JSON text and its name noted
+    /// in `coerced` (the caller says so, or refuses it with --strict); an array or object is an
+    /// error naming the field and what it holds.
+    fn string(
+        &self,
+        obj: &Map<String, Value>,
+        ours: &str,
+        coerced: &mut Vec<String>,
+    ) -> Result<Option<String>, Rejection> {
+        let name = self.name(ours);
+        match obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => {
+                coerced.push(name.to_string());
+                Ok(Some(v.to_string()))
+            }
+            Some(other) => Err((
+                "wrong field type",
+                format!(
+                    "field '{name}' must be a string, found {}",
+                    super::read::json_kind(other)
+                ),
+            )),
         }
     }
 }
@@ -105,6 +124,7 @@ pub fn to_item(
     split_key_field: Option<&str>,
 ) -> Result<Item, Rejection> {
     let loc = rec.location();
+    let mut coerced = Vec::new();
     let (example, references, obj) = match &rec.value {
         RawValue::Text(t) => {
             if format != Format::Auto && format != Format::Text {
@@ -116,7 +136,7 @@ pub fn to_item(
             (Example::Text(t.clone()), vec![], None)
         }
         RawValue::Object(obj) => {
-            let (ex, refs) = object_to_example(obj, format, fields)
+            let (ex, refs) = object_to_example(obj, format, fields, &mut coerced)
                 .map_err(|(k, m)| (k, format!("{loc}: {m}")))?;
             (ex, refs, Some(obj))
         }
@@ -133,6 +153,7 @@ pub fn to_item(
         .unwrap_or_else(|| content_key(&example));
     Ok(Item {
         example,
+        coerced,
         location: loc,
         split_key,
         references,
@@ -185,6 +206,7 @@ fn object_to_example(
     obj: &Map<String, Value>,
     format: Format,
     f: &FieldMap,
+    coerced: &mut Vec<String>,
 ) -> Result<(Example, Vec<String>), Rejection> {
     let format = match format {
         Format::Auto => detect(obj, f).ok_or_else(|| {
@@ -212,19 +234,19 @@ fn object_to_example(
     match format {
         Format::Alpaca => {
             let instruction = f
-                .string(obj, "instruction")
+                .string(obj, "instruction", coerced)?
                 .ok_or_else(|| missing("alpaca", "instruction"))?;
             let output = f
-                .string(obj, "output")
+                .string(obj, "output", coerced)?
                 .ok_or_else(|| missing("alpaca", "output"))?;
-            let input = f.string(obj, "input").unwrap_or_default();
+            let input = f.string(obj, "input", coerced)?.unwrap_or_default();
             let user = if input.trim().is_empty() {
                 instruction
             } else {
                 format!("{instruction}\n\n{input}")
             };
             let mut turns = Vec::new();
-            if let Some(sys) = f.string(obj, "system").filter(|s| !s.is_empty()) {
+            if let Some(sys) = f.string(obj, "system", coerced)?.filter(|s| !s.is_empty()) {
                 turns.push(Turn {
                     role: "system".into(),
                     content: sys,
@@ -295,10 +317,10 @@ fn object_to_example(
         }
         Format::Completion => {
             let prompt = f
-                .string(obj, "prompt")
+                .string(obj, "prompt", coerced)?
                 .ok_or_else(|| missing("completion", "prompt"))?;
             let completion = f
-                .string(obj, "completion")
+                .string(obj, "completion", coerced)?
                 .ok_or_else(|| missing("completion", "completion"))?;
             Ok((
                 Example::Completion {
@@ -310,7 +332,7 @@ fn object_to_example(
         }
         Format::Text => {
             let text = f
-                .string(obj, "text")
+                .string(obj, "text", coerced)?
                 .ok_or_else(|| missing("text", "text"))?;
             Ok((Example::Text(text), vec![]))
         }

@@ -549,3 +549,67 @@ fn symlinks_loops_fifos_and_dotfiles_in_a_folder_are_followed_or_reported() {
     let cached = data::prepare_cached(&o, tiny_spec(), tiny(), &out).unwrap();
     assert_eq!(cached.manifest.records, 3);
 }
+
+#[test]
+fn an_oversized_record_is_skipped_and_a_decompression_bomb_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = format!(
+        "{{\"instruction\": \"x\", \"output\": \"{}\"}}\n",
+        "a".repeat(17 << 20)
+    );
+    let body = format!("{}{big}{}", conjugation_head(2), conjugation_head(1));
+    let f = write(dir.path(), "d.jsonl", body.as_bytes());
+    let p = data::prepare(&opts(&[&f]), tiny()).unwrap();
+    assert_eq!(p.records, 3);
+    assert_eq!(p.report.by_reason.get("record too large"), Some(&1));
+    let text = p.report.samples.join("\n");
+    assert!(
+        text.contains("d.jsonl:3: record of 17.0 MB is over the limit"),
+        "{text}"
+    );
+
+    // 300 MB of one JSON line compressed to a few hundred KB: refused before it is held.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..300 {
+        gz.write_all(&chunk).unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 1 << 20, "{} bytes compressed", bomb.len());
+    let g = write(dir.path(), "bomb.jsonl.gz", &bomb);
+    let err = data::prepare(&opts(&[&g]), tiny())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("bomb.jsonl.gz: expands to more than"), "{err}");
+}
+
+#[test]
+fn a_long_conversation_cut_to_the_sequence_keeps_its_first_answers() {
+    // 10,000 turns cut to 128 tokens: only the turns inside the kept tokens are located (this
+    // took minutes when every assistant turn's prefix was rendered).
+    let mut messages = Vec::new();
+    for i in 0..5_000 {
+        messages.push(serde_json::json!({"role": "user", "content": format!("q{i}")}));
+        messages.push(serde_json::json!({"role": "assistant", "content": format!("a{i}")}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let line = serde_json::json!({ "messages": messages }).to_string();
+    let f = write(dir.path(), "long.jsonl", line.as_bytes());
+    let mut o = opts(&[&f]);
+    o.split = SplitFractions([1.0, 0.0, 0.0]);
+    o.max_seq_len = 128;
+    o.packing = Packing::Pad;
+    let p = data::prepare(&o, tiny()).unwrap();
+    assert_eq!(p.report.truncated, 1);
+    let (ids, labels) = all_examples(&p).remove(0);
+    assert_eq!(ids.len(), 128);
+    let answer: Vec<u32> = ids
+        .iter()
+        .zip(&labels)
+        .filter(|(_, &l)| l == 1)
+        .map(|(&i, _)| i)
+        .collect();
+    let text = tiny().tokenizer.decode(&answer, false).unwrap();
+    assert!(text.starts_with("a0<|im_end|>a1<|im_end|>"), "{text}");
+}

@@ -171,12 +171,24 @@ impl<'a> Encoder<'a> {
                 .map_err(|e| ("chat template error", e.to_string()))
         };
         let full = render(&msgs, false)?;
+        let enc = self.tokenize(&full)?;
+        let offsets = enc.get_offsets();
+        // Tokens past max_seq_len are cut (or the example dropped), so only turns that start
+        // before the text those tokens cover need locating: a 10,000-turn conversation cut to
+        // 128 tokens renders a few prefixes, not 10,000 (each of which is as long as its turn
+        // index), which kept preparation quadratic.
+        let limit = offsets
+            .get(self.max_seq_len)
+            .map_or(full.len(), |&(start, _)| start);
         let mut spans = Vec::new();
         for (i, turn) in turns.iter().enumerate() {
             if !turn.train {
                 continue;
             }
             let before = render(&msgs[..i], true)?;
+            if before.len() >= limit {
+                break;
+            }
             let through = render(&msgs[..=i], false)?;
             if !full.starts_with(&before)
                 || !full.starts_with(&through)
@@ -188,7 +200,6 @@ impl<'a> Encoder<'a> {
                 ));
             }
             let (start, mut end) = (before.len(), through.len());
-            // Keep the end-of-turn token, drop what follows it (e.g. the newline).
             if let Some(cut) = self
                 .end_markers
                 .iter()
@@ -203,11 +214,16 @@ impl<'a> Encoder<'a> {
             }
             spans.push((start, end));
         }
-        let enc = self.tokenize(&full)?;
-        let labels = enc
-            .get_offsets()
+        // Spans are ascending and disjoint, token offsets ascending: one linear sweep.
+        let mut k = 0;
+        let labels = offsets
             .iter()
-            .map(|&(s, _)| spans.iter().any(|&(a, b)| s >= a && s < b))
+            .map(|&(s, _)| {
+                while k < spans.len() && spans[k].1 <= s {
+                    k += 1;
+                }
+                k < spans.len() && s >= spans[k].0
+            })
             .collect();
         Ok(self.with_bos(Encoded {
             ids: enc.get_ids().to_vec(),

@@ -163,7 +163,7 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
     }
     let mut records = Vec::new();
     for (path, fixed) in sources {
-        let recs = read::read_path(path, opts.strict, &mut report)?;
+        let recs = read::read_path(path, opts.strict, read::Limits::default(), &mut report)?;
         records.extend(recs.into_iter().map(|r| (r, fixed)));
     }
     let n_records = records.len();

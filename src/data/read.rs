@@ -78,9 +78,38 @@ enum Compression {
     Zstd,
 }
 
+/// Bounds on what one input may cost, so a hostile or broken file gives a clear error instead of
+/// exhausting memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest record (a JSONL line, a CSV row, a text file), in bytes; larger ones are skipped
+    /// and reported. Preparing a record takes many times its size in memory.
+    pub max_record_bytes: usize,
+    /// A compressed file may expand to at most this many times its size (and at least
+    /// `MIN_EXPANDED` bytes): beyond that it is refused as a probable decompression bomb.
+    pub max_expansion: usize,
+}
+
+/// Decompressed size always allowed, whatever the ratio.
+const MIN_EXPANDED: usize = 256 << 20;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_record_bytes: 16 << 20,
+            max_expansion: 200,
+        }
+    }
+}
+
 /// Reads every record under `path` (a file or a directory, recursively). Bad records are
 /// skipped into `report`, or are fatal with `strict`.
-pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
+pub fn read_path(
+    path: &Path,
+    strict: bool,
+    limits: Limits,
+    report: &mut Report,
+) -> Result<Vec<RawRecord>> {
     if path.is_dir() {
         let t = std::time::Instant::now();
         let Walk { files, skipped } = walk(path)?;
@@ -117,7 +146,7 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
                 .par_iter()
                 .map(|f| {
                     let mut r = Report::default();
-                    read_file(f, strict, &mut r).map(|recs| (recs, r))
+                    read_file(f, strict, limits, &mut r).map(|recs| (recs, r))
                 })
                 .collect()
         };
@@ -139,7 +168,7 @@ pub fn read_path(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
         }
         Ok(out)
     } else if path.is_file() {
-        read_file(path, strict, report)
+        read_file(path, strict, limits, report)
     } else {
         Err(Error::InvalidArgument(format!(
             "{}: no such file or directory",
@@ -248,7 +277,12 @@ fn walk_into(
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Reads one file according to its extension.
-pub fn read_file(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
+pub fn read_file(
+    path: &Path,
+    strict: bool,
+    limits: Limits,
+    report: &mut Report,
+) -> Result<Vec<RawRecord>> {
     let (kind, comp) = kind_of(path).ok_or_else(|| {
         Error::Data(format!(
             "{}: unknown data file type (use .jsonl, .json, .jsonl.gz, .jsonl.zst, .csv, .tsv, .parquet or .txt)",
@@ -259,7 +293,7 @@ pub fn read_file(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
     match kind {
         Kind::Parquet => read_parquet(&file, strict, report),
         _ => {
-            let mut bytes = read_bytes(path, comp)?;
+            let mut bytes = read_bytes(path, comp, limits)?;
             // A UTF-8 byte-order mark (Windows editors write one): blanked in JSON, so byte
             // offsets in messages stay those of the file; dropped from text; CSV trims it from
             // the header.
@@ -273,29 +307,60 @@ pub fn read_file(path: &Path, strict: bool, report: &mut Report) -> Result<Vec<R
                 }
             }
             match kind {
-                Kind::Json => read_json(&file, &bytes, strict, report),
-                Kind::Csv(delim) => read_csv(&file, &bytes, delim, strict, report),
-                Kind::Text => read_text(&file, bytes, strict, report),
+                Kind::Json => read_json(&file, &bytes, strict, limits, report),
+                Kind::Csv(delim) => read_csv(&file, &bytes, delim, strict, limits, report),
+                Kind::Text => read_text(&file, bytes, strict, limits, report),
                 Kind::Parquet => unreachable!(),
             }
         }
     }
 }
 
-fn read_bytes(path: &Path, comp: Compression) -> Result<Vec<u8>> {
+fn read_bytes(path: &Path, comp: Compression, limits: Limits) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let cap = raw
+        .len()
+        .saturating_mul(limits.max_expansion)
+        .max(MIN_EXPANDED);
     let mut out = Vec::new();
+    // Read at most one byte past the cap, to tell "exactly at the cap" from "over it".
+    let read = |r: &mut dyn Read, out: &mut Vec<u8>| r.take(cap as u64 + 1).read_to_end(out);
     match comp {
         Compression::None => return Ok(raw),
-        Compression::Gzip => flate2::read::MultiGzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| Error::bad_file(path, format!("not valid gzip: {e}")))?,
-        Compression::Zstd => ruzstd::decoding::StreamingDecoder::new(raw.as_slice())
-            .map_err(|e| Error::bad_file(path, format!("not valid zstd: {e}")))?
-            .read_to_end(&mut out)
-            .map_err(|e| Error::bad_file(path, format!("not valid zstd: {e}")))?,
+        Compression::Gzip => read(
+            &mut flate2::read::MultiGzDecoder::new(raw.as_slice()),
+            &mut out,
+        )
+        .map_err(|e| Error::bad_file(path, format!("not valid gzip: {e}")))?,
+        Compression::Zstd => read(
+            &mut ruzstd::decoding::StreamingDecoder::new(raw.as_slice())
+                .map_err(|e| Error::bad_file(path, format!("not valid zstd: {e}")))?,
+            &mut out,
+        )
+        .map_err(|e| Error::bad_file(path, format!("not valid zstd: {e}")))?,
     };
+    if out.len() > cap {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "expands to more than {} MB ({}× its size): refused as a probable decompression \
+                 bomb; decompress it yourself if it is genuine",
+                cap >> 20,
+                limits.max_expansion
+            ),
+        ));
+    }
     Ok(out)
+}
+
+/// The message for a record over [`Limits::max_record_bytes`].
+fn too_large(location: String, size: usize, limits: Limits) -> String {
+    format!(
+        "{location}: record of {:.1} MB is over the limit of {:.1} MB (--max-record-mb); \
+         split it or raise the limit",
+        size as f64 / (1 << 20) as f64,
+        limits.max_record_bytes as f64 / (1 << 20) as f64
+    )
 }
 
 /// Records a bad input: fatal with `strict`, else skipped and counted.
@@ -336,6 +401,7 @@ fn read_json(
     file: &Arc<PathBuf>,
     bytes: &[u8],
     strict: bool,
+    limits: Limits,
     report: &mut Report,
 ) -> Result<Vec<RawRecord>> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
@@ -384,6 +450,16 @@ fn read_json(
         offset += raw_line.len() + 1;
         let trimmed = raw_line.trim_ascii();
         if trimmed.is_empty() {
+            continue;
+        }
+        if trimmed.len() > limits.max_record_bytes {
+            let at = format!("{}:{line_no}", file.display());
+            bad(
+                strict,
+                report,
+                "record too large",
+                too_large(at, trimmed.len(), limits),
+            )?;
             continue;
         }
         let text = match std::str::from_utf8(trimmed) {
@@ -444,6 +520,7 @@ fn read_csv(
     bytes: &[u8],
     delim: u8,
     strict: bool,
+    limits: Limits,
     report: &mut Report,
 ) -> Result<Vec<RawRecord>> {
     let mut rdr = csv::ReaderBuilder::new()
@@ -516,6 +593,17 @@ fn read_csv(
             let pos = record.position().cloned();
             let line = line_base + pos.as_ref().map_or(0, |p| p.line() as usize);
             let row_start = start + pos.as_ref().map_or(0, |p| p.byte() as usize);
+            if record.as_slice().len() > limits.max_record_bytes {
+                let at = format!("{}:{line}", file.display());
+                let size = record.as_slice().len();
+                bad(
+                    strict,
+                    report,
+                    "record too large",
+                    too_large(at, size, limits),
+                )?;
+                continue;
+            }
             if let Some(swallowed) = swallowed_rows(&record, delim, headers.len()) {
                 bad(
                     strict,
@@ -615,8 +703,19 @@ fn read_text(
     file: &Arc<PathBuf>,
     bytes: Vec<u8>,
     strict: bool,
+    limits: Limits,
     report: &mut Report,
 ) -> Result<Vec<RawRecord>> {
+    if bytes.len() > limits.max_record_bytes {
+        let at = file.display().to_string();
+        bad(
+            strict,
+            report,
+            "record too large",
+            too_large(at, bytes.len(), limits),
+        )?;
+        return Ok(vec![]);
+    }
     match String::from_utf8(bytes) {
         Ok(text) => Ok(vec![RawRecord {
             file: file.clone(),

@@ -738,8 +738,8 @@ fn read_text(
 /// Parquet rows through the record API (any column types; nested lists and structs become JSON).
 fn read_parquet(file: &Arc<PathBuf>, strict: bool, report: &mut Report) -> Result<Vec<RawRecord>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let f = std::fs::File::open(file.as_path()).map_err(|e| Error::io(file.as_path(), e))?;
-    let reader = SerializedFileReader::new(f).map_err(|e| {
+    let data = std::fs::read(file.as_path()).map_err(|e| Error::io(file.as_path(), e))?;
+    let reader = SerializedFileReader::new(Budgeted::new(data)).map_err(|e| {
         Error::bad_file(file.as_path(), format!("not a readable Parquet file: {e}"))
     })?;
     let rows = reader
@@ -761,6 +761,14 @@ fn read_parquet(file: &Arc<PathBuf>, strict: bool, report: &mut Report) -> Resul
                     format!("{}: row {}: not a record", file.display(), i + 1),
                 )?,
             },
+            // A corrupt file that exhausted the read budget fails every later row too: one
+            // error for the file, not one per row.
+            Err(e) if e.to_string().contains(BUDGET_EXHAUSTED) => {
+                return Err(Error::bad_file(
+                    file.as_path(),
+                    format!("corrupt Parquet file: row {}: {e}", i + 1),
+                ))
+            }
             Err(e) => bad(
                 strict,
                 report,
@@ -770,4 +778,62 @@ fn read_parquet(file: &Arc<PathBuf>, strict: bool, report: &mut Report) -> Resul
         }
     }
     Ok(out)
+}
+
+const BUDGET_EXHAUSTED: &str = "the reader kept re-reading the file";
+
+/// A Parquet file in memory whose reads are counted. A corrupt page header can make the parquet
+/// crate ask for the same page forever (arrow-rs issues 1997 and 6228 fixed such loops one at a
+/// time; the fuzz test here found another): past a budget proportional to the file's size,
+/// reads fail, and the file is reported instead of hanging the process.
+struct Budgeted {
+    data: bytes::Bytes,
+    calls: std::sync::atomic::AtomicU64,
+    max_calls: u64,
+}
+
+impl Budgeted {
+    fn new(data: Vec<u8>) -> Self {
+        // A legitimate read touches each page a few times (header, data, index), and a page is
+        // at least a few bytes long, so this is far above any real file's count.
+        let max_calls = 10_000 + data.len() as u64;
+        Self {
+            data: bytes::Bytes::from(data),
+            calls: std::sync::atomic::AtomicU64::new(0),
+            max_calls,
+        }
+    }
+
+    fn charge(&self) -> parquet::errors::Result<()> {
+        let n = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n >= self.max_calls {
+            return Err(parquet::errors::ParquetError::General(format!(
+                "{BUDGET_EXHAUSTED} ({n} reads of a {}-byte file)",
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl parquet::file::reader::Length for Budgeted {
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+}
+
+impl parquet::file::reader::ChunkReader for Budgeted {
+    type T = <bytes::Bytes as parquet::file::reader::ChunkReader>::T;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        self.charge()?;
+        self.data.get_read(start)
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        self.charge()?;
+        self.data.get_bytes(start, length)
+    }
 }

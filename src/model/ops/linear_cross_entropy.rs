@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, log_sum_exp, targets, view};
+use super::cpu::{exp, f32_slice, gemm, log_sum_exp, mat, targets, view};
 
 /// Rows whose logits are held at once.
 const ROWS: usize = 256;
@@ -40,14 +40,14 @@ impl LinearCrossEntropy {
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);
             let z = &mut logits[..m * vocab];
-            unsafe {
+            {
                 // z = h Wᵀ
                 gemm(
                     (m, vocab, hs),
-                    (z.as_mut_ptr(), vocab, 1),
+                    (z, vocab, 1),
                     false,
-                    (h[r0 * hs..].as_ptr(), hs, 1),
-                    (w.as_ptr(), 1, hs),
+                    mat(&h[r0 * hs..], hs, 1),
+                    mat(w, 1, hs),
                     1.0,
                     true,
                 );
@@ -65,14 +65,14 @@ impl LinearCrossEntropy {
                     }
                 });
             if with_grad {
-                unsafe {
+                {
                     // dh = (softmax − onehot) W
                     gemm(
                         (m, hs, vocab),
-                        (dh[r0 * hs..].as_mut_ptr(), hs, 1),
+                        (&mut dh[r0 * hs..], hs, 1),
                         false,
-                        (z.as_ptr(), vocab, 1),
-                        (w.as_ptr(), hs, 1),
+                        mat(z, vocab, 1),
+                        mat(w, hs, 1),
                         1.0,
                         true,
                     );

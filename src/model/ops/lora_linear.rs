@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cpu::{f32_slice, gemm, view};
+use super::cpu::{f32_slice, gemm, mat, view};
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -46,13 +46,13 @@ impl LoraLinear {
     /// u = (x ⊙ m) Aᵀ.
     fn down(&self, xd: &[f32], a: &[f32], d: Dims) -> Vec<f32> {
         let mut u = vec![0f32; d.rows * d.rank];
-        unsafe {
+        {
             gemm(
                 (d.rows, d.rank, d.inp),
-                (u.as_mut_ptr(), d.rank, 1),
+                (&mut u, d.rank, 1),
                 false,
-                (xd.as_ptr(), d.inp, 1),
-                (a.as_ptr(), 1, d.inp),
+                mat(&xd, d.inp, 1),
+                mat(a, 1, d.inp),
                 1.0,
                 true,
             );
@@ -63,24 +63,24 @@ impl LoraLinear {
     fn forward(&self, x: &[f32], w: &[f32], a: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
         let mut y = vec![0f32; d.rows * d.out];
         let u = self.down(&self.dropped(x), a, d);
-        unsafe {
+        {
             // y = x Wᵀ
             gemm(
                 (d.rows, d.out, d.inp),
-                (y.as_mut_ptr(), d.out, 1),
+                (&mut y, d.out, 1),
                 false,
-                (x.as_ptr(), d.inp, 1),
-                (w.as_ptr(), 1, d.inp),
+                mat(x, d.inp, 1),
+                mat(w, 1, d.inp),
                 1.0,
                 true,
             );
             // y += s · u Bᵀ
             gemm(
                 (d.rows, d.out, d.rank),
-                (y.as_mut_ptr(), d.out, 1),
+                (&mut y, d.out, 1),
                 true,
-                (u.as_ptr(), d.rank, 1),
-                (b.as_ptr(), 1, d.rank),
+                mat(&u, d.rank, 1),
+                mat(b, 1, d.rank),
                 self.scale,
                 true,
             );
@@ -109,70 +109,70 @@ impl LoraLinear {
         let mut dx = vec![0f32; d.rows * d.inp];
         let mut da = vec![0f32; d.rank * d.inp];
         let mut db = vec![0f32; d.out * d.rank];
-        unsafe {
+        {
             // dx = dy W
             gemm(
                 (d.rows, d.inp, d.out),
-                (dx.as_mut_ptr(), d.inp, 1),
+                (&mut dx, d.inp, 1),
                 false,
-                (dy.as_ptr(), d.out, 1),
-                (w.as_ptr(), d.inp, 1),
+                mat(dy, d.out, 1),
+                mat(w, d.inp, 1),
                 1.0,
                 true,
             );
             // v = dy B
             gemm(
                 (d.rows, d.rank, d.out),
-                (v.as_mut_ptr(), d.rank, 1),
+                (&mut v, d.rank, 1),
                 false,
-                (dy.as_ptr(), d.out, 1),
-                (b.as_ptr(), d.rank, 1),
+                mat(dy, d.out, 1),
+                mat(b, d.rank, 1),
                 1.0,
                 true,
             );
             // dA = s · vᵀ (x ⊙ m)
             gemm(
                 (d.rank, d.inp, d.rows),
-                (da.as_mut_ptr(), d.inp, 1),
+                (&mut da, d.inp, 1),
                 false,
-                (v.as_ptr(), 1, d.rank),
-                (xd.as_ptr(), d.inp, 1),
+                mat(&v, 1, d.rank),
+                mat(&xd, d.inp, 1),
                 self.scale,
                 true,
             );
             // dB = s · dyᵀ u
             gemm(
                 (d.out, d.rank, d.rows),
-                (db.as_mut_ptr(), d.rank, 1),
+                (&mut db, d.rank, 1),
                 false,
-                (dy.as_ptr(), 1, d.out),
-                (u.as_ptr(), d.rank, 1),
+                mat(dy, 1, d.out),
+                mat(&u, d.rank, 1),
                 self.scale,
                 true,
             );
         }
         // dx += s · (v A) ⊙ m
         match &self.mask {
-            None => unsafe {
+            None => {
                 gemm(
                     (d.rows, d.inp, d.rank),
-                    (dx.as_mut_ptr(), d.inp, 1),
+                    (&mut dx, d.inp, 1),
                     true,
-                    (v.as_ptr(), d.rank, 1),
-                    (a.as_ptr(), d.inp, 1),
+                    mat(&v, d.rank, 1),
+                    mat(a, d.inp, 1),
                     self.scale,
                     true,
                 );
-            },
+            }
             Some(m) => {
                 let mut t = vec![0f32; d.rows * d.inp];
-                unsafe {
+                {
                     gemm(
                         (d.rows, d.inp, d.rank),
-                        (t.as_mut_ptr(), d.inp, 1),
+                        (&mut t, d.inp, 1),
                         false,
-                        (v.as_ptr(), d.rank, 1),
-                        (a.as_ptr(), d.inp, 1),
+                        mat(&v, d.rank, 1),
+                        mat(a, d.inp, 1),
                         self.scale,
                         true,
                     );

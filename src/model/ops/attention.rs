@@ -404,18 +404,8 @@ pub fn attention(
     let t = q.elem_count() / (b * h * d);
     let total = k.elem_count() / (b * kvh * d);
     let mask_data = mask.and_then(|m| m.data.clone());
-    if !q.device().is_cpu()
-        || q.dtype() != candle_core::DType::F32
-        || (mask.is_some() && mask_data.is_none())
-    {
-        let out = attention_reference(
-            &q.reshape((b, t, h, d))?,
-            &k.reshape((b, total, kvh, d))?,
-            &v.reshape((b, total, kvh, d))?,
-            mask.map(|m| &m.tensor),
-            scale,
-        )?;
-        return out.reshape(q.shape());
+    if !super::fusable(q) || (mask.is_some() && mask_data.is_none()) {
+        return attention_unfused(q, k, v, mask, scale, heads);
     }
     let op = Attention {
         scale: scale as f32,
@@ -432,6 +422,34 @@ pub fn attention(
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] with the same arguments as a composition of candle ops: the path off the CPU,
+/// and the one a model told not to use the fused kernels takes.
+pub fn attention_unfused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&AttentionMask>,
+    scale: f64,
+    heads: Heads,
+) -> Result<Tensor> {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+    } = heads;
+    let t = q.elem_count() / (b * h * d);
+    let total = k.elem_count() / (b * kvh * d);
+    let out = attention_reference(
+        &q.reshape((b, t, h, d))?,
+        &k.reshape((b, total, kvh, d))?,
+        &v.reshape((b, total, kvh, d))?,
+        mask.map(|m| &m.tensor),
+        scale,
+    )?;
+    out.reshape(q.shape())
 }
 
 /// The same attention as a composition of candle ops (the CUDA path and the test reference).

@@ -133,14 +133,17 @@ impl CustomOp2 for LinearCrossEntropy {
 
 /// Negative log-likelihood of `targets` (n, u32) under the logits `hidden · weightᵀ`, one value
 /// per row, for `hidden` (n, hs) and a frozen head `weight` (vocab, hs); differentiable in
-/// `hidden` when `with_grad` (training). CPU and f32 only: callers use the head and
-/// [`super::cross_entropy::cross_entropy`] elsewhere.
+/// `hidden` when `with_grad` (training). Off the CPU (or not f32),
+/// [`linear_cross_entropy_reference`].
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     with_grad: bool,
 ) -> Result<Tensor> {
+    if !super::fusable(hidden) {
+        return linear_cross_entropy_reference(hidden, weight, targets);
+    }
     hidden.contiguous()?.apply_op2(
         &targets.contiguous()?,
         LinearCrossEntropy {
@@ -149,6 +152,17 @@ pub fn linear_cross_entropy(
             dh: Mutex::new(None),
         },
     )
+}
+
+/// The same loss as the head's logits and the reference cross-entropy (any device; the test
+/// reference). The head weight is detached: it is frozen here as in the fused op.
+pub fn linear_cross_entropy_reference(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<Tensor> {
+    let logits = hidden.matmul(&weight.detach().t()?)?;
+    super::cross_entropy::cross_entropy_reference(&logits, targets)
 }
 
 #[cfg(test)]

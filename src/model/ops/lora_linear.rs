@@ -243,8 +243,8 @@ impl CustomOp3 for LoraLinear {
 
 /// `x Wᵀ + bias + scale · (x ⊙ mask) Aᵀ Bᵀ` for `x` (rows, in), a frozen `weight` (out, in) and
 /// `bias` (out), and adapter matrices `a` (rank, in), `b` (out, rank); differentiable in x, A
-/// and B. `mask` is LoRA dropout's (rows × in, scaled by 1/(1 − p)). CPU and f32 only: callers
-/// use the composition of candle ops elsewhere.
+/// and B. `mask` is LoRA dropout's (rows × in, scaled by 1/(1 − p)). Off the CPU (or not f32),
+/// [`lora_linear_reference`].
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -254,6 +254,9 @@ pub fn lora_linear(
     scale: f64,
     mask: Option<Arc<Vec<f32>>>,
 ) -> Result<Tensor> {
+    if !super::fusable(x) {
+        return lora_linear_reference(x, weight, bias, a, b, scale, mask.as_deref());
+    }
     let op = LoraLinear {
         weight: weight.detach(),
         bias: bias.map(|t| t.to_vec1::<f32>()).transpose()?,
@@ -262,6 +265,39 @@ pub fn lora_linear(
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// The same layer as a composition of candle ops (any device; the test reference). A weight
+/// that is a variable trains (full fine-tuning); otherwise it is detached.
+pub fn lora_linear_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Vec<f32>>,
+) -> Result<Tensor> {
+    let y = linear_reference(x, weight, bias)?;
+    let xd = match mask {
+        Some(m) => (x * Tensor::from_slice(m, x.shape(), x.device())?)?,
+        None => x.clone(),
+    };
+    y + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?
+}
+
+/// `x Wᵀ + bias` with candle's ops; a weight that is not a variable is detached.
+pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let w = if weight.is_variable() {
+        weight.clone()
+    } else {
+        weight.detach()
+    };
+    let y = x.matmul(&w.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 #[cfg(test)]

@@ -111,8 +111,8 @@ fn served_id_is_the_short_name_or_the_given_name_and_the_full_spec_still_works()
         .unwrap()
         .contains("house-model"));
 
-    let err = app(&options(spec, Some(" ")))
-        .err()
-        .expect("empty name refused");
+    let Err(err) = app(&options(spec, Some(" "))) else {
+        panic!("an empty name is refused");
+    };
     assert!(err.to_string().contains("--name"), "{err}");
 }

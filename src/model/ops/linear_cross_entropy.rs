@@ -40,18 +40,16 @@ impl LinearCrossEntropy {
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);
             let z = &mut logits[..m * vocab];
-            {
-                // z = h Wᵀ
-                gemm(
-                    (m, vocab, hs),
-                    (z, vocab, 1),
-                    false,
-                    mat(&h[r0 * hs..], hs, 1),
-                    mat(w, 1, hs),
-                    1.0,
-                    true,
-                );
-            }
+            // z = h Wᵀ
+            gemm(
+                (m, vocab, hs),
+                (z, vocab, 1),
+                false,
+                mat(&h[r0 * hs..], hs, 1),
+                mat(w, 1, hs),
+                1.0,
+                true,
+            );
             let with_grad = self.with_grad;
             z.par_chunks_mut(vocab)
                 .zip(nll[r0..r0 + m].par_iter_mut())
@@ -65,18 +63,16 @@ impl LinearCrossEntropy {
                     }
                 });
             if with_grad {
-                {
-                    // dh = (softmax − onehot) W
-                    gemm(
-                        (m, hs, vocab),
-                        (&mut dh[r0 * hs..], hs, 1),
-                        false,
-                        mat(z, vocab, 1),
-                        mat(w, hs, 1),
-                        1.0,
-                        true,
-                    );
-                }
+                // dh = (softmax − onehot) W
+                gemm(
+                    (m, hs, vocab),
+                    (&mut dh[r0 * hs..], hs, 1),
+                    false,
+                    mat(z, vocab, 1),
+                    mat(w, hs, 1),
+                    1.0,
+                    true,
+                );
             }
         }
         if self.with_grad {

@@ -46,45 +46,41 @@ impl LoraLinear {
     /// u = (x ⊙ m) Aᵀ.
     fn down(&self, xd: &[f32], a: &[f32], d: Dims) -> Vec<f32> {
         let mut u = vec![0f32; d.rows * d.rank];
-        {
-            gemm(
-                (d.rows, d.rank, d.inp),
-                (&mut u, d.rank, 1),
-                false,
-                mat(&xd, d.inp, 1),
-                mat(a, 1, d.inp),
-                1.0,
-                true,
-            );
-        }
+        gemm(
+            (d.rows, d.rank, d.inp),
+            (&mut u, d.rank, 1),
+            false,
+            mat(xd, d.inp, 1),
+            mat(a, 1, d.inp),
+            1.0,
+            true,
+        );
         u
     }
 
     fn forward(&self, x: &[f32], w: &[f32], a: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
         let mut y = vec![0f32; d.rows * d.out];
         let u = self.down(&self.dropped(x), a, d);
-        {
-            // y = x Wᵀ
-            gemm(
-                (d.rows, d.out, d.inp),
-                (&mut y, d.out, 1),
-                false,
-                mat(x, d.inp, 1),
-                mat(w, 1, d.inp),
-                1.0,
-                true,
-            );
-            // y += s · u Bᵀ
-            gemm(
-                (d.rows, d.out, d.rank),
-                (&mut y, d.out, 1),
-                true,
-                mat(&u, d.rank, 1),
-                mat(b, 1, d.rank),
-                self.scale,
-                true,
-            );
-        }
+        // y = x Wᵀ
+        gemm(
+            (d.rows, d.out, d.inp),
+            (&mut y, d.out, 1),
+            false,
+            mat(x, d.inp, 1),
+            mat(w, 1, d.inp),
+            1.0,
+            true,
+        );
+        // y += s · u Bᵀ
+        gemm(
+            (d.rows, d.out, d.rank),
+            (&mut y, d.out, 1),
+            true,
+            mat(&u, d.rank, 1),
+            mat(b, 1, d.rank),
+            self.scale,
+            true,
+        );
         if let Some(bias) = &self.bias {
             for row in y.chunks_mut(d.out) {
                 row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
@@ -109,48 +105,46 @@ impl LoraLinear {
         let mut dx = vec![0f32; d.rows * d.inp];
         let mut da = vec![0f32; d.rank * d.inp];
         let mut db = vec![0f32; d.out * d.rank];
-        {
-            // dx = dy W
-            gemm(
-                (d.rows, d.inp, d.out),
-                (&mut dx, d.inp, 1),
-                false,
-                mat(dy, d.out, 1),
-                mat(w, d.inp, 1),
-                1.0,
-                true,
-            );
-            // v = dy B
-            gemm(
-                (d.rows, d.rank, d.out),
-                (&mut v, d.rank, 1),
-                false,
-                mat(dy, d.out, 1),
-                mat(b, d.rank, 1),
-                1.0,
-                true,
-            );
-            // dA = s · vᵀ (x ⊙ m)
-            gemm(
-                (d.rank, d.inp, d.rows),
-                (&mut da, d.inp, 1),
-                false,
-                mat(&v, 1, d.rank),
-                mat(&xd, d.inp, 1),
-                self.scale,
-                true,
-            );
-            // dB = s · dyᵀ u
-            gemm(
-                (d.out, d.rank, d.rows),
-                (&mut db, d.rank, 1),
-                false,
-                mat(dy, 1, d.out),
-                mat(&u, d.rank, 1),
-                self.scale,
-                true,
-            );
-        }
+        // dx = dy W
+        gemm(
+            (d.rows, d.inp, d.out),
+            (&mut dx, d.inp, 1),
+            false,
+            mat(dy, d.out, 1),
+            mat(w, d.inp, 1),
+            1.0,
+            true,
+        );
+        // v = dy B
+        gemm(
+            (d.rows, d.rank, d.out),
+            (&mut v, d.rank, 1),
+            false,
+            mat(dy, d.out, 1),
+            mat(b, d.rank, 1),
+            1.0,
+            true,
+        );
+        // dA = s · vᵀ (x ⊙ m)
+        gemm(
+            (d.rank, d.inp, d.rows),
+            (&mut da, d.inp, 1),
+            false,
+            mat(&v, 1, d.rank),
+            mat(&xd, d.inp, 1),
+            self.scale,
+            true,
+        );
+        // dB = s · dyᵀ u
+        gemm(
+            (d.out, d.rank, d.rows),
+            (&mut db, d.rank, 1),
+            false,
+            mat(dy, 1, d.out),
+            mat(&u, d.rank, 1),
+            self.scale,
+            true,
+        );
         // dx += s · (v A) ⊙ m
         match &self.mask {
             None => {
@@ -166,17 +160,15 @@ impl LoraLinear {
             }
             Some(m) => {
                 let mut t = vec![0f32; d.rows * d.inp];
-                {
-                    gemm(
-                        (d.rows, d.inp, d.rank),
-                        (&mut t, d.inp, 1),
-                        false,
-                        mat(&v, d.rank, 1),
-                        mat(a, d.inp, 1),
-                        self.scale,
-                        true,
-                    );
-                }
+                gemm(
+                    (d.rows, d.inp, d.rank),
+                    (&mut t, d.inp, 1),
+                    false,
+                    mat(&v, d.rank, 1),
+                    mat(a, d.inp, 1),
+                    self.scale,
+                    true,
+                );
                 for ((o, t), m) in dx.iter_mut().zip(&t).zip(m.iter()) {
                     *o += t * m;
                 }

@@ -480,20 +480,39 @@ fn sse(
     Sse::new(stream).into_response()
 }
 
+/// Bytes of an oversized body read and discarded before the 413 is sent (see [`read_body`]).
+const DRAIN_BYTES: usize = 8 << 20;
+
 /// Reads a request body up to the configured limit (413 with a JSON error beyond it).
+///
+/// Past the limit the rest is read and dropped (up to [`DRAIN_BYTES`] more) before answering:
+/// a server that answers and closes while the client is still sending resets the connection,
+/// and the client then sees a broken pipe instead of the 413.
 async fn read_body(st: &AppState, body: Body) -> std::result::Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, st.max_body_bytes)
-        .await
-        .map_err(|_| ApiError {
+    use futures_util::StreamExt;
+    let limit = st.max_body_bytes;
+    let mut stream = body.into_data_stream();
+    let (mut buf, mut seen) = (Vec::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(None, format!("cannot read the request body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_add(DRAIN_BYTES) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError {
             status: 413,
-            message: format!(
-                "the request body is larger than {} bytes (--max-body-bytes)",
-                st.max_body_bytes
-            ),
+            message: format!("the request body is larger than {limit} bytes (--max-body-bytes)"),
             kind: "invalid_request_error",
             param: None,
             code: Some("request_too_large"),
-        })
+        });
+    }
+    Ok(buf.into())
 }
 
 /// Authentication first, then the body (within the limit), then `inner`; every error becomes

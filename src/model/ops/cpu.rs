@@ -91,7 +91,7 @@ pub struct Mat<'a> {
     pub col_stride: usize,
 }
 
-/// `Mat::new(data, row_stride, col_stride)`, shorter at the call sites.
+/// A [`Mat`] from its fields in order (shorter at the call sites).
 pub fn mat(data: &[f32], row_stride: usize, col_stride: usize) -> Mat<'_> {
     Mat {
         data,
@@ -174,9 +174,8 @@ pub fn gemm(
     beta: f32,
     parallel: bool,
 ) {
-    check("dst", dst.0.len(), (m, n), dst.1, dst.2);
-    // SAFETY: `dst` is bounds-checked just above and is an exclusive borrow, so it aliases
-    // neither operand nor any other thread's data.
+    // SAFETY: `dst` is an exclusive borrow, so no other task touches it and it overlaps
+    // neither operand; bounds are asserted inside.
     unsafe {
         gemm_shared(
             (m, n, k),
@@ -207,12 +206,12 @@ pub unsafe fn gemm_shared(
     parallel: bool,
 ) {
     let (buf, offset, drs, dcs) = dst;
-    check("dst", buf.len.saturating_sub(offset), (m, n), drs, dcs);
     assert!(
         offset <= buf.len,
         "gemm: dst offset {offset} past {}",
         buf.len
     );
+    check("dst", buf.len - offset, (m, n), drs, dcs);
     check(
         "lhs",
         lhs.data.len(),

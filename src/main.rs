@@ -655,6 +655,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quickstart(args) => cmd_quickstart(args)?,
         Command::Serve(args) => afinar::serve::serve(&afinar::serve::ServeOptions {
             model: args.model,
+            name: None,
             adapters: args
                 .adapters
                 .into_iter()

@@ -9,9 +9,10 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::ModelConfig;
+use super::ops;
 use super::ops::attention::{AttentionMask, Heads};
 use super::ops::frozen_matmul::frozen_matmul;
-use super::ops::lora_linear::lora_linear;
+use super::ops::lora_linear::{linear_reference, lora_linear, lora_linear_reference};
 use super::weights::Weights;
 use crate::Result;
 
@@ -55,13 +56,6 @@ impl LoraDropout {
             .collect();
         Some(std::sync::Arc::new(mask))
     }
-
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        match self.mask(x.elem_count()) {
-            None => Ok(x.clone()),
-            Some(m) => Ok((x * Tensor::from_vec(m.to_vec(), x.shape(), x.device())?)?),
-        }
-    }
 }
 
 /// A dense layer `y = x Wᵀ + b` with the weight in PyTorch layout (out, in), optionally with a
@@ -89,7 +83,8 @@ impl Linear {
     }
 
     /// Applies the layer to `x` of shape (..., in); one 2-D GEMM over all leading dimensions.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `fused` false takes the composition of candle ops (see [`Transformer::fused`]).
+    pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
@@ -99,7 +94,13 @@ impl Linear {
         } else {
             x.reshape((rows, inp))?
         };
-        let fused = x.device().is_cpu() && x.dtype() == DType::F32 && !self.weight.is_variable();
+        // The fused kernels serve frozen weights only; they fall back to the composition
+        // themselves off the CPU.
+        let fused = fused && !self.weight.is_variable();
+        let mask = self
+            .lora
+            .as_ref()
+            .and_then(|l| l.dropout.mask(x.elem_count()));
         let y = match &self.lora {
             Some(l) if fused => lora_linear(
                 &x,
@@ -108,26 +109,25 @@ impl Linear {
                 l.a.as_tensor(),
                 l.b.as_tensor(),
                 l.scale,
-                l.dropout.mask(x.elem_count()),
+                mask,
             )?,
-            _ => {
-                let y = if self.weight.is_variable() {
-                    x.matmul(&self.weight.t()?)?
-                } else {
-                    frozen_matmul(&x, &self.weight)?
-                };
-                let y = match &self.bias {
+            Some(l) => lora_linear_reference(
+                &x,
+                &self.weight,
+                self.bias.as_ref(),
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scale,
+                mask.as_deref(),
+            )?,
+            None if fused => {
+                let y = frozen_matmul(&x, &self.weight)?;
+                match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                match &self.lora {
-                    Some(l) => {
-                        (y + (l.dropout.apply(&x)?.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?
-                            * l.scale)?)?
-                    }
                     None => y,
                 }
             }
+            None => linear_reference(&x, &self.weight, self.bias.as_ref())?,
         };
         if dims.len() == 2 {
             return Ok(y);
@@ -138,14 +138,24 @@ impl Linear {
     }
 }
 
-/// RMSNorm `x / sqrt(mean(x²) + eps) * w`, differentiable (fused, hand-written backward).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(super::ops::rms_norm::rms_norm(x, weight, eps)?)
+/// RMSNorm `x / sqrt(mean(x²) + eps) * w`, differentiable (fused, hand-written backward, unless
+/// `fused` is false).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    Ok(if fused {
+        ops::rms_norm::rms_norm(x, weight, eps)?
+    } else {
+        ops::rms_norm::rms_norm_reference(x, weight, eps)?
+    })
 }
 
-/// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin` (fused, hand-written backward).
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(super::ops::rope::apply_rope(x, cos, sin)?)
+/// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin` (fused, hand-written backward,
+/// unless `fused` is false).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
+    Ok(if fused {
+        ops::rope::apply_rope(x, cos, sin)?
+    } else {
+        ops::rope::apply_rope_reference(x, cos, sin)?
+    })
 }
 
 /// One attention block: projections, RoPE and grouped-query attention.
@@ -169,13 +179,14 @@ impl Attention {
         rope: &(Tensor, Tensor),
         mask: Option<&AttentionMask>,
         cache: Option<&mut KvCache>,
+        fused: bool,
     ) -> Result<Tensor> {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // Everything stays 2-D, (b·t, heads·d), the layout the projections write: no copies,
         // and no reshape nodes whose backward would copy the gradient.
-        let q = apply_rope(&self.q_proj.forward(x)?, &rope.0, &rope.1)?;
-        let k = apply_rope(&self.k_proj.forward(x)?, &rope.0, &rope.1)?;
-        let v = self.v_proj.forward(x)?;
+        let q = apply_rope(&self.q_proj.forward(x, fused)?, &rope.0, &rope.1, fused)?;
+        let k = apply_rope(&self.k_proj.forward(x, fused)?, &rope.0, &rope.1, fused)?;
+        let v = self.v_proj.forward(x, fused)?;
         let (k, v) = match cache {
             Some(c) => {
                 let (k, v) =
@@ -191,8 +202,12 @@ impl Attention {
             head_dim: d,
         };
         let scale = 1.0 / (d as f64).sqrt();
-        let out = super::ops::attention::attention(&q, &k, &v, mask, scale, heads)?;
-        self.o_proj.forward(&out)
+        let out = if fused {
+            ops::attention::attention(&q, &k, &v, mask, scale, heads)?
+        } else {
+            ops::attention::attention_unfused(&q, &k, &v, mask, scale, heads)?
+        };
+        self.o_proj.forward(&out, fused)
     }
 }
 
@@ -205,11 +220,15 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj
-            .forward(&super::ops::swiglu::swiglu(&gate, &up)?)
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, fused)?;
+        let up = self.up_proj.forward(x, fused)?;
+        let act = if fused {
+            ops::swiglu::swiglu(&gate, &up)?
+        } else {
+            ops::swiglu::swiglu_reference(&gate, &up)?
+        };
+        self.down_proj.forward(&act, fused)
     }
 }
 
@@ -260,6 +279,11 @@ pub struct Transformer {
     inv_freq: Tensor,
     /// Key of the current LoRA dropout masks (0 = no dropout); set by the trainer.
     pub lora_dropout_key: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Use the fused CPU kernels of `model::ops` (the default). False forces every op onto its
+    /// reference composition of candle ops, as on a non-CPU device, where the kernels are
+    /// skipped anyway: for checking the two paths against each other, and for a device whose
+    /// kernels are not trusted.
+    pub fused: bool,
 }
 
 impl Transformer {
@@ -338,6 +362,7 @@ impl Transformer {
             lm_head,
             inv_freq,
             lora_dropout_key: Default::default(),
+            fused: true,
         })
     }
 
@@ -392,15 +417,17 @@ impl Transformer {
         let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?;
         let rope = self.rope_tables(positions)?;
         let mask = mask.map(AttentionMask::new).transpose()?;
-        let eps = self.config.rms_norm_eps;
+        let (eps, fused) = (self.config.rms_norm_eps, self.fused);
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            x = (x + layer.self_attn.forward(&h, b, &rope, mask.as_ref(), kv)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            let h = rms_norm(&x, &layer.input_layernorm, eps, fused)?;
+            x = (x + layer
+                .self_attn
+                .forward(&h, b, &rope, mask.as_ref(), kv, fused)?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, eps, fused)?;
+            x = (x + layer.mlp.forward(&h, fused)?)?;
         }
-        rms_norm(&x, &self.norm, eps)?
+        rms_norm(&x, &self.norm, eps, fused)?
             .reshape((b, t, self.config.hidden_size))
             .map_err(Into::into)
     }
@@ -415,7 +442,22 @@ impl Transformer {
             bias: None,
             lora: None,
         };
-        head.forward(hidden)
+        head.forward(hidden, self.fused)
+    }
+
+    /// Negative log-likelihood of `targets` (n, u32) under the head's logits of `hidden`
+    /// (n, hidden), one value per row; differentiable in `hidden` when `with_grad`. A frozen head
+    /// takes the fused head + cross-entropy op, which never holds all n rows' logits; a trained
+    /// head, or `fused` false, the logits and the cross-entropy.
+    pub fn head_nll(&self, hidden: &Tensor, targets: &Tensor, with_grad: bool) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(if !self.fused {
+            ops::cross_entropy::cross_entropy_reference(&self.logits(hidden)?, targets)?
+        } else if !head.is_variable() {
+            ops::linear_cross_entropy::linear_cross_entropy(hidden, head, targets, with_grad)?
+        } else {
+            ops::cross_entropy::cross_entropy(&self.logits(hidden)?, targets)?
+        })
     }
 
     /// Causal forward pass over `ids` (b, t) continuing after what `cache` holds (if any);

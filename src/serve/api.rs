@@ -1,8 +1,9 @@
 //! The OpenAI wire format: requests parsed field by field (so a wrong type names its field),
-//! validated with messages that say what is allowed, and the error shape OpenAI clients expect.
+//! validated with messages that say what is allowed; and the response shapes OpenAI clients
+//! expect, one struct each (fields in the order OpenAI writes them; serde_json keeps it).
 
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::data::read::json_kind as type_name;
 use crate::model::Message;
@@ -67,8 +68,15 @@ impl ApiError {
     }
 
     /// The JSON body.
-    pub fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorDetail {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        }
     }
 }
 
@@ -328,4 +336,344 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+}
+
+/// `{"error": {"message", "type", "param", "code"}}`; `param` and `code` are null when unset.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub struct ModelList<'a> {
+    /// Always "list".
+    pub object: &'static str,
+    pub data: Vec<ModelCard<'a>>,
+}
+
+/// One entry of [`ModelList`].
+#[derive(Debug, Serialize)]
+pub struct ModelCard<'a> {
+    pub id: &'a str,
+    /// Always "model".
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+impl<'a> ModelList<'a> {
+    /// The list of `ids`, all created at `created` and owned by afinar.
+    pub fn new(ids: impl IntoIterator<Item = &'a str>, created: u64) -> Self {
+        Self {
+            object: "list",
+            data: ids
+                .into_iter()
+                .map(|id| ModelCard {
+                    id,
+                    object: "model",
+                    created,
+                    owned_by: "afinar",
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Who answers and when: the fields every response and chunk starts with.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+/// A whole (non-streamed) `chat.completion`.
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion<'a> {
+    pub id: &'a str,
+    /// Always "chat.completion".
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: [ChatChoice<'a>; 1],
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice<'a> {
+    pub index: u32,
+    pub message: AssistantMessage<'a>,
+    pub finish_reason: &'static str,
+    /// Always null (log-probabilities are not offered).
+    pub logprobs: (),
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage<'a> {
+    /// Always "assistant".
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+impl<'a> ChatCompletion<'a> {
+    pub fn new(h: &'a Header, text: &'a str, reason: &'static str, usage: Usage) -> Self {
+        Self {
+            id: &h.id,
+            object: "chat.completion",
+            created: h.created,
+            model: &h.model,
+            choices: [ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: text,
+                },
+                finish_reason: reason,
+                logprobs: (),
+            }],
+            usage,
+        }
+    }
+}
+
+/// One streamed `chat.completion.chunk`: a delta, the finish reason, or (last, when asked for)
+/// only the usage with no choices.
+#[derive(Debug, Serialize)]
+pub struct ChatChunk<'a> {
+    pub id: &'a str,
+    /// Always "chat.completion.chunk".
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<ChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// What a chunk adds to the message; empty (`{}`) in the chunk that carries the finish reason.
+#[derive(Debug, Default, Serialize)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+impl<'a> ChatChunk<'a> {
+    fn with(h: &'a Header, choices: Vec<ChunkChoice<'a>>, usage: Option<Usage>) -> Self {
+        Self {
+            id: &h.id,
+            object: "chat.completion.chunk",
+            created: h.created,
+            model: &h.model,
+            choices,
+            usage,
+        }
+    }
+
+    /// The first chunk: the assistant role with empty content.
+    pub fn role(h: &'a Header) -> Self {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        Self::with(h, vec![ChunkChoice::new(delta, None)], None)
+    }
+
+    /// A piece of text (`Some`), or the end with its reason (text `None`).
+    pub fn delta(h: &'a Header, text: Option<&'a str>, reason: Option<&'static str>) -> Self {
+        let delta = Delta {
+            role: None,
+            content: text,
+        };
+        Self::with(h, vec![ChunkChoice::new(delta, reason)], None)
+    }
+
+    /// The usage-only last chunk (`stream_options.include_usage`).
+    pub fn usage(h: &'a Header, usage: Usage) -> Self {
+        Self::with(h, vec![], Some(usage))
+    }
+}
+
+impl<'a> ChunkChoice<'a> {
+    fn new(delta: Delta<'a>, finish_reason: Option<&'static str>) -> Self {
+        Self {
+            index: 0,
+            delta,
+            finish_reason,
+        }
+    }
+}
+
+/// A legacy `text_completion`: the whole response, a streamed chunk (the same shape, with
+/// `finish_reason` null until the end and no `usage`), or the usage-only last chunk.
+#[derive(Debug, Serialize)]
+pub struct TextCompletion<'a> {
+    pub id: &'a str,
+    /// Always "text_completion".
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<TextChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TextChoice<'a> {
+    pub index: u32,
+    pub text: &'a str,
+    /// Always null (log-probabilities are not offered).
+    pub logprobs: (),
+    pub finish_reason: Option<&'static str>,
+}
+
+impl<'a> TextCompletion<'a> {
+    /// `text` with its finish reason (None while streaming) and usage (None in chunks).
+    pub fn new(
+        h: &'a Header,
+        text: &'a str,
+        reason: Option<&'static str>,
+        usage: Option<Usage>,
+    ) -> Self {
+        Self {
+            id: &h.id,
+            object: "text_completion",
+            created: h.created,
+            model: &h.model,
+            choices: vec![TextChoice {
+                index: 0,
+                text,
+                logprobs: (),
+                finish_reason: reason,
+            }],
+            usage,
+        }
+    }
+
+    /// The usage-only last chunk (`stream_options.include_usage`).
+    pub fn usage(h: &'a Header, usage: Usage) -> Self {
+        Self {
+            id: &h.id,
+            object: "text_completion",
+            created: h.created,
+            model: &h.model,
+            choices: vec![],
+            usage: Some(usage),
+        }
+    }
+}
+
+/// `GET /health`.
+#[derive(Debug, Serialize)]
+pub struct Health {
+    /// Always "ok".
+    pub status: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each response struct serializes to exactly the bytes of the `json!` literal it replaced
+    //! (serde_json keeps insertion order, so field order is part of the check).
+    use super::*;
+    use serde_json::json;
+
+    fn same(typed: &impl Serialize, literal: Value) {
+        assert_eq!(
+            serde_json::to_string(typed).unwrap(),
+            literal.to_string(),
+            "typed response differs from the OpenAI shape"
+        );
+    }
+
+    #[test]
+    fn response_structs_match_the_openai_shapes() {
+        let h = Header {
+            id: "chatcmpl-1f".into(),
+            created: 1_700_000_000,
+            model: "smollm2".into(),
+        };
+        let u = Usage {
+            prompt_tokens: 5,
+            completion_tokens: 2,
+            total_tokens: 7,
+        };
+        let (id, created, model) = (&h.id, h.created, &h.model);
+        same(
+            &ChatCompletion::new(&h, "Hi!", "stop", u),
+            json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop", "logprobs": null}],
+                "usage": u,
+            }),
+        );
+        same(
+            &ChatChunk::role(&h),
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+        );
+        for (text, reason) in [(Some("Hi"), None), (None, Some("length"))] {
+            same(
+                &ChatChunk::delta(&h, text, reason),
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})),
+                                 "finish_reason": reason}]}),
+            );
+        }
+        same(
+            &ChatChunk::usage(&h, u),
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": u}),
+        );
+        same(
+            &TextCompletion::new(&h, "four", Some("stop"), Some(u)),
+            json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "four", "logprobs": null, "finish_reason": "stop"}],
+                "usage": u,
+            }),
+        );
+        same(
+            &TextCompletion::new(&h, "fo", None, None),
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "fo", "logprobs": null, "finish_reason": null}]}),
+        );
+        same(
+            &TextCompletion::usage(&h, u),
+            json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": u}),
+        );
+        same(
+            &ModelList::new(["smollm2", "rand"], created),
+            json!({"object": "list", "data": [
+                {"id": "smollm2", "object": "model", "created": created, "owned_by": "afinar"},
+                {"id": "rand", "object": "model", "created": created, "owned_by": "afinar"},
+            ]}),
+        );
+        for e in [
+            ApiError::invalid(Some("n"), "only n = 1"),
+            ApiError::unauthorized(),
+        ] {
+            same(
+                &e.body(),
+                json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}),
+            );
+        }
+        same(&Health { status: "ok" }, json!({"status": "ok"}));
+    }
 }

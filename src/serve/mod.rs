@@ -23,7 +23,6 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
 use unicode_script::Script;
 
@@ -32,12 +31,16 @@ use crate::infer::scripts::ScriptFilter;
 use crate::infer::{FinishReason, GenerateOptions, SamplingParams};
 use crate::model::Model;
 use crate::{Error, Result};
-use api::{ApiError, Settings, Usage};
+use api::{ApiError, ChatChunk, ChatCompletion, Header, Settings, TextCompletion, Usage};
 
 /// How to serve.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// The `--model` spec: a .gguf file, a Hugging Face directory, a Hub id or an alias.
     pub model: String,
+    /// The id the base model is served as (`/v1/models`, a request's `model`); `None` gives
+    /// [`served_name`] of `model`. Requests naming the full `model` spec are accepted too.
+    pub name: Option<String>,
     /// (name, PEFT adapter directory) pairs, each served as its own model id.
     pub adapters: Vec<(String, PathBuf)>,
     pub host: String,
@@ -59,7 +62,10 @@ struct Served {
 }
 
 struct AppState {
+    /// The base model first, then the adapters.
     models: Vec<Served>,
+    /// The base model's `--model` spec, which requests may name instead of its id.
+    base_spec: String,
     api_key: Option<String>,
     permits: Arc<Semaphore>,
     max_tokens: usize,
@@ -71,7 +77,7 @@ struct AppState {
 impl AppState {
     /// The index of the model a request names (the base when it names none).
     fn find(&self, name: &str) -> std::result::Result<usize, ApiError> {
-        if name.is_empty() {
+        if name.is_empty() || name == self.base_spec {
             return Ok(0);
         }
         self.models
@@ -104,13 +110,45 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The id a `--model` spec is served as when no name is given: the spec as typed for an alias
+/// or a Hub id (`smollm2`, `org/name`), the file stem of a .gguf file
+/// (`/models/SmolLM2-135M.Q4_1.gguf` → `SmolLM2-135M.Q4_1`), the directory's own name for a
+/// Hugging Face directory. Never a whole filesystem path, which clients would have to send back.
+pub fn served_name(spec: &str) -> String {
+    let path = std::path::Path::new(spec);
+    let short = if path.is_file() {
+        path.file_stem().map(|n| n.to_os_string())
+    } else if path.is_dir() {
+        // `.` or `dir/..` have no usable last component until made absolute.
+        std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_os_string()))
+    } else {
+        None
+    };
+    short.map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned())
+}
+
 /// Loads the models and builds the router (also what the tests drive).
 pub fn app(opts: &ServeOptions) -> Result<Router> {
+    let base_id = match &opts.name {
+        Some(n) if n.trim().is_empty() => {
+            return Err(Error::InvalidArgument(
+                "--name: the served model name must not be empty".into(),
+            ))
+        }
+        Some(n) => n.clone(),
+        None => served_name(&opts.model),
+    };
     let device = candle_core::Device::Cpu;
     let base = Model::load(&opts.model, &device)?;
     let mut models = Vec::new();
     for (name, dir) in &opts.adapters {
-        if name.is_empty() || name == &opts.model || models.iter().any(|m: &Served| &m.id == name) {
+        if name.is_empty()
+            || name == &opts.model
+            || name == &base_id
+            || models.iter().any(|m: &Served| &m.id == name)
+        {
             return Err(Error::InvalidArgument(format!(
                 "--adapter {name}={}: the name must be unique and differ from the base model's",
                 dir.display()
@@ -133,12 +171,13 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
     models.insert(
         0,
         Served {
-            id: opts.model.clone(),
+            id: base_id,
             model: base,
         },
     );
     let state = Arc::new(AppState {
         models,
+        base_spec: opts.model.clone(),
         api_key: opts.api_key.clone(),
         permits: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
         max_tokens: opts.max_tokens.max(1),
@@ -150,7 +189,7 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
     });
     Ok(Router::new()
         .route("/", get(page))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(|| async { Json(api::Health { status: "ok" }) }))
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -206,21 +245,15 @@ async fn page() -> impl IntoResponse {
     )
 }
 
-async fn list_models(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if !st.authorized(&headers) {
-        return Err(ApiError::unauthorized());
+        return ApiError::unauthorized().into_response();
     }
-    let data: Vec<_> = st
-        .models
-        .iter()
-        .map(
-            |m| json!({"id": m.id, "object": "model", "created": st.created, "owned_by": "afinar"}),
-        )
-        .collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+    Json(api::ModelList::new(
+        st.models.iter().map(|m| m.id.as_str()),
+        st.created,
+    ))
+    .into_response()
 }
 
 /// What the generation thread sends.
@@ -390,19 +423,22 @@ async fn collect(
     Err(ApiError::internal("generation ended without a result"))
 }
 
-/// SSE stream of chunks built by `chunk(delta text, finish reason)`, then `[DONE]`.
+/// A response struct as JSON text (the structs always serialize: string keys, no maps).
+fn to_json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).expect("response structs serialize")
+}
+
+/// SSE stream of chunks, each the JSON text `chunk(delta text, finish reason, usage)` returns,
+/// after `first` if given, then `[DONE]`.
 fn sse(
     rx: mpsc::Receiver<Piece>,
-    first: Option<serde_json::Value>,
-    chunk: impl Fn(Option<&str>, Option<FinishReason>, Option<Usage>) -> serde_json::Value
-        + Send
-        + Sync
-        + 'static,
+    first: Option<String>,
+    chunk: impl Fn(Option<&str>, Option<FinishReason>, Option<Usage>) -> String + Send + Sync + 'static,
     include_usage: bool,
 ) -> Response {
     let head: Vec<std::result::Result<Event, Infallible>> = first
         .into_iter()
-        .map(|v| Ok(Event::default().data(v.to_string())))
+        .map(|v| Ok(Event::default().data(v)))
         .collect();
     let chunk = Arc::new(chunk);
     let body = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
@@ -412,26 +448,22 @@ fn sse(
                 return None;
             }
             let events: Vec<std::result::Result<Event, Infallible>> = match rx.recv().await {
-                Some(Piece::Text(t)) => vec![Ok(
-                    Event::default().data(chunk(Some(&t), None, None).to_string())
-                )],
+                Some(Piece::Text(t)) => {
+                    vec![Ok(Event::default().data(chunk(Some(&t), None, None)))]
+                }
                 Some(Piece::Done(r, u)) => {
-                    let mut v = vec![Ok(
-                        Event::default().data(chunk(None, Some(r), None).to_string())
-                    )];
+                    let mut v = vec![Ok(Event::default().data(chunk(None, Some(r), None)))];
                     if include_usage {
-                        v.push(Ok(
-                            Event::default().data(chunk(None, None, Some(u)).to_string())
-                        ));
+                        v.push(Ok(Event::default().data(chunk(None, None, Some(u)))));
                     }
                     v.push(Ok(Event::default().data("[DONE]")));
                     return Some((v, (rx, true)));
                 }
                 Some(Piece::Failed(e)) => {
-                    let err = ApiError::internal(e).body();
+                    let err = to_json(&ApiError::internal(e).body());
                     return Some((
                         vec![
-                            Ok(Event::default().data(err.to_string())),
+                            Ok(Event::default().data(err)),
                             Ok(Event::default().data("[DONE]")),
                         ],
                         (rx, true),
@@ -448,20 +480,39 @@ fn sse(
     Sse::new(stream).into_response()
 }
 
+/// Bytes of an oversized body read and discarded before the 413 is sent (see [`read_body`]).
+const DRAIN_BYTES: usize = 8 << 20;
+
 /// Reads a request body up to the configured limit (413 with a JSON error beyond it).
+///
+/// Past the limit the rest is read and dropped (up to [`DRAIN_BYTES`] more) before answering:
+/// a server that answers and closes while the client is still sending resets the connection,
+/// and the client then sees a broken pipe instead of the 413.
 async fn read_body(st: &AppState, body: Body) -> std::result::Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, st.max_body_bytes)
-        .await
-        .map_err(|_| ApiError {
+    use futures_util::StreamExt;
+    let limit = st.max_body_bytes;
+    let mut stream = body.into_data_stream();
+    let (mut buf, mut seen) = (Vec::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(None, format!("cannot read the request body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_add(DRAIN_BYTES) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError {
             status: 413,
-            message: format!(
-                "the request body is larger than {} bytes (--max-body-bytes)",
-                st.max_body_bytes
-            ),
+            message: format!("the request body is larger than {limit} bytes (--max-body-bytes)"),
             kind: "invalid_request_error",
             param: None,
             code: Some("request_too_large"),
-        })
+        });
+    }
+    Ok(buf.into())
 }
 
 /// Authentication first, then the body (within the limit), then `inner`; every error becomes
@@ -490,41 +541,30 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> std::result::Result<Respo
     let req = api::parse_chat(&body)?;
     let index = st.find(&req.settings.model)?;
     let served = &st.models[index];
-    let model_id = served.id.clone();
     let prompt = served
         .model
         .encode_chat(&req.messages, true)
         .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     let rx = start(&st, index, prompt, &req.settings).await?;
-    let id = new_id("chatcmpl");
-    let created = st.created;
+    let h = Header {
+        id: new_id("chatcmpl"),
+        created: st.created,
+        model: served.id.clone(),
+    };
     if req.settings.stream {
-        let (id2, model2) = (id.clone(), model_id.clone());
-        let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
+        let first = to_json(&ChatChunk::role(&h));
         return Ok(sse(
             rx,
             Some(first),
             move |text, reason, usage| match usage {
-                Some(u) => {
-                    json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2, "choices": [], "usage": u})
-                }
-                None => {
-                    json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2,
-                    "choices": [{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})),
-                                 "finish_reason": reason.map(reason_str)}]})
-                }
+                Some(u) => to_json(&ChatChunk::usage(&h, u)),
+                None => to_json(&ChatChunk::delta(&h, text, reason.map(reason_str))),
             },
             req.settings.include_usage,
         ));
     }
     let (text, reason, usage) = collect(rx).await?;
-    Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason_str(reason), "logprobs": null}],
-        "usage": usage,
-    }))
-    .into_response())
+    Ok(Json(ChatCompletion::new(&h, &text, reason_str(reason), usage)).into_response())
 }
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -538,39 +578,36 @@ async fn completions_inner(
     let req = api::parse_completion(&body)?;
     let index = st.find(&req.settings.model)?;
     let served = &st.models[index];
-    let model_id = served.id.clone();
     let prompt = served
         .model
         .tokenizer
         .encode(&req.prompt, true)
         .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
     let rx = start(&st, index, prompt, &req.settings).await?;
-    let id = new_id("cmpl");
-    let created = st.created;
+    let h = Header {
+        id: new_id("cmpl"),
+        created: st.created,
+        model: served.id.clone(),
+    };
     if req.settings.stream {
-        let (id2, model2) = (id.clone(), model_id.clone());
         return Ok(sse(
             rx,
             None,
             move |text, reason, usage| match usage {
-                Some(u) => {
-                    json!({"id": id2, "object": "text_completion", "created": created, "model": model2, "choices": [], "usage": u})
-                }
-                None => {
-                    json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
-                    "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason.map(reason_str)}]})
-                }
+                Some(u) => to_json(&TextCompletion::usage(&h, u)),
+                None => to_json(&TextCompletion::new(
+                    &h,
+                    text.unwrap_or(""),
+                    reason.map(reason_str),
+                    None,
+                )),
             },
             req.settings.include_usage,
         ));
     }
     let (text, reason, usage) = collect(rx).await?;
-    Ok(Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": model_id,
-        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": reason_str(reason)}],
-        "usage": usage,
-    }))
-    .into_response())
+    let body = TextCompletion::new(&h, &text, Some(reason_str(reason)), Some(usage));
+    Ok(Json(body).into_response())
 }
 
 #[cfg(test)]

@@ -51,25 +51,14 @@ pub struct TrainSummary {
 }
 
 /// Sum of negative log-likelihoods of the batch's targets (differentiable when `with_grad`),
-/// computing logits only at positions that carry loss. A frozen head on the CPU takes the fused
-/// head + cross-entropy op, which never holds the whole batch's logits.
+/// computing logits only at positions that carry loss (see [`Transformer::head_nll`]).
 pub fn batch_nll(model: &Transformer, b: &batch::Batch, with_grad: bool) -> Result<Tensor> {
     let hidden = model.forward_hidden(&b.ids, &b.positions, Some(&b.mask), None)?;
     let h = hidden.dim(D::Minus1)?;
     let picked = hidden
         .reshape(((), h))?
         .index_select(&b.target_positions, 0)?;
-    let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
-    let nll =
-        if head.device().is_cpu() && head.dtype() == candle_core::DType::F32 && !head.is_variable()
-        {
-            crate::model::ops::linear_cross_entropy::linear_cross_entropy(
-                &picked, head, &b.targets, with_grad,
-            )?
-        } else {
-            let logits = model.logits(&picked)?;
-            crate::model::ops::cross_entropy::cross_entropy(&logits, &b.targets)?
-        };
+    let nll = model.head_nll(&picked, &b.targets, with_grad)?;
     Ok(nll.sum_all()?)
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, view};
+use super::cpu::{exp, f32_slice, gemm, gemm_shared, mat, view, SharedMut};
 
 /// An additive attention mask (b or 1, t, T) shared by every head, read once per forward pass.
 #[derive(Debug, Clone)]
@@ -68,19 +68,6 @@ const DIRECT_ROWS: usize = 4;
 
 /// Attention with fewer score entries than this runs on the calling thread.
 const SERIAL_BELOW: usize = 1 << 16;
-
-/// Raw pointer that parallel tasks may share because each writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer; a method so closures capture the whole `Shared` (which is `Send`).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -136,7 +123,7 @@ impl Attention {
         let n_rep = h / kvh;
         let mut out = vec![0f32; b * t * h * d];
         let mut probs = vec![0f32; b * h * t * total];
-        let out_ptr = Shared(out.as_mut_ptr());
+        let out_ptr = SharedMut::new(&mut out);
         let mask = self.mask.as_deref();
         let mask_batches = mask.map_or(1, |m| m.values.len() / (t * total));
         let head = |(bh, p): (usize, &mut [f32])| {
@@ -163,13 +150,9 @@ impl Attention {
                             *sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale;
                         }
                         masked_softmax(row, mrows.map(|m| &m[i * total + k0..i * total + k1]));
-                        // SAFETY: row i of head hi is written by this task only.
-                        let or = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                out_ptr.get().add((bi * t + i) * h * d + hi * d),
-                                d,
-                            )
-                        };
+                        // SAFETY: this task is head hi of batch row bi, the only one that touches
+                        // the d elements of (bi, i, hi, ·).
+                        let or = unsafe { out_ptr.slice_mut((bi * t + i) * h * d + hi * d, d) };
                         for (jj, &pj) in row.iter().enumerate() {
                             let vr = &v[kvo + (k0 + jj) * kvh * d..][..d];
                             or.iter_mut().zip(vr).for_each(|(o, x)| *o += pj * x);
@@ -177,30 +160,30 @@ impl Attention {
                     }
                     continue;
                 }
-                unsafe {
-                    // S = scale · Q Kᵀ on the visible columns
-                    gemm(
-                        (n, w, d),
-                        (p[r0 * total + k0..].as_mut_ptr(), total, 1),
-                        false,
-                        (q[qo..].as_ptr(), h * d, 1),
-                        (k[kvo + k0 * kvh * d..].as_ptr(), 1, kvh * d),
-                        self.scale,
-                        false,
-                    );
-                }
+                // S = scale · Q Kᵀ on the visible columns
+                gemm(
+                    (n, w, d),
+                    (&mut p[r0 * total + k0..], total, 1),
+                    false,
+                    mat(&q[qo..], h * d, 1),
+                    mat(&k[kvo + k0 * kvh * d..], 1, kvh * d),
+                    self.scale,
+                    false,
+                );
                 for i in rows.clone() {
                     let row = &mut p[i * total + k0..i * total + k1];
                     masked_softmax(row, mrows.map(|m| &m[i * total + k0..i * total + k1]));
                 }
+                // O = P V, written at (bi, rows, hi, ·).
+                // SAFETY: those elements belong to head hi of batch row bi, which only this task
+                // writes; P, V and the output are distinct buffers.
                 unsafe {
-                    // O = P V, written at (bi, ·, hi, ·)
-                    gemm(
+                    gemm_shared(
                         (n, d, w),
-                        (out_ptr.get().add(qo), h * d, 1),
+                        (out_ptr, qo, h * d, 1),
                         false,
-                        (p[r0 * total + k0..].as_ptr(), total, 1),
-                        (v[kvo + k0 * kvh * d..].as_ptr(), kvh * d, 1),
+                        mat(&p[r0 * total + k0..], total, 1),
+                        mat(&v[kvo + k0 * kvh * d..], kvh * d, 1),
                         1.0,
                         false,
                     );
@@ -231,9 +214,9 @@ impl Attention {
         let mut dk = vec![0f32; k.len()];
         let mut dv = vec![0f32; v.len()];
         let (dqp, dkp, dvp) = (
-            Shared(dq.as_mut_ptr()),
-            Shared(dk.as_mut_ptr()),
-            Shared(dv.as_mut_ptr()),
+            SharedMut::new(&mut dq),
+            SharedMut::new(&mut dk),
+            SharedMut::new(&mut dv),
         );
         // One task per (batch, KV head): the query heads of a group accumulate into the same
         // dK and dV rows, so they run in one task.
@@ -252,18 +235,16 @@ impl Attention {
                     let (r0, n, w) = (rows.start, rows.len(), k1 - k0);
                     let qo = (bi * t * h + hi) * d + r0 * h * d;
                     let (pb, kb, vb) = (r0 * total + k0, kvo + k0 * kvh * d, kvo + k0 * kvh * d);
-                    unsafe {
-                        // dP = dO Vᵀ
-                        gemm(
-                            (n, w, d),
-                            (ds[pb..].as_mut_ptr(), total, 1),
-                            false,
-                            (dout[qo..].as_ptr(), h * d, 1),
-                            (v[vb..].as_ptr(), 1, kvh * d),
-                            1.0,
-                            false,
-                        );
-                    }
+                    // dP = dO Vᵀ
+                    gemm(
+                        (n, w, d),
+                        (&mut ds[pb..], total, 1),
+                        false,
+                        mat(&dout[qo..], h * d, 1),
+                        mat(&v[vb..], 1, kvh * d),
+                        1.0,
+                        false,
+                    );
                     for i in rows.clone() {
                         let (dr, pr) = (
                             &mut ds[i * total + k0..i * total + k1],
@@ -278,34 +259,38 @@ impl Attention {
                             .zip(pr)
                             .for_each(|(x, &pv)| *x = pv * (*x - dot) * self.scale);
                     }
+                    // SAFETY: this task is (batch row bi, KV group g). dQ's rows at (bi, rows, hi, ·)
+                    // belong to query head hi of group g, and dK's and dV's at (bi, keys, g, ·)
+                    // to group g: no other task writes them, and dS, Q, K, P, dO are other
+                    // buffers.
                     unsafe {
                         // dQ = dS K
-                        gemm(
+                        gemm_shared(
                             (n, d, w),
-                            (dqp.get().add(qo), h * d, 1),
+                            (dqp, qo, h * d, 1),
                             false,
-                            (ds[pb..].as_ptr(), total, 1),
-                            (k[kb..].as_ptr(), kvh * d, 1),
+                            mat(&ds[pb..], total, 1),
+                            mat(&k[kb..], kvh * d, 1),
                             1.0,
                             false,
                         );
                         // dK += dSᵀ Q
-                        gemm(
+                        gemm_shared(
                             (w, d, n),
-                            (dkp.get().add(kb), kvh * d, 1),
+                            (dkp, kb, kvh * d, 1),
                             true,
-                            (ds[pb..].as_ptr(), 1, total),
-                            (q[qo..].as_ptr(), h * d, 1),
+                            mat(&ds[pb..], 1, total),
+                            mat(&q[qo..], h * d, 1),
                             1.0,
                             false,
                         );
                         // dV += Pᵀ dO
-                        gemm(
+                        gemm_shared(
                             (w, d, n),
-                            (dvp.get().add(vb), kvh * d, 1),
+                            (dvp, vb, kvh * d, 1),
                             true,
-                            (p[pb..].as_ptr(), 1, total),
-                            (dout[qo..].as_ptr(), h * d, 1),
+                            mat(&p[pb..], 1, total),
+                            mat(&dout[qo..], h * d, 1),
                             1.0,
                             false,
                         );
@@ -419,18 +404,8 @@ pub fn attention(
     let t = q.elem_count() / (b * h * d);
     let total = k.elem_count() / (b * kvh * d);
     let mask_data = mask.and_then(|m| m.data.clone());
-    if !q.device().is_cpu()
-        || q.dtype() != candle_core::DType::F32
-        || (mask.is_some() && mask_data.is_none())
-    {
-        let out = attention_reference(
-            &q.reshape((b, t, h, d))?,
-            &k.reshape((b, total, kvh, d))?,
-            &v.reshape((b, total, kvh, d))?,
-            mask.map(|m| &m.tensor),
-            scale,
-        )?;
-        return out.reshape(q.shape());
+    if !super::fusable(q) || (mask.is_some() && mask_data.is_none()) {
+        return attention_unfused(q, k, v, mask, scale, heads);
     }
     let op = Attention {
         scale: scale as f32,
@@ -447,6 +422,34 @@ pub fn attention(
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] with the same arguments as a composition of candle ops: the path off the CPU,
+/// and the one a model told not to use the fused kernels takes.
+pub fn attention_unfused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&AttentionMask>,
+    scale: f64,
+    heads: Heads,
+) -> Result<Tensor> {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+    } = heads;
+    let t = q.elem_count() / (b * h * d);
+    let total = k.elem_count() / (b * kvh * d);
+    let out = attention_reference(
+        &q.reshape((b, t, h, d))?,
+        &k.reshape((b, total, kvh, d))?,
+        &v.reshape((b, total, kvh, d))?,
+        mask.map(|m| &m.tensor),
+        scale,
+    )?;
+    out.reshape(q.shape())
 }
 
 /// The same attention as a composition of candle ops (the CUDA path and the test reference).

@@ -69,15 +69,21 @@ impl CustomOp2 for CrossEntropy {
 /// Negative log-likelihood of `targets` (n, u32) under `logits` (n, vocab), one value per row,
 /// differentiable in the logits. Off the CPU, the composition of candle ops.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if !logits.device().is_cpu() || logits.dtype() != candle_core::DType::F32 {
-        let max = logits.max_keepdim(1)?.detach();
-        let shifted = logits.broadcast_sub(&max)?;
-        let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
-        return (lse - shifted.gather(&targets.unsqueeze(1)?, 1)?)?.squeeze(1);
+    if !super::fusable(logits) {
+        return cross_entropy_reference(logits, targets);
     }
     logits
         .contiguous()?
         .apply_op2(&targets.contiguous()?, CrossEntropy::default())
+}
+
+/// The same negative log-likelihood as a composition of candle ops (any device; the test
+/// reference).
+pub fn cross_entropy_reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+    (lse - shifted.gather(&targets.unsqueeze(1)?, 1)?)?.squeeze(1)
 }
 
 #[cfg(test)]

@@ -42,12 +42,17 @@ impl CustomOp1 for FrozenMatmul {
 /// `x Wᵀ` for a 2-D `x` (rows, in) and a frozen `weight` (out, in). On devices other than the
 /// CPU it falls back to candle's matmul on a detached weight.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return x.matmul(&weight.detach().t()?);
+    if !super::fusable(x) {
+        return frozen_matmul_reference(x, weight);
     }
     x.apply_op1(FrozenMatmul {
         weight: weight.detach(),
     })
+}
+
+/// The same product with candle's matmul on the detached weight (any device; the reference).
+pub fn frozen_matmul_reference(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.matmul(&weight.detach().t()?)
 }
 
 #[cfg(test)]

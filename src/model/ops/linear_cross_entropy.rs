@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, log_sum_exp, targets, view};
+use super::cpu::{exp, f32_slice, gemm, log_sum_exp, mat, targets, view};
 
 /// Rows whose logits are held at once.
 const ROWS: usize = 256;
@@ -40,18 +40,16 @@ impl LinearCrossEntropy {
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);
             let z = &mut logits[..m * vocab];
-            unsafe {
-                // z = h Wᵀ
-                gemm(
-                    (m, vocab, hs),
-                    (z.as_mut_ptr(), vocab, 1),
-                    false,
-                    (h[r0 * hs..].as_ptr(), hs, 1),
-                    (w.as_ptr(), 1, hs),
-                    1.0,
-                    true,
-                );
-            }
+            // z = h Wᵀ
+            gemm(
+                (m, vocab, hs),
+                (z, vocab, 1),
+                false,
+                mat(&h[r0 * hs..], hs, 1),
+                mat(w, 1, hs),
+                1.0,
+                true,
+            );
             let with_grad = self.with_grad;
             z.par_chunks_mut(vocab)
                 .zip(nll[r0..r0 + m].par_iter_mut())
@@ -65,18 +63,16 @@ impl LinearCrossEntropy {
                     }
                 });
             if with_grad {
-                unsafe {
-                    // dh = (softmax − onehot) W
-                    gemm(
-                        (m, hs, vocab),
-                        (dh[r0 * hs..].as_mut_ptr(), hs, 1),
-                        false,
-                        (z.as_ptr(), vocab, 1),
-                        (w.as_ptr(), hs, 1),
-                        1.0,
-                        true,
-                    );
-                }
+                // dh = (softmax − onehot) W
+                gemm(
+                    (m, hs, vocab),
+                    (&mut dh[r0 * hs..], hs, 1),
+                    false,
+                    mat(z, vocab, 1),
+                    mat(w, hs, 1),
+                    1.0,
+                    true,
+                );
             }
         }
         if self.with_grad {
@@ -133,14 +129,17 @@ impl CustomOp2 for LinearCrossEntropy {
 
 /// Negative log-likelihood of `targets` (n, u32) under the logits `hidden · weightᵀ`, one value
 /// per row, for `hidden` (n, hs) and a frozen head `weight` (vocab, hs); differentiable in
-/// `hidden` when `with_grad` (training). CPU and f32 only: callers use the head and
-/// [`super::cross_entropy::cross_entropy`] elsewhere.
+/// `hidden` when `with_grad` (training). Off the CPU (or not f32),
+/// [`linear_cross_entropy_reference`].
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     with_grad: bool,
 ) -> Result<Tensor> {
+    if !super::fusable(hidden) {
+        return linear_cross_entropy_reference(hidden, weight, targets);
+    }
     hidden.contiguous()?.apply_op2(
         &targets.contiguous()?,
         LinearCrossEntropy {
@@ -149,6 +148,17 @@ pub fn linear_cross_entropy(
             dh: Mutex::new(None),
         },
     )
+}
+
+/// The same loss as the head's logits and the reference cross-entropy (any device; the test
+/// reference). The head weight is detached: it is frozen here as in the fused op.
+pub fn linear_cross_entropy_reference(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<Tensor> {
+    let logits = hidden.matmul(&weight.detach().t()?)?;
+    super::cross_entropy::cross_entropy_reference(&logits, targets)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cpu::{f32_slice, gemm, view};
+use super::cpu::{f32_slice, gemm, mat, view};
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -46,45 +46,41 @@ impl LoraLinear {
     /// u = (x ⊙ m) Aᵀ.
     fn down(&self, xd: &[f32], a: &[f32], d: Dims) -> Vec<f32> {
         let mut u = vec![0f32; d.rows * d.rank];
-        unsafe {
-            gemm(
-                (d.rows, d.rank, d.inp),
-                (u.as_mut_ptr(), d.rank, 1),
-                false,
-                (xd.as_ptr(), d.inp, 1),
-                (a.as_ptr(), 1, d.inp),
-                1.0,
-                true,
-            );
-        }
+        gemm(
+            (d.rows, d.rank, d.inp),
+            (&mut u, d.rank, 1),
+            false,
+            mat(xd, d.inp, 1),
+            mat(a, 1, d.inp),
+            1.0,
+            true,
+        );
         u
     }
 
     fn forward(&self, x: &[f32], w: &[f32], a: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
         let mut y = vec![0f32; d.rows * d.out];
         let u = self.down(&self.dropped(x), a, d);
-        unsafe {
-            // y = x Wᵀ
-            gemm(
-                (d.rows, d.out, d.inp),
-                (y.as_mut_ptr(), d.out, 1),
-                false,
-                (x.as_ptr(), d.inp, 1),
-                (w.as_ptr(), 1, d.inp),
-                1.0,
-                true,
-            );
-            // y += s · u Bᵀ
-            gemm(
-                (d.rows, d.out, d.rank),
-                (y.as_mut_ptr(), d.out, 1),
-                true,
-                (u.as_ptr(), d.rank, 1),
-                (b.as_ptr(), 1, d.rank),
-                self.scale,
-                true,
-            );
-        }
+        // y = x Wᵀ
+        gemm(
+            (d.rows, d.out, d.inp),
+            (&mut y, d.out, 1),
+            false,
+            mat(x, d.inp, 1),
+            mat(w, 1, d.inp),
+            1.0,
+            true,
+        );
+        // y += s · u Bᵀ
+        gemm(
+            (d.rows, d.out, d.rank),
+            (&mut y, d.out, 1),
+            true,
+            mat(&u, d.rank, 1),
+            mat(b, 1, d.rank),
+            self.scale,
+            true,
+        );
         if let Some(bias) = &self.bias {
             for row in y.chunks_mut(d.out) {
                 row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
@@ -109,74 +105,70 @@ impl LoraLinear {
         let mut dx = vec![0f32; d.rows * d.inp];
         let mut da = vec![0f32; d.rank * d.inp];
         let mut db = vec![0f32; d.out * d.rank];
-        unsafe {
-            // dx = dy W
-            gemm(
-                (d.rows, d.inp, d.out),
-                (dx.as_mut_ptr(), d.inp, 1),
-                false,
-                (dy.as_ptr(), d.out, 1),
-                (w.as_ptr(), d.inp, 1),
-                1.0,
-                true,
-            );
-            // v = dy B
-            gemm(
-                (d.rows, d.rank, d.out),
-                (v.as_mut_ptr(), d.rank, 1),
-                false,
-                (dy.as_ptr(), d.out, 1),
-                (b.as_ptr(), d.rank, 1),
-                1.0,
-                true,
-            );
-            // dA = s · vᵀ (x ⊙ m)
-            gemm(
-                (d.rank, d.inp, d.rows),
-                (da.as_mut_ptr(), d.inp, 1),
-                false,
-                (v.as_ptr(), 1, d.rank),
-                (xd.as_ptr(), d.inp, 1),
-                self.scale,
-                true,
-            );
-            // dB = s · dyᵀ u
-            gemm(
-                (d.out, d.rank, d.rows),
-                (db.as_mut_ptr(), d.rank, 1),
-                false,
-                (dy.as_ptr(), 1, d.out),
-                (u.as_ptr(), d.rank, 1),
-                self.scale,
-                true,
-            );
-        }
+        // dx = dy W
+        gemm(
+            (d.rows, d.inp, d.out),
+            (&mut dx, d.inp, 1),
+            false,
+            mat(dy, d.out, 1),
+            mat(w, d.inp, 1),
+            1.0,
+            true,
+        );
+        // v = dy B
+        gemm(
+            (d.rows, d.rank, d.out),
+            (&mut v, d.rank, 1),
+            false,
+            mat(dy, d.out, 1),
+            mat(b, d.rank, 1),
+            1.0,
+            true,
+        );
+        // dA = s · vᵀ (x ⊙ m)
+        gemm(
+            (d.rank, d.inp, d.rows),
+            (&mut da, d.inp, 1),
+            false,
+            mat(&v, 1, d.rank),
+            mat(&xd, d.inp, 1),
+            self.scale,
+            true,
+        );
+        // dB = s · dyᵀ u
+        gemm(
+            (d.out, d.rank, d.rows),
+            (&mut db, d.rank, 1),
+            false,
+            mat(dy, 1, d.out),
+            mat(&u, d.rank, 1),
+            self.scale,
+            true,
+        );
         // dx += s · (v A) ⊙ m
         match &self.mask {
-            None => unsafe {
+            None => {
                 gemm(
                     (d.rows, d.inp, d.rank),
-                    (dx.as_mut_ptr(), d.inp, 1),
+                    (&mut dx, d.inp, 1),
                     true,
-                    (v.as_ptr(), d.rank, 1),
-                    (a.as_ptr(), d.inp, 1),
+                    mat(&v, d.rank, 1),
+                    mat(a, d.inp, 1),
                     self.scale,
                     true,
                 );
-            },
+            }
             Some(m) => {
                 let mut t = vec![0f32; d.rows * d.inp];
-                unsafe {
-                    gemm(
-                        (d.rows, d.inp, d.rank),
-                        (t.as_mut_ptr(), d.inp, 1),
-                        false,
-                        (v.as_ptr(), d.rank, 1),
-                        (a.as_ptr(), d.inp, 1),
-                        self.scale,
-                        true,
-                    );
-                }
+                gemm(
+                    (d.rows, d.inp, d.rank),
+                    (&mut t, d.inp, 1),
+                    false,
+                    mat(&v, d.rank, 1),
+                    mat(a, d.inp, 1),
+                    self.scale,
+                    true,
+                );
                 for ((o, t), m) in dx.iter_mut().zip(&t).zip(m.iter()) {
                     *o += t * m;
                 }
@@ -243,8 +235,8 @@ impl CustomOp3 for LoraLinear {
 
 /// `x Wᵀ + bias + scale · (x ⊙ mask) Aᵀ Bᵀ` for `x` (rows, in), a frozen `weight` (out, in) and
 /// `bias` (out), and adapter matrices `a` (rank, in), `b` (out, rank); differentiable in x, A
-/// and B. `mask` is LoRA dropout's (rows × in, scaled by 1/(1 − p)). CPU and f32 only: callers
-/// use the composition of candle ops elsewhere.
+/// and B. `mask` is LoRA dropout's (rows × in, scaled by 1/(1 − p)). Off the CPU (or not f32),
+/// [`lora_linear_reference`].
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -254,6 +246,9 @@ pub fn lora_linear(
     scale: f64,
     mask: Option<Arc<Vec<f32>>>,
 ) -> Result<Tensor> {
+    if !super::fusable(x) {
+        return lora_linear_reference(x, weight, bias, a, b, scale, mask.as_deref());
+    }
     let op = LoraLinear {
         weight: weight.detach(),
         bias: bias.map(|t| t.to_vec1::<f32>()).transpose()?,
@@ -262,6 +257,39 @@ pub fn lora_linear(
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// The same layer as a composition of candle ops (any device; the test reference). A weight
+/// that is a variable trains (full fine-tuning); otherwise it is detached.
+pub fn lora_linear_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Vec<f32>>,
+) -> Result<Tensor> {
+    let y = linear_reference(x, weight, bias)?;
+    let xd = match mask {
+        Some(m) => (x * Tensor::from_slice(m, x.shape(), x.device())?)?,
+        None => x.clone(),
+    };
+    y + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?
+}
+
+/// `x Wᵀ + bias` with candle's ops; a weight that is not a variable is detached.
+pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let w = if weight.is_variable() {
+        weight.clone()
+    } else {
+        weight.detach()
+    };
+    let y = x.matmul(&w.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 #[cfg(test)]

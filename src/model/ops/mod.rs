@@ -13,6 +13,14 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
+/// Whether the fused CPU kernels can take `t`: f32 data in CPU memory. Anything else (a CUDA
+/// tensor, another dtype) takes each op's `*_reference` composition of candle ops, which all
+/// have a backward, so training stays correct on any device, only slower. The kernels read CPU
+/// storage, so this check must guard every call into them.
+pub fn fusable(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
 /// Checks the gradient of `L = Σ f(x) ⊙ c` (c a fixed random tensor) with respect to `x`
 /// against central finite differences in f32 (step 1e-2, tolerance 2e-2 relative).
 #[cfg(test)]

@@ -92,12 +92,17 @@ impl CustomOp2 for RmsNorm {
 /// RMSNorm over the last dimension, differentiable in x and w. Off the CPU, the composition of
 /// candle ops.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
-        let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        return x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w);
+    if !super::fusable(x) {
+        return rms_norm_reference(x, w, eps);
     }
     x.contiguous()?
         .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// The same RMSNorm as a composition of candle ops (any device; the test reference).
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
 #[cfg(test)]

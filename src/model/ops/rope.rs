@@ -89,23 +89,35 @@ impl CustomOp3 for Rope {
 /// Applies RoPE to `x`, shaped (b, t, h, d) or (b·t, h·d), with tables (b or 1, t, 1, d);
 /// differentiable in `x` (the tables are constants). Off the CPU, the composition of candle ops.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !super::fusable(x) {
+        return apply_rope_reference(x, cos, sin);
+    }
+    let (t, h, d) = rope_dims(x, cos)?;
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { t, h, d })
+}
+
+/// (t, heads, head_dim) of `x` given tables (b or 1, t, 1, d).
+fn rope_dims(x: &Tensor, cos: &Tensor) -> Result<(usize, usize, usize)> {
     let (_, t, _, d) = cos.dims4()?;
     let h = if x.rank() == 4 {
         x.dim(2)?
     } else {
         x.dim(candle_core::D::Minus1)? / d
     };
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
-        let x4 = x.reshape(((), t, h, d))?;
-        let half = d / 2;
-        let x1 = x4.narrow(candle_core::D::Minus1, 0, half)?;
-        let x2 = x4.narrow(candle_core::D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], candle_core::D::Minus1)?;
-        let y = (x4.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
-        return y.reshape(x.shape());
-    }
-    x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { t, h, d })
+    Ok((t, h, d))
+}
+
+/// The same RoPE as a composition of candle ops (any device; the test reference).
+pub fn apply_rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (t, h, d) = rope_dims(x, cos)?;
+    let x4 = x.reshape(((), t, h, d))?;
+    let half = d / 2;
+    let x1 = x4.narrow(candle_core::D::Minus1, 0, half)?;
+    let x2 = x4.narrow(candle_core::D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], candle_core::D::Minus1)?;
+    let y = (x4.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+    y.reshape(x.shape())
 }
 
 #[cfg(test)]

@@ -73,10 +73,15 @@ impl CustomOp2 for SwiGlu {
 
 /// `silu(gate) ⊙ up`, differentiable in both. Off the CPU, candle's ops.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !gate.device().is_cpu() || gate.dtype() != candle_core::DType::F32 {
-        return gate.silu()? * up;
+    if !super::fusable(gate) {
+        return swiglu_reference(gate, up);
     }
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+/// The same `silu(gate) ⊙ up` with candle's ops (any device; the test reference).
+pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
 }
 
 #[cfg(test)]

@@ -353,10 +353,7 @@ impl TrainConfig {
         // `data`, `val` and `test` may be given as one string.
         for key in ["data", "val", "test"] {
             if let Some(toml::Value::String(s)) = table.get(key).cloned() {
-                table.insert(
-                    key.into(),
-                    toml::Value::Array(vec![toml::Value::String(s)]),
-                );
+                table.insert(key.into(), toml::Value::Array(vec![toml::Value::String(s)]));
             }
         }
         let config: Self = toml::Value::Table(table)
@@ -542,7 +539,10 @@ mod tests {
         assert!(d.contains("split = \"0.9,0.05,0.05\""), "{d}");
         assert!(d.contains("lora_targets = \"all-linear\""), "{d}");
         let prep = c.prepare_options().unwrap();
-        assert_eq!((prep.val, prep.test.len()), (vec![PathBuf::from("v.jsonl")], 2));
+        assert_eq!(
+            (prep.val, prep.test.len()),
+            (vec![PathBuf::from("v.jsonl")], 2)
+        );
 
         let err = |set: &str| {
             TrainConfig::load(None, &["data=x".into(), set.into()])

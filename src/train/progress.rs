@@ -38,8 +38,10 @@ impl Progress {
         } else if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len} {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             bar.set_position(at as u64);
             Mode::Bar(bar)

@@ -103,8 +103,12 @@ impl MetricsLog {
     }
 
     fn push(&mut self, m: Metrics) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(&m).unwrap_or_default())
-            .map_err(|e| Error::io(&self.path, e))?;
+        writeln!(
+            self.file,
+            "{}",
+            serde_json::to_string(&m).unwrap_or_default()
+        )
+        .map_err(|e| Error::io(&self.path, e))?;
         self.history.push(m);
         Ok(())
     }
@@ -362,8 +366,7 @@ pub fn check_finite(run: &Run, loss: f64) -> Result<()> {
 /// room for validations and checkpoints, and records it as `max_steps` in config.toml so a
 /// resume follows the same schedule. Returns whether the total changed.
 pub fn fit_time_budget(run: &mut Run) -> Result<bool> {
-    if !(run.cfg.max_minutes > 0.0 && run.state.step == BUDGET_PROBE_STEPS.min(run.total_steps))
-    {
+    if !(run.cfg.max_minutes > 0.0 && run.state.step == BUDGET_PROBE_STEPS.min(run.total_steps)) {
         return Ok(false);
     }
     let per_step = run.start.elapsed().as_secs_f64() / run.state.step as f64;

@@ -623,3 +623,110 @@ fn packed_sequences_give_the_same_loss_as_one_example_at_a_time() {
         "packed {packed} vs padded {padded}"
     );
 }
+
+/// A short run on the tiny Qwen2 fixture: `train` arguments (without `--quiet`) for `steps`
+/// steps on the first 100 conjugation rows, writing to `out`.
+fn tiny_run_args(dir: &Path, out: &Path, steps: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    let data = dir.join("c.jsonl");
+    std::fs::write(&data, text.lines().take(100).collect::<Vec<_>>().join("\n")).unwrap();
+    let model = root().join("tests/fixtures/tiny-qwen2");
+    [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn without_a_terminal_training_prints_plain_progress_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = tiny_run_args(tmp.path(), &run, 7);
+    args.extend(["--set", "log_every=3", "--set", "eval_every=3"].map(String::from));
+    // `output()` pipes stderr: not a terminal, as under a script, CI or nohup.
+    let out = afinar().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
+    for step in [
+        "step 1/7 loss ",
+        "step 3/7 loss ",
+        "step 6/7 loss ",
+        "step 7/7 loss ",
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(step))
+            .unwrap_or_else(|| panic!("no line '{step}…' in:\n{err}"));
+        for part in [" lr ", " tok/s elapsed ", " ETA "] {
+            assert!(line.contains(part), "'{part}' in '{line}'");
+        }
+    }
+    // Validation ran at step 3 (eval_every), so its loss is shown from there on.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("step 3/7") && l.contains(" val ")),
+        "{err}"
+    );
+    assert!(lines.iter().all(|l| !l.contains("NaN")), "{err}");
+
+    // --quiet prints no progress at all.
+    let quiet_run = tmp.path().join("quiet");
+    let mut args = tiny_run_args(tmp.path(), &quiet_run, 2);
+    args.push("--quiet".into());
+    let out = afinar().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.lines().any(|l| l.starts_with("step ")), "{err}");
+}
+
+#[test]
+fn a_validation_file_is_the_validation_split_and_a_resume_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    let val = tmp.path().join("v.jsonl");
+    std::fs::write(
+        &val,
+        text.lines()
+            .skip(500)
+            .take(13)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let mut args = tiny_run_args(tmp.path(), &run, 2);
+    args.extend(["--quiet", "--set"].map(String::from));
+    args.push(format!("val={:?}", val.display().to_string()));
+    let out = afinar().args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let examples = std::fs::read_to_string(run.join("data/validation.examples.jsonl")).unwrap();
+    assert_eq!(examples.lines().count(), 13, "the whole file, and only it");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("v.jsonl"), "{saved}");
+
+    // Resuming without the validation file is refused, naming the key.
+    let out = afinar()
+        .args(["train", "--quiet", "--resume", run.to_str().unwrap()])
+        .args(["--set", "val=[]"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("configuration differs (val: ["), "{err}");
+}

@@ -39,6 +39,20 @@ impl FromStr for Format {
     }
 }
 
+/// The canonical spelling `FromStr` reads (the train config writes `format` with it).
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Alpaca => "alpaca",
+            Self::Chat => "chat",
+            Self::ShareGpt => "sharegpt",
+            Self::Completion => "completion",
+            Self::Text => "text",
+        })
+    }
+}
+
 /// One turn of a conversation; `train` is false for turns that must carry no loss (every
 /// non-assistant turn, and assistant turns with OpenAI's `"weight": 0`).
 #[derive(Debug, Clone, PartialEq, Eq)]

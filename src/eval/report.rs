@@ -144,62 +144,13 @@ fn bar_chart(r: &EvalReport) -> String {
     svg
 }
 
-/// The training run's loss curve (train and validation), if the report has one.
+/// The training run's curves (train loss, validation loss, learning rate on a second axis),
+/// drawn as the run's `loss.png` is, if the report has them.
 fn loss_curve(r: &EvalReport) -> String {
-    let pts = &r.training_curve;
-    if pts.len() < 2 {
+    if r.training_curve.len() < 2 {
         return String::new();
     }
-    let (w, h, pad) = (640.0, 240.0, 36.0);
-    let max_step = pts.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f64;
-    let ys: Vec<f64> = pts
-        .iter()
-        .flat_map(|m| std::iter::once(m.loss).chain(m.val_loss))
-        .filter(|v| v.is_finite())
-        .collect();
-    let (lo, hi) = ys
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let span = (hi - lo).max(1e-9);
-    let x = |s: usize| pad + (w - 2.0 * pad) * s as f64 / max_step;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / span;
-    let line = |vals: Vec<(usize, f64)>, colour: &str| -> String {
-        let p: Vec<String> = vals
-            .iter()
-            .map(|(s, v)| format!("{:.1},{:.1}", x(*s), y(*v)))
-            .collect();
-        format!(
-            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
-            p.join(" ")
-        )
-    };
-    let train: Vec<(usize, f64)> = pts.iter().map(|m| (m.step, m.loss)).collect();
-    let val: Vec<(usize, f64)> = pts
-        .iter()
-        .filter_map(|m| m.val_loss.map(|v| (m.step, v)))
-        .collect();
-    format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="loss curve">
-<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#555"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="#555"/>
-<text x="{pad}" y="{ty}" font-size="11">step 0</text><text x="{rx}" y="{ty}" font-size="11" text-anchor="end">step {ms}</text>
-<text x="2" y="{pad}" font-size="11">{hi:.2}</text><text x="2" y="{b}" font-size="11">{lo:.2}</text>
-{tl}{vl}
-<text x="{lx}" y="16" font-size="12" fill="#2f7d4f">— train loss</text><text x="{lx2}" y="16" font-size="12" fill="#b5651d">— validation loss</text>
-</svg>"##,
-        b = h - pad,
-        r = w - pad,
-        ty = h - pad + 16.0,
-        rx = w - pad,
-        ms = max_step as usize,
-        tl = line(train, "#2f7d4f"),
-        vl = if val.len() > 1 {
-            line(val, "#b5651d")
-        } else {
-            String::new()
-        },
-        lx = w - 300.0,
-        lx2 = w - 180.0,
-    )
+    crate::train::plot::loss_curve_svg(&r.training_curve).unwrap_or_default()
 }
 
 /// The self-contained HTML report.

@@ -7,7 +7,136 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::optim::Schedule;
+use crate::data::{Format, SplitFractions};
+use crate::device::DeviceSpec;
 use crate::{Error, Result};
+
+/// How the model is trained: LoRA adapters on a frozen base, or every weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Lora,
+    Full,
+}
+
+impl std::str::FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "lora" => Ok(Method::Lora),
+            "full" => Ok(Method::Full),
+            _ => Err(Error::Config(format!(
+                "method = '{s}': use \"lora\" or \"full\""
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Lora => "lora",
+            Method::Full => "full",
+        })
+    }
+}
+
+/// The linear layers that get LoRA adapters: `all-linear` or a list of module names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoraTargets {
+    AllLinear,
+    /// Some of [`super::lora::ALL_LINEAR`], checked when parsed; never empty.
+    Modules(Vec<String>),
+}
+
+impl LoraTargets {
+    /// The target module names.
+    pub fn modules(&self) -> Vec<String> {
+        match self {
+            LoraTargets::AllLinear => super::lora::ALL_LINEAR
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            LoraTargets::Modules(list) => list.clone(),
+        }
+    }
+}
+
+impl std::str::FromStr for LoraTargets {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        use super::lora::ALL_LINEAR as ALL;
+        if s.trim() == "all-linear" {
+            return Ok(LoraTargets::AllLinear);
+        }
+        let list: Vec<String> = s
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for t in &list {
+            if !ALL.contains(&t.as_str()) {
+                return Err(Error::Config(format!(
+                    "lora_targets: unknown module '{t}' (use all-linear or some of {})",
+                    ALL.join(",")
+                )));
+            }
+        }
+        if list.is_empty() {
+            return Err(Error::Config("lora_targets is empty".into()));
+        }
+        Ok(LoraTargets::Modules(list))
+    }
+}
+
+impl std::fmt::Display for LoraTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoraTargets::AllLinear => f.write_str("all-linear"),
+            LoraTargets::Modules(list) => f.write_str(&list.join(",")),
+        }
+    }
+}
+
+/// Serde for the typed keys that TOML spells as one string: written with `Display`, read with
+/// `FromStr`, so the file keeps its spelling and a bad value gets the type's own message.
+mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `split` as TOML spells it ("0.9,0.05,0.05"), with an error that names the key.
+mod split_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::data::SplitFractions;
+
+    pub fn serialize<S: Serializer>(v: &SplitFractions, s: S) -> Result<S::Ok, S::Error> {
+        let [a, b, c] = v.0;
+        s.collect_str(&format_args!("{a},{b},{c}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SplitFractions, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "split = '{s}': give two or three fractions summing to 1, e.g. \"0.8,0.1,0.1\""
+            ))
+        })
+    }
+}
 
 /// Every training setting. Field docs are the documentation of the config keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,10 +146,18 @@ pub struct TrainConfig {
     pub model: String,
     /// Data files or folders (any format `afinar data prepare` reads).
     pub data: Vec<PathBuf>,
+    /// The user's own validation files (as `data prepare --val`): when set, the validation
+    /// split is these files, not a fraction of `data`.
+    pub val: Vec<PathBuf>,
+    /// The user's own test files (as `data prepare --test`): when set, the test split is these
+    /// files, not a fraction of `data`.
+    pub test: Vec<PathBuf>,
     /// Record shape: auto, alpaca, chat, sharegpt, completion, text.
-    pub format: String,
-    /// Train/validation/test fractions.
-    pub split: String,
+    #[serde(with = "as_text")]
+    pub format: Format,
+    /// Train/validation/test fractions, spelled "0.9,0.05,0.05" (two fractions = no test).
+    #[serde(with = "split_text")]
+    pub split: SplitFractions,
     /// Field that keeps related examples in one split (e.g. "verb"); empty = none.
     pub split_key: String,
     /// Maximum tokens per packed training sequence.
@@ -29,14 +166,20 @@ pub struct TrainConfig {
     pub system: String,
     /// Run directory: config, metrics, checkpoints, final adapter.
     pub out: PathBuf,
+    /// Where to train: "cpu", "cuda" or "cuda:N" (a CUDA device needs a `--features cuda`
+    /// build).
+    #[serde(with = "as_text")]
+    pub device: DeviceSpec,
     /// "lora" or "full".
-    pub method: String,
+    #[serde(with = "as_text")]
+    pub method: Method,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     /// Dropout on the LoRA input, in [0, 1).
     pub lora_dropout: f64,
     /// "all-linear" or a comma-separated list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
-    pub lora_targets: String,
+    #[serde(with = "as_text")]
+    pub lora_targets: LoraTargets,
     /// Scale by alpha/sqrt(rank) instead of alpha/rank.
     pub rslora: bool,
     /// Passes over the training split (ignored when max_steps > 0).
@@ -74,6 +217,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Stop after this many validations without improvement (0 = never).
     pub early_stopping_patience: usize,
+    /// When stderr is not a terminal (scripts, CI, nohup): a plain progress line every N steps
+    /// (and at least every 30 s); 0 = only the time rule. On a terminal a progress bar is drawn.
+    pub log_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -81,17 +227,20 @@ impl Default for TrainConfig {
         Self {
             model: "smollm2".into(),
             data: vec![],
-            format: "auto".into(),
-            split: "0.9,0.05,0.05".into(),
+            val: vec![],
+            test: vec![],
+            format: Format::Auto,
+            split: SplitFractions([0.9, 0.05, 0.05]),
             split_key: String::new(),
             max_seq_len: 512,
             system: String::new(),
             out: PathBuf::from("runs/afinar"),
-            method: "lora".into(),
+            device: DeviceSpec::Cpu,
+            method: Method::Lora,
             lora_rank: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.0,
-            lora_targets: "all-linear".into(),
+            lora_targets: LoraTargets::AllLinear,
             rslora: false,
             epochs: 1,
             max_steps: 0,
@@ -113,6 +262,7 @@ impl Default for TrainConfig {
             save_every: 100,
             keep_checkpoints: 2,
             early_stopping_patience: 0,
+            log_every: 10,
         }
     }
 }
@@ -200,12 +350,11 @@ impl TrainConfig {
             check_keys(&one, "--set")?;
             table.extend(one);
         }
-        // `data` may be given as one string.
-        if let Some(toml::Value::String(s)) = table.get("data").cloned() {
-            table.insert(
-                "data".into(),
-                toml::Value::Array(vec![toml::Value::String(s)]),
-            );
+        // `data`, `val` and `test` may be given as one string.
+        for key in ["data", "val", "test"] {
+            if let Some(toml::Value::String(s)) = table.get(key).cloned() {
+                table.insert(key.into(), toml::Value::Array(vec![toml::Value::String(s)]));
+            }
         }
         let config: Self = toml::Value::Table(table)
             .try_into()
@@ -217,12 +366,6 @@ impl TrainConfig {
     /// Range and consistency checks with messages that say what is allowed.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.method != "lora" && self.method != "full" {
-            return bad(format!(
-                "method = '{}': use \"lora\" or \"full\"",
-                self.method
-            ));
-        }
         if self.lora_rank == 0 || self.lora_rank > 1024 {
             return bad(format!(
                 "lora_rank = {} is out of range (1..=1024)",
@@ -273,46 +416,23 @@ impl TrainConfig {
         if self.data.is_empty() {
             return bad("no training data: set data = [\"file.jsonl\"] or --data".into());
         }
-        self.targets()?;
         Ok(())
     }
 
     /// The LoRA target module names.
-    pub fn targets(&self) -> Result<Vec<String>> {
-        use super::lora::ALL_LINEAR as ALL;
-        if self.lora_targets == "all-linear" {
-            return Ok(ALL.iter().map(|s| s.to_string()).collect());
-        }
-        let list: Vec<String> = self
-            .lora_targets
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        for t in &list {
-            if !ALL.contains(&t.as_str()) {
-                return Err(Error::Config(format!(
-                    "lora_targets: unknown module '{t}' (use all-linear or some of {})",
-                    ALL.join(",")
-                )));
-            }
-        }
-        if list.is_empty() {
-            return Err(Error::Config("lora_targets is empty".into()));
-        }
-        Ok(list)
+    pub fn targets(&self) -> Vec<String> {
+        self.lora_targets.modules()
     }
 
     /// The data settings: what `afinar eval` reuses so its split and templating are training's.
     pub fn prepare_options(&self) -> Result<crate::data::PrepareOptions> {
         Ok(crate::data::PrepareOptions {
             data: self.data.clone(),
-            format: self
-                .format
-                .parse::<crate::data::Format>()
-                .map_err(Error::Config)?,
+            val: self.val.clone(),
+            test: self.test.clone(),
+            format: self.format,
             split_key: (!self.split_key.is_empty()).then(|| self.split_key.clone()),
-            split: self.split.parse()?,
+            split: self.split,
             seed: self.seed,
             max_seq_len: self.max_seq_len,
             system: (!self.system.is_empty()).then(|| self.system.clone()),
@@ -377,5 +497,62 @@ mod tests {
             err.ends_with("unknown key 'batch_sise' (did you mean 'batch_size'?)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn typed_keys_keep_their_toml_spelling_and_their_errors() {
+        let c = TrainConfig::load(
+            None,
+            &[
+                "data=x.jsonl".into(),
+                "val=v.jsonl".into(),
+                "test=[\"t1.jsonl\", \"t2.jsonl\"]".into(),
+                "method=full".into(),
+                "format=sharegpt".into(),
+                "split=0.8,0.2".into(),
+                "lora_targets=q_proj, v_proj".into(),
+                "device=cpu".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.method, Method::Full);
+        assert_eq!(c.format, Format::ShareGpt);
+        assert_eq!(c.split, SplitFractions([0.8, 0.2, 0.0]));
+        assert_eq!(c.device, DeviceSpec::Cpu);
+        assert_eq!(c.val, vec![PathBuf::from("v.jsonl")]);
+        assert_eq!(c.test.len(), 2);
+        assert_eq!(c.targets(), vec!["q_proj", "v_proj"]);
+        let text = c.to_toml();
+        for line in [
+            "method = \"full\"",
+            "format = \"sharegpt\"",
+            "split = \"0.8,0.2,0\"",
+            "lora_targets = \"q_proj,v_proj\"",
+            "device = \"cpu\"",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        // What a run directory holds loads back to the same configuration.
+        let back: TrainConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        let d = TrainConfig::default().to_toml();
+        assert!(d.contains("split = \"0.9,0.05,0.05\""), "{d}");
+        assert!(d.contains("lora_targets = \"all-linear\""), "{d}");
+        let prep = c.prepare_options().unwrap();
+        assert_eq!(
+            (prep.val, prep.test.len()),
+            (vec![PathBuf::from("v.jsonl")], 2)
+        );
+
+        let err = |set: &str| {
+            TrainConfig::load(None, &["data=x".into(), set.into()])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("method=lroa").contains("method = 'lroa': use \"lora\" or \"full\""));
+        assert!(err("format=csv").contains("unknown format 'csv'"));
+        assert!(err("split=0.5,0.1").contains("split = '0.5,0.1': give two or three fractions"));
+        assert!(err("device=tpu").contains("cpu, cuda or cuda:N"));
+        assert!(err("lora_targets=").contains("lora_targets is empty"));
     }
 }

@@ -1,7 +1,8 @@
-//! Step 5 of the pipeline: fine-tuning. The loop below reads top to bottom — prepare data,
-//! load the model, attach adapters (or unfreeze everything), then for each step: micro-batches,
-//! loss normalised over the whole accumulated batch, backward, clip, AdamW, metrics, validation,
-//! checkpoints.
+//! Step 5 of the pipeline: fine-tuning. `train()` reads top to bottom: open (or resume) the
+//! run — data, model, what trains, optimiser — then for each step: micro-batches, loss
+//! normalised over the whole accumulated batch, backward, the optimiser step, the time budget,
+//! bookkeeping (validation, metrics, plot, early stop, checkpoint); then the output. The phases
+//! are plain functions in [`run`]; the gradients and the optimiser step are here.
 
 pub mod batch;
 pub mod bench;
@@ -10,22 +11,21 @@ pub mod config;
 pub mod lora;
 pub mod optim;
 pub mod plot;
+pub mod progress;
+pub mod run;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::{Tensor, Var, D};
 use serde::Serialize;
 
-use crate::data;
 use crate::data::cache::TokenFile;
-use crate::export::peft::{self, AdapterConfig};
-use crate::model::{Model, TextSide, Transformer};
-use crate::rng::Rng;
+use crate::model::Transformer;
 use crate::{Error, Result};
-pub use config::TrainConfig;
-use optim::{AdamW, AdamWConfig};
+pub use config::{LoraTargets, Method, TrainConfig};
+use optim::AdamW;
+use progress::Progress;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -87,345 +87,80 @@ pub fn split_loss(
     Ok((n > 0).then(|| sum / n as f64))
 }
 
-/// The sequence order of an epoch: a seeded shuffle, the same on every run and after resume.
-fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut rng = Rng::new(crate::rng::derive_seed(seed, epoch as u64));
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
-    v
-}
-
-/// Steps timed before a `max_minutes` budget is turned into a step count.
-const BUDGET_PROBE_STEPS: usize = 3;
-
-/// Keys whose change makes a checkpoint meaningless for this run.
-const RESUME_KEYS: &[&str] = &[
-    "model",
-    "data",
-    "format",
-    "split",
-    "split_key",
-    "max_seq_len",
-    "system",
-    "method",
-    "lora_rank",
-    "lora_alpha",
-    "lora_targets",
-    "rslora",
-    "batch_size",
-    "grad_accum",
-    "seed",
-];
-
-fn incompatible(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
-    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) =
-        (toml::Value::try_from(saved), toml::Value::try_from(now))
-    else {
-        return vec![];
-    };
-    RESUME_KEYS
-        .iter()
-        .filter(|k| a.get(**k) != b.get(**k))
-        .map(|k| {
-            format!(
-                "{k}: {} in the run, {} now",
-                a.get(*k).map_or("-".into(), |v| v.to_string()),
-                b.get(*k).map_or("-".into(), |v| v.to_string())
-            )
-        })
-        .collect()
-}
-
 /// Runs training. With `resume`, `cfg` must agree with the run's saved configuration on every
 /// key that shapes the model, the data or the order of batches.
 pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<TrainSummary> {
-    let device = Device::Cpu;
-    let mut cfg = cfg.clone();
-    let out = cfg.out.clone();
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let config_path = out.join("config.toml");
-    if resume {
-        let text = std::fs::read_to_string(&config_path).map_err(|e| {
-            Error::bad_file(
-                &out,
-                format!("cannot resume: no config.toml in the run directory ({e})"),
-            )
-        })?;
-        let saved: TrainConfig =
-            toml::from_str(&text).map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
-        let diffs = incompatible(&saved, &cfg);
-        if !diffs.is_empty() {
-            return Err(Error::Resume(format!(
-                "cannot resume {}: the configuration differs ({})",
-                out.display(),
-                diffs.join("; ")
-            )));
-        }
-        // A time budget was turned into a step count at the start of the run: keep it.
-        if cfg.max_minutes > 0.0 && saved.max_minutes == 0.0 && saved.max_steps > 0 {
-            cfg.max_steps = saved.max_steps;
-            cfg.max_minutes = 0.0;
-        }
-    }
-    cache_write(&config_path, cfg.to_toml().as_bytes())?;
-
-    // Data: prepared (or reused) inside the run directory.
-    let text = TextSide::load(&cfg.model)?;
-    let opts = cfg.prepare_options()?;
-    let prepared = data::prepare_cached(&opts, &cfg.model, &text, &out.join("data"))?;
-    let train_file = prepared.split("train")?;
-    let val_file = prepared.split("validation")?;
-    if train_file.sequences() == 0 {
-        return Err(Error::Data("the training split is empty".into()));
-    }
-
-    // Model and trainable parameters.
-    let mut model = Model::load(&cfg.model, &device)?;
-    let base_model = model.source.path().display().to_string();
-    let trainables: Vec<(String, Var, bool)> = if cfg.method == "lora" {
-        let spec = lora::LoraSpec {
-            rank: cfg.lora_rank,
-            alpha: cfg.lora_alpha,
-            rslora: cfg.rslora,
-            dropout: cfg.lora_dropout as f32,
-            targets: cfg.targets()?,
-        };
-        lora::attach(&mut model.transformer, &spec, lora::kaiming_a(cfg.seed))?
-            .into_iter()
-            .map(|(n, v)| (n, v, true))
-            .collect()
-    } else {
-        unfreeze_all(&mut model.transformer)?
-    };
-    let adam = AdamWConfig {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_eps,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = AdamW::new(trainables, adam)?;
-
-    let seqs_per_step = cfg.batch_size * cfg.grad_accum;
-    let steps_per_epoch = train_file.sequences().div_ceil(seqs_per_step);
-    let mut total_steps = if cfg.max_steps > 0 {
-        cfg.max_steps
-    } else {
-        cfg.epochs * steps_per_epoch
-    };
-
-    let mut state = checkpoint::TrainState {
-        step: 0,
-        epoch: 0,
-        position: 0,
-        best_val_loss: None,
-        evals_without_improvement: 0,
-        tokens_seen: 0,
-        elapsed_s: 0.0,
-        base_model: base_model.clone(),
-    };
-    let metrics_path = out.join("metrics.jsonl");
-    let mut history: Vec<Metrics> = Vec::new();
-    if resume {
-        let ckpt = checkpoint::list(&out)?.pop().ok_or_else(|| {
-            Error::Resume(format!(
-                "cannot resume {}: it has no complete checkpoint",
-                out.display()
-            ))
-        })?;
-        state = checkpoint::load(&ckpt, &mut opt)?;
-        if state.base_model != base_model {
-            return Err(Error::Resume(format!(
-                "cannot resume: the run was trained on {} but the model is now {base_model}",
-                state.base_model
-            )));
-        }
-        // Keep the metrics up to the checkpoint; the steps after it are redone.
-        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-            history = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
-                .filter(|m| m.step <= state.step)
-                .collect();
-        }
-        eprintln!("resuming {} from step {}", out.display(), state.step);
-    }
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    for m in &history {
-        writeln!(
-            metrics_file,
-            "{}",
-            serde_json::to_string(m).unwrap_or_default()
-        )
-        .map_err(|e| Error::io(&metrics_path, e))?;
-    }
-
-    let bar = progress_bar(total_steps, state.step, show_progress);
-    let mut order = epoch_order(train_file.sequences(), cfg.seed, state.epoch);
-    let start = Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_s);
-    let mut last_loss = f64::NAN;
-    let mut last_val = state.best_val_loss;
+    let mut run = run::open(cfg, resume)?;
+    let mut progress = Progress::new(
+        run.total_steps,
+        run.state.step,
+        show_progress,
+        run.cfg.log_every,
+    );
     let mut stopped_early = false;
-    let mut recent_tok_s = 0.0;
-    while state.step < total_steps {
+    while run.state.step < run.total_steps {
         let step_start = Instant::now();
-        // The sequences of this step, crossing into the next epoch if needed.
-        let mut micro: Vec<Vec<usize>> = Vec::with_capacity(cfg.grad_accum);
-        for _ in 0..cfg.grad_accum {
-            let mut seqs = Vec::with_capacity(cfg.batch_size);
-            while seqs.len() < cfg.batch_size {
-                if state.position >= order.len() {
-                    state.epoch += 1;
-                    state.position = 0;
-                    order = epoch_order(train_file.sequences(), cfg.seed, state.epoch);
-                }
-                seqs.push(order[state.position]);
-                state.position += 1;
-            }
-            micro.push(seqs);
+        let micro = run::next_micro_batches(&mut run);
+        let (grads, loss, tokens) = step_gradients(
+            &run.model.transformer,
+            &run.opt,
+            &run.train_file,
+            &micro,
+            run::dropout_key(&run),
+        )?;
+        run::check_finite(&run, loss)?;
+        let lr = run::learning_rate(&run);
+        let grad_norm = optimiser_step(&mut run.opt, grads, lr, run.cfg.max_grad_norm)?;
+        run.state.step += 1;
+        run.state.tokens_seen += tokens as u64;
+        if run::fit_time_budget(&mut run)? {
+            progress.set_total(run.total_steps);
         }
-        // This step's dropout masks: a function of (seed, step), so a resumed run draws the same.
-        let dropout_key = crate::rng::stable_hash(&(state.step as u64).to_le_bytes(), cfg.seed);
-        let (grads, loss_sum, tokens) =
-            step_gradients(&model.transformer, &opt, &train_file, &micro, dropout_key)?;
-        if !loss_sum.is_finite() {
-            return Err(Error::Training(format!(
-                "loss is {loss_sum} at step {}; stopping. The last good checkpoint (if any) is in {}",
-                state.step + 1,
-                out.join("checkpoints").display()
-            )));
-        }
-        let lr = optim::lr_at(
-            state.step,
-            total_steps,
-            cfg.warmup_steps,
-            cfg.lr,
-            cfg.min_lr,
-            cfg.schedule,
-        );
-        let mut grad_norm = 0.0;
-        if let Some(mut g) = grads {
-            grad_norm = optim::clip_grad_norm(&mut g, cfg.max_grad_norm)?;
-            opt.step(&g, lr)?;
-        }
-        state.step += 1;
-        state.tokens_seen += tokens as u64;
-        if cfg.max_minutes > 0.0 && state.step == BUDGET_PROBE_STEPS.min(total_steps) {
-            // Fit the run into the time budget, leaving room for validations and checkpoints,
-            // and record the result as max_steps so a resume follows the same schedule.
-            let per_step = start.elapsed().as_secs_f64() / state.step as f64;
-            let fits = (cfg.max_minutes * 60.0 * 0.92 / per_step) as usize;
-            total_steps = total_steps.min(fits.max(state.step));
-            cfg.max_steps = total_steps;
-            cfg.max_minutes = 0.0;
-            cache_write(&config_path, cfg.to_toml().as_bytes())?;
-            bar.set_length(total_steps as u64);
-        }
-        last_loss = loss_sum;
-        let tok_s = tokens as f64 / step_start.elapsed().as_secs_f64();
-        recent_tok_s = if recent_tok_s == 0.0 {
-            tok_s
-        } else {
-            0.8 * recent_tok_s + 0.2 * tok_s
-        };
-        let mut val_loss = None;
-        let is_last = state.step == total_steps;
-        if (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) || is_last {
-            val_loss = split_loss(
-                &model.transformer,
-                &val_file,
-                cfg.batch_size,
-                cfg.eval_batches,
-            )?;
-            if let Some(v) = val_loss {
-                last_val = Some(v);
-                if state.best_val_loss.is_none_or(|b| v < b) {
-                    state.best_val_loss = Some(v);
-                    state.evals_without_improvement = 0;
-                } else {
-                    state.evals_without_improvement += 1;
-                }
-            }
-        }
-        state.elapsed_s = start.elapsed().as_secs_f64();
-        let m = Metrics {
-            step: state.step,
-            loss: loss_sum,
-            val_loss,
+        let tokens_per_sec = tokens as f64 / step_start.elapsed().as_secs_f64();
+        let outcome = run::StepOutcome {
+            loss,
             lr,
             grad_norm,
-            tokens_per_sec: tok_s,
-            elapsed_s: state.elapsed_s,
+            tokens_per_sec,
         };
-        writeln!(
-            metrics_file,
-            "{}",
-            serde_json::to_string(&m).unwrap_or_default()
-        )
-        .map_err(|e| Error::io(&metrics_path, e))?;
-        history.push(m);
-        if val_loss.is_some() {
-            let _ = plot::loss_curve(&out.join("loss.png"), &history);
-        }
-        bar.set_position(state.step as u64);
-        bar.set_message(format!(
-            "loss {loss_sum:.4}{} lr {lr:.2e} {recent_tok_s:.0} tok/s",
-            last_val.map_or(String::new(), |v| format!(" val {v:.4}"))
-        ));
-        let stop = cfg.early_stopping_patience > 0
-            && state.evals_without_improvement >= cfg.early_stopping_patience;
-        if (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)) || is_last || stop {
-            checkpoint::save(&out, &opt, &state, cfg.keep_checkpoints)?;
-        }
-        if stop {
+        let after = run::after_step(&mut run, &outcome)?;
+        progress.step(run.state.step, loss, lr, tokens_per_sec, run.last_val);
+        if after.stop {
             stopped_early = true;
-            bar.println(format!(
+            progress.println(format!(
                 "early stop at step {}: validation loss has not improved for {} evaluations",
-                state.step, state.evals_without_improvement
+                run.state.step, run.state.evals_without_improvement
             ));
             break;
         }
     }
-    bar.finish();
-
-    // The result: a PEFT adapter, or a full Hugging Face model directory.
-    let output = if cfg.method == "lora" {
-        let dir = out.join("adapter");
-        let vars: Vec<(String, Var)> = opt
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.clone()))
-            .collect();
-        let acfg = AdapterConfig {
-            peft_type: "LORA".into(),
-            task_type: "CAUSAL_LM".into(),
-            r: cfg.lora_rank,
-            lora_alpha: cfg.lora_alpha,
-            lora_dropout: cfg.lora_dropout,
-            target_modules: cfg.targets()?,
-            use_rslora: cfg.rslora,
-            bias: "none".into(),
-            fan_in_fan_out: false,
-            base_model_name_or_path: Some(base_model),
-            inference_mode: true,
-        };
-        peft::save(&dir, &acfg, &vars)?;
-        dir
-    } else {
-        let dir = out.join("model");
-        crate::export::hf::save(&dir, &model)?;
-        dir
-    };
+    progress.finish();
     Ok(TrainSummary {
-        steps: state.step,
-        final_loss: last_loss,
-        final_val_loss: last_val,
-        output,
-        tokens_per_sec: state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
+        steps: run.state.step,
+        final_loss: run.last_loss,
+        final_val_loss: run.last_val,
+        output: run::write_output(&run)?,
+        tokens_per_sec: run.state.tokens_seen as f64 / run.state.elapsed_s.max(1e-9),
         stopped_early,
     })
+}
+
+/// The optimiser step: the one place that sees every gradient of the step — clipped to the
+/// global norm, then AdamW. Returns the norm before clipping (0 when no micro-batch had a
+/// target and nothing was updated).
+fn optimiser_step(
+    opt: &mut AdamW,
+    grads: Option<Vec<Tensor>>,
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<f64> {
+    let Some(mut grads) = grads else {
+        return Ok(0.0);
+    };
+    // Data-parallel training would all-reduce (NCCL) `grads` across devices here.
+    let norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
+    opt.step(&grads, lr)?;
+    Ok(norm)
 }
 
 /// Gradients of one optimiser step over `micro` batches (lists of sequence indices), in the
@@ -488,10 +223,6 @@ pub fn step_gradients(
     Ok((grads, loss_sum, tokens))
 }
 
-fn cache_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::fs::write_atomic(path, bytes)
-}
-
 /// Turns every weight into a variable for full fine-tuning; weight decay skips norms and biases.
 pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
     let mut out = Vec::new();
@@ -529,17 +260,4 @@ pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
         }
     }
     Ok(out)
-}
-
-fn progress_bar(total: usize, at: usize, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_position(at as u64);
-    bar
 }

@@ -1,0 +1,470 @@
+//! The phases of a training run, as plain functions over one plain struct: open (or resume)
+//! the run, choose what trains, next micro-batches, fit the time budget, after-step bookkeeping
+//! and the output. `train()` in `mod.rs` calls them in order; nothing here loops.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Var;
+
+use super::checkpoint::{self, TrainState};
+use super::config::{Method, TrainConfig};
+use super::optim::{self, AdamW, AdamWConfig};
+use super::{lora, plot, split_loss, unfreeze_all, Metrics};
+use crate::data;
+use crate::data::cache::TokenFile;
+use crate::export::peft::{self, AdapterConfig};
+use crate::model::{Model, TextSide};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Steps timed before a `max_minutes` budget is turned into a step count.
+const BUDGET_PROBE_STEPS: usize = 3;
+
+/// Keys whose change makes a checkpoint meaningless for this run.
+const RESUME_KEYS: &[&str] = &[
+    "model",
+    "data",
+    "val",
+    "test",
+    "format",
+    "split",
+    "split_key",
+    "max_seq_len",
+    "system",
+    "method",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "rslora",
+    "batch_size",
+    "grad_accum",
+    "seed",
+];
+
+/// Everything the loop reads and updates, opened by [`open`].
+pub struct Run {
+    /// The settled configuration (a time budget becomes `max_steps` after the probe steps).
+    pub cfg: TrainConfig,
+    pub model: Model,
+    /// The base model's source path, recorded in checkpoints and the adapter.
+    pub base_model: String,
+    pub opt: AdamW,
+    pub train_file: TokenFile,
+    pub val_file: TokenFile,
+    /// Step, data position, best validation loss: what a checkpoint restores.
+    pub state: TrainState,
+    pub total_steps: usize,
+    /// This epoch's sequence order.
+    pub order: Vec<usize>,
+    pub metrics: MetricsLog,
+    /// When the run started, moved back by the time already spent before a resume.
+    pub start: Instant,
+    pub last_loss: f64,
+    pub last_val: Option<f64>,
+}
+
+impl Run {
+    fn out(&self) -> &Path {
+        &self.cfg.out
+    }
+}
+
+/// What one optimiser step produced.
+pub struct StepOutcome {
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens per second of this step alone (forward, backward and optimiser).
+    pub tokens_per_sec: f64,
+}
+
+/// `metrics.jsonl` (one [`Metrics`] line per step) and the same lines in memory for the plot.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+    pub history: Vec<Metrics>,
+}
+
+impl MetricsLog {
+    /// Rewrites the file with `history` (the steps up to a resumed checkpoint, or none).
+    fn create(path: PathBuf, history: Vec<Metrics>) -> Result<Self> {
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut log = Self {
+            path,
+            file,
+            history: Vec::new(),
+        };
+        for m in history {
+            log.push(m)?;
+        }
+        Ok(log)
+    }
+
+    fn push(&mut self, m: Metrics) -> Result<()> {
+        writeln!(
+            self.file,
+            "{}",
+            serde_json::to_string(&m).unwrap_or_default()
+        )
+        .map_err(|e| Error::io(&self.path, e))?;
+        self.history.push(m);
+        Ok(())
+    }
+}
+
+/// Phase 1: opens a new run or resumes one — settles and saves the configuration, prepares the
+/// data, loads the model on the configured device, chooses what trains, builds the optimiser
+/// and restores the last checkpoint when resuming.
+pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
+    let cfg = settle_config(cfg, resume)?;
+    let device = cfg.device.open()?;
+
+    // Data: prepared (or reused) inside the run directory.
+    let text = TextSide::load(&cfg.model)?;
+    let prepared = data::prepare_cached(
+        &cfg.prepare_options()?,
+        &cfg.model,
+        &text,
+        &cfg.out.join("data"),
+    )?;
+    let train_file = prepared.split("train")?;
+    let val_file = prepared.split("validation")?;
+    if train_file.sequences() == 0 {
+        return Err(Error::Data("the training split is empty".into()));
+    }
+
+    let mut model = Model::load(&cfg.model, &device)?;
+    let base_model = model.source.path().display().to_string();
+    let adam = AdamWConfig {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = AdamW::new(choose_trainables(&cfg, &mut model)?, adam)?;
+
+    let steps_per_epoch = train_file
+        .sequences()
+        .div_ceil(cfg.batch_size * cfg.grad_accum);
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps
+    } else {
+        cfg.epochs * steps_per_epoch
+    };
+
+    let metrics_path = cfg.out.join("metrics.jsonl");
+    let (state, history) = if resume {
+        restore(&cfg.out, &metrics_path, &base_model, &mut opt)?
+    } else {
+        (fresh_state(&base_model), Vec::new())
+    };
+    Ok(Run {
+        order: epoch_order(train_file.sequences(), cfg.seed, state.epoch),
+        start: Instant::now() - std::time::Duration::from_secs_f64(state.elapsed_s),
+        last_loss: f64::NAN,
+        last_val: state.best_val_loss,
+        metrics: MetricsLog::create(metrics_path, history)?,
+        cfg,
+        model,
+        base_model,
+        opt,
+        train_file,
+        val_file,
+        state,
+        total_steps,
+    })
+}
+
+/// The configuration this run uses, written to `out/config.toml`. A resume must agree with the
+/// saved configuration on every key that shapes the model, the data or the batch order, and
+/// keeps the step count a time budget was turned into.
+fn settle_config(cfg: &TrainConfig, resume: bool) -> Result<TrainConfig> {
+    let mut cfg = cfg.clone();
+    let out = cfg.out.clone();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let config_path = out.join("config.toml");
+    if resume {
+        let text = std::fs::read_to_string(&config_path).map_err(|e| {
+            Error::bad_file(
+                &out,
+                format!("cannot resume: no config.toml in the run directory ({e})"),
+            )
+        })?;
+        let saved: TrainConfig =
+            toml::from_str(&text).map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
+        let diffs = incompatible(&saved, &cfg);
+        if !diffs.is_empty() {
+            return Err(Error::Resume(format!(
+                "cannot resume {}: the configuration differs ({})",
+                out.display(),
+                diffs.join("; ")
+            )));
+        }
+        // A time budget was turned into a step count at the start of the run: keep it.
+        if cfg.max_minutes > 0.0 && saved.max_minutes == 0.0 && saved.max_steps > 0 {
+            cfg.max_steps = saved.max_steps;
+            cfg.max_minutes = 0.0;
+        }
+    }
+    crate::fs::write_atomic(&config_path, cfg.to_toml().as_bytes())?;
+    Ok(cfg)
+}
+
+fn incompatible(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
+    let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) =
+        (toml::Value::try_from(saved), toml::Value::try_from(now))
+    else {
+        return vec![];
+    };
+    RESUME_KEYS
+        .iter()
+        .filter(|k| a.get(**k) != b.get(**k))
+        .map(|k| {
+            format!(
+                "{k}: {} in the run, {} now",
+                a.get(*k).map_or("-".into(), |v| v.to_string()),
+                b.get(*k).map_or("-".into(), |v| v.to_string())
+            )
+        })
+        .collect()
+}
+
+/// Phase 2: what trains — LoRA adapters attached to the frozen model, or every weight
+/// unfrozen. Returns (name, variable, takes weight decay).
+fn choose_trainables(cfg: &TrainConfig, model: &mut Model) -> Result<Vec<(String, Var, bool)>> {
+    match cfg.method {
+        Method::Lora => {
+            let spec = lora::LoraSpec {
+                rank: cfg.lora_rank,
+                alpha: cfg.lora_alpha,
+                rslora: cfg.rslora,
+                dropout: cfg.lora_dropout as f32,
+                targets: cfg.targets(),
+            };
+            Ok(
+                lora::attach(&mut model.transformer, &spec, lora::kaiming_a(cfg.seed))?
+                    .into_iter()
+                    .map(|(n, v)| (n, v, true))
+                    .collect(),
+            )
+        }
+        Method::Full => unfreeze_all(&mut model.transformer),
+    }
+}
+
+fn fresh_state(base_model: &str) -> TrainState {
+    TrainState {
+        step: 0,
+        epoch: 0,
+        position: 0,
+        best_val_loss: None,
+        evals_without_improvement: 0,
+        tokens_seen: 0,
+        elapsed_s: 0.0,
+        base_model: base_model.to_string(),
+    }
+}
+
+/// The newest complete checkpoint's state (weights and moments go into `opt`) and the metrics
+/// up to it; the steps after it are redone.
+fn restore(
+    out: &Path,
+    metrics_path: &Path,
+    base_model: &str,
+    opt: &mut AdamW,
+) -> Result<(TrainState, Vec<Metrics>)> {
+    let ckpt = checkpoint::list(out)?.pop().ok_or_else(|| {
+        Error::Resume(format!(
+            "cannot resume {}: it has no complete checkpoint",
+            out.display()
+        ))
+    })?;
+    let state = checkpoint::load(&ckpt, opt)?;
+    if state.base_model != base_model {
+        return Err(Error::Resume(format!(
+            "cannot resume: the run was trained on {} but the model is now {base_model}",
+            state.base_model
+        )));
+    }
+    let history = std::fs::read_to_string(metrics_path)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
+                .filter(|m| m.step <= state.step)
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("resuming {} from step {}", out.display(), state.step);
+    Ok((state, history))
+}
+
+/// The sequence order of an epoch: a seeded shuffle, the same on every run and after resume.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = Rng::new(crate::rng::derive_seed(seed, epoch as u64));
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+/// Phase 3: the sequences of this step, `grad_accum` micro-batches of `batch_size`, crossing
+/// into the next epoch (and its order) when this one runs out.
+pub fn next_micro_batches(run: &mut Run) -> Vec<Vec<usize>> {
+    let (batch_size, grad_accum) = (run.cfg.batch_size, run.cfg.grad_accum);
+    let mut micro = Vec::with_capacity(grad_accum);
+    for _ in 0..grad_accum {
+        let mut seqs = Vec::with_capacity(batch_size);
+        while seqs.len() < batch_size {
+            if run.state.position >= run.order.len() {
+                run.state.epoch += 1;
+                run.state.position = 0;
+                run.order = epoch_order(run.train_file.sequences(), run.cfg.seed, run.state.epoch);
+            }
+            seqs.push(run.order[run.state.position]);
+            run.state.position += 1;
+        }
+        micro.push(seqs);
+    }
+    micro
+}
+
+/// This step's LoRA dropout key: a function of (seed, step), so a resumed run draws the same
+/// masks.
+pub fn dropout_key(run: &Run) -> u64 {
+    crate::rng::stable_hash(&(run.state.step as u64).to_le_bytes(), run.cfg.seed)
+}
+
+/// The learning rate of the step about to be taken.
+pub fn learning_rate(run: &Run) -> f64 {
+    let c = &run.cfg;
+    optim::lr_at(
+        run.state.step,
+        run.total_steps,
+        c.warmup_steps,
+        c.lr,
+        c.min_lr,
+        c.schedule,
+    )
+}
+
+/// A NaN or infinite loss ends the run, naming the step and where the last checkpoint is.
+pub fn check_finite(run: &Run, loss: f64) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    Err(Error::Training(format!(
+        "loss is {loss} at step {}; stopping. The last good checkpoint (if any) is in {}",
+        run.state.step + 1,
+        run.out().join("checkpoints").display()
+    )))
+}
+
+/// Phase 4: after the probe steps, turns a `max_minutes` budget into a step count, leaving
+/// room for validations and checkpoints, and records it as `max_steps` in config.toml so a
+/// resume follows the same schedule. Returns whether the total changed.
+pub fn fit_time_budget(run: &mut Run) -> Result<bool> {
+    if !(run.cfg.max_minutes > 0.0 && run.state.step == BUDGET_PROBE_STEPS.min(run.total_steps)) {
+        return Ok(false);
+    }
+    let per_step = run.start.elapsed().as_secs_f64() / run.state.step as f64;
+    let fits = (run.cfg.max_minutes * 60.0 * 0.92 / per_step) as usize;
+    run.total_steps = run.total_steps.min(fits.max(run.state.step));
+    run.cfg.max_steps = run.total_steps;
+    run.cfg.max_minutes = 0.0;
+    crate::fs::write_atomic(&run.out().join("config.toml"), run.cfg.to_toml().as_bytes())?;
+    Ok(true)
+}
+
+/// What the bookkeeping after a step decided.
+pub struct AfterStep {
+    /// The validation loss, when this step validated.
+    pub val_loss: Option<f64>,
+    /// Early stopping: validation has not improved for `early_stopping_patience` evaluations.
+    pub stop: bool,
+}
+
+/// Phase 5: bookkeeping after a step — validation (every `eval_every` steps and at the end),
+/// the metrics line, the loss plot, the early-stopping test and the checkpoint.
+pub fn after_step(run: &mut Run, step: &StepOutcome) -> Result<AfterStep> {
+    let cfg = &run.cfg;
+    let state = &mut run.state;
+    run.last_loss = step.loss;
+    let is_last = state.step == run.total_steps;
+    let mut val_loss = None;
+    if (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) || is_last {
+        val_loss = split_loss(
+            &run.model.transformer,
+            &run.val_file,
+            cfg.batch_size,
+            cfg.eval_batches,
+        )?;
+        if let Some(v) = val_loss {
+            run.last_val = Some(v);
+            if state.best_val_loss.is_none_or(|b| v < b) {
+                state.best_val_loss = Some(v);
+                state.evals_without_improvement = 0;
+            } else {
+                state.evals_without_improvement += 1;
+            }
+        }
+    }
+    state.elapsed_s = run.start.elapsed().as_secs_f64();
+    run.metrics.push(Metrics {
+        step: state.step,
+        loss: step.loss,
+        val_loss,
+        lr: step.lr,
+        grad_norm: step.grad_norm,
+        tokens_per_sec: step.tokens_per_sec,
+        elapsed_s: state.elapsed_s,
+    })?;
+    if val_loss.is_some() {
+        let _ = plot::loss_curve(&cfg.out.join("loss.png"), &run.metrics.history);
+    }
+    let stop = cfg.early_stopping_patience > 0
+        && state.evals_without_improvement >= cfg.early_stopping_patience;
+    if (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)) || is_last || stop {
+        checkpoint::save(&cfg.out, &run.opt, state, cfg.keep_checkpoints)?;
+    }
+    Ok(AfterStep { val_loss, stop })
+}
+
+/// Phase 6: the result — a PEFT adapter in `out/adapter`, or a full Hugging Face model
+/// directory in `out/model`. Returns its path.
+pub fn write_output(run: &Run) -> Result<PathBuf> {
+    let cfg = &run.cfg;
+    match cfg.method {
+        Method::Lora => {
+            let dir = cfg.out.join("adapter");
+            let vars: Vec<(String, Var)> = run
+                .opt
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.var.clone()))
+                .collect();
+            let acfg = AdapterConfig {
+                peft_type: "LORA".into(),
+                task_type: "CAUSAL_LM".into(),
+                r: cfg.lora_rank,
+                lora_alpha: cfg.lora_alpha,
+                lora_dropout: cfg.lora_dropout,
+                target_modules: cfg.targets(),
+                use_rslora: cfg.rslora,
+                bias: "none".into(),
+                fan_in_fan_out: false,
+                base_model_name_or_path: Some(run.base_model.clone()),
+                inference_mode: true,
+            };
+            peft::save(&dir, &acfg, &vars)?;
+            Ok(dir)
+        }
+        Method::Full => {
+            let dir = cfg.out.join("model");
+            crate::export::hf::save(&dir, &run.model)?;
+            Ok(dir)
+        }
+    }
+}

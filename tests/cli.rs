@@ -300,7 +300,10 @@ fn eval_of_a_data_file_covers_every_row_unless_a_split_is_asked_for() {
     assert_eq!(v["counts"]["exact_match"], 40, "{v}");
     assert_eq!(v["settings"]["split"], "all", "{v}");
     assert_eq!(v["settings"]["split_examples"], 40, "{v}");
-    assert!(err.contains("every row of") && err.contains("40 examples"), "{err}");
+    assert!(
+        err.contains("every row of") && err.contains("40 examples"),
+        "{err}"
+    );
 
     // Asked for: the test share of the default 0.9/0.05/0.05 fractions only.
     let (v, err) = eval(&["--split", "test"], "split");

@@ -112,17 +112,23 @@ mod tests {
         let text = summary(&splits, &Report::default(), 100);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "records parsed: 100");
-        let rows: Vec<&&str> = lines
-            .iter()
-            .filter(|l| l.contains("25.0%"))
-            .collect();
+        let rows: Vec<&&str> = lines.iter().filter(|l| l.contains("25.0%")).collect();
         // In SPLITS order, each with its numbers, all the same width.
         assert_eq!(rows.len(), 3, "{text}");
-        assert!(rows[0].contains("train") && rows[0].contains("9000"), "{text}");
-        assert!(rows[1].contains("validation") && rows[2].contains("test"), "{text}");
+        assert!(
+            rows[0].contains("train") && rows[0].contains("9000"),
+            "{text}"
+        );
+        assert!(
+            rows[1].contains("validation") && rows[2].contains("test"),
+            "{text}"
+        );
         assert!(rows[0].contains("3/10/20/30/40"), "{text}");
         let width = |l: &str| l.chars().count();
-        assert!(lines[1..5].iter().all(|l| width(l) == width(lines[1])), "{text}");
+        assert!(
+            lines[1..5].iter().all(|l| width(l) == width(lines[1])),
+            "{text}"
+        );
         assert!(text.contains("nothing skipped or truncated"), "{text}");
     }
 }

@@ -224,11 +224,15 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
         None => format!("evaluating {what}: {} examples", examples.len()),
         Some(_) => {
             let [a, b, c] = prepare.split.0;
+            let how = if prepare.val.is_empty() && prepare.test.is_empty() {
+                format!("fractions {a}/{b}/{c}, seed {}", prepare.seed)
+            } else {
+                "own validation/test files".to_string()
+            };
             format!(
-                "evaluating {what}: {} of {} records (fractions {a}/{b}/{c}, seed {})",
+                "evaluating {what}: {} of {} records ({how})",
                 examples.len(),
-                prepared.manifest.records,
-                prepare.seed
+                prepared.manifest.records
             )
         }
     });

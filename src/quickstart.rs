@@ -2,7 +2,8 @@
 //! template for their own — fetch the model, prepare the data, evaluate the base model, train a
 //! LoRA adapter, evaluate it on the same examples, and report before/after.
 
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 
 use crate::eval::{self, EvalOptions, EvalReport, Metric};
 use crate::train::{self, TrainConfig};
@@ -62,7 +63,7 @@ pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
             model: cfg.model.clone(),
             adapter,
             prepare: cfg.prepare_options()?,
-            split: "test".into(),
+            split: Some("test".into()),
             metrics: vec![
                 Metric::Loss,
                 Metric::Perplexity,
@@ -76,6 +77,7 @@ pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
             allowed_scripts: vec![],
             out: out.join("eval"),
             data_dir: out.join("data"),
+            device: cfg.device,
         })
     };
     let progress = |m: &str| eprintln!("      {m}");
@@ -123,4 +125,46 @@ pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
 
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("      {l}\n")).collect()
+}
+
+/// Whether running `name` through the search path `path` (the `PATH` variable's value) starts
+/// the program `exe` — the first `name` found there is the same file once links are resolved.
+/// The quickstart then prints its follow-up commands as `afinar …`, else with `exe`'s path, so
+/// they run as printed after `cargo run -- quickstart` too.
+pub fn on_path_as(name: &str, exe: &Path, path: Option<&OsStr>) -> bool {
+    let (Ok(exe), Some(path)) = (exe.canonicalize(), path) else {
+        return false;
+    };
+    std::env::split_paths(path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| found.canonicalize().ok())
+        .is_some_and(|found| found == exe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn on_path_only_when_the_first_match_is_this_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("real-afinar");
+        std::fs::write(&exe, "").unwrap();
+        let linked = dir.path().join("linked");
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&linked).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::os::unix::fs::symlink(&exe, linked.join("afinar")).unwrap();
+        std::fs::write(other.join("afinar"), "").unwrap();
+        let path = |dirs: &[&Path]| std::env::join_paths(dirs).unwrap();
+
+        assert!(on_path_as("afinar", &exe, Some(&path(&[&linked]))));
+        // Another `afinar` earlier in PATH is the one a shell runs.
+        assert!(!on_path_as("afinar", &exe, Some(&path(&[&other, &linked]))));
+        assert!(on_path_as("afinar", &exe, Some(&path(&[&linked, &other]))));
+        assert!(!on_path_as("afinar", &exe, Some(&path(&[dir.path()]))));
+        assert!(!on_path_as("afinar", &exe, None));
+    }
 }

@@ -255,3 +255,98 @@ fn a_closed_stdout_pipe_ends_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A data file of the first `rows` bundled conjugation examples.
+fn conjugation_rows(path: &std::path::Path, rows: usize) {
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    let subset: String = text.lines().take(rows).map(|l| format!("{l}\n")).collect();
+    std::fs::write(path, subset).unwrap();
+}
+
+#[test]
+fn eval_of_a_data_file_covers_every_row_unless_a_split_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("my_test.jsonl");
+    conjugation_rows(&data, 40);
+    let model = root().join("tests/fixtures/tiny-qwen2");
+    let eval = |extra: &[&str], name: &str| {
+        let json = dir.path().join(format!("{name}.json"));
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--metrics",
+            "loss,exact_match",
+            "--max-new-tokens",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let (code, _, err) = afinar(&args);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (v, err)
+    };
+
+    // The whole file: all 40 rows generated for, and said so.
+    let (v, err) = eval(&[], "whole");
+    assert_eq!(v["counts"]["exact_match"], 40, "{v}");
+    assert_eq!(v["settings"]["split"], "all", "{v}");
+    assert_eq!(v["settings"]["split_examples"], 40, "{v}");
+    assert!(
+        err.contains("every row of") && err.contains("40 examples"),
+        "{err}"
+    );
+
+    // Asked for: the test share of the default 0.9/0.05/0.05 fractions only.
+    let (v, err) = eval(&["--split", "test"], "split");
+    let n = v["counts"]["exact_match"].as_u64().unwrap();
+    assert!((1..20).contains(&n), "{v}");
+    assert_eq!(v["settings"]["split"], "test", "{v}");
+    assert!(
+        err.contains("the test split of") && err.contains(&format!("{n} of 40 records")),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_lists_every_command_and_each_command_its_flags() {
+    let (code, out, err) = afinar(&["--help"]);
+    assert_eq!(code, 0, "{err}");
+    for c in [
+        "info",
+        "generate",
+        "chat",
+        "data",
+        "score",
+        "train",
+        "eval",
+        "quickstart",
+        "serve",
+        "bench",
+    ] {
+        assert!(out.contains(&format!("\n  {c} ")), "{c} missing: {out}");
+    }
+    for (args, flag) in [
+        (&["data", "prepare", "--help"][..], "--split-key"),
+        (&["data", "inspect", "--help"][..], "--split"),
+        (&["bench", "infer", "--help"][..], "--runs"),
+        (&["bench", "train", "--help"][..], "--targets"),
+        (&["eval", "--help"][..], "--compare-base"),
+        (&["generate", "--help"][..], "--allowed-scripts"),
+        (&["serve", "--help"][..], "--max-body-bytes"),
+        (&["train", "--help"][..], "--resume"),
+        (&["quickstart", "--help"][..], "--eval-limit"),
+    ] {
+        let (code, out, err) = afinar(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains(flag), "{args:?} lacks {flag}: {out}");
+    }
+}

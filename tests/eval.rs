@@ -6,6 +6,9 @@ mod common;
 
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
+use afinar::eval::{report, DriftSummary, EvalReport, Scores};
 use afinar::infer::batch::greedy_batch;
 use afinar::infer::scripts::{parse_scripts, scripts_in, ScriptFilter};
 use afinar::infer::{generate, GenerateOptions};
@@ -70,6 +73,51 @@ fn allowed_scripts_keep_han_out_of_the_answer() {
     assert!(scripts_in(&b[0].text).iter().all(|s| *s == "Latin"));
 }
 
+fn scores(loss: f64, exact_match: f64) -> Scores {
+    Scores {
+        model: "m".into(),
+        adapter: None,
+        metrics: BTreeMap::from([("loss".into(), loss), ("exact_match".into(), exact_match)]),
+        counts: BTreeMap::from([("loss".into(), 100), ("exact_match".into(), 4)]),
+        script_drift: DriftSummary::default(),
+        seconds: 1.0,
+    }
+}
+
+#[test]
+fn eval_table_shows_both_models_and_the_change() {
+    let r = EvalReport {
+        results: BTreeMap::from([
+            ("base".to_string(), scores(2.5, 0.25)),
+            ("tuned".to_string(), scores(1.25, 0.75)),
+        ]),
+        examples: vec![],
+        settings: serde_json::json!({}),
+        training_curve: vec![],
+    };
+    let t = report::table(&r);
+    let row = |name: &str| -> Vec<String> {
+        let line = t
+            .lines()
+            .find(|l| l.contains(&format!(" {name} ")))
+            .unwrap_or_else(|| panic!("no {name} row in {t}"));
+        line.split(['│', '┆'])
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    assert_eq!(row("metric"), ["metric", "base", "tuned", "change"], "{t}");
+    assert_eq!(row("loss"), ["loss", "2.5000", "1.2500", "-1.250"], "{t}");
+    assert_eq!(
+        row("exact_match"),
+        ["exact_match", "25.0%", "75.0%", "+50.0 pt"],
+        "{t}"
+    );
+    // Generation ran, so drift is shown too.
+    assert_eq!(row("script_drift")[1], "0.0%", "{t}");
+    assert!(t.trim_end().ends_with("ROUGE-L 0–1)"), "{t}");
+}
+
 fn write_subset(path: &Path, lines: usize) {
     let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
     let subset: String = text.lines().take(lines).map(|l| format!("{l}\n")).collect();
@@ -109,10 +157,14 @@ fn shortened_quickstart_then_eval_and_its_errors() {
     ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    assert!(
-        stdout.contains("afinar chat --model smollm2 --adapter"),
-        "{stdout}"
+    // The follow-up commands run as printed: no `afinar` on PATH is this build, so they start
+    // with its path.
+    let exe = env!("CARGO_BIN_EXE_afinar");
+    let chat = format!(
+        "  {exe} chat --model smollm2 --adapter {}",
+        out.join("adapter").display()
     );
+    assert!(stdout.contains(&chat), "{chat:?} not in {stdout}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let (base, tuned) = (&v["base"]["metrics"], &v["tuned"]["metrics"]);
@@ -202,13 +254,15 @@ fn shortened_quickstart_then_eval_and_its_errors() {
         "{err}"
     );
 
-    // An empty test split.
+    // An empty test split (asked for: a file alone is evaluated whole).
     let tiny = dir.path().join("tiny.jsonl");
     write_subset(&tiny, 2);
     let (code, _, err) = afinar(&[
         "eval",
         "--data",
         tiny.to_str().unwrap(),
+        "--split",
+        "test",
         "--out",
         dir.path().join("e3").to_str().unwrap(),
     ]);

@@ -26,6 +26,7 @@ fn serve(opts: &ServeOptions) -> String {
 
 fn options(model: &str, name: Option<&str>) -> ServeOptions {
     ServeOptions {
+        device: afinar::device::DeviceSpec::Cpu,
         model: model.into(),
         name: name.map(str::to_string),
         adapters: vec![],

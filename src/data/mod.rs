@@ -25,6 +25,7 @@ use crate::model::{Message, TextSide};
 use crate::{Error, Result};
 pub use encode::{Encoded, Encoder, Outcome, Overlong};
 pub use pack::{Packed, Packing};
+pub use read::Limits;
 pub use report::Report;
 pub use shapes::{Example, FieldMap, Format, Item};
 pub use split::{SplitFractions, SPLITS};
@@ -46,6 +47,8 @@ pub struct PrepareOptions {
     pub packing: Packing,
     pub overlong: Overlong,
     pub strict: bool,
+    /// Size bounds on records and decompressed files.
+    pub limits: read::Limits,
     /// System message given to conversations that have none (Axolotl's
     /// `default_system_message`); `None` leaves the template's own default.
     pub system: Option<String>,
@@ -66,6 +69,7 @@ impl Default for PrepareOptions {
             packing: Packing::Pack,
             overlong: Overlong::Truncate,
             strict: false,
+            limits: read::Limits::default(),
             system: None,
         }
     }
@@ -163,7 +167,7 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
     }
     let mut records = Vec::new();
     for (path, fixed) in sources {
-        let recs = read::read_path(path, opts.strict, read::Limits::default(), &mut report)?;
+        let recs = read::read_path(path, opts.strict, opts.limits, &mut report)?;
         records.extend(recs.into_iter().map(|r| (r, fixed)));
     }
     let n_records = records.len();
@@ -421,6 +425,7 @@ fn settings_json(opts: &PrepareOptions) -> serde_json::Value {
         "packing": format!("{:?}", opts.packing).to_lowercase(),
         "overlong": format!("{:?}", opts.overlong).to_lowercase(),
         "strict": opts.strict,
+        "max_record_bytes": opts.limits.max_record_bytes,
         "system": opts.system,
     })
 }

@@ -9,11 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
 use serde::Serialize;
 use unicode_script::Script;
 
-use crate::data::{self, EvalExample, PrepareOptions};
+use crate::data::{self, EvalExample, PrepareOptions, SplitFractions};
 use crate::infer::batch::greedy_batch;
 use crate::infer::scripts::{drift, ScriptFilter};
 use crate::model::{Model, TextSide};
@@ -28,7 +27,10 @@ pub struct EvalOptions {
     pub adapter: Option<PathBuf>,
     /// Data settings; the same as training's so the split and the templating match.
     pub prepare: PrepareOptions,
-    pub split: String,
+    /// The split of `prepare` to evaluate (`test`, `validation`, `train`), or `None` for every
+    /// row of `prepare.data`: a file given for evaluation is evaluated whole, not cut by the
+    /// training run's split fractions.
+    pub split: Option<String>,
     pub metrics: Vec<Metric>,
     /// Generate for the first N examples of the split (0 = all). Loss covers the whole split.
     pub limit: usize,
@@ -42,6 +44,8 @@ pub struct EvalOptions {
     pub out: PathBuf,
     /// Prepared-data cache (a training run's `RUN/data` is reused when the settings match).
     pub data_dir: PathBuf,
+    /// Where the models compute.
+    pub device: crate::device::DeviceSpec,
 }
 
 /// Script drift over a model's outputs: letters of scripts that appear in neither the prompt
@@ -160,33 +164,80 @@ fn prompt_of(model: &Model, ex: &EvalExample) -> Result<Option<(Vec<u32>, String
     Ok(None)
 }
 
+/// The name `settings.split` gives an evaluation of every row.
+pub const ALL_ROWS: &str = "all";
+
+/// The data settings to prepare and the split holding the rows to evaluate: for `split: None`,
+/// every row of `prepare.data` goes to the test split (no fractions, no own val/test files).
+fn rows_to_evaluate(opts: &EvalOptions) -> (PrepareOptions, &str) {
+    match &opts.split {
+        Some(name) => (opts.prepare.clone(), name.as_str()),
+        None => (
+            PrepareOptions {
+                val: vec![],
+                test: vec![],
+                split_key: None,
+                split: SplitFractions([0.0, 0.0, 1.0]),
+                ..opts.prepare.clone()
+            },
+            "test",
+        ),
+    }
+}
+
 /// Runs the evaluation. `progress` receives one line per phase.
 pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<EvalReport> {
-    let device = Device::Cpu;
-    let split_name = opts.split.as_str();
-    if !data::SPLITS.contains(&split_name) {
-        return Err(Error::InvalidArgument(format!(
-            "unknown split {split_name:?}; choose one of {}",
-            data::SPLITS.join(", ")
-        )));
+    let device = opts.device.open()?;
+    if let Some(name) = &opts.split {
+        if !data::SPLITS.contains(&name.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "unknown split {name:?}; choose one of {}",
+                data::SPLITS.join(", ")
+            )));
+        }
     }
+    let (prepare, split_name) = rows_to_evaluate(opts);
     let text = TextSide::load(&opts.model)?;
-    let prepared = data::prepare_cached(&opts.prepare, &opts.model, &text, &opts.data_dir)?;
+    let prepared = data::prepare_cached(&prepare, &opts.model, &text, &opts.data_dir)?;
     let file = prepared.split(split_name)?;
     let mut examples = prepared.eval_examples(split_name)?;
-    let sources = opts
-        .prepare
+    let sources = prepare
         .data
         .iter()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ");
+    // What is evaluated, in words, for the progress lines and errors.
+    let what = match &opts.split {
+        None => format!("every row of {sources}"),
+        Some(name) => format!("the {name} split of {sources}"),
+    };
     if file.sequences() == 0 || examples.is_empty() {
-        return Err(Error::Data(format!(
-            "the {split_name} split of {sources} is empty; give more data, a larger {split_name} \
-             fraction (--split) or a {split_name} file of its own"
-        )));
+        return Err(Error::Data(match &opts.split {
+            None => format!("{sources}: no example to evaluate"),
+            Some(name) => format!(
+                "the {name} split of {sources} is empty; give more data, a larger {name} \
+                 fraction, or --data FILE alone to evaluate a whole file"
+            ),
+        }));
     }
+    progress(&match &opts.split {
+        None => format!("evaluating {what}: {} examples", examples.len()),
+        Some(_) => {
+            let [a, b, c] = prepare.split.0;
+            let how = if prepare.val.is_empty() && prepare.test.is_empty() {
+                format!("fractions {a}/{b}/{c}, seed {}", prepare.seed)
+            } else {
+                "own validation/test files".to_string()
+            };
+            format!(
+                "evaluating {what}: {} of {} records ({how})",
+                examples.len(),
+                prepared.manifest.records
+            )
+        }
+    });
+    let split_examples = examples.len();
     examples.retain(|e| !e.references.is_empty());
     if opts.limit > 0 {
         examples.truncate(opts.limit);
@@ -246,7 +297,7 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
             .iter()
             .any(|m| matches!(m, Metric::Loss | Metric::Perplexity))
         {
-            progress(&format!("{label}: loss over the {split_name} split"));
+            progress(&format!("{label}: loss over {what}"));
             let bs = opts.batch_size.clamp(1, 8);
             if let Some(loss) = split_loss(&model.transformer, &file, bs, 0)? {
                 let all: Vec<usize> = (0..file.sequences()).collect();
@@ -342,8 +393,9 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
     let settings = serde_json::json!({
         "model": opts.model,
         "adapter": opts.adapter.as_ref().map(|p| p.display().to_string()),
-        "data": opts.prepare.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        "split": split_name,
+        "data": prepare.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "split": opts.split.as_deref().unwrap_or(ALL_ROWS),
+        "split_examples": split_examples,
         "examples": rows.len(),
         "limit": opts.limit,
         "metrics": opts.metrics.iter().map(|m| m.name()).collect::<Vec<_>>(),

@@ -3,6 +3,9 @@
 
 use std::fmt::Write as _;
 
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{CellAlignment, Table};
+
 use super::{EvalReport, Metric};
 
 fn fmt_value(name: &str, v: f64) -> String {
@@ -47,40 +50,40 @@ fn shown(name: &str, v: Option<f64>) -> String {
     }
 }
 
-/// The terminal table: one row per metric, one column per model (and the change when two).
+/// The terminal table: one row per metric, one column per model (and the change when two),
+/// then a line saying what the generation metrics were computed over.
 pub fn table(r: &EvalReport) -> String {
     let labels: Vec<&String> = r.results.keys().collect();
-    let mut out = format!("{:<14}", "metric");
-    for l in &labels {
-        let _ = write!(out, "{l:>12}");
-    }
+    let mut header = vec!["metric".to_string()];
+    header.extend(labels.iter().map(|l| l.to_string()));
     if labels.len() == 2 {
-        let _ = write!(out, "{:>12}", "change");
+        header.push("change".into());
     }
-    out.push('\n');
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header(header);
     for name in metric_names(r) {
-        let _ = write!(out, "{name:<14}");
         let vals: Vec<Option<f64>> = labels.iter().map(|l| value_of(r, l, &name)).collect();
-        for v in &vals {
-            let _ = write!(out, "{:>12}", shown(&name, *v));
-        }
+        let mut row = vec![name.clone()];
+        row.extend(vals.iter().map(|v| shown(&name, *v)));
         if let [Some(a), Some(b)] = vals[..] {
             let d = b - a;
-            let ch = match name.as_str() {
+            row.push(match name.as_str() {
                 "exact_match" | "accuracy" | "script_drift" => format!("{:+.1} pt", 100.0 * d),
                 _ => format!("{d:+.3}"),
-            };
-            let _ = write!(out, "{ch:>12}");
+            });
         }
-        out.push('\n');
+        t.add_row(row);
     }
-    let n = r.examples.len();
-    let _ = writeln!(
-        out,
-        "({} generated examples; exact match and accuracy in % of them, chrF 0–100, ROUGE-L 0–1)",
-        n
-    );
-    out
+    for i in 1..t.column_count() {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    format!(
+        "{t}\n({} generated examples; exact match and accuracy in % of them, chrF 0–100, \
+         ROUGE-L 0–1)\n",
+        r.examples.len()
+    )
 }
 
 /// Escapes text for HTML element content and attribute values.

@@ -41,6 +41,8 @@ pub struct ServeOptions {
     /// The id the base model is served as (`/v1/models`, a request's `model`); `None` gives
     /// [`served_name`] of `model`. Requests naming the full `model` spec are accepted too.
     pub name: Option<String>,
+    /// Where the model computes.
+    pub device: crate::device::DeviceSpec,
     /// (name, PEFT adapter directory) pairs, each served as its own model id.
     pub adapters: Vec<(String, PathBuf)>,
     pub host: String,
@@ -140,7 +142,7 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
         Some(n) => n.clone(),
         None => served_name(&opts.model),
     };
-    let device = candle_core::Device::Cpu;
+    let device = opts.device.open()?;
     let base = Model::load(&opts.model, &device)?;
     let mut models = Vec::new();
     for (name, dir) in &opts.adapters {

@@ -1,0 +1,96 @@
+//! `afinar bench train` and `afinar bench infer`: speed, ending with a `RESULT {json}` line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::args::ModelArg;
+use afinar::infer::bench::BenchInfer;
+use afinar::train::bench::BenchTrain;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchCommand,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One LoRA training step (r=16 on the 7 projections, batch 4 × 256 random tokens), as
+    /// ../shared/bench/peft_baseline.py lora measures PEFT.
+    Train(TrainBenchArgs),
+    /// Prefill (512-token prompt) and greedy decode (32-token prompt + 128 new tokens).
+    Infer(InferBenchArgs),
+}
+
+#[derive(Args)]
+pub struct TrainBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// LoRA target modules.
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub targets: String,
+    /// Only the RESULT line, no per-step timings (for ab.py).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct InferBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also write the result object to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let result = match args.what {
+        BenchCommand::Train(a) => afinar::train::bench::run(&BenchTrain {
+            model: a.model.model,
+            batch: a.batch,
+            seq: a.seq,
+            rank: a.rank,
+            warmup: a.warmup,
+            steps: a.steps,
+            full: false,
+            targets: a.targets,
+            verbose: !a.json,
+        })?,
+        BenchCommand::Infer(a) => {
+            let device = a.model.device.open()?;
+            let r = afinar::infer::bench::run(
+                &BenchInfer {
+                    model: a.model.model,
+                    runs: a.runs,
+                    verbose: true,
+                },
+                &device,
+            )?;
+            if let Some(path) = &a.json {
+                std::fs::write(path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            r
+        }
+    };
+    println!("RESULT {result}");
+    Ok(())
+}

@@ -1,26 +1,12 @@
 //! The `afinar` binary as users run it: bad inputs give one clear line and a non-zero exit,
-//! never a panic; `generate --json` and `chat` work on the default model.
+//! never a panic. Offline (tiny fixture models, in `cargo test-fast`); what needs the default
+//! model (generate, chat, info on SmolLM2, a truncated real GGUF) is in tests/cli_smollm2.rs.
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{afinar, root, smollm2_path};
-
-/// Runs `afinar info --model PATH` and checks for a single clear error line containing `want`.
-fn expect_error(model: &std::path::Path, want: &str) {
-    let (code, _, err) = afinar(&["info", "--model", model.to_str().unwrap()]);
-    assert_ne!(code, 0, "should fail: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected: {err}");
-    assert!(err.contains(want), "expected {want:?} in {err:?}");
-    assert!(
-        err.contains(model.file_name().unwrap().to_str().unwrap()),
-        "names the file: {err}"
-    );
-}
+use common::{afinar, expect_error, root, tiny_spec, write_conjugation};
 
 #[test]
 fn missing_path_is_a_clear_error() {
@@ -36,18 +22,6 @@ fn text_file_passed_as_gguf() {
     let p = dir.path().join("notes.gguf");
     std::fs::write(&p, "this is just text\n").unwrap();
     expect_error(&p, "not a GGUF file");
-}
-
-#[test]
-fn truncated_gguf_header_and_body() {
-    let src = std::fs::read(smollm2_path()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let header = dir.path().join("cut-header.gguf");
-    std::fs::write(&header, &src[..100_000]).unwrap();
-    expect_error(&header, "truncated");
-    let body = dir.path().join("cut-body.gguf");
-    std::fs::write(&body, &src[..src.len() / 2]).unwrap();
-    expect_error(&body, "truncated");
 }
 
 #[test]
@@ -77,81 +51,17 @@ fn directory_without_tokenizer() {
 
 #[test]
 fn bad_sampling_values_are_rejected() {
-    let (code, _, err) = afinar(&["generate", "--prompt", "hi", "--top-p", "2"]);
+    let (code, _, err) = afinar(&[
+        "generate",
+        "--model",
+        tiny_spec(),
+        "--prompt",
+        "hi",
+        "--top-p",
+        "2",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("top-p must be in (0, 1]"), "{err}");
-}
-
-#[test]
-fn generate_json_reports_tokens_and_reason() {
-    let (code, out, err) = afinar(&[
-        "generate",
-        "--chat",
-        "--prompt",
-        "What is the capital of France?",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "24",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for key in [
-        "text",
-        "tokens",
-        "prompt_tokens",
-        "generated_tokens",
-        "tokens_per_sec",
-        "finish_reason",
-    ] {
-        assert!(v.get(key).is_some(), "missing {key} in {v}");
-    }
-    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
-    assert_eq!(
-        v["tokens"].as_array().unwrap().len() as u64,
-        v["generated_tokens"].as_u64().unwrap()
-    );
-}
-
-#[test]
-fn chat_keeps_history_and_handles_commands() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_afinar"))
-        .args(["chat", "--temperature", "0", "--max-new-tokens", "24"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is the capital of France?\nAnd of Spain?\n/reset\nHi\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("Paris"), "{stdout}");
-    assert!(stdout.contains("(conversation reset)"), "{stdout}");
-    assert!(stdout.contains("Madrid"), "{stdout}");
-}
-
-#[test]
-fn info_describes_the_default_model() {
-    let (code, out, err) = afinar(&["info", "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["architecture"], "llama");
-    assert_eq!(v["vocab_size"], 49152);
-    assert_eq!(v["parameters"], 134_515_008);
-    assert_eq!(v["file_dtype"], "Q4_1");
-    assert_eq!(v["chat_template"], true);
-    assert_eq!(v["eos_token"], "<|im_end|>");
 }
 
 #[test]
@@ -203,6 +113,8 @@ fn data_prepare_then_inspect_the_bundled_conjugation_set() {
     let (code, stdout, err) = afinar(&[
         "data",
         "prepare",
+        "--model",
+        tiny_spec(),
         "--data",
         data.to_str().unwrap(),
         "--split-key",
@@ -229,6 +141,8 @@ fn data_prepare_then_inspect_the_bundled_conjugation_set() {
     let (code, _, err) = afinar(&[
         "data",
         "prepare",
+        "--model",
+        tiny_spec(),
         "--data",
         "/nope.jsonl",
         "--out",
@@ -245,7 +159,7 @@ fn data_prepare_then_inspect_the_bundled_conjugation_set() {
 fn a_closed_stdout_pipe_ends_quietly() {
     // As in `afinar info | head -1`: the reader goes away before afinar prints.
     let mut child = Command::new(env!("CARGO_BIN_EXE_afinar"))
-        .args(["info"])
+        .args(["info", "--model", tiny_spec()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -256,18 +170,11 @@ fn a_closed_stdout_pipe_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// A data file of the first `rows` bundled conjugation examples.
-fn conjugation_rows(path: &std::path::Path, rows: usize) {
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let subset: String = text.lines().take(rows).map(|l| format!("{l}\n")).collect();
-    std::fs::write(path, subset).unwrap();
-}
-
 #[test]
 fn eval_of_a_data_file_covers_every_row_unless_a_split_is_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("my_test.jsonl");
-    conjugation_rows(&data, 40);
+    write_conjugation(&data, 0..40);
     let model = root().join("tests/fixtures/tiny-qwen2");
     let eval = |extra: &[&str], name: &str| {
         let json = dir.path().join(format!("{name}.json"));

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use std::collections::BTreeMap;
 
 use afinar::eval::{report, DriftSummary, EvalReport, Scores};
@@ -13,7 +11,7 @@ use afinar::infer::batch::greedy_batch;
 use afinar::infer::scripts::{parse_scripts, scripts_in, ScriptFilter};
 use afinar::infer::{generate, GenerateOptions};
 use afinar::model::Message;
-use common::{afinar, root, smollm2};
+use common::{afinar, root, smollm2, write_conjugation};
 
 fn chat_prompt(text: &str) -> Vec<u32> {
     smollm2()
@@ -118,17 +116,11 @@ fn eval_table_shows_both_models_and_the_change() {
     assert!(t.trim_end().ends_with("ROUGE-L 0–1)"), "{t}");
 }
 
-fn write_subset(path: &Path, lines: usize) {
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let subset: String = text.lines().take(lines).map(|l| format!("{l}\n")).collect();
-    std::fs::write(path, subset).unwrap();
-}
-
 #[test]
 fn shortened_quickstart_then_eval_and_its_errors() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("conj.jsonl");
-    write_subset(&data, 240);
+    write_conjugation(&data, 0..240);
     let out = dir.path().join("run");
     let (code, stdout, err) = afinar(&[
         "quickstart",
@@ -256,7 +248,7 @@ fn shortened_quickstart_then_eval_and_its_errors() {
 
     // An empty test split (asked for: a file alone is evaluated whole).
     let tiny = dir.path().join("tiny.jsonl");
-    write_subset(&tiny, 2);
+    write_conjugation(&tiny, 0..2);
     let (code, _, err) = afinar(&[
         "eval",
         "--data",

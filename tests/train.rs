@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use afinar::data::cache::{self, TokenFile};
 use afinar::data::Packed;
@@ -14,7 +13,7 @@ use afinar::train::lora::{self, LoraSpec};
 use afinar::train::optim::{AdamW, AdamWConfig};
 use afinar::train::{step_gradients, TrainConfig};
 use candle_core::{Device, Tensor, Var};
-use common::{golden, root};
+use common::{afinar_cmd, golden, root, write_conjugation};
 
 use lora::ALL_LINEAR as MODULES;
 
@@ -239,15 +238,9 @@ fn accumulated_micro_batches_equal_one_big_batch() {
     }
 }
 
-fn afinar() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_afinar"))
-}
-
 /// Writes a small conjugation dataset and returns the `train` arguments for a short run.
 fn run_args(data_dir: &Path, out: &Path, steps: usize) -> Vec<String> {
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let data = data_dir.join("conj.jsonl");
-    std::fs::write(&data, text.lines().take(400).collect::<Vec<_>>().join("\n")).unwrap();
+    let data = write_conjugation(&data_dir.join("conj.jsonl"), 0..400);
     [
         "train",
         "--quiet",
@@ -309,7 +302,7 @@ fn determinism_and_exact_resume_after_sigkill() {
         tmp.path().join("killed"),
     );
     for run in [&a, &b] {
-        let out = afinar()
+        let out = afinar_cmd()
             .args(run_args(tmp.path(), run, 8))
             .output()
             .unwrap();
@@ -340,7 +333,10 @@ fn determinism_and_exact_resume_after_sigkill() {
     }
 
     // Kill -9 once the step-4 checkpoint exists, then resume.
-    let mut child = afinar().args(run_args(tmp.path(), &c, 8)).spawn().unwrap();
+    let mut child = afinar_cmd()
+        .args(run_args(tmp.path(), &c, 8))
+        .spawn()
+        .unwrap();
     let ckpt = c.join("checkpoints/step-0000004/state.json");
     let t0 = std::time::Instant::now();
     while !ckpt.is_file() {
@@ -355,7 +351,7 @@ fn determinism_and_exact_resume_after_sigkill() {
     // No temporary directory is ever taken for a checkpoint.
     let listed = afinar::train::checkpoint::list(&c).unwrap();
     assert!(!listed.is_empty());
-    let out = afinar()
+    let out = afinar_cmd()
         .args(["train", "--quiet", "--resume", c.to_str().unwrap()])
         .output()
         .unwrap();
@@ -371,7 +367,7 @@ fn determinism_and_exact_resume_after_sigkill() {
     );
 
     // Resuming with a different configuration is refused, saying what differs.
-    let out = afinar()
+    let out = afinar_cmd()
         .args([
             "train",
             "--quiet",
@@ -394,7 +390,7 @@ fn determinism_and_exact_resume_after_sigkill() {
 fn saved_adapters_load_back_and_refuse_another_model() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let out = afinar()
+    let out = afinar_cmd()
         .args(run_args(tmp.path(), &run, 2))
         .output()
         .unwrap();
@@ -448,12 +444,10 @@ fn example_configs_parse() {
 #[test]
 fn full_fine_tuning_writes_a_loadable_hugging_face_directory() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let data = tmp.path().join("c.jsonl");
-    std::fs::write(&data, text.lines().take(100).collect::<Vec<_>>().join("\n")).unwrap();
+    let data = write_conjugation(&tmp.path().join("c.jsonl"), 0..100);
     let base = root().join("tests/fixtures/tiny-qwen2");
     let run = tmp.path().join("run");
-    let out = afinar()
+    let out = afinar_cmd()
         .args([
             "train",
             "--quiet",
@@ -522,9 +516,7 @@ fn a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
         let f = f.unwrap().path();
         std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
     }
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let data = tmp.path().join("c.jsonl");
-    std::fs::write(&data, text.lines().take(100).collect::<Vec<_>>().join("\n")).unwrap();
+    let data = write_conjugation(&tmp.path().join("c.jsonl"), 0..100);
     let run = tmp.path().join("run");
     let args = |steps: &str| {
         let mut a: Vec<String> = [
@@ -551,7 +543,7 @@ fn a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
         );
         a
     };
-    let out = afinar().args(args("2")).output().unwrap();
+    let out = afinar_cmd().args(args("2")).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -571,7 +563,7 @@ fn a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
         run.to_str().unwrap().into(),
     ];
     resume.extend(["--max-steps", "4"].map(String::from));
-    let out = afinar().args(&resume).output().unwrap();
+    let out = afinar_cmd().args(&resume).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("loss is NaN at step 3"), "{err}");
@@ -585,9 +577,7 @@ fn a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
 fn packed_sequences_give_the_same_loss_as_one_example_at_a_time() {
     // Block-diagonal attention and restarting positions make packing invisible to the loss.
     let tmp = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let data = tmp.path().join("c.jsonl");
-    std::fs::write(&data, text.lines().take(40).collect::<Vec<_>>().join("\n")).unwrap();
+    let data = write_conjugation(&tmp.path().join("c.jsonl"), 0..40);
     let mdir = root().join("tests/fixtures/tiny-qwen2");
     let side = afinar::model::TextSide::load(mdir.to_str().unwrap()).unwrap();
     let model = Model::load(mdir.to_str().unwrap(), &Device::Cpu)
@@ -627,9 +617,7 @@ fn packed_sequences_give_the_same_loss_as_one_example_at_a_time() {
 /// A short run on the tiny Qwen2 fixture: `train` arguments (without `--quiet`) for `steps`
 /// steps on the first 100 conjugation rows, writing to `out`.
 fn tiny_run_args(dir: &Path, out: &Path, steps: usize) -> Vec<String> {
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let data = dir.join("c.jsonl");
-    std::fs::write(&data, text.lines().take(100).collect::<Vec<_>>().join("\n")).unwrap();
+    let data = write_conjugation(&dir.join("c.jsonl"), 0..100);
     let model = root().join("tests/fixtures/tiny-qwen2");
     [
         "train",
@@ -654,7 +642,7 @@ fn without_a_terminal_training_prints_plain_progress_lines() {
     let mut args = tiny_run_args(tmp.path(), &run, 7);
     args.extend(["--set", "log_every=3", "--set", "eval_every=3"].map(String::from));
     // `output()` pipes stderr: not a terminal, as under a script, CI or nohup.
-    let out = afinar().args(&args).output().unwrap();
+    let out = afinar_cmd().args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
@@ -685,7 +673,7 @@ fn without_a_terminal_training_prints_plain_progress_lines() {
     let quiet_run = tmp.path().join("quiet");
     let mut args = tiny_run_args(tmp.path(), &quiet_run, 2);
     args.push("--quiet".into());
-    let out = afinar().args(&args).output().unwrap();
+    let out = afinar_cmd().args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.lines().any(|l| l.starts_with("step ")), "{err}");
@@ -695,21 +683,11 @@ fn without_a_terminal_training_prints_plain_progress_lines() {
 fn a_validation_file_is_the_validation_split_and_a_resume_key() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
-    let val = tmp.path().join("v.jsonl");
-    std::fs::write(
-        &val,
-        text.lines()
-            .skip(500)
-            .take(13)
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
-    .unwrap();
+    let val = write_conjugation(&tmp.path().join("v.jsonl"), 500..513);
     let mut args = tiny_run_args(tmp.path(), &run, 2);
     args.extend(["--quiet", "--set"].map(String::from));
     args.push(format!("val={:?}", val.display().to_string()));
-    let out = afinar().args(&args).output().unwrap();
+    let out = afinar_cmd().args(&args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -721,7 +699,7 @@ fn a_validation_file_is_the_validation_split_and_a_resume_key() {
     assert!(saved.contains("v.jsonl"), "{saved}");
 
     // Resuming without the validation file is refused, naming the key.
-    let out = afinar()
+    let out = afinar_cmd()
         .args(["train", "--quiet", "--resume", run.to_str().unwrap()])
         .args(["--set", "val=[]"])
         .output()

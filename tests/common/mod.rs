@@ -58,6 +58,25 @@ pub fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
     p
 }
 
+/// Writes records `rows` (line numbers from 0) of the bundled conjugation set to `path` as JSONL;
+/// returns the path.
+pub fn write_conjugation(path: &Path, rows: std::ops::Range<usize>) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
+    let subset: String = text
+        .lines()
+        .skip(rows.start)
+        .take(rows.len())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, subset).unwrap();
+    path.to_path_buf()
+}
+
+/// Runs the `afinar` binary: a Command to add arguments to.
+pub fn afinar_cmd() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_afinar"))
+}
+
 /// The first `n` records of the bundled conjugation set, as JSONL text.
 pub fn conjugation_head(n: usize) -> String {
     let text = std::fs::read_to_string(root().join("data/conjugation/conjugation.jsonl")).unwrap();
@@ -121,4 +140,18 @@ pub fn afinar(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `afinar info --model PATH` and checks for a single clear error line containing `want`.
+pub fn expect_error(model: &std::path::Path, want: &str) {
+    let (code, _, err) = afinar(&["info", "--model", model.to_str().unwrap()]);
+    assert_ne!(code, 0, "should fail: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err}");
+    assert!(err.contains(want), "expected {want:?} in {err:?}");
+    assert!(
+        err.contains(model.file_name().unwrap().to_str().unwrap()),
+        "names the file: {err}"
+    );
 }

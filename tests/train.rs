@@ -708,3 +708,75 @@ fn a_validation_file_is_the_validation_split_and_a_resume_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("configuration differs (val: ["), "{err}");
 }
+
+#[test]
+fn a_second_run_on_the_same_directory_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // This test process holds the run's lock, as a first `afinar train` would.
+    let held = afinar::train::lock::RunLock::acquire(&run).unwrap();
+    let out = afinar_cmd()
+        .args(tiny_run_args(tmp.path(), &run, 2))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "is in use by another afinar run (pid {})",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(!run.join("config.toml").exists(), "nothing written");
+    drop(held);
+    let out = afinar_cmd()
+        .args(tiny_run_args(tmp.path(), &run, 2))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_and_stale_checkpoint_temporaries_are_cleaned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // Full fine-tuning at a learning rate far too high: the loss explodes within a few steps.
+    let mut args = tiny_run_args(tmp.path(), &run, 30);
+    args.extend(
+        [
+            "--quiet",
+            "--set",
+            "lr=0.9",
+            "--set",
+            "method=full",
+            "--set",
+            "warmup_steps=0",
+            "--set",
+            "max_grad_norm=0",
+        ]
+        .map(String::from),
+    );
+    let stale = run.join("checkpoints/.step-0000007.tmp99999");
+    std::fs::create_dir_all(&stale).unwrap();
+    let out = afinar_cmd().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("has diverged")
+            || err.contains("gradient norm is")
+            || err.contains("loss is NaN"),
+        "{err}"
+    );
+    assert!(err.contains("at step "), "{err}");
+    assert!(
+        !stale.exists(),
+        "a killed save's temporary directory is removed"
+    );
+}

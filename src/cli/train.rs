@@ -104,7 +104,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
         None => args.config.clone(),
     };
-    let mut cfg = TrainConfig::load(config_file.as_deref(), &args.set)?;
+    let mut cfg = TrainConfig::read(config_file.as_deref(), &args.set)?;
     args.apply(&mut cfg);
     if let Some(dir) = &args.resume {
         cfg.out = dir.clone();

@@ -40,12 +40,55 @@ fn fsync(path: &Path) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
-/// Writes checkpoint `step` under `dir/checkpoints/`, then keeps only the newest `keep`.
+/// Removes temporary checkpoint directories a killed or failed save left behind (the caller
+/// holds the run's lock, so none belongs to a live process).
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join("checkpoints")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && name.contains(".tmp") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Writes checkpoint `step` under `dir/checkpoints/`, then keeps only the newest `keep`. A
+/// failed write removes its temporary directory; a full disk says so.
 pub fn save(dir: &Path, opt: &AdamW, state: &TrainState, keep: usize) -> Result<PathBuf> {
     let root = dir.join("checkpoints");
-    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let final_dir = root.join(format!("step-{:07}", state.step));
+    save_into(&root, opt, state, keep, dir).map_err(|e| {
+        let _ = std::fs::remove_dir_all(root.join(tmp_name(state.step)));
+        let text = e.to_string();
+        if text.contains("os error 28") || text.contains("No space left") {
+            Error::Training(format!(
+                "no space left on the device holding {} while writing checkpoint {}; free some \
+                 space and --resume (the previous checkpoint is intact)",
+                dir.display(),
+                final_dir.display()
+            ))
+        } else {
+            e
+        }
+    })
+}
+
+fn tmp_name(step: usize) -> String {
+    format!(".step-{step:07}.tmp{}", std::process::id())
+}
+
+fn save_into(
+    root: &Path,
+    opt: &AdamW,
+    state: &TrainState,
+    keep: usize,
+    dir: &Path,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     let name = format!("step-{:07}", state.step);
-    let tmp = root.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = root.join(tmp_name(state.step));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut weights = HashMap::new();
@@ -72,7 +115,7 @@ pub fn save(dir: &Path, opt: &AdamW, state: &TrainState, keep: usize) -> Result<
     let final_dir = root.join(&name);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    sync_dir(&root);
+    sync_dir(root);
     let all = list(dir)?;
     for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         let _ = std::fs::remove_dir_all(old);

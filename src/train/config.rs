@@ -310,13 +310,22 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
 }
 
 impl TrainConfig {
-    /// Defaults, then the TOML file (if any), then each `key=value` override in order.
+    /// Defaults, then the TOML file (if any), then each `key=value` override in order;
+    /// validated.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let config = Self::read(file, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Like [`TrainConfig::load`] without the final [`TrainConfig::validate`], for callers that
+    /// set more fields first (the CLI's flags) and validate the result.
+    pub fn read(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let text = match file {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?),
             None => None,
         };
-        Self::load_text(
+        Self::read_text(
             text.as_deref().zip(file.map(|p| p.display().to_string())),
             overrides,
         )
@@ -324,6 +333,13 @@ impl TrainConfig {
 
     /// Like [`TrainConfig::load`] with the TOML given as (text, where it came from).
     pub fn load_text(toml_text: Option<(&str, String)>, overrides: &[String]) -> Result<Self> {
+        let config = Self::read_text(toml_text, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`TrainConfig::load_text`] without validation.
+    fn read_text(toml_text: Option<(&str, String)>, overrides: &[String]) -> Result<Self> {
         let mut table = match toml::Value::try_from(Self::default()) {
             Ok(toml::Value::Table(t)) => t,
             _ => unreachable!("the default config serialises to a table"),
@@ -359,7 +375,6 @@ impl TrainConfig {
         let config: Self = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| Error::Config(format!("config: {}", e.message())))?;
-        config.validate()?;
         Ok(config)
     }
 

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod lock;
 pub mod lora;
 pub mod optim;
 pub mod plot;
@@ -108,9 +109,15 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             &micro,
             run::dropout_key(&run),
         )?;
-        run::check_finite(&run, loss)?;
+        run::check_loss(&run, loss)?;
         let lr = run::learning_rate(&run);
-        let grad_norm = optimiser_step(&mut run.opt, grads, lr, run.cfg.max_grad_norm)?;
+        let grad_norm = optimiser_step(
+            &mut run.opt,
+            grads,
+            lr,
+            run.cfg.max_grad_norm,
+            run.state.step + 1,
+        )?;
         run.state.step += 1;
         run.state.tokens_seen += tokens as u64;
         if run::fit_time_budget(&mut run)? {
@@ -153,12 +160,20 @@ fn optimiser_step(
     grads: Option<Vec<Tensor>>,
     lr: f64,
     max_grad_norm: f64,
+    step: usize,
 ) -> Result<f64> {
     let Some(mut grads) = grads else {
         return Ok(0.0);
     };
     // Data-parallel training would all-reduce (NCCL) `grads` across devices here.
     let norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
+    if !norm.is_finite() {
+        // Checked before the update, so the weights (and the last checkpoint) stay finite.
+        return Err(Error::Training(format!(
+            "the gradient norm is {norm} at step {step}; stopping before the update (lower lr, \
+             or check the data). The last checkpoint is intact"
+        )));
+    }
     opt.step(&grads, lr)?;
     Ok(norm)
 }

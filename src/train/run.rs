@@ -63,6 +63,8 @@ pub struct Run {
     pub start: Instant,
     pub last_loss: f64,
     pub last_val: Option<f64>,
+    /// This process's lock on the run directory, held until the run ends.
+    pub lock: super::lock::RunLock,
 }
 
 impl Run {
@@ -118,6 +120,9 @@ impl MetricsLog {
 /// data, loads the model on the configured device, chooses what trains, builds the optimiser
 /// and restores the last checkpoint when resuming.
 pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
+    // Before anything is written: one run per directory.
+    let lock = super::lock::RunLock::acquire(&cfg.out)?;
+    checkpoint::remove_stale_temporaries(&cfg.out);
     let cfg = settle_config(cfg, resume)?;
     let device = cfg.device.open()?;
 
@@ -166,6 +171,7 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
         last_loss: f64::NAN,
         last_val: state.best_val_loss,
         metrics: MetricsLog::create(metrics_path, history)?,
+        lock,
         cfg,
         model,
         base_model,
@@ -350,16 +356,39 @@ pub fn learning_rate(run: &Run) -> f64 {
     )
 }
 
-/// A NaN or infinite loss ends the run, naming the step and where the last checkpoint is.
-pub fn check_finite(run: &Run, loss: f64) -> Result<()> {
-    if loss.is_finite() {
-        return Ok(());
+/// A NaN or infinite loss, or one that has grown by orders of magnitude (a hundredfold over
+/// the lowest so far, or three times what guessing uniformly over the vocabulary costs), ends
+/// the run before the update, naming the step and where the last checkpoint is.
+pub fn check_loss(run: &Run, loss: f64) -> Result<()> {
+    let where_ = || {
+        format!(
+            "The last good checkpoint (if any) is in {}",
+            run.out().join("checkpoints").display()
+        )
+    };
+    let step = run.state.step + 1;
+    if !loss.is_finite() {
+        return Err(Error::Training(format!(
+            "loss is {loss} at step {step}; stopping. {}",
+            where_()
+        )));
     }
-    Err(Error::Training(format!(
-        "loss is {loss} at step {}; stopping. The last good checkpoint (if any) is in {}",
-        run.state.step + 1,
-        run.out().join("checkpoints").display()
-    )))
+    let lowest = run
+        .metrics
+        .history
+        .iter()
+        .map(|m| m.loss)
+        .filter(|l| l.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    let uniform = (run.model.config().vocab_size.max(2) as f64).ln();
+    if (lowest.is_finite() && loss > 100.0 * lowest.max(1e-3)) || loss > 3.0 * uniform {
+        return Err(Error::Training(format!(
+            "loss {loss:.3} at step {step} has diverged (lowest so far {lowest:.3}; a uniform \
+             guess costs {uniform:.2}); stopping — lower lr or raise warmup_steps. {}",
+            where_()
+        )));
+    }
+    Ok(())
 }
 
 /// Phase 4: after the probe steps, turns a `max_minutes` budget into a step count, leaving

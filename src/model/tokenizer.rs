@@ -97,10 +97,15 @@ impl TextTokenizer {
         // (start, end, id) of each control token in the markup between the plain ranges.
         let mut cuts: Vec<(usize, usize, u32)> = Vec::new();
         let mut from = 0;
-        let bounds = plain.iter().map(|r| (r.start, r.end)).chain([(text.len(), text.len())]);
+        let bounds = plain
+            .iter()
+            .map(|r| (r.start, r.end))
+            .chain([(text.len(), text.len())]);
         for (start, end) in bounds {
             let markup = text.get(from..start).ok_or_else(|| {
-                Error::Tokenizer(format!("plain range {start}..{end} is not inside the text or not sorted"))
+                Error::Tokenizer(format!(
+                    "plain range {start}..{end} is not inside the text or not sorted"
+                ))
             })?;
             let mut i = 0;
             while i < markup.len() {

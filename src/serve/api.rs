@@ -260,7 +260,6 @@ fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
         "tool_choice",
         "functions",
         "function_call",
-        "parallel_tool_calls",
         "response_format",
         "best_of",
         "echo",
@@ -268,10 +267,12 @@ fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
         "logit_bias",
     ] {
         if let Some(v) = m.get(key) {
-            if !off(key, v) && !(key == "parallel_tool_calls" && v.is_boolean()) {
+            if !off(key, v) {
                 return Err(ApiError::invalid(
                     Some(key),
-                    format!("`{key}` is not implemented by this server yet; remove it from the request"),
+                    format!(
+                        "`{key}` is not implemented by this server yet; remove it from the request"
+                    ),
                 ));
             }
         }
@@ -281,7 +282,9 @@ fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
             if p != 0.0 {
                 return Err(ApiError::invalid(
                     Some(key),
-                    format!("`{key}` is not implemented by this server yet; send 0 or leave it out"),
+                    format!(
+                        "`{key}` is not implemented by this server yet; send 0 or leave it out"
+                    ),
                 ));
             }
         }

@@ -98,7 +98,11 @@ pub fn is_json(value: Option<&HeaderValue>) -> bool {
 
 /// The middleware: Host, then CORS preflight, then the body type; CORS headers are added to
 /// the answer for allowed origins only.
-pub async fn check(State(guard): State<std::sync::Arc<Guard>>, req: Request, next: Next) -> Response {
+pub async fn check(
+    State(guard): State<std::sync::Arc<Guard>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Err(host) = guard.host_ok(req.headers()) {
         return error(
             403,
@@ -128,7 +132,10 @@ pub async fn check(State(guard): State<std::sync::Arc<Guard>>, req: Request, nex
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("authorization, content-type"),
         );
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
         return resp;
     }
@@ -140,7 +147,9 @@ pub async fn check(State(guard): State<std::sync::Arc<Guard>>, req: Request, nex
             .map_or_else(|| "none".to_string(), |v| format!("`{v}`"));
         return error(
             415,
-            format!("the request body must be JSON: send `Content-Type: application/json` (got {got})"),
+            format!(
+                "the request body must be JSON: send `Content-Type: application/json` (got {got})"
+            ),
             "unsupported_media_type",
         );
     }
@@ -204,10 +213,21 @@ mod tests {
     #[test]
     fn host_names_of_a_loopback_server() {
         let g = Guard::new("127.0.0.1", vec![]);
-        for ok in ["127.0.0.1:8080", "localhost:8080", "LOCALHOST", "[::1]:80", "127.0.0.2"] {
+        for ok in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:80",
+            "127.0.0.2",
+        ] {
             assert!(g.host_ok(&headers(&[("host", ok)])).is_ok(), "{ok}");
         }
-        for bad in ["evil.example:8080", "evil.example", "10.0.0.1:8080", "localhost.evil.example"] {
+        for bad in [
+            "evil.example:8080",
+            "evil.example",
+            "10.0.0.1:8080",
+            "localhost.evil.example",
+        ] {
             assert!(g.host_ok(&headers(&[("host", bad)])).is_err(), "{bad}");
         }
         assert!(Guard::new("0.0.0.0", vec![]).hosts.is_none());
@@ -217,10 +237,22 @@ mod tests {
     #[test]
     fn bearer_is_case_insensitive_and_exact() {
         for ok in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret "] {
-            assert!(bearer_matches(&headers(&[("authorization", ok)]), "s3cret"), "{ok}");
+            assert!(
+                bearer_matches(&headers(&[("authorization", ok)]), "s3cret"),
+                "{ok}"
+            );
         }
-        for bad in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer "] {
-            assert!(!bearer_matches(&headers(&[("authorization", bad)]), "s3cret"), "{bad}");
+        for bad in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Basic s3cret",
+            "s3cret",
+            "Bearer ",
+        ] {
+            assert!(
+                !bearer_matches(&headers(&[("authorization", bad)]), "s3cret"),
+                "{bad}"
+            );
         }
         assert!(!constant_time_eq(b"", b"a"));
         assert!(constant_time_eq(b"abc", b"abc"));
@@ -231,7 +263,11 @@ mod tests {
         for ok in ["application/json", "Application/JSON; charset=utf-8"] {
             assert!(is_json(Some(&HeaderValue::from_static(ok))), "{ok}");
         }
-        for bad in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"] {
+        for bad in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+        ] {
             assert!(!is_json(Some(&HeaderValue::from_static(bad))), "{bad}");
         }
         assert!(!is_json(None));

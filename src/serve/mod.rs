@@ -182,9 +182,11 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
             "--api-key (or AFINAR_API_KEY) is empty: give a key, or leave it unset to serve without one".into(),
         ));
     }
-    if let Some(bad) = opts.cors.iter().find(|o| {
-        o.as_str() != "*" && !(o.starts_with("http://") || o.starts_with("https://"))
-    }) {
+    if let Some(bad) = opts
+        .cors
+        .iter()
+        .find(|o| o.as_str() != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+    {
         return Err(Error::InvalidArgument(format!(
             "--cors {bad}: give an origin such as http://localhost:3000 (scheme, host and port), or *"
         )));

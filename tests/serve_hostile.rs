@@ -433,3 +433,22 @@ fn default_max_tokens_is_what_fits_in_the_context() {
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["param"], "max_tokens", "{v}");
 }
+
+#[test]
+fn serve_refuses_an_empty_api_key_in_one_line() {
+    for (flag, env) in [(Some(""), None), (None, Some(""))] {
+        let mut cmd = common::afinar_cmd();
+        cmd.args(["serve", "--model", tiny_spec(), "--port", "0"]);
+        if let Some(f) = flag {
+            cmd.args(["--api-key", f]);
+        }
+        if let Some(e) = env {
+            cmd.env("AFINAR_API_KEY", e);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag:?} {env:?}: started");
+        assert!(err.contains("--api-key"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

@@ -7,6 +7,10 @@
 //! in arrival order and `/health` answers while the CPU is busy. Text reaches the handler through
 //! a channel; when the client goes away the channel closes and the generation stops at its next
 //! token.
+//!
+//! Clients are untrusted: [`conn`] bounds connections and header read time, `read_body` the
+//! body's, [`guard`] checks `Host`, CORS origins, the body type and the API key, and message
+//! content is tokenized as text (`Model::encode_chat`), so it cannot forge turns.
 
 pub mod api;
 pub mod conn;

@@ -26,17 +26,11 @@ fn serve(opts: &ServeOptions) -> String {
 
 fn options(model: &str, name: Option<&str>) -> ServeOptions {
     ServeOptions {
-        device: afinar::device::DeviceSpec::Cpu,
-        model: model.into(),
         name: name.map(str::to_string),
-        adapters: vec![],
-        host: "127.0.0.1".into(),
-        port: 0,
-        api_key: None,
         max_concurrent: 1,
         max_tokens: 8,
         max_body_bytes: 1 << 16,
-        allowed_scripts: vec![],
+        ..ServeOptions::new(model)
     }
 }
 

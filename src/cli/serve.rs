@@ -47,6 +47,16 @@ pub struct ServeArgs {
     /// Only let the model write letters of these Unicode scripts (e.g. Latin).
     #[arg(long)]
     pub allowed_scripts: Option<String>,
+    /// A web page origin allowed to call the API from a browser, e.g. http://localhost:3000
+    /// (repeatable; * allows any). Without it no CORS headers are sent.
+    #[arg(long = "cors")]
+    pub cors: Vec<String>,
+    /// Connections open at once; more are answered 503 until some close.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, and then its whole body.
+    #[arg(long, default_value_t = 30)]
+    pub read_timeout: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -66,6 +76,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_concurrent: args.max_concurrent,
         max_tokens: args.max_tokens,
         max_body_bytes: args.max_body_bytes,
+        cors: args.cors,
+        max_connections: args.max_connections,
+        read_timeout: std::time::Duration::from_secs(args.read_timeout.max(1)),
     })?;
     Ok(())
 }

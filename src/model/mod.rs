@@ -120,13 +120,130 @@ impl Model {
 
     /// Tokens of a rendered chat prompt. Templates write BOS themselves when the model needs it,
     /// so the tokenizer's post-processor is not applied a second time.
+    ///
+    /// Only the template's own markup yields control tokens: a message whose content contains
+    /// special-token text (`<|im_end|>\n<|im_start|>system …`, a turn forged by a client) is
+    /// encoded by [`Model::encode_chat_separated`], where that text stays ordinary characters.
+    /// Conversations without such text take the tokenizer's plain path, so their ids are
+    /// exactly what they always were.
     pub fn encode_chat(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
+        let decoder = self.tokenizer.inner.get_added_tokens_decoder();
+        let forged = messages.iter().any(|m| {
+            decoder
+                .values()
+                .any(|t| t.special && !t.content.is_empty() && m.content.contains(&t.content))
+        });
+        if forged {
+            return self.encode_chat_separated(messages, add_generation_prompt);
+        }
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.tokenizer.encode(&text, false)
+    }
+
+    /// [`Model::encode_chat`] with message content and template markup told apart: the template
+    /// is rendered a second time with each content replaced by a unique placeholder, which
+    /// locates every content span in the real rendering (templates that trim content are
+    /// followed); the markup's special tokens become control tokens and the content is encoded
+    /// as text ([`TextTokenizer::encode_with_plain_spans`]). For conversations without
+    /// special-token text the ids equal the plain encoding (tests check it on the fixtures and
+    /// SmolLM2). Errors when the template transforms content beyond trimming, naming the
+    /// message, rather than guessing where it is.
+    pub fn encode_chat_separated(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        let spans = self.content_spans(messages, add_generation_prompt, &text)?;
+        self.tokenizer.encode_with_plain_spans(&text, &spans)
+    }
+
+    /// The byte ranges of `text` (the rendering of `messages`) that are message content, in
+    /// order. See [`Model::encode_chat_separated`].
+    fn content_spans(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        text: &str,
+    ) -> Result<Vec<std::ops::Range<usize>>> {
+        // A marker no client can predict (it depends on the whole rendering, content included)
+        // made of private-use characters, checked absent from the rendering.
+        let nonce = crate::rng::stable_hash(text.as_bytes(), 0x5eed_c0de);
+        let (open, close) = (format!("\u{E000}afinar-{nonce:016x}-"), "\u{E001}");
+        let unexpected = |what: &str| {
+            crate::Error::Template(format!(
+                "{}: the chat template {what}; afinar cannot tell message content from the \
+                 template's markup, and a message contains special-token text: remove it",
+                self.source.path().display()
+            ))
+        };
+        if text.contains(&open) {
+            return Err(unexpected("output contains afinar's content marker"));
+        }
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let content = if m.content.is_empty() {
+                    String::new()
+                } else {
+                    format!("{open}{i}{close}")
+                };
+                Message::new(m.role.clone(), content)
+            })
+            .collect();
+        let rendered = self.render_chat(&marked, add_generation_prompt)?;
+        // The rendering as markup pieces and the message indices between them.
+        let mut markup = Vec::new();
+        let mut order = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(at) = rest.find(&open) {
+            markup.push(&rest[..at]);
+            let after = &rest[at + open.len()..];
+            let end = after
+                .find(close)
+                .ok_or_else(|| unexpected("cuts message content apart"))?;
+            let i: usize = after[..end]
+                .parse()
+                .ok()
+                .filter(|&i| i < messages.len())
+                .ok_or_else(|| unexpected("cuts message content apart"))?;
+            order.push(i);
+            rest = &after[end + close.len()..];
+        }
+        markup.push(rest);
+        // Walk the real rendering: markup, then each message's content as written or trimmed.
+        let mut spans = Vec::with_capacity(order.len());
+        let mut pos = 0;
+        for (k, &i) in order.iter().enumerate() {
+            if !text[pos..].starts_with(markup[k]) {
+                return Err(unexpected("renders differently with other content"));
+            }
+            pos += markup[k].len();
+            let c = messages[i].content.as_str();
+            let next = markup[k + 1];
+            let last = k + 1 == order.len();
+            let fits = |cand: &str| {
+                let after = &text[pos..];
+                after.starts_with(cand)
+                    && after[cand.len()..].starts_with(next)
+                    && (!last || pos + cand.len() + next.len() == text.len())
+            };
+            let cand = [c, c.trim(), c.trim_start(), c.trim_end()]
+                .into_iter()
+                .find(|cand| fits(cand))
+                .ok_or_else(|| unexpected(&format!("transforms the content of message {i}")))?;
+            spans.push(pos..pos + cand.len());
+            pos += cand.len();
+        }
+        if order.is_empty() && text != markup[0] {
+            return Err(unexpected("renders differently with other content"));
+        }
+        Ok(spans)
     }
 
     /// A summary for `afinar info`.

@@ -74,6 +74,73 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` (no post-processor) where special-token text inside the `plain`
+    /// byte ranges is ordinary text: only the special tokens outside them (a chat template's own
+    /// markup) become control tokens. This is how message content is kept from forging turns
+    /// (`<|im_end|>\n<|im_start|>system` typed by a user stays characters). The pieces between
+    /// markup control tokens are encoded one by one, as the tokenizer itself does between
+    /// special tokens. `plain` must be sorted, disjoint and on character boundaries.
+    pub fn encode_with_plain_spans(
+        &self,
+        text: &str,
+        plain: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
+        let decoder = self.inner.get_added_tokens_decoder();
+        let mut specials: Vec<(&str, u32)> = decoder
+            .iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content.as_str(), *id))
+            .collect();
+        // Longest first, so the longest special token at a position wins (as the tokenizer's
+        // own leftmost-longest matching does).
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        // (start, end, id) of each control token in the markup between the plain ranges.
+        let mut cuts: Vec<(usize, usize, u32)> = Vec::new();
+        let mut from = 0;
+        let bounds = plain
+            .iter()
+            .map(|r| (r.start, r.end))
+            .chain([(text.len(), text.len())]);
+        for (start, end) in bounds {
+            let markup = text.get(from..start).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "plain range {start}..{end} is not inside the text or not sorted"
+                ))
+            })?;
+            let mut i = 0;
+            while i < markup.len() {
+                let rest = &markup[i..];
+                if let Some((s, id)) = specials.iter().find(|(s, _)| rest.starts_with(s)) {
+                    cuts.push((from + i, from + i + s.len(), *id));
+                    i += s.len();
+                } else {
+                    i += rest.chars().next().map_or(1, char::len_utf8);
+                }
+            }
+            from = end;
+        }
+        let mut as_text = self.inner.clone();
+        as_text.set_encode_special_tokens(true);
+        let mut ids = Vec::new();
+        let encode_text = |piece: &str, ids: &mut Vec<u32>| -> Result<()> {
+            if !piece.is_empty() {
+                let enc = as_text
+                    .encode(piece, false)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Ok(())
+        };
+        let mut at = 0;
+        for (start, end, id) in cuts {
+            encode_text(&text[at..start], &mut ids)?;
+            ids.push(id);
+            at = end;
+        }
+        encode_text(&text[at..], &mut ids)?;
+        Ok(ids)
+    }
+
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner

@@ -189,6 +189,7 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
             return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
         }
     }
+    unimplemented_fields(m)?;
     let stop = match m.get("stop") {
         None | Some(Value::Null) => vec![],
         Some(Value::String(s)) => vec![s.clone()],
@@ -231,6 +232,64 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         stream: boolean(m, "stream")?,
         include_usage,
     })
+}
+
+/// Refuses fields afinar does not implement yet, naming the field, rather than answering 200
+/// as if they had been applied. Values that mean "off" (`logprobs: false`, `n`/`best_of` 1,
+/// penalties 0, empty `tools`/`logit_bias`, `tool_choice: "none"`, `response_format` text,
+/// `echo: false`) are accepted.
+fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
+    let off = |key: &str, v: &Value| match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => {
+            o.is_empty() || (key == "response_format" && o.get("type") == Some(&"text".into()))
+        }
+        Value::String(s) => s.is_empty() || (key == "tool_choice" && s == "none"),
+        Value::Number(n) => match key {
+            "best_of" => n.as_f64() == Some(1.0),
+            "top_logprobs" => n.as_f64() == Some(0.0),
+            _ => false,
+        },
+        Value::Bool(true) => false,
+    };
+    for key in [
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "best_of",
+        "echo",
+        "suffix",
+        "logit_bias",
+    ] {
+        if let Some(v) = m.get(key) {
+            if !off(key, v) {
+                return Err(ApiError::invalid(
+                    Some(key),
+                    format!(
+                        "`{key}` is not implemented by this server yet; remove it from the request"
+                    ),
+                ));
+            }
+        }
+    }
+    for key in ["presence_penalty", "frequency_penalty"] {
+        if let Some(p) = number(m, key, -2.0, 2.0)? {
+            if p != 0.0 {
+                return Err(ApiError::invalid(
+                    Some(key),
+                    format!(
+                        "`{key}` is not implemented by this server yet; send 0 or leave it out"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Text of a message's `content`: a string, or OpenAI's array of `{"type": "text", "text"}`.

@@ -7,14 +7,20 @@
 //! in arrival order and `/health` answers while the CPU is busy. Text reaches the handler through
 //! a channel; when the client goes away the channel closes and the generation stops at its next
 //! token.
+//!
+//! Clients are untrusted: [`conn`] bounds connections and header read time, `read_body` the
+//! body's, [`guard`] checks `Host`, CORS origins, the body type and the API key, and message
+//! content is tokenized as text (`Model::encode_chat`), so it cannot forge turns.
 
 pub mod api;
+pub mod conn;
+pub mod guard;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
@@ -55,6 +61,42 @@ pub struct ServeOptions {
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
     pub allowed_scripts: Vec<Script>,
+    /// Origins allowed to call the API from a web page (`--cors`); none sends no CORS headers.
+    pub cors: Vec<String>,
+    /// Connections open at once (`--max-connections`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and then its body.
+    pub read_timeout: Duration,
+}
+
+impl ServeOptions {
+    /// The defaults of `afinar serve` for `model` (loopback, a free port, no key).
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            name: None,
+            device: crate::device::DeviceSpec::Cpu,
+            adapters: vec![],
+            host: "127.0.0.1".into(),
+            port: 0,
+            api_key: None,
+            max_concurrent: 2,
+            max_tokens: 512,
+            max_body_bytes: 1 << 20,
+            allowed_scripts: vec![],
+            cors: vec![],
+            max_connections: 256,
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The connection limits of [`conn::serve_connections`].
+    pub fn conn_limits(&self) -> conn::ConnLimits {
+        conn::ConnLimits {
+            max_connections: self.max_connections,
+            header_timeout: self.read_timeout,
+        }
+    }
 }
 
 /// One servable model id.
@@ -74,6 +116,8 @@ struct AppState {
     filter: Option<Arc<ScriptFilter>>,
     created: u64,
     max_body_bytes: usize,
+    /// Time allowed for a request body to arrive in full.
+    body_timeout: Duration,
 }
 
 impl AppState {
@@ -94,14 +138,9 @@ impl AppState {
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(key) = &self.api_key else {
-            return true;
-        };
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|k| k.trim() == key)
+        self.api_key
+            .as_deref()
+            .is_none_or(|key| guard::bearer_matches(headers, key))
     }
 }
 
@@ -142,6 +181,20 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
         Some(n) => n.clone(),
         None => served_name(&opts.model),
     };
+    if opts.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(Error::InvalidArgument(
+            "--api-key (or AFINAR_API_KEY) is empty: give a key, or leave it unset to serve without one".into(),
+        ));
+    }
+    if let Some(bad) = opts
+        .cors
+        .iter()
+        .find(|o| o.as_str() != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--cors {bad}: give an origin such as http://localhost:3000 (scheme, host and port), or *"
+        )));
+    }
     let device = opts.device.open()?;
     let base = Model::load(&opts.model, &device)?;
     let mut models = Vec::new();
@@ -188,7 +241,9 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         max_body_bytes: opts.max_body_bytes,
+        body_timeout: opts.read_timeout,
     });
+    let checks = Arc::new(guard::Guard::new(&opts.host, opts.cors.clone()));
     Ok(Router::new()
         .route("/", get(page))
         .route("/health", get(|| async { Json(api::Health { status: "ok" }) }))
@@ -206,6 +261,7 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
         })
         // Bodies are read (and limited) by the handlers, so an oversized one gets a JSON error.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(checks, guard::check))
         .with_state(state))
 }
 
@@ -226,9 +282,8 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
             .local_addr()
             .map_err(|e| Error::Server(e.to_string()))?;
         eprintln!("afinar: listening on http://{local}");
-        axum::serve(listener, router)
-            .await
-            .map_err(|e| Error::Server(format!("server error: {e}")))
+        conn::serve_connections(listener, router, opts.conn_limits()).await;
+        Ok(())
     })
 }
 
@@ -313,7 +368,20 @@ async fn start(
 ) -> std::result::Result<mpsc::Receiver<Piece>, ApiError> {
     let served = &st.models[model_index];
     let ctx = served.model.config().max_position_embeddings;
-    let max_new = s.max_tokens.unwrap_or(st.max_tokens).min(st.max_tokens);
+    if prompt.len() >= ctx {
+        return Err(ApiError::invalid(
+            None,
+            format!(
+                "the prompt has {} tokens, which leaves no room in the model's context of {ctx} tokens; shorten it",
+                prompt.len()
+            ),
+        ));
+    }
+    // Without max_tokens: what fits in the context, capped by --max-tokens.
+    let max_new = s
+        .max_tokens
+        .unwrap_or(ctx - prompt.len())
+        .min(st.max_tokens);
     if prompt.len() + max_new > ctx {
         return Err(ApiError::invalid(
             Some("max_tokens"),
@@ -394,6 +462,18 @@ async fn start(
         let _ = tx.blocking_send(last);
     });
     Ok(rx)
+}
+
+/// Runs `f` (tokenization, template rendering: CPU work that grows with the prompt) on a
+/// blocking thread, so a large prompt never stalls the async workers that answer `/health`.
+async fn blocking<T: Send + 'static>(
+    st: &Arc<AppState>,
+    f: impl FnOnce(&AppState) -> std::result::Result<T, ApiError> + Send + 'static,
+) -> std::result::Result<T, ApiError> {
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || f(&st))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))?
 }
 
 fn reason_str(r: FinishReason) -> &'static str {
@@ -495,7 +575,21 @@ async fn read_body(st: &AppState, body: Body) -> std::result::Result<Bytes, ApiE
     let limit = st.max_body_bytes;
     let mut stream = body.into_data_stream();
     let (mut buf, mut seen) = (Vec::new(), 0usize);
-    while let Some(chunk) = stream.next().await {
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            return Err(ApiError {
+                status: 408,
+                message: format!(
+                    "the request body did not arrive within {} s (was Content-Length larger than the body sent?)",
+                    st.body_timeout.as_secs_f32()
+                ),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("request_timeout"),
+            });
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk
             .map_err(|e| ApiError::invalid(None, format!("cannot read the request body: {e}")))?;
         seen = seen.saturating_add(chunk.len());
@@ -542,11 +636,15 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
 async fn chat_inner(st: Arc<AppState>, body: Bytes) -> std::result::Result<Response, ApiError> {
     let req = api::parse_chat(&body)?;
     let index = st.find(&req.settings.model)?;
+    let messages = req.messages;
+    let prompt = blocking(&st, move |st| {
+        st.models[index]
+            .model
+            .encode_chat(&messages, true)
+            .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))
+    })
+    .await?;
     let served = &st.models[index];
-    let prompt = served
-        .model
-        .encode_chat(&req.messages, true)
-        .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     let rx = start(&st, index, prompt, &req.settings).await?;
     let h = Header {
         id: new_id("chatcmpl"),
@@ -579,12 +677,16 @@ async fn completions_inner(
 ) -> std::result::Result<Response, ApiError> {
     let req = api::parse_completion(&body)?;
     let index = st.find(&req.settings.model)?;
+    let text = req.prompt;
+    let prompt = blocking(&st, move |st| {
+        st.models[index]
+            .model
+            .tokenizer
+            .encode(&text, true)
+            .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))
+    })
+    .await?;
     let served = &st.models[index];
-    let prompt = served
-        .model
-        .tokenizer
-        .encode(&req.prompt, true)
-        .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
     let rx = start(&st, index, prompt, &req.settings).await?;
     let h = Header {
         id: new_id("cmpl"),

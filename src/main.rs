@@ -61,7 +61,29 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the chain of causes joined, as ripgrep does.
             eprintln!("afinar: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit status says what kind of problem it was, for scripts: 2 a flag or config value
+/// (as clap's own usage errors), 3 an input file (dataset, model, template), 4 a failure while
+/// running (training diverged, server, resume, I/O), 1 anything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use afinar::Error as E;
+    match e.downcast_ref::<E>() {
+        Some(E::InvalidArgument(_) | E::Config(_) | E::Unsupported(_)) => 2,
+        Some(
+            E::Data(_)
+            | E::BadFile { .. }
+            | E::ModelSource(_)
+            | E::UnsupportedArchitecture { .. }
+            | E::Template(_)
+            | E::Tokenizer(_),
+        ) => 3,
+        Some(
+            E::Training(_) | E::Server(_) | E::Resume(_) | E::Io { .. } | E::Candle(_) | E::Json(_),
+        ) => 4,
+        _ => 1,
     }
 }

@@ -257,3 +257,35 @@ fn help_lists_every_command_and_each_command_its_flags() {
         assert!(out.contains(flag), "{args:?} lacks {flag}: {out}");
     }
 }
+
+#[test]
+fn the_exit_status_says_what_kind_of_problem_it_was() {
+    let (code, _, _) = afinar(&[
+        "generate",
+        "--model",
+        tiny_spec(),
+        "--prompt",
+        "hi",
+        "--top-p",
+        "2",
+    ]);
+    assert_eq!(code, 2, "a bad flag value");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("notes.gguf");
+    std::fs::write(&fake, "this is just text\n").unwrap();
+    let (code, _, _) = afinar(&["info", "--model", fake.to_str().unwrap()]);
+    assert_eq!(code, 3, "a bad input file");
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"q\": 1}\n").unwrap();
+    let (code, _, err) = afinar(&[
+        "data",
+        "prepare",
+        "--model",
+        tiny_spec(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 3, "a dataset with nothing usable: {err}");
+}

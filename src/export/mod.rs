@@ -103,7 +103,16 @@ pub fn export(req: &ExportRequest, device: &Device) -> Result<Vec<String>> {
     refuse_existing(&req.out, req.overwrite)?;
     let mut source = Model::load(&req.model, device)?;
     if let Some(dir) = &req.adapter {
-        peft::load(dir, &mut source.transformer, &req.model)?;
+        let cfg = peft::load(dir, &mut source.transformer, &req.model)?;
+        if let Some(base) = &cfg.base_model_name_or_path {
+            if !same_model(base, &req.model) && !req.force {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the adapter was trained on {base}, not {}; export it with --model {base} (or pass --force if both are the same model)",
+                    dir.display(),
+                    req.model
+                )));
+            }
+        }
     }
     let mut merged = source.clone();
     merge::merge_lora(&mut merged.transformer)?;
@@ -230,6 +239,32 @@ fn hf_dtype(flag: Option<&str>, file_dtype: &str) -> Result<DType> {
             "F16" => DType::F16,
             _ => DType::F32,
         }),
+    }
+}
+
+/// Whether two model specs name the same model: equal strings, or paths to the same file or
+/// folder; an alias against a path is resolved. Two different names that are not paths here are
+/// different models.
+fn same_model(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    let canon = |s: &str| std::fs::canonicalize(s).ok();
+    match (canon(a), canon(b)) {
+        (Some(x), Some(y)) => x == y,
+        (None, None) => false,
+        // One side is a name, the other a path: the alias `smollm2` is resolved as `--model`
+        // would; a Hub id is not fetched for this (the shape check then decides).
+        (Some(path), None) | (None, Some(path)) => {
+            let name = if canon(a).is_some() { b } else { a };
+            if name != crate::model::source::DEFAULT_MODEL {
+                return true;
+            }
+            crate::model::source::ensure_default_model()
+                .ok()
+                .and_then(|p| std::fs::canonicalize(p).ok())
+                == Some(path)
+        }
     }
 }
 

@@ -132,10 +132,12 @@ impl Turns {
     }
 }
 
-/// Renders the model's Jinja template with the leading BOS removed (llama.cpp and Ollama add BOS
-/// from the GGUF's `add_bos_token`, not from the template text).
+/// Renders the model's Jinja template, with the leading BOS removed for the families whose BOS
+/// llama.cpp and Ollama add from the GGUF's `add_bos_token` (Llama 3, Mistral). ChatML models
+/// have no BOS of their own; some (SmolLM2) name `<|im_start|>` as theirs, which must stay.
 struct Probe<'a> {
     model: &'a Model,
+    strip_bos: bool,
 }
 
 impl Probe<'_> {
@@ -145,7 +147,7 @@ impl Probe<'_> {
     fn render(&self, messages: &[Message], generation: bool) -> Result<String> {
         let text = self.model.render_chat(messages, generation)?;
         Ok(match self.model.tokenizer.bos_token.as_deref() {
-            Some(b) if !b.is_empty() => text.strip_prefix(b).map(str::to_string).unwrap_or(text),
+            Some(b) if self.strip_bos && !b.is_empty() => text.strip_prefix(b).map(str::to_string).unwrap_or(text),
             _ => text,
         })
     }
@@ -174,7 +176,10 @@ pub fn modelfile(
 ) -> Result<Modelfile> {
     let source = model.chat_template.as_ref().map(|t| t.source.as_str());
     let family = source.and_then(Family::detect);
-    let probe = Probe { model };
+    let probe = Probe {
+        model,
+        strip_bos: family != Some(Family::ChatMl),
+    };
     let mut text = format!("# Written by afinar export.\nFROM ./{gguf_name}\n");
     let mut turns = None;
     let mut system = system.filter(|s| !s.is_empty()).map(str::to_string);

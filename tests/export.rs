@@ -29,7 +29,10 @@ fn base_plus_adapter(adapter: &Path) -> Model {
 
 /// Logits at every position, flattened.
 fn logits(m: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
-    let t = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     m.transformer
         .forward(&t, None)
         .unwrap()
@@ -88,7 +91,10 @@ fn merged_hf_folder_reloads_with_base_plus_adapter_logits_and_matches_transforme
         source.encode_chat(&golden_messages(&g), true).unwrap(),
         want
     );
-    assert_eq!(exported.encode_chat(&golden_messages(&g), true).unwrap(), want);
+    assert_eq!(
+        exported.encode_chat(&golden_messages(&g), true).unwrap(),
+        want
+    );
 
     let src = logits(&source, &want);
     let exp = logits(&exported, &want);
@@ -103,10 +109,18 @@ fn merged_hf_folder_reloads_with_base_plus_adapter_logits_and_matches_transforme
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
         .collect();
     let d = max_abs_diff(&flat(&src[from..]), &gold);
-    assert!(d <= 1e-3, "transformers on the merged folder vs afinar base + adapter: max |Δ| {d}");
+    assert!(
+        d <= 1e-3,
+        "transformers on the merged folder vs afinar base + adapter: max |Δ| {d}"
+    );
     assert_eq!(g["eos_token"], "<|im_end|>");
 
     let read = |n: &str| -> serde_json::Value {
@@ -120,7 +134,10 @@ fn merged_hf_folder_reloads_with_base_plus_adapter_logits_and_matches_transforme
         .unwrap()
         .contains("<|im_start|>"));
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.contains("tiny-qwen2") && card.contains("merged"), "{card}");
+    assert!(
+        card.contains("tiny-qwen2") && card.contains("merged"),
+        "{card}"
+    );
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 1, "no temporary left beside the output");
 }
@@ -214,7 +231,12 @@ fn bad_input_fails_in_one_line() {
 
     // A LoRA GGUF needs an adapter; a GGUF type is not an hf weight type.
     let (code, _, err) = afinar(&[
-        "export", "--model", tiny_spec(), "--to", "gguf-lora", "--out",
+        "export",
+        "--model",
+        tiny_spec(),
+        "--to",
+        "gguf-lora",
+        "--out",
         dir.path().join("l.gguf").to_str().unwrap(),
     ]);
     one_line_error(code, &err, "--adapter");
@@ -282,8 +304,8 @@ fn parse(tokens: &mut std::vec::IntoIter<(bool, String)>) -> Vec<Node> {
             nodes.push(Node::If(c.to_string(), parse(tokens)));
         } else if let Some(c) = s.strip_prefix("range ") {
             nodes.push(Node::Range(c.to_string(), parse(tokens)));
-        } else if s.starts_with('.') {
-            nodes.push(Node::Field(s[1..].to_string()));
+        } else if let Some(f) = s.strip_prefix('.') {
+            nodes.push(Node::Field(f.to_string()));
         } else {
             panic!("action not in the test's Go-template subset: {s}");
         }
@@ -348,8 +370,14 @@ fn go_render(template: &str, system: Option<&str>, messages: &[Message]) -> Stri
         ])
     };
     let dot = HashMap::from([
-        ("System".to_string(), V::Str(system.unwrap_or_default().to_string())),
-        ("Messages".to_string(), V::List(messages.iter().map(msg).collect())),
+        (
+            "System".to_string(),
+            V::Str(system.unwrap_or_default().to_string()),
+        ),
+        (
+            "Messages".to_string(),
+            V::List(messages.iter().map(msg).collect()),
+        ),
     ]);
     let mut out = String::new();
     exec(&nodes, &dot, &mut out);
@@ -382,7 +410,9 @@ fn jinja(m: &Model, messages: &[Message]) -> String {
         return text;
     }
     let bos = m.tokenizer.bos_token.clone().unwrap_or_default();
-    text.strip_prefix(bos.as_str()).map(str::to_string).unwrap_or(text)
+    text.strip_prefix(bos.as_str())
+        .map(str::to_string)
+        .unwrap_or(text)
 }
 
 /// For a model and the system message training used: the Modelfile's template and SYSTEM,
@@ -397,7 +427,12 @@ fn assert_equivalent(m: &Model, run_system: Option<&str>) -> String {
         with_system.insert(0, Message::new("system", s.clone()));
     }
     let want = jinja(m, &with_system);
-    assert_eq!(go_render(&template, system.as_deref(), &conv), want, "{}", mf.text);
+    assert_eq!(
+        go_render(&template, system.as_deref(), &conv),
+        want,
+        "{}",
+        mf.text
+    );
     // A request that brings its own system message: Ollama puts it in .System (for formats
     // that have a system turn).
     if mf.turns.as_ref().is_some_and(|t| t.system.is_none()) {
@@ -405,8 +440,13 @@ fn assert_equivalent(m: &Model, run_system: Option<&str>) -> String {
     }
     let asked = ollama::probe_conversation(Some("Responde en verso."));
     let want = jinja(m, &asked);
-    assert_eq!(go_render(&template, Some("Responde en verso."), &asked), want);
-    assert!(mf.text.starts_with("# Written by afinar export.\nFROM ./model.gguf\n"));
+    assert_eq!(
+        go_render(&template, Some("Responde en verso."), &asked),
+        want
+    );
+    assert!(mf
+        .text
+        .starts_with("# Written by afinar export.\nFROM ./model.gguf\n"));
     mf.text
 }
 
@@ -420,7 +460,10 @@ fn modelfile_templates_render_what_the_jinja_templates_render() {
     let tiny = Model::load(tiny_spec(), &Device::Cpu).unwrap();
     let text = assert_equivalent(&tiny, Some("Eres un profesor de español."));
     assert!(text.contains("PARAMETER stop \"<|im_end|>\""), "{text}");
-    assert!(text.contains("SYSTEM \"\"\"Eres un profesor de español.\"\"\""), "{text}");
+    assert!(
+        text.contains("SYSTEM \"\"\"Eres un profesor de español.\"\"\""),
+        "{text}"
+    );
     // ChatML whose template adds its own default system message (SmolLM2): kept as SYSTEM.
     let smol = with_template(SMOLLM2, "<|im_start|>", "<|im_end|>");
     let text = assert_equivalent(&smol, None);
@@ -428,7 +471,9 @@ fn modelfile_templates_render_what_the_jinja_templates_render() {
     // Llama 3, BOS left to the tokenizer.
     let llama = with_template(LLAMA3, "<|begin_of_text|>", "<|eot_id|>");
     let text = assert_equivalent(&llama, Some("You are terse."));
-    assert!(text.contains("<|start_header_id|>{{ .Role }}") || text.contains("<|start_header_id|>user"));
+    assert!(
+        text.contains("<|start_header_id|>{{ .Role }}") || text.contains("<|start_header_id|>user")
+    );
     // Mistral: no system turn.
     let mistral = with_template(MISTRAL, "<s>", "</s>");
     let text = assert_equivalent(&mistral, None);
@@ -447,5 +492,9 @@ fn an_unknown_template_needs_force() {
     let err = ollama::modelfile(&odd, "model.gguf", None, false).unwrap_err();
     assert!(err.to_string().contains("--force"), "{err}");
     let mf = ollama::modelfile(&odd, "model.gguf", None, true).unwrap();
-    assert!(mf.text.contains("TEMPLATE \"\"\"{{ .Prompt }}\"\"\""), "{}", mf.text);
+    assert!(
+        mf.text.contains("TEMPLATE \"\"\"{{ .Prompt }}\"\"\""),
+        "{}",
+        mf.text
+    );
 }

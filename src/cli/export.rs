@@ -51,8 +51,6 @@ pub fn run(args: ExportArgs) -> Result<()> {
         force: args.force,
         check_tokens: args.check_tokens,
     };
-    for line in export(&req, &device)? {
-        println!("{line}");
-    }
+    export(&req, &device, |line| println!("{line}"))?;
     Ok(())
 }

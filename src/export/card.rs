@@ -85,7 +85,11 @@ fn sha256_file(path: &Path) -> Option<String> {
 /// eval table when the run has one.
 pub fn model_card(req: &ExportRequest, run: Option<&RunInfo>) -> String {
     let mut c = String::from("---\nlibrary_name: transformers\ntags: [afinar");
-    c += if req.adapter.is_some() { ", lora, merged]\n" } else { "]\n" };
+    c += if req.adapter.is_some() {
+        ", lora, merged]\n"
+    } else {
+        "]\n"
+    };
     c += "---\n\n# Fine-tuned with afinar\n\n";
     let base = run
         .and_then(|r| r.base_model.clone())
@@ -144,11 +148,20 @@ fn eval_table(eval: &serde_json::Value) -> Option<String> {
     if cols.is_empty() {
         return None;
     }
-    let mut t = format!("| model | {} |\n|---|{}\n", cols.join(" | "), "---|".repeat(cols.len()));
+    let mut t = format!(
+        "| model | {} |\n|---|{}\n",
+        cols.join(" | "),
+        "---|".repeat(cols.len())
+    );
     for (label, scores) in results {
         let cells: Vec<String> = cols
             .iter()
-            .map(|k| scores.get(k).and_then(|v| v.as_f64()).map_or("".into(), |v| format!("{v:.4}")))
+            .map(|k| {
+                scores
+                    .get(k)
+                    .and_then(|v| v.as_f64())
+                    .map_or("".into(), |v| format!("{v:.4}"))
+            })
             .collect();
         t += &format!("| {label} | {} |\n", cells.join(" | "));
     }

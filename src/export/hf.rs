@@ -148,6 +148,18 @@ pub fn save_with(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
     Ok(())
 }
 
+/// The safetensors writer creates its file private (0600); a model folder is meant to be shared
+/// (copied into a serving container, uploaded), so it gets the usual 0644.
+fn readable_by_all(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
 fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F16 => "float16",
@@ -200,6 +212,7 @@ fn write_weights(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
             let _ = std::fs::remove_file(&tmp);
             Error::bad_file(&path, crate::error::candle_message(&e))
         })?;
+        readable_by_all(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     }
     if n > 1 {

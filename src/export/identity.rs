@@ -10,17 +10,21 @@ use crate::{Error, Result};
 
 /// Conversations probed when the run gives none.
 pub fn builtin_probes(system: Option<&str>) -> Vec<Vec<Message>> {
-    ["Hola, ¿cómo estás?", "What is 2 + 3?", "Name three colours."]
-        .iter()
-        .map(|q| {
-            let mut m = Vec::new();
-            if let Some(s) = system {
-                m.push(Message::new("system", s));
-            }
-            m.push(Message::new("user", *q));
-            m
-        })
-        .collect()
+    [
+        "Hola, ¿cómo estás?",
+        "What is 2 + 3?",
+        "Name three colours.",
+    ]
+    .iter()
+    .map(|q| {
+        let mut m = Vec::new();
+        if let Some(s) = system {
+            m.push(Message::new("system", s));
+        }
+        m.push(Message::new("user", *q));
+        m
+    })
+    .collect()
 }
 
 /// The token the chat template writes right after an assistant's answer (`<|im_end|>`,
@@ -32,7 +36,10 @@ pub fn end_of_turn(model: &Model) -> Result<Option<(u32, String)>> {
     };
     let marker = "\u{2063}ANSWER\u{2063}";
     let text = t.render(
-        &[Message::new("user", "hi"), Message::new("assistant", marker)],
+        &[
+            Message::new("user", "hi"),
+            Message::new("assistant", marker),
+        ],
         false,
     )?;
     let Some(pos) = text.rfind(marker) else {
@@ -42,7 +49,11 @@ pub fn end_of_turn(model: &Model) -> Result<Option<(u32, String)>> {
     let ids = model.tokenizer.encode(rest, false)?;
     Ok(ids.first().and_then(|&id| {
         let tok = model.tokenizer.inner.id_to_token(id)?;
-        model.tokenizer.end_token_ids.contains(&id).then_some((id, tok))
+        model
+            .tokenizer
+            .end_token_ids
+            .contains(&id)
+            .then_some((id, tok))
     }))
 }
 

@@ -3,13 +3,13 @@
 //! LoRA GGUF ([`gguf`]); an Ollama folder ([`ollama`]). [`export`] writes the targets asked for,
 //! each under a temporary name renamed into place only after the [`identity`] self-check passed.
 
+pub mod card;
 pub mod gguf;
 pub mod hf;
 pub mod identity;
 pub mod merge;
 pub mod ollama;
 pub mod peft;
-pub mod card;
 
 use std::path::{Path, PathBuf};
 
@@ -86,9 +86,9 @@ pub struct ExportRequest {
     pub check_tokens: usize,
 }
 
-/// Writes every target of `req`; returns one line per target (where it went and its identity
-/// verdict).
-pub fn export(req: &ExportRequest, device: &Device) -> Result<Vec<String>> {
+/// Writes every target of `req`, calling `report` with one line per finished target (where it
+/// went and its identity verdict) as soon as it is in place.
+pub fn export(req: &ExportRequest, device: &Device, mut report: impl FnMut(&str)) -> Result<()> {
     if req.targets.is_empty() {
         return Err(Error::InvalidArgument(
             "nothing to export: give --to hf, gguf, gguf-lora or ollama".into(),
@@ -122,7 +122,6 @@ pub fn export(req: &ExportRequest, device: &Device) -> Result<Vec<String>> {
     if multi {
         std::fs::create_dir_all(&req.out).map_err(|e| Error::io(&req.out, e))?;
     }
-    let mut lines = Vec::new();
     for &target in &req.targets {
         let dest = if multi {
             req.out.join(target.file_name(gguf_dtype))
@@ -153,9 +152,9 @@ pub fn export(req: &ExportRequest, device: &Device) -> Result<Vec<String>> {
         };
         remove_any(&dest)?;
         std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
-        lines.push(format!("{} → {}: {line}", target.name(), dest.display()));
+        report(&format!("{} → {}: {line}", target.name(), dest.display()));
     }
-    Ok(lines)
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -147,7 +147,9 @@ impl Probe<'_> {
     fn render(&self, messages: &[Message], generation: bool) -> Result<String> {
         let text = self.model.render_chat(messages, generation)?;
         Ok(match self.model.tokenizer.bos_token.as_deref() {
-            Some(b) if self.strip_bos && !b.is_empty() => text.strip_prefix(b).map(str::to_string).unwrap_or(text),
+            Some(b) if self.strip_bos && !b.is_empty() => {
+                text.strip_prefix(b).map(str::to_string).unwrap_or(text)
+            }
             _ => text,
         })
     }
@@ -237,7 +239,10 @@ pub fn probe_conversation(system: Option<&str>) -> Vec<Message> {
     if let Some(s) = system {
         m.push(Message::new("system", s));
     }
-    m.push(Message::new("user", "¿Cómo se conjuga «hablar» en presente?"));
+    m.push(Message::new(
+        "user",
+        "¿Cómo se conjuga «hablar» en presente?",
+    ));
     m.push(Message::new("assistant", "Hablo, hablas, habla."));
     m.push(Message::new("user", "¿Y en pretérito?"));
     m

@@ -498,3 +498,59 @@ fn an_unknown_template_needs_force() {
         mf.text
     );
 }
+
+#[test]
+fn a_training_run_exports_with_its_test_split_card_and_system_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::write_conjugation(&dir.path().join("conj.jsonl"), 0..200);
+    let run = dir.path().join("run");
+    let (code, _, err) = afinar(&[
+        "train",
+        "--model",
+        tiny_spec(),
+        "--out",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--set",
+        &format!("data=[{:?}]", data.display().to_string()),
+        "--set",
+        "system=\"Eres un profesor.\"",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let out = dir.path().join("hf");
+    let adapter = run.join("adapter");
+    let (code, stdout, err) = afinar(&[
+        "export",
+        "--model",
+        tiny_spec(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--to",
+        "hf",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("token identity ok: 4 prompts"), "{stdout}");
+    assert!(stdout.contains("the run's test split"), "{stdout}");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let sha = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(std::fs::read(&data).unwrap()))
+    };
+    assert!(card.contains("- Steps: 2"), "{card}");
+    assert!(card.contains(&sha), "{card}");
+    assert!(card.contains("Final training loss"), "{card}");
+
+    // The Ollama Modelfile carries the run's system message.
+    let info = afinar::export::card::RunInfo::find(Some(&adapter), tiny_spec()).unwrap();
+    assert_eq!(info.system.as_deref(), Some("Eres un profesor."));
+    let source = base_plus_adapter(&adapter);
+    let mf = ollama::modelfile(&source, "model.gguf", info.system.as_deref(), false).unwrap();
+    assert!(
+        mf.text.contains("SYSTEM \"\"\"Eres un profesor.\"\"\""),
+        "{}",
+        mf.text
+    );
+}

@@ -33,6 +33,9 @@ pub struct ExportArgs {
     /// Greedy tokens compared per probe prompt in the token-identity check.
     #[arg(long, default_value_t = 16)]
     pub check_tokens: usize,
+    /// Conversations from the run's test split (else built-in probes) the check uses.
+    #[arg(long, default_value_t = 4)]
+    pub check_prompts: usize,
 }
 
 fn parse_target(s: &str) -> std::result::Result<Target, String> {
@@ -50,6 +53,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         overwrite: args.overwrite,
         force: args.force,
         check_tokens: args.check_tokens,
+        check_prompts: args.check_prompts,
     };
     export(&req, &device, |line| println!("{line}"))?;
     Ok(())

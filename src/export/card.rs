@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::ExportRequest;
+use crate::model::{Message, TextSide};
+use crate::train::TrainConfig;
 
 /// The parts of a training run an export reports or needs.
 #[derive(Debug, Clone, Default)]
@@ -63,6 +65,28 @@ impl RunInfo {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
         Some(info)
+    }
+}
+
+impl RunInfo {
+    /// Up to `n` conversations of the run's test split (prepared as training prepared them, from
+    /// the run's own data cache `RUN/data`), for the token-identity check. None when the run's
+    /// data is not readable from here or its test split has no chat examples.
+    pub fn test_probes(&self, n: usize) -> Option<Vec<Vec<Message>>> {
+        let cfg = TrainConfig::load(Some(&self.dir.join("config.toml")), &[]).ok()?;
+        let prep = cfg.prepare_options().ok()?;
+        let text = TextSide::load(&cfg.model).ok()?;
+        let prepared =
+            crate::data::prepare_cached(&prep, &cfg.model, &text, &self.dir.join("data")).ok()?;
+        let probes: Vec<Vec<Message>> = prepared
+            .eval_examples("test")
+            .ok()?
+            .into_iter()
+            .filter(|e| !e.messages.is_empty())
+            .take(n)
+            .map(|e| e.messages)
+            .collect();
+        (!probes.is_empty()).then_some(probes)
     }
 }
 
@@ -133,34 +157,43 @@ pub fn model_card(req: &ExportRequest, run: Option<&RunInfo>) -> String {
     c
 }
 
-/// A Markdown table of the numeric scores in `eval.json`'s `results` (one row per label, e.g.
-/// base and tuned).
+/// A Markdown table of the metrics in `eval.json` (as `afinar eval --json` and the quickstart
+/// write it: `{"base": {"metrics": …}, "tuned": {…}}`, or `{"metrics": …}` for one model).
 fn eval_table(eval: &serde_json::Value) -> Option<String> {
-    let results = eval.get("results")?.as_object()?;
-    let mut cols: Vec<String> = Vec::new();
-    for scores in results.values() {
-        for (k, v) in scores.as_object()? {
-            if v.is_number() && !cols.contains(k) {
-                cols.push(k.clone());
+    let root = eval.as_object()?;
+    let rows: Vec<(String, &serde_json::Map<String, serde_json::Value>)> =
+        match root.get("metrics").and_then(|m| m.as_object()) {
+            Some(m) => vec![("model".to_string(), m)],
+            None => root
+                .iter()
+                .filter_map(|(label, v)| Some((label.clone(), v.get("metrics")?.as_object()?)))
+                .collect(),
+        };
+    let mut cols: Vec<&String> = Vec::new();
+    for (_, metrics) in &rows {
+        for (k, v) in *metrics {
+            if v.is_number() && !cols.contains(&k) {
+                cols.push(k);
             }
         }
     }
     if cols.is_empty() {
         return None;
     }
+    let names: Vec<&str> = cols.iter().map(|c| c.as_str()).collect();
     let mut t = format!(
         "| model | {} |\n|---|{}\n",
-        cols.join(" | "),
+        names.join(" | "),
         "---|".repeat(cols.len())
     );
-    for (label, scores) in results {
+    for (label, metrics) in &rows {
         let cells: Vec<String> = cols
             .iter()
             .map(|k| {
-                scores
-                    .get(k)
+                metrics
+                    .get(k.as_str())
                     .and_then(|v| v.as_f64())
-                    .map_or("".into(), |v| format!("{v:.4}"))
+                    .map_or(String::new(), |v| format!("{v:.4}"))
             })
             .collect();
         t += &format!("| {label} | {} |\n", cells.join(" | "));

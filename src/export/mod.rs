@@ -84,6 +84,9 @@ pub struct ExportRequest {
     pub force: bool,
     /// Greedy tokens compared per probe in the identity check.
     pub check_tokens: usize,
+    /// Conversations from the run's test split the identity check uses (built-in probes when
+    /// the run has none).
+    pub check_prompts: usize,
 }
 
 /// Writes every target of `req`, calling `report` with one line per finished target (where it
@@ -117,7 +120,13 @@ pub fn export(req: &ExportRequest, device: &Device, mut report: impl FnMut(&str)
     let mut merged = source.clone();
     merge::merge_lora(&mut merged.transformer)?;
     let run = card::RunInfo::find(req.adapter.as_deref(), &req.model);
-    let probes = identity::builtin_probes(run.as_ref().and_then(|r| r.system.as_deref()));
+    let (probes, probe_source) = match run.as_ref().and_then(|r| r.test_probes(req.check_prompts)) {
+        Some(p) => (p, "the run's test split"),
+        None => (
+            identity::builtin_probes(run.as_ref().and_then(|r| r.system.as_deref())),
+            "built-in probes",
+        ),
+    };
     let multi = req.targets.len() > 1;
     if multi {
         std::fs::create_dir_all(&req.out).map_err(|e| Error::io(&req.out, e))?;
@@ -152,7 +161,11 @@ pub fn export(req: &ExportRequest, device: &Device, mut report: impl FnMut(&str)
         };
         remove_any(&dest)?;
         std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
-        report(&format!("{} → {}: {line}", target.name(), dest.display()));
+        report(&format!(
+            "{} → {}: {line} (prompts: {probe_source})",
+            target.name(),
+            dest.display()
+        ));
     }
     Ok(())
 }

@@ -554,3 +554,36 @@ fn a_training_run_exports_with_its_test_split_card_and_system_message() {
         mf.text
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_disk_that_fills_mid_write_leaves_nothing_under_the_final_name() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let a = adapter();
+    let mut cmd = common::afinar_cmd();
+    cmd.args(["export", "--model", tiny_spec(), "--adapter"])
+        .arg(&a)
+        .args(["--to", "hf", "--dtype", "f32", "--out"])
+        .arg(&out);
+    // SAFETY: only async-signal-safe calls (setrlimit, signal) between fork and exec. A file
+    // size limit of 64 KiB makes the weights' write fail with EFBIG part-way, as a full disk
+    // would; SIGXFSZ is ignored so the write returns an error instead of killing the process.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64 * 1024,
+                rlim_max: 64 * 1024,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    one_line_error(o.status.code().unwrap_or(-1), &err, "safetensors");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+}

@@ -183,7 +183,7 @@ pub fn enforce(v: &Verdict, force: bool) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Unsupported(format!(
-            "{} (nothing was written; pass --force to write it anyway)",
+            "{} (nothing was written; pass --force to write it anyway, or --dtype f32 for exact weights)",
             v.line
         )))
     }

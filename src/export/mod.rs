@@ -184,7 +184,7 @@ fn write_target(
     match target {
         Target::Hf => {
             let opts = hf::HfOptions {
-                dtype: hf_dtype(req.dtype.as_deref(), &source.file_dtype)?,
+                dtype: hf_dtype(hf_flag(req), &source.file_dtype)?,
                 end_of_turn: identity::end_of_turn(source)?.map(|e| e.1),
                 card: Some(card::model_card(req, run)),
                 ..hf::HfOptions::default()
@@ -234,6 +234,18 @@ fn gguf_identity(
     let v = identity::check("gguf", source, &back, probes, req.check_tokens, exact)?;
     identity::enforce(&v, req.force)?;
     Ok(v.line)
+}
+
+/// The `--dtype` that applies to the hf target: a quantized type asked for alongside a GGUF
+/// target is that target's, and the hf folder keeps its default.
+fn hf_flag(req: &ExportRequest) -> Option<&str> {
+    let dtype = req.dtype.as_deref()?;
+    let quantized = matches!(dtype.to_ascii_lowercase().as_str(), "q8_0" | "q4_0");
+    let gguf_too = req
+        .targets
+        .iter()
+        .any(|t| matches!(t, Target::Gguf | Target::Ollama));
+    (!(quantized && gguf_too)).then_some(dtype)
 }
 
 /// The hf weight type: `--dtype` when given, else the source's own (bf16/f16 stay, anything

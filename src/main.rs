@@ -1,6 +1,6 @@
 //! The `afinar` command line. Each subcommand is one step of the pipeline: `data` (prepare,
 //! inspect) → `info` (model) → `train` → `eval` → `generate` / `chat` / `score` / `serve` (infer
-//! and deploy); `quickstart` chains data → train → eval, and `bench` measures speed. Each
+//! and deploy) → `export`; `quickstart` chains data → train → eval, and `bench` measures speed. Each
 //! command lives in its own file under `cli/`; this file only sets the process up and dispatches.
 
 use std::process::ExitCode;
@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         Command::Train(args) => cli::train::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Quickstart(args) => cli::quickstart::run(args),
+        Command::Export(args) => cli::export::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Bench(args) => cli::bench::run(args),
     };

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chat;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod info;
 pub mod quickstart;
@@ -49,6 +50,9 @@ pub enum Command {
     /// The whole pipeline on the bundled Spanish conjugation data (or --data): fetch the model,
     /// prepare, evaluate the base model, train LoRA (~10 min), evaluate again, report.
     Quickstart(quickstart::QuickstartArgs),
+    /// Export the model (adapter merged) for other tools: a Hugging Face folder, a GGUF, a LoRA
+    /// GGUF or an Ollama folder, each loaded back and checked token for token.
+    Export(export::ExportArgs),
     /// Serve the model and adapters over an OpenAI-compatible HTTP API, with a chat page at /.
     Serve(serve::ServeArgs),
     /// Measure speed; prints a `RESULT {json}` line last, as ../shared/bench does.

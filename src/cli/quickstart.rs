@@ -120,6 +120,21 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
          --report report.html",
         args.eval_limit
     );
+    let out = |name: &str| shell_word(&display(&c.out.join(name)));
+    println!("export it, merged, for Ollama, llama.cpp / LM Studio, transformers / vLLM:");
+    println!(
+        "  {afinar} export --model {model} --adapter {adapter} --to ollama --dtype q8_0 --out {}",
+        out("export-ollama")
+    );
+    println!(
+        "  {afinar} export --model {model} --adapter {adapter} --to gguf --dtype q8_0 --out {}",
+        out("export.gguf")
+    );
+    println!(
+        "  {afinar} export --model {model} --adapter {adapter} --to hf --out {}",
+        out("export-hf")
+    );
+    println!("  (then: ollama create tuned -f Modelfile in the Ollama folder; llama-server -m the .gguf; see README, Use it elsewhere)");
     Ok(())
 }
 

@@ -1,23 +1,58 @@
-//! A model as a Hugging Face directory (`config.json`, `model.safetensors`, `tokenizer.json`,
-//! `tokenizer_config.json`), the output of full fine-tuning, loadable by transformers and by
-//! afinar itself.
+//! A model as a Hugging Face directory (`config.json`, `model.safetensors` — sharded with
+//! `model.safetensors.index.json` past [`SHARD_BYTES`] — `tokenizer.json`,
+//! `tokenizer_config.json`, `generation_config.json`), the output of full fine-tuning and of
+//! `afinar export --to hf`, loadable by transformers, vLLM and afinar itself.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use crate::model::config::Architecture;
 use crate::model::Model;
 use crate::{Error, Result};
 
-/// Writes `model` (weights as they are now) to `dir`.
+/// Largest safetensors file written before the weights are split into shards (transformers'
+/// own default for `save_pretrained` is 5 GB; 2 GB keeps every shard under 32-bit size limits).
+pub const SHARD_BYTES: usize = 2_000_000_000;
+
+/// How to write the directory.
+#[derive(Debug, Clone)]
+pub struct HfOptions {
+    /// Storage type of the weights: F32, F16 or BF16.
+    pub dtype: DType,
+    /// Split the weights into files of at most this many bytes.
+    pub shard_bytes: usize,
+    /// The id generation stops at and `eos_token` names: the chat's end-of-turn token (e.g.
+    /// `<|im_end|>`), so chat clients stop where the tuned model stopped in afinar.
+    pub end_of_turn: Option<String>,
+    /// Text of `README.md` (the model card), if any.
+    pub card: Option<String>,
+}
+
+impl Default for HfOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            shard_bytes: SHARD_BYTES,
+            end_of_turn: None,
+            card: None,
+        }
+    }
+}
+
+/// Writes `model` (weights as they are now) to `dir` in f32, as full fine-tuning saves it.
 pub fn save(dir: &Path, model: &Model) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    save_with(dir, model, &HfOptions::default())
+}
+
+/// The tensors of `model` under their Hugging Face names. Adapters still attached are ignored:
+/// merge them first ([`super::merge::merge_lora`]).
+pub fn named_tensors(model: &Model) -> BTreeMap<String, Tensor> {
     let m = &model.transformer;
-    let c = &m.config;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut tensors = BTreeMap::new();
     tensors.insert("model.embed_tokens.weight".into(), m.embed_tokens.clone());
     tensors.insert("model.norm.weight".into(), m.norm.clone());
     if let Some(h) = &m.lm_head {
@@ -40,40 +75,152 @@ pub fn save(dir: &Path, model: &Model) -> Result<()> {
             tensors.insert(format!("{name}.bias"), b.clone());
         }
     }
-    let tmp = dir.join(".model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| Error::io(dir, e))?;
+    tensors
+}
+
+/// Writes `model` to `dir` as `opts` asks. Each file is written under a temporary name and
+/// renamed, so an interrupted export never leaves a torn file under its final name.
+pub fn save_with(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
+    if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::InvalidArgument(format!(
+            "hf export writes f32, f16 or bf16 weights, not {:?}",
+            opts.dtype
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_weights(dir, model, opts)?;
+    let c = model.config();
     let arch = match c.architecture {
         Architecture::Llama => ("llama", "LlamaForCausalLM"),
         Architecture::Mistral => ("mistral", "MistralForCausalLM"),
         Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
     };
-    let config = json!({
+    let tok = &model.tokenizer;
+    let id_of = |t: &Option<String>| t.as_deref().and_then(|t| tok.inner.token_to_id(t));
+    let eos_token = opts.end_of_turn.clone().or_else(|| tok.eos_token.clone());
+    // The end-of-turn id first, then every other id that ended a generation in afinar.
+    let mut stop_ids: Vec<u32> = id_of(&eos_token).into_iter().collect();
+    for id in &tok.end_token_ids {
+        if !stop_ids.contains(id) {
+            stop_ids.push(*id);
+        }
+    }
+    let mut config = json!({
         "architectures": [arch.1], "model_type": arch.0, "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias,
-        "sliding_window": c.sliding_window, "hidden_act": "silu", "torch_dtype": "float32",
+        "sliding_window": c.sliding_window, "hidden_act": "silu",
+        "torch_dtype": dtype_name(opts.dtype),
+        "bos_token_id": id_of(&tok.bos_token), "eos_token_id": stop_ids.first(),
     });
-    let write = |name: &str, v: &serde_json::Value| {
-        crate::fs::write_atomic(
-            &dir.join(name),
-            serde_json::to_string_pretty(v)
-                .unwrap_or_default()
-                .as_bytes(),
-        )
-    };
-    write("config.json", &config)?;
-    let tok = &model.tokenizer;
+    if let Some(r) = &c.rope_scaling {
+        config["rope_scaling"] = json!({
+            "rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+        });
+    }
+    write_json(dir, "config.json", &config)?;
     let tok_json: serde_json::Value =
         serde_json::to_value(&tok.inner).map_err(|e| Error::Tokenizer(e.to_string()))?;
-    write("tokenizer.json", &tok_json)?;
-    write(
+    write_json(dir, "tokenizer.json", &tok_json)?;
+    write_json(
+        dir,
         "tokenizer_config.json",
-        &json!({"bos_token": tok.bos_token, "eos_token": tok.eos_token,
-                "chat_template": model.chat_template.as_ref().map(|t| t.source.clone())}),
+        &json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.bos_token, "eos_token": eos_token,
+            "model_max_length": c.max_position_embeddings,
+            "chat_template": model.chat_template.as_ref().map(|t| t.source.clone()),
+        }),
     )?;
+    write_json(
+        dir,
+        "generation_config.json",
+        &json!({"bos_token_id": id_of(&tok.bos_token), "eos_token_id": stop_ids}),
+    )?;
+    if let Some(card) = &opts.card {
+        crate::fs::write_atomic(&dir.join("README.md"), card.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The safetensors writer creates its file private (0600); a model folder is meant to be shared
+/// (copied into a serving container, uploaded), so it gets the usual 0644.
+fn readable_by_all(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
+    crate::fs::write_atomic(&dir.join(name), serde_json::to_string_pretty(v)?.as_bytes())
+}
+
+/// `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` with an index when the
+/// weights pass `opts.shard_bytes`. Tensors are cast one shard at a time, so the f32 model is
+/// never held twice.
+fn write_weights(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
+    let tensors = named_tensors(model);
+    let elem = opts.dtype.size_in_bytes();
+    let mut shards: Vec<Vec<String>> = vec![vec![]];
+    let mut sizes = vec![0usize];
+    for (name, t) in &tensors {
+        let bytes = t.elem_count() * elem;
+        let last = sizes.len() - 1;
+        if sizes[last] > 0 && sizes[last] + bytes > opts.shard_bytes {
+            shards.push(vec![]);
+            sizes.push(0);
+        }
+        let last = sizes.len() - 1;
+        shards[last].push(name.clone());
+        sizes[last] += bytes;
+    }
+    let n = shards.len();
+    let file_name = |i: usize| {
+        if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        }
+    };
+    let mut weight_map = serde_json::Map::new();
+    for (i, names) in shards.iter().enumerate() {
+        let mut part: HashMap<String, Tensor> = HashMap::new();
+        for name in names {
+            part.insert(name.clone(), tensors[name].to_dtype(opts.dtype)?);
+            weight_map.insert(name.clone(), json!(file_name(i)));
+        }
+        let path = dir.join(file_name(i));
+        let tmp = crate::fs::tmp_name(&path);
+        candle_core::safetensors::save(&part, &tmp).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::bad_file(&path, crate::error::candle_message(&e))
+        })?;
+        readable_by_all(&tmp)?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    }
+    if n > 1 {
+        let index = json!({
+            "metadata": {"total_size": sizes.iter().sum::<usize>()},
+            "weight_map": weight_map,
+        });
+        write_json(dir, "model.safetensors.index.json", &index)?;
+    }
     Ok(())
 }

@@ -237,6 +237,7 @@ fn help_lists_every_command_and_each_command_its_flags() {
         "eval",
         "quickstart",
         "serve",
+        "export",
         "bench",
     ] {
         assert!(out.contains(&format!("\n  {c} ")), "{c} missing: {out}");
@@ -251,6 +252,10 @@ fn help_lists_every_command_and_each_command_its_flags() {
         (&["serve", "--help"][..], "--max-body-bytes"),
         (&["train", "--help"][..], "--resume"),
         (&["quickstart", "--help"][..], "--eval-limit"),
+        (&["export", "--help"][..], "--overwrite"),
+        (&["train", "--help"][..], "--device"),
+        (&["serve", "--help"][..], "--cors"),
+        (&["data", "prepare", "--help"][..], "--max-record-mb"),
     ] {
         let (code, out, err) = afinar(args);
         assert_eq!(code, 0, "{args:?}: {err}");

@@ -12,11 +12,11 @@ use crate::Result;
 /// The recipe, kept in the repository where users read it.
 pub const RECIPE: &str = include_str!("../configs/quickstart.toml");
 
-/// What to run; everything else comes from [`RECIPE`] and `set`.
+/// What to run.
 #[derive(Debug, Clone)]
 pub struct QuickstartOptions {
-    /// Overrides of the recipe's keys (`--set`, and the flags turned into keys).
-    pub set: Vec<String>,
+    /// The training configuration: [`recipe`] with the user's overrides applied, validated.
+    pub config: TrainConfig,
     /// Test examples generated for, before and after (0 = the whole test split).
     pub eval_limit: usize,
     pub max_new_tokens: usize,
@@ -33,9 +33,15 @@ pub struct QuickstartResult {
     pub report_json: PathBuf,
 }
 
+/// The recipe with `--set key=value` overrides, not yet validated (callers set more fields, then
+/// validate).
+pub fn recipe(set: &[String]) -> Result<TrainConfig> {
+    TrainConfig::read_text(Some((RECIPE, "configs/quickstart.toml".into())), set)
+}
+
 /// Runs the six steps, printing each as it starts.
 pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
-    let cfg = TrainConfig::load_text(Some((RECIPE, "configs/quickstart.toml".into())), &opts.set)?;
+    let cfg = opts.config.clone();
     let out = cfg.out.clone();
     let step = |n: usize, what: &str| eprintln!("\n[{n}/6] {what}");
 

@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::args::{shell_quote, shell_word};
 use afinar::quickstart::{on_path_as, QuickstartOptions};
+use afinar::train::TrainConfig;
 
 #[derive(Args)]
 pub struct QuickstartArgs {
@@ -37,33 +38,39 @@ pub struct QuickstartArgs {
 }
 
 impl QuickstartArgs {
-    /// The flags as overrides of the recipe's keys, before any --set.
-    fn overrides(&self) -> Vec<String> {
-        let mut set = vec![format!("out={:?}", self.out.display().to_string())];
+    /// The recipe, then --set, then the flags (flags win), validated.
+    fn config(&self) -> Result<TrainConfig> {
+        let mut cfg = afinar::quickstart::recipe(&self.set)?;
+        cfg.out = self.out.clone();
         if let Some(m) = &self.model {
-            set.push(format!("model={m:?}"));
+            cfg.model = m.clone();
         }
         if !self.data.is_empty() {
-            let files: Vec<String> = self.data.iter().map(|p| p.display().to_string()).collect();
-            set.push(format!("data={files:?}"));
+            cfg.data = self.data.clone();
             // The bundled set's grouping field; other data may not have it.
-            set.push("split_key=\"\"".into());
+            if !self
+                .set
+                .iter()
+                .any(|s| s.trim_start().starts_with("split_key"))
+            {
+                cfg.split_key.clear();
+            }
         }
         if let Some(m) = self.minutes {
-            set.push(format!("max_minutes={m}"));
+            cfg.max_minutes = m;
         }
         if let Some(n) = self.steps {
-            set.push(format!("max_steps={n}"));
-            set.push("max_minutes=0".into());
+            cfg.max_steps = n;
+            cfg.max_minutes = 0.0;
         }
-        set.extend(self.set.iter().cloned());
-        set
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 
 pub fn run(args: QuickstartArgs) -> Result<()> {
     let r = afinar::quickstart::run(&QuickstartOptions {
-        set: args.overrides(),
+        config: args.config()?,
         eval_limit: args.eval_limit,
         max_new_tokens: args.max_new_tokens,
         batch_size: 16,

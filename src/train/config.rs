@@ -339,7 +339,7 @@ impl TrainConfig {
     }
 
     /// [`TrainConfig::load_text`] without validation.
-    fn read_text(toml_text: Option<(&str, String)>, overrides: &[String]) -> Result<Self> {
+    pub fn read_text(toml_text: Option<(&str, String)>, overrides: &[String]) -> Result<Self> {
         let mut table = match toml::Value::try_from(Self::default()) {
             Ok(toml::Value::Table(t)) => t,
             _ => unreachable!("the default config serialises to a table"),

@@ -6,8 +6,7 @@
 mod common;
 
 use afinar::model::{Message, Model};
-use afinar::serve::conn::serve_connections;
-use afinar::serve::{app, ServeOptions};
+use afinar::serve::ServeOptions;
 use candle_core::Device;
 use common::{root, tiny_spec};
 use serde_json::{json, Value};
@@ -109,18 +108,7 @@ fn a_forged_turn_stays_text_through_the_server() {
         max_tokens: 2,
         ..ServeOptions::new(tiny_spec())
     };
-    let router = app(&opts).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let limits = opts.conn_limits();
-    std::thread::spawn(move || rt.block_on(serve_connections(listener, router, limits)));
+    let addr = common::serve_in_process(&opts);
     let messages = vec![Message::new("user", FORGED)];
     let body = json!({"messages": [{"role": "user", "content": FORGED}], "max_tokens": 1, "temperature": 0});
     let v: Value = ureq::post(&format!("http://{addr}/v1/chat/completions"))

@@ -11,27 +11,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use afinar::serve::conn::serve_connections;
 use afinar::serve::{app, ServeOptions};
 use common::tiny_spec;
 use serde_json::{json, Value};
 
-/// Serves `opts` (the tiny fixture unless changed) from a background runtime, through the same
-/// accept loop as `afinar serve`; returns the address.
+/// Serves `opts` (the tiny fixture unless changed); returns the address.
 fn serve(opts: ServeOptions) -> SocketAddr {
-    let router = app(&opts).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let limits = opts.conn_limits();
-    std::thread::spawn(move || rt.block_on(serve_connections(listener, router, limits)));
-    addr
+    common::serve_in_process(&opts)
 }
 
 fn options() -> ServeOptions {

@@ -8,20 +8,9 @@ use afinar::serve::{app, served_name, ServeOptions};
 use common::root;
 use serde_json::{json, Value};
 
-/// Serves `opts` on a free loopback port from a background runtime; returns the base URL.
+/// Serves `opts` on a free loopback port; returns the base URL.
 fn serve(opts: &ServeOptions) -> String {
-    let router = app(opts).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || rt.block_on(async { axum::serve(listener, router).await }));
-    format!("http://{addr}")
+    format!("http://{}", common::serve_in_process(opts))
 }
 
 fn options(model: &str, name: Option<&str>) -> ServeOptions {

@@ -155,3 +155,25 @@ pub fn expect_error(model: &std::path::Path, want: &str) {
         "names the file: {err}"
     );
 }
+
+/// Serves `opts` in this process, from a background runtime, through the same accept loop as
+/// `afinar serve` (timeouts, connection limit); returns the address.
+pub fn serve_in_process(opts: &afinar::serve::ServeOptions) -> std::net::SocketAddr {
+    let router = afinar::serve::app(opts).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = opts.conn_limits();
+    std::thread::spawn(move || {
+        rt.block_on(afinar::serve::conn::serve_connections(
+            listener, router, limits,
+        ))
+    });
+    addr
+}

@@ -55,6 +55,8 @@ pub struct Encoder<'a> {
     eos: Option<u32>,
     /// Text of tokens that close an assistant turn (EOS, `<|im_end|>`, `<|eot_id|>`, …).
     end_markers: Vec<String>,
+    /// The tokenizer's special tokens as text (`<|im_end|>`, …), longest first.
+    specials: Vec<String>,
     pub max_seq_len: usize,
     pub overlong: Overlong,
 }
@@ -75,12 +77,21 @@ impl<'a> Encoder<'a> {
             .iter()
             .filter_map(|&id| tok.inner.id_to_token(id))
             .collect();
+        let mut specials: Vec<String> = tok
+            .inner
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content.clone())
+            .collect();
+        specials.sort_by_key(|s| std::cmp::Reverse(s.len()));
         Self {
             tok,
             template,
             bos,
             eos: tok.eos_id(),
             end_markers,
+            specials,
             max_seq_len,
             overlong,
         }
@@ -161,6 +172,26 @@ impl<'a> Encoder<'a> {
                 "the model has no chat template; use the completion or text format".to_string(),
             )
         })?;
+        // Special-token text inside a message would be tokenized as a control token (a forged
+        // turn end, a second system turn), while `afinar serve` encodes message content as plain
+        // text: training on it would teach the model something it never sees when served.
+        for (i, t) in turns.iter().enumerate() {
+            let first = self
+                .specials
+                .iter()
+                .filter_map(|s| t.content.find(s.as_str()).map(|at| (at, s)))
+                .min_by_key(|&(at, _)| at);
+            if let Some((_, s)) = first {
+                return Err((
+                    "special-token text in a message",
+                    format!(
+                        "message {} contains {s:?}, which the tokenizer reads as a control token; \
+                         remove it from the text",
+                        i + 1
+                    ),
+                ));
+            }
+        }
         let msgs: Vec<Message> = turns
             .iter()
             .map(|t| Message::new(t.role.clone(), t.content.clone()))

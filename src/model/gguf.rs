@@ -222,6 +222,8 @@ fn hf_name(name: &str) -> Option<String> {
 
 /// Largest `general.alignment` accepted (llama.cpp writes 32; the spec asks a power of two).
 const MAX_ALIGNMENT: u64 = 1 << 20;
+/// Longest metadata key (the GGUF spec's limit).
+const MAX_KEY_BYTES: usize = 65_535;
 /// Deepest nesting of arrays in metadata values.
 const MAX_VALUE_DEPTH: usize = 8;
 /// Most elements one tensor may have (2^40, about 4 TB in f32; far beyond any file afinar loads).
@@ -311,6 +313,17 @@ impl<R: Read + std::io::Seek> Scan<R> {
     }
 }
 
+/// A key from the file as it may appear in a one-line message: control characters escaped,
+/// at most 80 characters.
+pub(crate) fn printable(key: &str) -> String {
+    let escaped: String = key.escape_debug().collect();
+    if escaped.chars().count() > 80 {
+        format!("{}…", escaped.chars().take(80).collect::<String>())
+    } else {
+        escaped
+    }
+}
+
 /// Size on disk of a fixed-size GGUF metadata type (`None` for strings and arrays).
 fn fixed_size(value_type: u32) -> Option<u64> {
     match value_type {
@@ -361,8 +374,18 @@ pub fn prescan(path: &Path) -> Result<RawHeader> {
     }
     let mut alignment = None;
     for i in 0..metadata_count {
+        let klen_at = s.pos;
         let key = s.string(version, &format!("metadata key #{i}"))?;
-        let key = String::from_utf8_lossy(&key).into_owned();
+        if key.len() > MAX_KEY_BYTES {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "corrupt GGUF header: metadata key #{i} (at byte {klen_at}) is {} bytes long; keys are at most {MAX_KEY_BYTES}",
+                    key.len()
+                ),
+            ));
+        }
+        let key = printable(&String::from_utf8_lossy(&key));
         let value_type = s.u32(&format!("type of GGUF key '{key}'"))?;
         if key == "general.alignment" {
             let v: i64 = match value_type {
@@ -468,7 +491,12 @@ fn skip_value<R: Read + std::io::Seek>(
 pub fn check_tensor_table(content: &Content, raw: &RawHeader, path: &Path) -> Result<()> {
     let data_start = content.tensor_data_offset;
     for (name, info) in &content.tensor_infos {
-        let bad = |why: String| Err(Error::bad_file(path, format!("tensor '{name}': {why}")));
+        let bad = |why: String| {
+            Err(Error::bad_file(
+                path,
+                format!("tensor '{}': {why}", printable(name)),
+            ))
+        };
         let dims = info.shape.dims();
         if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
             return bad(format!("shape {dims:?} (1 to 4 non-zero dimensions expected)"));
@@ -513,7 +541,7 @@ pub fn check_tensor_table(content: &Content, raw: &RawHeader, path: &Path) -> Re
 fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<ModelConfig> {
     let path = meta.path;
     let arch_name = meta.string("general.architecture")?;
-    let architecture = Architecture::parse(&arch_name, path)?;
+    let architecture = Architecture::parse(&printable(&arch_name), path)?;
     let a = arch_name.as_str();
     let key = |k: &str| format!("{a}.{k}");
     let bad = |k: &str, why: String| Error::bad_file(path, format!("GGUF key '{k}': {why}"));
@@ -729,12 +757,15 @@ pub fn check_blocks<'a>(
         let idx = rest
             .split_once('.')
             .and_then(|(n, _)| n.parse::<usize>().ok())
-            .ok_or_else(|| Error::bad_file(path, format!("tensor '{name}': no block number")))?;
+            .ok_or_else(|| {
+                Error::bad_file(path, format!("tensor '{}': no block number", printable(name)))
+            })?;
         if idx >= block_count {
             return Err(Error::bad_file(
                 path,
                 format!(
-                    "GGUF key '{key}' = {block_count}, but the file has tensors of block {idx} ('{name}')"
+                    "GGUF key '{key}' = {block_count}, but the file has tensors of block {idx} ('{}')",
+                    printable(name)
                 ),
             ));
         }

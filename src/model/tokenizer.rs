@@ -194,7 +194,7 @@ impl GgufVocab {
             other => {
                 return Err(Error::bad_file(
                     path,
-                    format!("tokenizer kind '{other}' is not supported (supported: gpt2 BPE, llama SentencePiece)"),
+                    format!("GGUF key 'tokenizer.ggml.model' = '{}': tokenizer kind not supported (supported: gpt2 BPE, llama SentencePiece)", super::gguf::printable(other)),
                 ))
             }
         };
@@ -221,8 +221,9 @@ impl GgufVocab {
             return None;
         }
         Some(format!(
-            "GGUF key 'tokenizer.ggml.pre' = '{pre}' is not a pre-tokenizer afinar knows \
+            "GGUF key 'tokenizer.ggml.pre' = '{}' is not a pre-tokenizer afinar knows \
              (known: {}); GPT-2's is used, so tokens may differ from the original model's",
+            super::gguf::printable(pre),
             KNOWN_PRE.join(", ")
         ))
     }

@@ -44,6 +44,9 @@ fn one_line_or_ok<T>(label: &str, f: impl FnOnce() -> afinar::Result<T>) -> Opti
     let result = std::panic::catch_unwind(AssertUnwindSafe(f));
     let took = t.elapsed();
     assert!(took < Duration::from_secs(60), "{label}: {took:?} (a hang?)");
+    if took > Duration::from_millis(500) {
+        eprintln!("{label}: {took:?}");
+    }
     match result {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => {
@@ -370,6 +373,11 @@ const HOSTILE: &[(&str, &str)] = &[
     ("self include", "{% include 'chat' %}"),
     ("recursive loop", "{% for m in [[[[[]]]]] recursive %}{{ loop(m) }}{{ loop([m]) }}{% endfor %}"),
     ("huge range", "{{ range(10000000000) | length }}"),
+    ("big string per iteration", "{% for i in range(100000) %}{% set x = 'x' * 60000000 %}{% endfor %}"),
+    ("join of repeats", "{{ (['x' * 1000000] * 1000000) | join(',') }}"),
+    ("method join of repeats", "{{ ','.join(['x' * 1000000] * 1000000) }}"),
+    ("replace flood", "{% set s = 'a' * 1000000 %}{{ s.replace('a', s) }}{{ s | replace('a', s) }}"),
+    ("center flood", "{{ 'x'.center(100000000000) }}"),
 ];
 
 fn conversation(n: usize) -> Vec<Message> {
@@ -578,7 +586,7 @@ fn looping_and_doubling_templates_from_a_gguf_name_the_file_and_key() {
         (
             "double.gguf",
             "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-            "too large",
+            "more text than its budget",
         ),
     ];
     for (name, template, want) in cases {

@@ -41,6 +41,11 @@ pub const FUEL_PER_BYTE: u64 = 4;
 pub const OUTPUT_BASE: usize = 1 << 20;
 /// Extra output (markup) allowed per message.
 pub const OUTPUT_PER_MESSAGE: usize = 4 << 10;
+/// Text any render may build by concatenation, repetition and joins, on top of 16 bytes per
+/// input byte and [`BUILD_PER_MESSAGE`] (templates build each turn's text a few times).
+pub const BUILD_BASE: usize = 64 << 20;
+/// Extra text built allowed per message.
+pub const BUILD_PER_MESSAGE: usize = 16 << 10;
 /// minijinja's recursion budget (a loop or `if` costs 1, a macro call or include about 10).
 pub const RECURSION_LIMIT: usize = 200;
 
@@ -71,7 +76,15 @@ impl ChatTemplate {
         env.set_recursion_limit(RECURSION_LIMIT);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(|state, value, method, args| {
+            guard_method(value, method, args)?;
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
+        // Filters whose output can dwarf their input, bounded like concatenation.
+        env.add_filter("join", join_filter);
+        env.add_filter("replace", |s: String, from: String, to: String| {
+            replace_guarded(&s, &from, &to)
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<Value, minijinja::Error> {
@@ -150,15 +163,17 @@ impl ChatTemplate {
             cap: limits.output_bytes,
             exceeded: false,
         };
-        let result = tmpl.render_captured_to(
-            minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-            },
-            &mut out,
-        );
+        let result = minijinja::build_limits::with_build_budget(limits.build_bytes, || {
+            tmpl.render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_token,
+                    eos_token => self.eos_token,
+                },
+                &mut out,
+            )
+        });
         let origin = &self.origin;
         match result {
             Ok(_) => String::from_utf8(out.buf).map_err(|_| {
@@ -210,6 +225,8 @@ pub fn origin(model: &super::ModelSource) -> String {
 pub struct RenderLimits {
     pub fuel: u64,
     pub output_bytes: usize,
+    /// Bytes all string concatenation, repetition and joins of the render may build.
+    pub build_bytes: usize,
 }
 
 impl RenderLimits {
@@ -228,8 +245,116 @@ impl RenderLimits {
             output_bytes: OUTPUT_BASE
                 .saturating_add(OUTPUT_PER_MESSAGE.saturating_mul(n))
                 .saturating_add(bytes.saturating_mul(4)),
+            build_bytes: BUILD_BASE
+                .saturating_add(BUILD_PER_MESSAGE.saturating_mul(n))
+                .saturating_add(bytes.saturating_mul(16)),
         }
     }
+}
+
+fn too_large(what: &str) -> minijinja::Error {
+    minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{what} would build a string too large"),
+    )
+}
+
+/// Appends `piece`, charging the render's build budget and keeping within minijinja's
+/// concatenation cap.
+fn push_bounded(
+    out: &mut String,
+    piece: &str,
+    what: &str,
+) -> std::result::Result<(), minijinja::Error> {
+    minijinja::build_limits::charge_build(piece.len())?;
+    if out.len() + piece.len() > minijinja::build_limits::MAX_CONCAT_STRING_LEN {
+        return Err(too_large(what));
+    }
+    out.push_str(piece);
+    Ok(())
+}
+
+/// `join` with its output bounded (the builtin grows without limit).
+fn join_filter(value: Value, joiner: Option<String>) -> std::result::Result<Value, minijinja::Error> {
+    let joiner = joiner.unwrap_or_default();
+    let mut out = String::new();
+    for (i, item) in value.try_iter()?.enumerate() {
+        if i > 0 {
+            push_bounded(&mut out, &joiner, "join")?;
+        }
+        match item.as_str() {
+            Some(s) => push_bounded(&mut out, s, "join")?,
+            None => push_bounded(&mut out, &item.to_string(), "join")?,
+        }
+    }
+    Ok(Value::from(out))
+}
+
+/// `replace` with its output size checked before it is built.
+fn replace_guarded(s: &str, from: &str, to: &str) -> std::result::Result<Value, minijinja::Error> {
+    let hits = if from.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(from).count()
+    };
+    let len = s.len().saturating_add(hits.saturating_mul(to.len()));
+    minijinja::build_limits::charge_build(len)?;
+    if len > minijinja::build_limits::MAX_CONCAT_STRING_LEN {
+        return Err(too_large("replace"));
+    }
+    Ok(Value::from(s.replace(from, to)))
+}
+
+/// Checks the Python string methods (minijinja-contrib's pycompat) whose output can dwarf
+/// their input before they run: `join`, `replace`, and padding to a width.
+fn guard_method(
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<(), minijinja::Error> {
+    let Some(s) = value.as_str() else {
+        return Ok(());
+    };
+    let size = match method {
+        "join" => {
+            let Some(items) = args.first() else {
+                return Ok(());
+            };
+            let mut total = 0usize;
+            for (i, item) in items.try_iter()?.enumerate() {
+                let n = item.as_str().map_or(0, str::len);
+                total = total
+                    .saturating_add(n)
+                    .saturating_add(if i > 0 { s.len() } else { 0 });
+            }
+            total
+        }
+        "replace" => match (args.first().and_then(|v| v.as_str()), args.get(1).and_then(|v| v.as_str())) {
+            (Some(from), Some(to)) => {
+                let hits = if from.is_empty() {
+                    s.chars().count() + 1
+                } else {
+                    s.matches(from).count()
+                };
+                s.len().saturating_add(hits.saturating_mul(to.len()))
+            }
+            _ => 0,
+        },
+        "center" | "ljust" | "rjust" | "zfill" => args
+            .first()
+            .and_then(|w| w.as_usize())
+            .unwrap_or(0)
+            .saturating_mul(4),
+        "expandtabs" => s.len().saturating_mul(
+            args.first().and_then(|w| w.as_usize()).unwrap_or(8).max(1),
+        ),
+        _ => 0,
+    };
+    minijinja::build_limits::charge_build(size)?;
+    if size > minijinja::build_limits::MAX_CONCAT_STRING_LEN {
+        return Err(too_large(&format!("str.{method}")));
+    }
+    Ok(())
 }
 
 /// A writer that refuses to grow past `cap` bytes.

@@ -247,6 +247,13 @@ pub use self::format_utils::{format_filter, FormatStyle};
 /// Re-export for convenience.
 pub use self::value::Value;
 
+/// afinar patch: bounds on what one render may build (see `PATCHED.md`).
+pub mod build_limits {
+    pub use crate::value::ops::{
+        charge_build, with_build_budget, MAX_CONCAT_SEQ_LEN, MAX_CONCAT_STRING_LEN,
+    };
+}
+
 pub use self::macros::__context;
 pub use self::vm::State;
 

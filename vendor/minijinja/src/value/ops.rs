@@ -4,15 +4,50 @@ use crate::value::merge_object::MergeSeq;
 use crate::value::{DynObject, ObjectRepr, Value, ValueKind, ValueRepr};
 
 const MIN_I128_AS_POS_U128: u128 = 170141183460469231731687303715884105728;
-const MAX_REPEATED_STRING_LEN: usize = 100_000_000;
+// afinar patch: 64 MiB like concatenation (upstream: 100_000_000).
+const MAX_REPEATED_STRING_LEN: usize = MAX_CONCAT_STRING_LEN;
 
 // afinar patch: templates are untrusted input, and doubling a string or a list in a loop or a
 // recursive macro needs only a few dozen instructions (so fuel does not stop it) to exhaust
 // memory. Concatenations past these sizes are errors instead.
 /// Longest string `~` or `+` may build (bytes).
-pub const MAX_CONCAT_STRING_LEN: usize = 256 << 20;
-/// Longest sequence `+` may build (items).
-pub const MAX_CONCAT_SEQ_LEN: usize = 16 << 20;
+pub const MAX_CONCAT_STRING_LEN: usize = 64 << 20;
+/// Longest sequence `+` or `*` may build (items).
+pub const MAX_CONCAT_SEQ_LEN: usize = 1 << 20;
+
+std::thread_local! {
+    /// Bytes that concatenation and repetition may still build on this thread (`None`: no
+    /// budget). A loop that builds a large string each iteration costs little fuel but
+    /// unbounded time; the budget bounds the total.
+    static BUILD_BUDGET: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a render) with at most `bytes` built by concatenation and repetition in total.
+pub fn with_build_budget<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUILD_BUDGET.with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(BUILD_BUDGET.with(|b| b.replace(Some(bytes))));
+    f()
+}
+
+/// Charges `bytes` against the budget of [`with_build_budget`]; an error once it is spent.
+pub fn charge_build(bytes: usize) -> Result<(), Error> {
+    BUILD_BUDGET.with(|b| match b.get() {
+        None => Ok(()),
+        Some(left) if bytes <= left => {
+            b.set(Some(left - bytes));
+            Ok(())
+        }
+        Some(_) => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "the template built more text than its budget allows (concatenation or repetition in a loop?)",
+        )),
+    })
+}
 
 fn too_large(what: &str) -> Error {
     Error::new(
@@ -294,6 +329,7 @@ fn seq_concat_len(lhs: &Value, rhs: &Value) -> Option<usize> {
 }
 
 fn materialize_seq_concat(lhs: &Value, rhs: &Value, len: usize) -> Result<Value, Error> {
+    ok!(charge_build(len.saturating_mul(std::mem::size_of::<Value>())));
     let mut rv = Vec::with_capacity(len);
     rv.extend(ok!(lhs.try_iter()));
     rv.extend(ok!(rhs.try_iter()));
@@ -334,6 +370,7 @@ pub fn add(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
             if a.len().saturating_add(b.len()) > MAX_CONCAT_STRING_LEN {
                 return Err(too_large("string"));
             }
+            ok!(charge_build(a.len() + b.len()));
             Ok(Value::from([a, b].concat()))
         }
         _ => Err(impossible_op("+", lhs, rhs)),
@@ -361,6 +398,7 @@ pub fn mul(lhs: &Value, rhs: &Value) -> Result<Value, Error> {
                 "repeated string is too large",
             ));
         }
+        ok!(charge_build(s.len() * n));
         return Ok(Value::from(s.repeat(n)));
     } else if let Some((seq, n)) = lhs
         .as_object()
@@ -492,6 +530,7 @@ pub fn string_concat(left: Value, right: &Value) -> Result<Value, Error> {
     if len(&left).saturating_add(len(right)) > MAX_CONCAT_STRING_LEN {
         return Err(too_large("string"));
     }
+    ok!(charge_build(len(&left) + len(right)));
     // Non-string operands (lists, maps) are formatted through a writer that stops at the limit.
     struct Capped(String);
     impl fmt::Write for Capped {

@@ -43,7 +43,10 @@ fn one_line_or_ok<T>(label: &str, f: impl FnOnce() -> afinar::Result<T>) -> Opti
     let t = Instant::now();
     let result = std::panic::catch_unwind(AssertUnwindSafe(f));
     let took = t.elapsed();
-    assert!(took < Duration::from_secs(60), "{label}: {took:?} (a hang?)");
+    assert!(
+        took < Duration::from_secs(60),
+        "{label}: {took:?} (a hang?)"
+    );
     if took > Duration::from_millis(500) {
         eprintln!("{label}: {took:?}");
     }
@@ -144,7 +147,10 @@ fn layout(b: &[u8]) -> Layout {
             p += 8;
         }
         tensor_fields.push(Field { at: p, width: 4 });
-        tensor_fields.push(Field { at: p + 4, width: 8 });
+        tensor_fields.push(Field {
+            at: p + 4,
+            width: 8,
+        });
         p += 12;
     }
     Layout {
@@ -405,9 +411,36 @@ fn real_templates() -> Vec<(&'static str, String)> {
 /// One seeded mutation of a template's text.
 fn mutate_template(t: &str, rng: &mut Rng) -> String {
     const NASTY: &[&str] = &[
-        "{%", "%}", "{{", "}}", "{#", "#}", "for", "endfor", "if", "endif", " recursive", "loop(",
-        "~", "+", "*", "range(", ")", "(", "'", "\"", "\\", "\n", "ns.s", "messages", "|join",
-        "|length", "* 100000000", "{% for x in range(99999) %}", "{% endfor %}", "\u{0}",
+        "{%",
+        "%}",
+        "{{",
+        "}}",
+        "{#",
+        "#}",
+        "for",
+        "endfor",
+        "if",
+        "endif",
+        " recursive",
+        "loop(",
+        "~",
+        "+",
+        "*",
+        "range(",
+        ")",
+        "(",
+        "'",
+        "\"",
+        "\\",
+        "\n",
+        "ns.s",
+        "messages",
+        "|join",
+        "|length",
+        "* 100000000",
+        "{% for x in range(99999) %}",
+        "{% endfor %}",
+        "\u{0}",
     ];
     let mut v: Vec<char> = t.chars().collect();
     for _ in 0..1 + rng.below(4) {

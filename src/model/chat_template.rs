@@ -275,7 +275,10 @@ fn push_bounded(
 }
 
 /// `join` with its output bounded (the builtin grows without limit).
-fn join_filter(value: Value, joiner: Option<String>) -> std::result::Result<Value, minijinja::Error> {
+fn join_filter(
+    value: Value,
+    joiner: Option<String>,
+) -> std::result::Result<Value, minijinja::Error> {
     let joiner = joiner.unwrap_or_default();
     let mut out = String::new();
     for (i, item) in value.try_iter()?.enumerate() {
@@ -329,7 +332,10 @@ fn guard_method(
             }
             total
         }
-        "replace" => match (args.first().and_then(|v| v.as_str()), args.get(1).and_then(|v| v.as_str())) {
+        "replace" => match (
+            args.first().and_then(|v| v.as_str()),
+            args.get(1).and_then(|v| v.as_str()),
+        ) {
             (Some(from), Some(to)) => {
                 let hits = if from.is_empty() {
                     s.chars().count() + 1
@@ -345,9 +351,9 @@ fn guard_method(
             .and_then(|w| w.as_usize())
             .unwrap_or(0)
             .saturating_mul(4),
-        "expandtabs" => s.len().saturating_mul(
-            args.first().and_then(|w| w.as_usize()).unwrap_or(8).max(1),
-        ),
+        "expandtabs" => s
+            .len()
+            .saturating_mul(args.first().and_then(|w| w.as_usize()).unwrap_or(8).max(1)),
         _ => 0,
     };
     minijinja::build_limits::charge_build(size)?;

@@ -499,7 +499,9 @@ pub fn check_tensor_table(content: &Content, raw: &RawHeader, path: &Path) -> Re
         };
         let dims = info.shape.dims();
         if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
-            return bad(format!("shape {dims:?} (1 to 4 non-zero dimensions expected)"));
+            return bad(format!(
+                "shape {dims:?} (1 to 4 non-zero dimensions expected)"
+            ));
         }
         let mut elems: u64 = 1;
         for &d in dims {
@@ -510,14 +512,14 @@ pub fn check_tensor_table(content: &Content, raw: &RawHeader, path: &Path) -> Re
         }
         let block = info.ggml_dtype.block_size() as u64;
         let row = *dims.last().expect("non-empty") as u64;
-        if row % block != 0 {
+        if !row.is_multiple_of(block) {
             return bad(format!(
                 "rows of {row} elements are not a whole number of {:?} blocks of {block}",
                 info.ggml_dtype
             ));
         }
         let bytes = elems / block * info.ggml_dtype.type_size() as u64;
-        if info.offset % raw.alignment != 0 {
+        if !info.offset.is_multiple_of(raw.alignment) {
             return bad(format!(
                 "offset {} is not a multiple of general.alignment {}",
                 info.offset, raw.alignment
@@ -619,14 +621,14 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
         ));
     }
     let theta_key = key("rope.freq_base");
-    let rope_theta = finite_positive(
-        &theta_key,
-        meta.opt_f64(&theta_key)?.unwrap_or(10_000.0),
-    )?;
+    let rope_theta = finite_positive(&theta_key, meta.opt_f64(&theta_key)?.unwrap_or(10_000.0))?;
     let ctx_key = key("context_length");
     let max_position_embeddings = match meta.opt_usize(&ctx_key)?.unwrap_or(2048) {
         v if v == 0 || v > MAX_CONTEXT => {
-            return Err(bad(&ctx_key, format!("{v}: it must be from 1 to {MAX_CONTEXT}")))
+            return Err(bad(
+                &ctx_key,
+                format!("{v}: it must be from 1 to {MAX_CONTEXT}"),
+            ))
         }
         v => v,
     };
@@ -634,9 +636,8 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
     // Shapes against the tensors present (candle lists GGUF dims outermost first).
     let tensors = &content.tensor_infos;
     let shape = |name: &str| tensors.get(name).map(|t| t.shape.dims().to_vec());
-    let embd = shape("token_embd.weight").ok_or_else(|| {
-        Error::bad_file(path, "GGUF file has no tensor 'token_embd.weight'")
-    })?;
+    let embd = shape("token_embd.weight")
+        .ok_or_else(|| Error::bad_file(path, "GGUF file has no tensor 'token_embd.weight'"))?;
     let vocab_size = match meta.opt_usize(&key("vocab_size"))? {
         Some(v) => v,
         None => embd[0],
@@ -659,11 +660,24 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
             ),
         ));
     }
-    check_blocks(tensors.keys().map(String::as_str), num_layers, &key("block_count"), path)?;
+    check_blocks(
+        tensors.keys().map(String::as_str),
+        num_layers,
+        &key("block_count"),
+        path,
+    )?;
     if num_layers > MAX_LAYERS {
-        return Err(bad(&key("block_count"), format!("{num_layers}: more than {MAX_LAYERS}")));
+        return Err(bad(
+            &key("block_count"),
+            format!("{num_layers}: more than {MAX_LAYERS}"),
+        ));
     }
-    let (q, kv, h, ff) = (num_heads * head_dim, num_kv_heads * head_dim, hidden_size, intermediate_size);
+    let (q, kv, h, ff) = (
+        num_heads * head_dim,
+        num_kv_heads * head_dim,
+        hidden_size,
+        intermediate_size,
+    );
     let mut expect: Vec<(String, Vec<usize>)> = vec![("output_norm.weight".into(), vec![h])];
     for l in 0..num_layers {
         let b = |n: &str| format!("blk.{l}.{n}");
@@ -706,18 +720,21 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
         }
     }
     let has_output = match shape("output.weight") {
-        Some(got) if got != [vocab_size, hidden_size] => {
-            return Err(Error::bad_file(
-                path,
-                format!("tensor 'output.weight' has shape {got:?}, expected [{vocab_size}, {hidden_size}]"),
-            ))
-        }
+        Some(got) if got != [vocab_size, hidden_size] => return Err(Error::bad_file(
+            path,
+            format!(
+                "tensor 'output.weight' has shape {got:?}, expected [{vocab_size}, {hidden_size}]"
+            ),
+        )),
         other => other.is_some(),
     };
     if let Some(got) = shape("rope_freqs.weight").filter(|g| g != &[head_dim / 2]) {
         return Err(Error::bad_file(
             path,
-            format!("tensor 'rope_freqs.weight' has shape {got:?}, expected [{}]", head_dim / 2),
+            format!(
+                "tensor 'rope_freqs.weight' has shape {got:?}, expected [{}]",
+                head_dim / 2
+            ),
         ));
     }
     let config = ModelConfig {
@@ -758,7 +775,10 @@ pub fn check_blocks<'a>(
             .split_once('.')
             .and_then(|(n, _)| n.parse::<usize>().ok())
             .ok_or_else(|| {
-                Error::bad_file(path, format!("tensor '{}': no block number", printable(name)))
+                Error::bad_file(
+                    path,
+                    format!("tensor '{}': no block number", printable(name)),
+                )
             })?;
         if idx >= block_count {
             return Err(Error::bad_file(
@@ -829,7 +849,10 @@ fn read_vocab(meta: &Meta) -> Result<GgufVocab> {
     {
         return Err(bad(
             "tokenizer.ggml.tokens",
-            format!("token {i} is {} bytes long (more than {MAX_TOKEN_BYTES})", t.len()),
+            format!(
+                "token {i} is {} bytes long (more than {MAX_TOKEN_BYTES})",
+                t.len()
+            ),
         ));
     }
     let same_len = |key: &str, len: usize| -> Result<()> {
@@ -847,7 +870,10 @@ fn read_vocab(meta: &Meta) -> Result<GgufVocab> {
                     .enumerate()
                     .map(|(i, x)| {
                         x.to_i32().map_err(|_| {
-                            bad("tokenizer.ggml.token_type", format!("element {i} is not an int32"))
+                            bad(
+                                "tokenizer.ggml.token_type",
+                                format!("element {i} is not an int32"),
+                            )
                         })
                     })
                     .collect::<Result<Vec<i32>>>()?,

@@ -368,7 +368,7 @@ pub fn prescan(path: &Path) -> Result<RawHeader> {
             path,
             format!(
                 "corrupt GGUF header: it declares {tensor_count} tensors and {metadata_count} metadata keys, \
-                 which cannot fit in a file of {size} bytes"
+                 which cannot fit in a file of {size} bytes (it is truncated or corrupt)"
             ),
         ));
     }
@@ -466,7 +466,7 @@ fn skip_value<R: Read + std::io::Seek>(
                 return Err(Error::bad_file(
                     &s.path,
                     format!(
-                        "GGUF key '{key}': array of {n} elements cannot fit in the {} bytes left in the file",
+                        "GGUF key '{key}': array of {n} elements cannot fit in the {} bytes left in the file (it is truncated or corrupt)",
                         s.size.saturating_sub(s.pos)
                     ),
                 ));
@@ -720,12 +720,14 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
         }
     }
     let has_output = match shape("output.weight") {
-        Some(got) if got != [vocab_size, hidden_size] => return Err(Error::bad_file(
-            path,
-            format!(
+        Some(got) if got != [vocab_size, hidden_size] => {
+            return Err(Error::bad_file(
+                path,
+                format!(
                 "tensor 'output.weight' has shape {got:?}, expected [{vocab_size}, {hidden_size}]"
             ),
-        )),
+            ))
+        }
         other => other.is_some(),
     };
     if let Some(got) = shape("rope_freqs.weight").filter(|g| g != &[head_dim / 2]) {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use afinar::model::chat_template::{ChatTemplate, Message};
+use afinar::model::chat_template::{ChatTemplate, Message, RenderLimits};
 use afinar::model::{gguf, Model, TextSide};
 use afinar::rng::Rng;
 use candle_core::Device;
@@ -384,6 +384,9 @@ const HOSTILE: &[(&str, &str)] = &[
     ("method join of repeats", "{{ ','.join(['x' * 1000000] * 1000000) }}"),
     ("replace flood", "{% set s = 'a' * 1000000 %}{{ s.replace('a', s) }}{{ s | replace('a', s) }}"),
     ("center flood", "{{ 'x'.center(100000000000) }}"),
+    ("indent flood", "{{ ('x\n' * 1000) | indent(100000000) }}"),
+    ("format flood", "{{ '%100000000000s' | format('x') }}"),
+    ("tojson indent flood", "{{ messages | tojson(indent=100000000000) }}"),
 ];
 
 fn conversation(n: usize) -> Vec<Message> {
@@ -497,6 +500,7 @@ fn mutated_and_hostile_templates_end_in_a_result_or_a_one_line_error() {
                 .render(&messages, true)
         });
         let msg = msg.unwrap_or_else(|| panic!("{name}: rendered"));
+        eprintln!("{name}: {msg}");
         assert!(
             msg.contains("hostile.gguf (GGUF key tokenizer.chat_template)")
                 || msg.contains("could not parse"),
@@ -515,6 +519,25 @@ fn real_templates_render_ten_thousand_turns() {
             .render(&messages, true)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(out.contains("Message number 9999"), "{name}");
+    }
+}
+
+#[test]
+fn real_templates_render_within_a_quarter_of_their_limits() {
+    // Room to spare: ordinary templates fit in a quarter of each limit, short or long.
+    for (name, source) in real_templates() {
+        let t = ChatTemplate::new(&source, Some("<s>"), Some("</s>")).unwrap();
+        for n in [1, 2, 100, 10_000] {
+            let messages = conversation(n);
+            let full = RenderLimits::for_messages(&messages);
+            let quarter = RenderLimits {
+                fuel: full.fuel / 4,
+                output_bytes: full.output_bytes / 4,
+                build_bytes: full.build_bytes / 4,
+            };
+            t.render_with_limits(&messages, true, quarter)
+                .unwrap_or_else(|e| panic!("{name}, {n} messages: {e}"));
+        }
     }
 }
 

@@ -193,7 +193,7 @@ impl ChatTemplate {
             ))),
             Err(e) => Err(Error::Template(format!(
                 "{origin}: rendering failed: {}",
-                one_line(&format!("{e:#}"))
+                one_line(&error_chain(&e))
             ))),
         }
     }
@@ -384,6 +384,23 @@ impl std::io::Write for CappedWriter {
     }
 }
 
+/// The error and its root cause (an include's failure sits in the source), without minijinja's
+/// multi-line source excerpt.
+fn error_chain(e: &minijinja::Error) -> String {
+    let mut out = e.to_string();
+    let mut root = None;
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        root = Some(cause);
+        source = cause.source();
+    }
+    if let Some(root) = root {
+        out.push_str(": ");
+        out.push_str(&root.to_string());
+    }
+    out
+}
+
 /// minijinja's alternate error format spans lines (source excerpt); errors here are one line.
 fn one_line(s: &str) -> String {
     s.split('\n')
@@ -402,6 +419,12 @@ fn tojson(
 ) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
+    if indent.is_some_and(|n| n > 64) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: indent above 64",
+        ));
+    }
     let json = serde_json::to_value(&value)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();

@@ -1149,6 +1149,8 @@ mod builtins {
         ok!(args.assert_all_used());
         if let Some(indent) = indent {
             let mut out = Vec::<u8>::new();
+            // afinar patch: bounded indentation.
+            ok!(crate::value::ops::charge_build(indent.saturating_mul(64)));
             let indentation = " ".repeat(indent);
             let formatter = serde_json::ser::PrettyFormatter::with_indent(indentation.as_bytes());
             let mut s = serde_json::Serializer::with_formatter(&mut out, formatter);
@@ -1231,6 +1233,13 @@ mod builtins {
         ok!(kwargs.assert_all_used());
 
         let input = strip_trailing_newline(value.as_str());
+        // afinar patch: the output is bounded like concatenation.
+        let lines = input.matches('\n').count() + 1;
+        let size = width.saturating_mul(lines).saturating_add(input.len());
+        if size > crate::value::ops::MAX_CONCAT_STRING_LEN {
+            return Err(Error::new(ErrorKind::InvalidOperation, "indent would build a string too large"));
+        }
+        ok!(crate::value::ops::charge_build(size));
         let indent_with = " ".repeat(width);
         let mut output = String::new();
         let mut iterator = input.split('\n');

@@ -950,6 +950,14 @@ fn parse_number(cursor: &mut Cursor) -> Result<Option<usize>, Error> {
             )
             .with_source(e)
         }));
+        // afinar patch: widths and precisions pad output; bound them like concatenation.
+        if num > crate::value::ops::MAX_CONCAT_STRING_LEN {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "width or precision in the format string is too large",
+            ));
+        }
+        ok!(crate::value::ops::charge_build(num));
         Ok(Some(num))
     }
 }

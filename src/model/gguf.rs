@@ -35,7 +35,9 @@ pub fn is_gguf(path: &Path) -> Result<bool> {
     }
 }
 
-/// Reads only the header (metadata and tensor table), not the weights.
+/// Reads only the header (metadata and tensor table), not the weights, after checking it with
+/// [`prescan`] (candle's reader divides by a zero alignment) and checking every tensor's
+/// dtype, shape, alignment and extent against the file ([`check_tensor_table`]).
 pub fn read_header(path: &Path) -> Result<Content> {
     if !is_gguf(path)? {
         return Err(Error::bad_file(
@@ -43,8 +45,9 @@ pub fn read_header(path: &Path) -> Result<Content> {
             "not a GGUF file (the first bytes are not 'GGUF'); pass a .gguf file or a Hugging Face model directory",
         ));
     }
+    let raw = prescan(path)?;
     let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
-    Content::read(&mut reader).map_err(|e| {
+    let content = Content::read(&mut reader).map_err(|e| {
         Error::bad_file(
             path,
             format!(
@@ -52,6 +55,53 @@ pub fn read_header(path: &Path) -> Result<Content> {
                 crate::error::candle_message(&e)
             ),
         )
+    })?;
+    check_tensor_table(&content, &raw, path)?;
+    Ok(content)
+}
+
+/// What [`inspect`] reads from a GGUF file: everything but the weights, validated.
+pub struct GgufInspection {
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: Option<String>,
+    /// Storage type of the bulk of the weights, e.g. "Q4_1".
+    pub file_dtype: String,
+    pub tensor_count: usize,
+}
+
+/// Reads and validates the header, metadata, configuration and tokenizer of a GGUF file
+/// without reading its weights: what `load` checks before it reads a single tensor, in
+/// milliseconds. Every problem is a one-line error naming the file and the GGUF key.
+pub fn inspect(path: &Path) -> Result<GgufInspection> {
+    inspect_content(&read_header(path)?, path)
+}
+
+fn inspect_content(content: &Content, path: &Path) -> Result<GgufInspection> {
+    let meta = Meta {
+        md: &content.metadata,
+        path,
+    };
+    let vocab = read_vocab(&meta)?;
+    let config = read_config(&meta, content, &vocab)?;
+    let tokenizer = vocab.build(path)?;
+    let mut dtype_counts: HashMap<String, usize> = HashMap::new();
+    for info in content.tensor_infos.values() {
+        *dtype_counts
+            .entry(format!("{:?}", info.ggml_dtype))
+            .or_default() += info.shape.elem_count();
+    }
+    let file_dtype = dtype_counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(d, _)| d)
+        .unwrap_or_default();
+    Ok(GgufInspection {
+        config,
+        tokenizer,
+        chat_template: meta.opt_string("tokenizer.chat_template"),
+        file_dtype,
+        tensor_count: content.tensor_infos.len(),
     })
 }
 
@@ -69,56 +119,23 @@ pub fn load_text_side(path: &Path) -> Result<(TextTokenizer, Option<String>)> {
 /// Loads a GGUF model onto `device`.
 pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     let content = read_header(path)?;
-    let meta = Meta {
-        md: &content.metadata,
-        path,
-    };
-    let arch_name = meta.string("general.architecture")?;
-    let architecture = Architecture::parse(&arch_name, path)?;
-    let a = arch_name.as_str();
-    let vocab = read_vocab(&meta)?;
-    let hidden_size = meta.usize(&format!("{a}.embedding_length"))?;
-    let num_heads = meta.usize(&format!("{a}.attention.head_count"))?;
-    let head_dim = meta
-        .opt_usize(&format!("{a}.attention.key_length"))
-        .or(meta.opt_usize(&format!("{a}.rope.dimension_count")))
-        .unwrap_or(hidden_size / num_heads.max(1));
-    let has_output = content.tensor_infos.contains_key("output.weight");
-    let config = ModelConfig {
-        architecture,
-        vocab_size: meta
-            .opt_usize(&format!("{a}.vocab_size"))
-            .unwrap_or(vocab.tokens.len()),
-        hidden_size,
-        intermediate_size: meta.usize(&format!("{a}.feed_forward_length"))?,
-        num_layers: meta.usize(&format!("{a}.block_count"))?,
-        num_heads,
-        num_kv_heads: meta
-            .opt_usize(&format!("{a}.attention.head_count_kv"))
-            .unwrap_or(num_heads),
-        head_dim,
-        rms_norm_eps: meta.f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
-        rope_theta: meta
-            .opt_f64(&format!("{a}.rope.freq_base"))
-            .unwrap_or(10_000.0),
-        max_position_embeddings: meta
-            .opt_usize(&format!("{a}.context_length"))
-            .unwrap_or(2048),
-        tie_word_embeddings: !has_output,
-        attention_bias: architecture == Architecture::Qwen2,
-        sliding_window: None,
-        rope_scaling: None,
-    };
-    config.validate(path)?;
-    let tokenizer = vocab.build(path)?;
-    let chat_template = meta.opt_string("tokenizer.chat_template");
+    let GgufInspection {
+        config,
+        tokenizer,
+        chat_template,
+        file_dtype,
+        ..
+    } = inspect_content(&content, path)?;
+    let architecture = config.architecture;
 
     // Weights: dequantize each tensor to f32 and rename it to Hugging Face's convention.
     let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
     let mut tensors = HashMap::new();
-    let mut dtype_counts: HashMap<String, usize> = HashMap::new();
     let mut rope_freq_factors = None;
-    for (name, info) in &content.tensor_infos {
+    for name in content.tensor_infos.keys() {
+        if name != "rope_freqs.weight" && hf_name(name).is_none() {
+            continue;
+        }
         let qt = content.tensor(&mut reader, name, device).map_err(|e| {
             Error::bad_file(
                 path,
@@ -128,9 +145,6 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
                 ),
             )
         })?;
-        *dtype_counts
-            .entry(format!("{:?}", info.ggml_dtype))
-            .or_default() += info.shape.elem_count();
         let t = qt.dequantize(device)?;
         if name == "rope_freqs.weight" {
             rope_freq_factors = Some(t.to_vec1::<f32>()?);
@@ -150,11 +164,6 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         };
         tensors.insert(hf_name, t);
     }
-    let file_dtype = dtype_counts
-        .into_iter()
-        .max_by_key(|(_, n)| *n)
-        .map(|(d, _)| d)
-        .unwrap_or_default();
     Ok(GgufModel {
         config,
         weights: Weights {
@@ -206,46 +215,719 @@ fn hf_name(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
-fn read_vocab(meta: &Meta) -> Result<GgufVocab> {
-    let strings = |key: &str| -> Option<Vec<String>> {
-        meta.md.get(key)?.to_vec().ok().map(|v| {
-            v.iter()
-                .filter_map(|x| x.to_string().ok().cloned())
-                .collect()
-        })
-    };
-    let tokens = strings("tokenizer.ggml.tokens").ok_or_else(|| {
+// ---------------------------------------------------------------------------------------------
+// Validation of untrusted headers and metadata. Everything below runs before a tensor is read,
+// so a crafted file ends in a one-line error naming the key instead of a panic, an abort or an
+// allocation of terabytes.
+
+/// Largest `general.alignment` accepted (llama.cpp writes 32; the spec asks a power of two).
+const MAX_ALIGNMENT: u64 = 1 << 20;
+/// Longest metadata key (the GGUF spec's limit).
+const MAX_KEY_BYTES: usize = 65_535;
+/// Deepest nesting of arrays in metadata values.
+const MAX_VALUE_DEPTH: usize = 8;
+/// Most elements one tensor may have (2^40, about 4 TB in f32; far beyond any file afinar loads).
+const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
+/// Most layers a configuration may declare.
+const MAX_LAYERS: usize = 4096;
+/// Longest context accepted from `{arch}.context_length`.
+const MAX_CONTEXT: usize = 1 << 24;
+/// Longest single token (bytes); SentencePiece merge recovery is quadratic in it.
+const MAX_TOKEN_BYTES: usize = 4096;
+
+/// The raw header fields [`prescan`] checks.
+#[derive(Debug, Clone, Copy)]
+pub struct RawHeader {
+    pub version: u32,
+    pub tensor_count: u64,
+    pub metadata_count: u64,
+    pub alignment: u64,
+    pub file_size: u64,
+}
+
+/// A bounded reader over the file: every read checks the bytes left, so no length from the file
+/// is trusted before it is compared with the file's size.
+struct Scan<R> {
+    r: R,
+    pos: u64,
+    size: u64,
+    path: std::path::PathBuf,
+}
+
+impl<R: Read + std::io::Seek> Scan<R> {
+    fn fail(&self, what: &str) -> Error {
         Error::bad_file(
-            meta.path,
+            &self.path,
+            format!(
+                "corrupt or truncated GGUF header: {what} (at byte {}, file has {})",
+                self.pos, self.size
+            ),
+        )
+    }
+    fn need(&self, n: u64, what: &str) -> Result<()> {
+        if n > self.size.saturating_sub(self.pos) {
+            return Err(self.fail(&format!("{what} needs {n} bytes")));
+        }
+        Ok(())
+    }
+    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        self.need(N as u64, what)?;
+        let mut b = [0u8; N];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|e| self.fail(&format!("{what}: {e}")))?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        self.bytes::<4>(what).map(u32::from_le_bytes)
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        self.bytes::<8>(what).map(u64::from_le_bytes)
+    }
+    fn len(&mut self, version: u32, what: &str) -> Result<u64> {
+        if version == 1 {
+            self.u32(what).map(u64::from)
+        } else {
+            self.u64(what)
+        }
+    }
+    fn skip(&mut self, n: u64, what: &str) -> Result<()> {
+        self.need(n, what)?;
+        let n_i64 = i64::try_from(n).map_err(|_| self.fail(what))?;
+        self.r
+            .seek_relative(n_i64)
+            .map_err(|e| self.fail(&format!("{what}: {e}")))?;
+        self.pos += n;
+        Ok(())
+    }
+    fn string(&mut self, version: u32, what: &str) -> Result<Vec<u8>> {
+        let n = self.len(version, what)?;
+        self.need(n, what)?;
+        let mut v = vec![0u8; n as usize];
+        self.r
+            .read_exact(&mut v)
+            .map_err(|e| self.fail(&format!("{what}: {e}")))?;
+        self.pos += n;
+        Ok(v)
+    }
+}
+
+/// A key from the file as it may appear in a one-line message: control characters escaped,
+/// at most 80 characters.
+pub(crate) fn printable(key: &str) -> String {
+    let escaped: String = key.escape_debug().collect();
+    if escaped.chars().count() > 80 {
+        format!("{}…", escaped.chars().take(80).collect::<String>())
+    } else {
+        escaped
+    }
+}
+
+/// Size on disk of a fixed-size GGUF metadata type (`None` for strings and arrays).
+fn fixed_size(value_type: u32) -> Option<u64> {
+    match value_type {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// Walks the header of a GGUF file with bounded reads: version, counts against the file size,
+/// every metadata key and value (types, string and array lengths), and `general.alignment`
+/// (a power of two; candle's reader divides by it). Nothing is allocated from an unchecked length.
+pub fn prescan(path: &Path) -> Result<RawHeader> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut s = Scan {
+        r: BufReader::new(file),
+        pos: 0,
+        size,
+        path: path.to_path_buf(),
+    };
+    let _magic = s.bytes::<4>("magic")?;
+    let version = s.u32("version")?;
+    if !(1..=3).contains(&version) {
+        return Err(Error::bad_file(
+            path,
+            format!("GGUF version {version} is not supported (1 to 3 are)"),
+        ));
+    }
+    let tensor_count = s.len(version, "tensor count")?;
+    let metadata_count = s.len(version, "metadata count")?;
+    let prefix = if version == 1 { 4 } else { 8 };
+    // Smallest possible entries: a key (length prefix + type + 1-byte value), a tensor
+    // (name prefix + n_dims + dtype + offset).
+    let min = metadata_count
+        .saturating_mul(prefix + 5)
+        .saturating_add(tensor_count.saturating_mul(prefix + 16));
+    if min > size {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "corrupt GGUF header: it declares {tensor_count} tensors and {metadata_count} metadata keys, \
+                 which cannot fit in a file of {size} bytes (it is truncated or corrupt)"
+            ),
+        ));
+    }
+    let mut alignment = None;
+    for i in 0..metadata_count {
+        let klen_at = s.pos;
+        let key = s.string(version, &format!("metadata key #{i}"))?;
+        if key.len() > MAX_KEY_BYTES {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "corrupt GGUF header: metadata key #{i} (at byte {klen_at}) is {} bytes long; keys are at most {MAX_KEY_BYTES}",
+                    key.len()
+                ),
+            ));
+        }
+        let key = printable(&String::from_utf8_lossy(&key));
+        let value_type = s.u32(&format!("type of GGUF key '{key}'"))?;
+        if key == "general.alignment" {
+            let v: i64 = match value_type {
+                0 => i64::from(s.bytes::<1>(&key)?[0]),
+                1 => i64::from(s.bytes::<1>(&key)?[0] as i8),
+                2 => i64::from(u16::from_le_bytes(s.bytes::<2>(&key)?)),
+                3 => i64::from(i16::from_le_bytes(s.bytes::<2>(&key)?)),
+                4 => i64::from(s.u32(&key)?),
+                5 => i64::from(s.u32(&key)? as i32),
+                _ => {
+                    return Err(Error::bad_file(
+                        path,
+                        format!("GGUF key 'general.alignment' has value type {value_type}; it must be a uint32"),
+                    ))
+                }
+            };
+            if v <= 0 || !(v as u64).is_power_of_two() || v as u64 > MAX_ALIGNMENT {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "GGUF key 'general.alignment' = {v}: it must be a power of two from 1 to {MAX_ALIGNMENT}"
+                    ),
+                ));
+            }
+            alignment = Some(v as u64);
+            continue;
+        }
+        skip_value(&mut s, version, value_type, &key, 0)?;
+    }
+    Ok(RawHeader {
+        version,
+        tensor_count,
+        metadata_count,
+        alignment: alignment.unwrap_or(32),
+        file_size: size,
+    })
+}
+
+fn skip_value<R: Read + std::io::Seek>(
+    s: &mut Scan<R>,
+    version: u32,
+    value_type: u32,
+    key: &str,
+    depth: usize,
+) -> Result<()> {
+    let what = format!("value of GGUF key '{key}'");
+    if let Some(n) = fixed_size(value_type) {
+        return s.skip(n, &what);
+    }
+    match value_type {
+        8 => {
+            let n = s.len(version, &what)?;
+            s.skip(n, &what)
+        }
+        9 => {
+            if depth >= MAX_VALUE_DEPTH {
+                return Err(Error::bad_file(
+                    &s.path,
+                    format!("GGUF key '{key}': arrays nested deeper than {MAX_VALUE_DEPTH}"),
+                ));
+            }
+            let elem = s.u32(&what)?;
+            let n = s.len(version, &what)?;
+            let prefix = if version == 1 { 4 } else { 8 };
+            let min = match (fixed_size(elem), elem) {
+                (Some(k), _) => k,
+                (None, 8) => prefix,
+                (None, 9) => 4 + prefix,
+                _ => {
+                    return Err(Error::bad_file(
+                        &s.path,
+                        format!("GGUF key '{key}': unknown array element type {elem}"),
+                    ))
+                }
+            };
+            let bytes = n.saturating_mul(min);
+            if bytes > s.size.saturating_sub(s.pos) {
+                return Err(Error::bad_file(
+                    &s.path,
+                    format!(
+                        "GGUF key '{key}': array of {n} elements cannot fit in the {} bytes left in the file (it is truncated or corrupt)",
+                        s.size.saturating_sub(s.pos)
+                    ),
+                ));
+            }
+            if fixed_size(elem).is_some() {
+                return s.skip(bytes, &what);
+            }
+            for _ in 0..n {
+                skip_value(s, version, elem, key, depth + 1)?;
+            }
+            Ok(())
+        }
+        other => Err(Error::bad_file(
+            &s.path,
+            format!("GGUF key '{key}' has unknown value type {other}"),
+        )),
+    }
+}
+
+/// Checks every tensor of the table: known dtype, at most 4 non-zero dimensions whose product
+/// fits, rows a whole number of quantization blocks, offset aligned, and data inside the file.
+pub fn check_tensor_table(content: &Content, raw: &RawHeader, path: &Path) -> Result<()> {
+    let data_start = content.tensor_data_offset;
+    for (name, info) in &content.tensor_infos {
+        let bad = |why: String| {
+            Err(Error::bad_file(
+                path,
+                format!("tensor '{}': {why}", printable(name)),
+            ))
+        };
+        let dims = info.shape.dims();
+        if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
+            return bad(format!(
+                "shape {dims:?} (1 to 4 non-zero dimensions expected)"
+            ));
+        }
+        let mut elems: u64 = 1;
+        for &d in dims {
+            elems = match elems.checked_mul(d as u64) {
+                Some(e) if e <= MAX_TENSOR_ELEMENTS => e,
+                _ => return bad(format!("shape {dims:?} has more than 2^40 elements")),
+            };
+        }
+        let block = info.ggml_dtype.block_size() as u64;
+        let row = *dims.last().expect("non-empty") as u64;
+        if !row.is_multiple_of(block) {
+            return bad(format!(
+                "rows of {row} elements are not a whole number of {:?} blocks of {block}",
+                info.ggml_dtype
+            ));
+        }
+        let bytes = elems / block * info.ggml_dtype.type_size() as u64;
+        if !info.offset.is_multiple_of(raw.alignment) {
+            return bad(format!(
+                "offset {} is not a multiple of general.alignment {}",
+                info.offset, raw.alignment
+            ));
+        }
+        let end = data_start
+            .checked_add(info.offset)
+            .and_then(|o| o.checked_add(bytes));
+        if !matches!(end, Some(e) if e <= raw.file_size) {
+            return bad(format!(
+                "{bytes} bytes at offset {} run past the end of the file ({} bytes); the file is truncated or corrupt",
+                info.offset, raw.file_size
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The model configuration from `{arch}.*` metadata, checked against itself and against the
+/// tensors present: block count, heads, head size, vocabulary and every layer's shapes.
+fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<ModelConfig> {
+    let path = meta.path;
+    let arch_name = meta.string("general.architecture")?;
+    let architecture = Architecture::parse(&printable(&arch_name), path)?;
+    let a = arch_name.as_str();
+    let key = |k: &str| format!("{a}.{k}");
+    let bad = |k: &str, why: String| Error::bad_file(path, format!("GGUF key '{k}': {why}"));
+    let positive = |k: &str| -> Result<usize> {
+        let k = key(k);
+        match meta.usize(&k)? {
+            0 => Err(bad(&k, "is 0; it must be positive".into())),
+            v => Ok(v),
+        }
+    };
+    let hidden_size = positive("embedding_length")?;
+    let num_heads = positive("attention.head_count")?;
+    let num_kv_heads = match meta.opt_usize(&key("attention.head_count_kv"))? {
+        Some(0) => {
+            return Err(bad(
+                &key("attention.head_count_kv"),
+                "is 0; it must be positive".into(),
+            ))
+        }
+        Some(v) => v,
+        None => num_heads,
+    };
+    if !num_heads.is_multiple_of(num_kv_heads) {
+        return Err(bad(
+            &key("attention.head_count_kv"),
+            format!("{num_kv_heads} does not divide attention.head_count {num_heads}"),
+        ));
+    }
+    let key_length = meta.opt_usize(&key("attention.key_length"))?;
+    let value_length = meta.opt_usize(&key("attention.value_length"))?;
+    let rope_dims = meta.opt_usize(&key("rope.dimension_count"))?;
+    let head_dim = match key_length.or(rope_dims) {
+        Some(d) => d,
+        None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
+        None => {
+            return Err(bad(
+                &key("attention.head_count"),
+                format!("{num_heads} does not divide embedding_length {hidden_size} and attention.key_length is absent"),
+            ))
+        }
+    };
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(bad(
+            &key("attention.key_length"),
+            format!("head size {head_dim}: it must be positive and even (RoPE)"),
+        ));
+    }
+    if let Some(v) = value_length.filter(|&v| v != head_dim) {
+        return Err(bad(
+            &key("attention.value_length"),
+            format!("{v} differs from the key length {head_dim}; afinar needs them equal"),
+        ));
+    }
+    if let Some(r) = rope_dims.filter(|&r| r != head_dim) {
+        return Err(bad(
+            &key("rope.dimension_count"),
+            format!("{r} differs from the head size {head_dim}; partial RoPE is not supported"),
+        ));
+    }
+    let num_layers = positive("block_count")?;
+    let intermediate_size = positive("feed_forward_length")?;
+    let finite_positive = |k: &str, v: f64| -> Result<f64> {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(bad(k, format!("{v}: it must be a finite positive number")))
+        }
+    };
+    let eps_key = key("attention.layer_norm_rms_epsilon");
+    let rms_norm_eps = finite_positive(&eps_key, meta.f64(&eps_key)?)?;
+    if rms_norm_eps >= 1.0 {
+        return Err(bad(
+            &eps_key,
+            format!("{rms_norm_eps}: a norm epsilon must be below 1"),
+        ));
+    }
+    let theta_key = key("rope.freq_base");
+    let rope_theta = finite_positive(&theta_key, meta.opt_f64(&theta_key)?.unwrap_or(10_000.0))?;
+    let ctx_key = key("context_length");
+    let max_position_embeddings = match meta.opt_usize(&ctx_key)?.unwrap_or(2048) {
+        v if v == 0 || v > MAX_CONTEXT => {
+            return Err(bad(
+                &ctx_key,
+                format!("{v}: it must be from 1 to {MAX_CONTEXT}"),
+            ))
+        }
+        v => v,
+    };
+
+    // Shapes against the tensors present (candle lists GGUF dims outermost first).
+    let tensors = &content.tensor_infos;
+    let shape = |name: &str| tensors.get(name).map(|t| t.shape.dims().to_vec());
+    let embd = shape("token_embd.weight")
+        .ok_or_else(|| Error::bad_file(path, "GGUF file has no tensor 'token_embd.weight'"))?;
+    let vocab_size = match meta.opt_usize(&key("vocab_size"))? {
+        Some(v) => v,
+        None => embd[0],
+    };
+    if embd != [vocab_size, hidden_size] {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "tensor 'token_embd.weight' has shape {embd:?}, but {a}.vocab_size (or the tensor's rows) and \
+                 {a}.embedding_length say [{vocab_size}, {hidden_size}]"
+            ),
+        ));
+    }
+    if vocab.tokens.len() > vocab_size {
+        return Err(bad(
+            "tokenizer.ggml.tokens",
+            format!(
+                "{} tokens, more than the {vocab_size} rows of the embedding",
+                vocab.tokens.len()
+            ),
+        ));
+    }
+    check_blocks(
+        tensors.keys().map(String::as_str),
+        num_layers,
+        &key("block_count"),
+        path,
+    )?;
+    if num_layers > MAX_LAYERS {
+        return Err(bad(
+            &key("block_count"),
+            format!("{num_layers}: more than {MAX_LAYERS}"),
+        ));
+    }
+    let (q, kv, h, ff) = (
+        num_heads * head_dim,
+        num_kv_heads * head_dim,
+        hidden_size,
+        intermediate_size,
+    );
+    let mut expect: Vec<(String, Vec<usize>)> = vec![("output_norm.weight".into(), vec![h])];
+    for l in 0..num_layers {
+        let b = |n: &str| format!("blk.{l}.{n}");
+        expect.extend([
+            (b("attn_norm.weight"), vec![h]),
+            (b("ffn_norm.weight"), vec![h]),
+            (b("attn_q.weight"), vec![q, h]),
+            (b("attn_k.weight"), vec![kv, h]),
+            (b("attn_v.weight"), vec![kv, h]),
+            (b("attn_output.weight"), vec![h, q]),
+            (b("ffn_gate.weight"), vec![ff, h]),
+            (b("ffn_up.weight"), vec![ff, h]),
+            (b("ffn_down.weight"), vec![h, ff]),
+        ]);
+        if architecture == Architecture::Qwen2 {
+            expect.extend([
+                (b("attn_q.bias"), vec![q]),
+                (b("attn_k.bias"), vec![kv]),
+                (b("attn_v.bias"), vec![kv]),
+            ]);
+        }
+    }
+    for (name, want) in &expect {
+        match shape(name) {
+            None => {
+                return Err(Error::bad_file(
+                    path,
+                    format!("GGUF file has no tensor '{name}' ({a}.block_count = {num_layers})"),
+                ))
+            }
+            Some(got) if &got != want => {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "tensor '{name}' has shape {got:?}, but the {a}.* metadata implies {want:?}"
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let has_output = match shape("output.weight") {
+        Some(got) if got != [vocab_size, hidden_size] => {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                "tensor 'output.weight' has shape {got:?}, expected [{vocab_size}, {hidden_size}]"
+            ),
+            ))
+        }
+        other => other.is_some(),
+    };
+    if let Some(got) = shape("rope_freqs.weight").filter(|g| g != &[head_dim / 2]) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "tensor 'rope_freqs.weight' has shape {got:?}, expected [{}]",
+                head_dim / 2
+            ),
+        ));
+    }
+    let config = ModelConfig {
+        architecture,
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps,
+        rope_theta,
+        max_position_embeddings,
+        tie_word_embeddings: !has_output,
+        attention_bias: architecture == Architecture::Qwen2,
+        sliding_window: None,
+        rope_scaling: None,
+    };
+    config.validate(path)?;
+    Ok(config)
+}
+
+/// The `blk.N.*` tensors present must be exactly blocks 0..`block_count`: a count larger than
+/// the tensors (or absurdly large) and tensors beyond the count are both errors.
+pub fn check_blocks<'a>(
+    names: impl Iterator<Item = &'a str>,
+    block_count: usize,
+    key: &str,
+    path: &Path,
+) -> Result<()> {
+    let mut present = std::collections::BTreeSet::new();
+    for name in names {
+        let Some(rest) = name.strip_prefix("blk.") else {
+            continue;
+        };
+        let idx = rest
+            .split_once('.')
+            .and_then(|(n, _)| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                Error::bad_file(
+                    path,
+                    format!("tensor '{}': no block number", printable(name)),
+                )
+            })?;
+        if idx >= block_count {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "GGUF key '{key}' = {block_count}, but the file has tensors of block {idx} ('{}')",
+                    printable(name)
+                ),
+            ));
+        }
+        present.insert(idx);
+    }
+    if present.len() != block_count {
+        let missing = (0..block_count)
+            .find(|i| !present.contains(i))
+            .unwrap_or(block_count);
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "GGUF key '{key}' = {block_count}, but the file has tensors for {} blocks (block {missing} is missing)",
+                present.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn read_vocab(meta: &Meta) -> Result<GgufVocab> {
+    let path = meta.path;
+    let bad = |k: &str, why: String| Error::bad_file(path, format!("GGUF key '{k}': {why}"));
+    let array = |key: &str| -> Result<Option<&Vec<Value>>> {
+        match meta.md.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_vec()
+                .map(Some)
+                .map_err(|_| bad(key, "is not an array".into())),
+        }
+    };
+    let strings = |key: &str| -> Result<Option<Vec<String>>> {
+        array(key)?
+            .map(|v| {
+                v.iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        x.to_string()
+                            .cloned()
+                            .map_err(|_| bad(key, format!("element {i} is not a string")))
+                    })
+                    .collect()
+            })
+            .transpose()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
+        Error::bad_file(
+            path,
             "GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)",
         )
     })?;
-    let ints = |key: &str| -> Option<Vec<i32>> {
-        meta.md
-            .get(key)?
-            .to_vec()
-            .ok()
-            .map(|v| v.iter().filter_map(|x| x.to_i32().ok()).collect())
+    let n = tokens.len();
+    if n == 0 {
+        return Err(bad("tokenizer.ggml.tokens", "is empty".into()));
+    }
+    if let Some((i, t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.len() > MAX_TOKEN_BYTES)
+    {
+        return Err(bad(
+            "tokenizer.ggml.tokens",
+            format!(
+                "token {i} is {} bytes long (more than {MAX_TOKEN_BYTES})",
+                t.len()
+            ),
+        ));
+    }
+    let same_len = |key: &str, len: usize| -> Result<()> {
+        if len != n {
+            return Err(bad(key, format!("has {len} entries for {n} tokens")));
+        }
+        Ok(())
     };
-    let floats = |key: &str| -> Option<Vec<f32>> {
-        meta.md
-            .get(key)?
-            .to_vec()
-            .ok()
-            .map(|v| v.iter().filter_map(|x| x.to_f32().ok()).collect())
+    let token_types = match array("tokenizer.ggml.token_type")? {
+        None => None,
+        Some(v) => {
+            same_len("tokenizer.ggml.token_type", v.len())?;
+            Some(
+                v.iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        x.to_i32().map_err(|_| {
+                            bad(
+                                "tokenizer.ggml.token_type",
+                                format!("element {i} is not an int32"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<i32>>>()?,
+            )
+        }
     };
-    let id = |key: &str| meta.opt_usize(key).map(|v| v as u32);
+    let scores = match array("tokenizer.ggml.scores")? {
+        None => None,
+        Some(v) => {
+            same_len("tokenizer.ggml.scores", v.len())?;
+            Some(
+                v.iter()
+                    .enumerate()
+                    .map(|(i, x)| match x.to_f32() {
+                        Ok(f) if !f.is_nan() => Ok(f),
+                        _ => Err(bad(
+                            "tokenizer.ggml.scores",
+                            format!("element {i} is not a float32 number"),
+                        )),
+                    })
+                    .collect::<Result<Vec<f32>>>()?,
+            )
+        }
+    };
+    let id = |key: &str| -> Result<Option<u32>> {
+        match meta.opt_usize(key)? {
+            Some(i) if i >= n => Err(bad(
+                key,
+                format!("token id {i} is outside the vocabulary of {n} tokens"),
+            )),
+            Some(i) => Ok(Some(i as u32)),
+            None => Ok(None),
+        }
+    };
+    for key in [
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.seperator_token_id",
+        "tokenizer.ggml.separator_token_id",
+    ] {
+        id(key)?;
+    }
     let flag = |key: &str| meta.md.get(key).and_then(|v| v.to_bool().ok());
     Ok(GgufVocab {
         model: meta.string("tokenizer.ggml.model")?,
         pre: meta.opt_string("tokenizer.ggml.pre"),
         tokens,
-        token_types: ints("tokenizer.ggml.token_type"),
-        scores: floats("tokenizer.ggml.scores"),
-        merges: strings("tokenizer.ggml.merges"),
-        bos_id: id("tokenizer.ggml.bos_token_id"),
-        eos_id: id("tokenizer.ggml.eos_token_id"),
-        unk_id: id("tokenizer.ggml.unknown_token_id"),
+        token_types,
+        scores,
+        merges: strings("tokenizer.ggml.merges")?,
+        bos_id: id("tokenizer.ggml.bos_token_id")?,
+        eos_id: id("tokenizer.ggml.eos_token_id")?,
+        unk_id: id("tokenizer.ggml.unknown_token_id")?,
         add_bos: flag("tokenizer.ggml.add_bos_token"),
         add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
     })
@@ -261,28 +943,51 @@ impl Meta<'_> {
     fn missing(&self, key: &str) -> Error {
         Error::bad_file(self.path, format!("GGUF metadata has no '{key}'"))
     }
+    fn bad(&self, key: &str, why: &str) -> Error {
+        Error::bad_file(self.path, format!("GGUF key '{key}': {why}"))
+    }
     fn string(&self, key: &str) -> Result<String> {
         self.opt_string(key).ok_or_else(|| self.missing(key))
     }
     fn opt_string(&self, key: &str) -> Option<String> {
         self.md.get(key).and_then(|v| v.to_string().ok().cloned())
     }
-    fn opt_usize(&self, key: &str) -> Option<usize> {
-        let v = self.md.get(key)?;
-        v.to_u64()
-            .ok()
-            .map(|x| x as usize)
-            .or_else(|| v.to_u32().ok().map(|x| x as usize))
-            .or_else(|| v.to_i32().ok().map(|x| x.max(0) as usize))
+    /// A non-negative integer of any integer type; a negative or non-integer value is an error.
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.md.get(key) else {
+            return Ok(None);
+        };
+        let n: Option<i128> = match v {
+            Value::U8(x) => Some((*x).into()),
+            Value::I8(x) => Some((*x).into()),
+            Value::U16(x) => Some((*x).into()),
+            Value::I16(x) => Some((*x).into()),
+            Value::U32(x) => Some((*x).into()),
+            Value::I32(x) => Some((*x).into()),
+            Value::U64(x) => Some((*x).into()),
+            Value::I64(x) => Some((*x).into()),
+            _ => None,
+        };
+        match n {
+            None => Err(self.bad(key, "is not an integer")),
+            Some(n) if n < 0 => Err(self.bad(key, &format!("{n} is negative"))),
+            Some(n) => usize::try_from(n)
+                .map(Some)
+                .map_err(|_| self.bad(key, &format!("{n} is too large"))),
+        }
     }
     fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key).ok_or_else(|| self.missing(key))
+        self.opt_usize(key)?.ok_or_else(|| self.missing(key))
     }
-    fn opt_f64(&self, key: &str) -> Option<f64> {
-        let v = self.md.get(key)?;
-        v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok())
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(f64::from(*x))),
+            Some(Value::F64(x)) => Ok(Some(*x)),
+            Some(_) => Err(self.bad(key, "is not a float")),
+        }
     }
     fn f64(&self, key: &str) -> Result<f64> {
-        self.opt_f64(key).ok_or_else(|| self.missing(key))
+        self.opt_f64(key)?.ok_or_else(|| self.missing(key))
     }
 }

@@ -38,7 +38,7 @@ impl TextSide {
             ModelSource::Gguf(path) => gguf::load_text_side(path)?,
             ModelSource::HfDir(dir) => hf::load_text_side(dir)?,
         };
-        let chat_template = ChatTemplate::for_model(template, &tokenizer)?;
+        let chat_template = ChatTemplate::for_source(template, &tokenizer, &source)?;
         Ok(Self {
             source,
             tokenizer,
@@ -91,7 +91,7 @@ impl Model {
                 )
             }
         };
-        let chat_template = ChatTemplate::for_model(template, &tokenizer)?;
+        let chat_template = ChatTemplate::for_source(template, &tokenizer, &source)?;
         let transformer = Transformer::from_weights(config, weights, factors)?;
         Ok(Self {
             source,
@@ -275,7 +275,10 @@ impl Model {
                      identical to the window for sequences up to {w} tokens"
                 )],
                 None => vec![],
-            },
+            }
+            .into_iter()
+            .chain(tok.notes.iter().cloned())
+            .collect(),
         }
     }
 }

@@ -19,6 +19,9 @@ pub struct TextTokenizer {
     pub eos_token: Option<String>,
     /// Ids that end a generation: EOS plus known end-of-turn tokens present in the vocabulary.
     pub end_token_ids: Vec<u32>,
+    /// Warnings about how the tokenizer was built (e.g. an unknown GGUF pre-tokenizer), shown
+    /// by `afinar info`.
+    pub notes: Vec<String>,
 }
 
 /// End-of-turn tokens used by common chat templates; each present in the vocabulary stops
@@ -55,6 +58,7 @@ impl TextTokenizer {
             bos_token,
             eos_token,
             end_token_ids,
+            notes: Vec::new(),
         }
     }
 
@@ -224,6 +228,25 @@ const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// `tokenizer.ggml.pre` values [`GgufVocab::build`] implements (others fall back to GPT-2's).
+const KNOWN_PRE: &[&str] = &[
+    "default",
+    "gpt-2",
+    "gpt2",
+    "llama-bpe",
+    "llama3",
+    "falcon3",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "smollm",
+    "starcoder",
+    "refact",
+    "codeshell",
+];
+
+/// Most work (sum of squared token lengths) SentencePiece merge recovery may take.
+const MAX_MERGE_WORK: usize = 1 << 32;
+
 /// Regex of the `llama-bpe` (Llama 3) pre-tokenizer.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Regex of the `qwen2` pre-tokenizer (digits one by one).
@@ -238,7 +261,7 @@ impl GgufVocab {
             other => {
                 return Err(Error::bad_file(
                     path,
-                    format!("tokenizer kind '{other}' is not supported (supported: gpt2 BPE, llama SentencePiece)"),
+                    format!("GGUF key 'tokenizer.ggml.model' = '{}': tokenizer kind not supported (supported: gpt2 BPE, llama SentencePiece)", super::gguf::printable(other)),
                 ))
             }
         };
@@ -249,10 +272,26 @@ impl GgufVocab {
             )
         })?;
         let name = |id: Option<u32>| id.and_then(|i| self.tokens.get(i as usize).cloned());
-        Ok(TextTokenizer::new(
-            inner,
-            name(self.bos_id),
-            name(self.eos_id),
+        let mut tok = TextTokenizer::new(inner, name(self.bos_id), name(self.eos_id));
+        if let Some(note) = self.unknown_pre_note() {
+            tracing::warn!("{}: {note}", path.display());
+            tok.notes.push(note);
+        }
+        Ok(tok)
+    }
+
+    /// A warning when `tokenizer.ggml.pre` names a pre-tokenizer afinar does not know: the
+    /// GPT-2 default is used, and text may split differently from the original model.
+    fn unknown_pre_note(&self) -> Option<String> {
+        let pre = self.pre.as_deref()?;
+        if self.model != "gpt2" || KNOWN_PRE.contains(&pre) {
+            return None;
+        }
+        Some(format!(
+            "GGUF key 'tokenizer.ggml.pre' = '{}' is not a pre-tokenizer afinar knows \
+             (known: {}); GPT-2's is used, so tokens may differ from the original model's",
+            super::gguf::printable(pre),
+            KNOWN_PRE.join(", ")
         ))
     }
 
@@ -357,6 +396,17 @@ impl GgufVocab {
         let scores = self.scores.as_ref().ok_or_else(|| {
             Error::bad_file(path, "llama tokenizer without tokenizer.ggml.scores")
         })?;
+        let work: usize = self
+            .tokens
+            .iter()
+            .map(|t| t.len().saturating_mul(t.len()))
+            .fold(0, usize::saturating_add);
+        if work > MAX_MERGE_WORK {
+            return Err(Error::bad_file(
+                path,
+                "GGUF key 'tokenizer.ggml.tokens': the tokens are too long to recover SentencePiece merges from",
+            ));
+        }
         let vocab: HashMap<&str, usize> = self
             .tokens
             .iter()

@@ -281,7 +281,8 @@ mod tests {
         let w = c.tensor(&mut f, "w", &dev).unwrap().dequantize(&dev).unwrap();
         let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in w.iter().zip(&x) {
-            assert!((a - b).abs() <= 4.3 / 127.0 / 2.0 + 1e-6, "{a} vs {b}");
+            // Half a step, plus the f16 rounding of the scale.
+            assert!((a - b).abs() <= 4.3 / 127.0 * 0.6, "{a} vs {b}");
         }
     }
 

@@ -36,7 +36,7 @@ for (const chat of job.chats) {
     const tokens = [];
     let end = null;
     if (job.max_tokens > 0) {
-        for await (const token of sequence.evaluate(prompt, {temperature: 0})) {
+        for await (const token of sequence.evaluate(prompt, {temperature: 0, yieldEogToken: true})) {
             if (model.isEogToken(token)) {
                 end = token;
                 break;

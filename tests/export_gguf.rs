@@ -116,7 +116,10 @@ fn afinar_greedy(model: &Model, n: usize) -> Vec<(Vec<u32>, Vec<u32>, bool)> {
 }
 
 fn all_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     model
         .transformer
         .forward(&input, None)
@@ -170,12 +173,27 @@ fn metadata_and_tensor_types_are_what_llama_cpp_expects() {
     assert_eq!(u("general.alignment"), 32);
     assert_eq!(u("general.file_type"), 2);
     let tok = &src.tokenizer.inner;
-    assert_eq!(u("tokenizer.ggml.eos_token_id"), tok.token_to_id("<|im_end|>").unwrap());
-    assert_eq!(u("tokenizer.ggml.bos_token_id"), tok.token_to_id("<|im_start|>").unwrap());
+    assert_eq!(
+        u("tokenizer.ggml.eos_token_id"),
+        tok.token_to_id("<|im_end|>").unwrap()
+    );
+    assert_eq!(
+        u("tokenizer.ggml.bos_token_id"),
+        tok.token_to_id("<|im_start|>").unwrap()
+    );
     assert!(!md["tokenizer.ggml.add_bos_token"].to_bool().unwrap());
     assert_eq!(s("tokenizer.ggml.model"), "gpt2");
-    assert_eq!(s("tokenizer.ggml.pre"), source.metadata["tokenizer.ggml.pre"].to_string().unwrap().as_str());
-    assert_eq!(s("tokenizer.chat_template"), src.chat_template.as_ref().unwrap().source);
+    assert_eq!(
+        s("tokenizer.ggml.pre"),
+        source.metadata["tokenizer.ggml.pre"]
+            .to_string()
+            .unwrap()
+            .as_str()
+    );
+    assert_eq!(
+        s("tokenizer.chat_template"),
+        src.chat_template.as_ref().unwrap().source
+    );
     for key in [
         "llama.context_length",
         "llama.embedding_length",
@@ -187,8 +205,15 @@ fn metadata_and_tensor_types_are_what_llama_cpp_expects() {
         assert_eq!(u(key), source.metadata[key].to_u32().unwrap(), "{key}");
     }
     // The vocabulary, merges and token types are the source file's.
-    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"] {
-        let (a, b) = (md[key].to_vec().unwrap(), source.metadata[key].to_vec().unwrap());
+    for key in [
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+    ] {
+        let (a, b) = (
+            md[key].to_vec().unwrap(),
+            source.metadata[key].to_vec().unwrap(),
+        );
         assert_eq!(a.len(), b.len(), "{key}");
         assert_eq!(format!("{a:?}"), format!("{b:?}"), "{key}");
     }
@@ -197,7 +222,10 @@ fn metadata_and_tensor_types_are_what_llama_cpp_expects() {
         .iter()
         .map(|(n, i)| (n.as_str(), format!("{:?}", i.ggml_dtype)))
         .collect();
-    assert!(!types.contains_key("output.weight"), "tied embeddings: no output.weight");
+    assert!(
+        !types.contains_key("output.weight"),
+        "tied embeddings: no output.weight"
+    );
     assert_eq!(types["token_embd.weight"], "Q8_0");
     assert_eq!(types["blk.0.attn_q.weight"], "Q4_0");
     assert_eq!(types["blk.29.ffn_down.weight"], "Q4_0");
@@ -216,7 +244,9 @@ fn tiny_models_round_trip_exactly() {
         let path = out_dir().join(format!("{name}.gguf"));
         gguf::write_model(&src, GgufDtype::F32, &path).unwrap();
         let back = Model::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
-        let ids: Vec<u32> = (1..40).map(|i| (i * 7) % src.config().vocab_size as u32).collect();
+        let ids: Vec<u32> = (1..40)
+            .map(|i| (i * 7) % src.config().vocab_size as u32)
+            .collect();
         let d = common::max_abs_diff(&all_logits(&src, &ids), &all_logits(&back, &ids));
         assert!(d <= 1e-5, "{name}: logits differ by {d}");
         let text = "Hello, world! 123";
@@ -225,7 +255,10 @@ fn tiny_models_round_trip_exactly() {
             back.tokenizer.encode(text, true).unwrap(),
             "{name}: tokenizer"
         );
-        assert_eq!(src.tokenizer.end_token_ids, back.tokenizer.end_token_ids, "{name}");
+        assert_eq!(
+            src.tokenizer.end_token_ids, back.tokenizer.end_token_ids,
+            "{name}"
+        );
     }
 }
 
@@ -235,9 +268,16 @@ fn an_adapter_for_another_base_is_refused() {
     let tiny = Model::load(common::tiny_spec(), &Device::Cpu).unwrap();
     let out = out_dir().join("wrong.gguf");
     let err = gguf::write_lora(&tiny, dir, &out).unwrap_err().to_string();
-    assert!(err.contains("does not fit") && err.contains("smollm2"), "{err}");
+    assert!(
+        err.contains("does not fit") && err.contains("smollm2"),
+        "{err}"
+    );
     assert!(!out.exists());
-    assert!("q4_k".parse::<GgufDtype>().unwrap_err().to_string().contains("q8_0"));
+    assert!("q4_k"
+        .parse::<GgufDtype>()
+        .unwrap_err()
+        .to_string()
+        .contains("q8_0"));
 }
 
 /// Runs tests/llamacpp/generate.mjs on a job; its JSON answer.
@@ -308,7 +348,11 @@ fn llama_cpp_generates_what_afinar_generates() {
             let theirs = &theirs[..theirs.len().min(n)];
             assert_eq!(theirs, mine, "{label}: greedy tokens");
             if *stopped && tokens.len() < n {
-                assert_eq!(g["end"].as_u64(), Some(im_end as u64), "{label}: stop token");
+                assert_eq!(
+                    g["end"].as_u64(),
+                    Some(im_end as u64),
+                    "{label}: stop token"
+                );
             }
         }
     };
@@ -337,7 +381,10 @@ fn llama_cpp_generates_what_afinar_generates() {
         eprintln!(
             "q8_0: llama.cpp diverges from afinar at token {k} ({b} instead of {a}); afinar's logit margin there: {margin:.4}"
         );
-        assert!(margin < 0.25, "q8_0: divergence at token {k} where afinar's margin is {margin}");
+        assert!(
+            margin < 0.25,
+            "q8_0: divergence at token {k} where afinar's margin is {margin}"
+        );
     }
 
     let (adapter_dir, lora_gguf) = adapter();

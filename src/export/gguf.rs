@@ -118,9 +118,15 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
         ),
         kv(&format!("{arch}.embedding_length"), u(c.hidden_size)),
         kv(&format!("{arch}.block_count"), u(c.num_layers)),
-        kv(&format!("{arch}.feed_forward_length"), u(c.intermediate_size)),
+        kv(
+            &format!("{arch}.feed_forward_length"),
+            u(c.intermediate_size),
+        ),
         kv(&format!("{arch}.attention.head_count"), u(c.num_heads)),
-        kv(&format!("{arch}.attention.head_count_kv"), u(c.num_kv_heads)),
+        kv(
+            &format!("{arch}.attention.head_count_kv"),
+            u(c.num_kv_heads),
+        ),
         kv(
             &format!("{arch}.rope.freq_base"),
             MetaValue::F32(c.rope_theta as f32),
@@ -153,16 +159,30 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
         )?);
     }
     for (i, layer) in t.layers.iter().enumerate() {
-        let norm = |name: &str, w| Item::new(&format!("blk.{i}.{name}.weight"), Src::Tensor(w), GgmlType::F32);
+        let norm = |name: &str, w| {
+            Item::new(
+                &format!("blk.{i}.{name}.weight"),
+                Src::Tensor(w),
+                GgmlType::F32,
+            )
+        };
         items.push(norm("attn_norm", &layer.input_layernorm)?);
         for (module, lin) in layer_linears(layer) {
             let name = format!("blk.{i}.{module}.weight");
             let cols = lin.weight.dims2()?.1;
-            let mut item = Item::new(&name, Src::Linear(lin), weight_type(dtype, &name, cols, tied))?;
+            let mut item = Item::new(
+                &name,
+                Src::Linear(lin),
+                weight_type(dtype, &name, cols, tied),
+            )?;
             item.permute = qk_heads(c, module);
             items.push(item);
             if let Some(b) = &lin.bias {
-                let mut bias = Item::new(&format!("blk.{i}.{module}.bias"), Src::Tensor(b), GgmlType::F32)?;
+                let mut bias = Item::new(
+                    &format!("blk.{i}.{module}.bias"),
+                    Src::Tensor(b),
+                    GgmlType::F32,
+                )?;
                 bias.permute = qk_heads(c, module);
                 items.push(bias);
             }
@@ -171,7 +191,11 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
             }
         }
     }
-    items.push(Item::new("output_norm.weight", Src::Tensor(&t.norm), GgmlType::F32)?);
+    items.push(Item::new(
+        "output_norm.weight",
+        Src::Tensor(&t.norm),
+        GgmlType::F32,
+    )?);
     if let Some(head) = &t.lm_head {
         items.push(Item::new(
             "output.weight",
@@ -249,7 +273,11 @@ pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
         return Err(misfit("the adapter holds no LoRA tensors".into()));
     }
     for (name, module, a, b) in &lora {
-        items.push(Item::new(&format!("{name}.lora_a"), Src::Tensor(a), GgmlType::F32)?);
+        items.push(Item::new(
+            &format!("{name}.lora_a"),
+            Src::Tensor(a),
+            GgmlType::F32,
+        )?);
         let mut ib = Item::new(&format!("{name}.lora_b"), Src::Tensor(b), GgmlType::F32)?;
         ib.permute = qk_heads(c, module);
         items.push(ib);
@@ -540,9 +568,7 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
                     Some(a) if a.special => CONTROL,
                     Some(_) => USER_DEFINED,
                     None if Some(t.as_str()) == unk => UNKNOWN,
-                    None if spm && t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') => {
-                        BYTE
-                    }
+                    None if spm && t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') => BYTE,
                     None => NORMAL,
                 });
                 t
@@ -584,7 +610,9 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
                 a.iter()
                     .filter_map(|x| match x {
                         Value::String(s) => Some(s.clone()),
-                        Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                        Value::Array(p) => {
+                            Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                        }
                         _ => None,
                     })
                     .collect()
@@ -617,7 +645,10 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
         ));
     }
     if let Some(t) = &model.chat_template {
-        meta.push(kv("tokenizer.chat_template", MetaValue::Str(t.source.clone())));
+        meta.push(kv(
+            "tokenizer.chat_template",
+            MetaValue::Str(t.source.clone()),
+        ));
     }
     Ok(meta)
 }
@@ -629,7 +660,10 @@ fn end_of_turn(model: &Model) -> Option<u32> {
     let t = model.chat_template.as_ref()?;
     let text = t
         .render(
-            &[Message::new("user", "Hi"), Message::new("assistant", ANSWER)],
+            &[
+                Message::new("user", "Hi"),
+                Message::new("assistant", ANSWER),
+            ],
             false,
         )
         .ok()?;
@@ -649,12 +683,9 @@ fn end_of_turn(model: &Model) -> Option<u32> {
 /// split regex (Llama 3, Qwen2) or SmolLM's digit splitting, else GPT-2's.
 fn pre_tokenizer(json: &Value) -> &'static str {
     let pre = json["pre_tokenizer"].to_string();
-    let patterns: HashMap<&str, &str> = [
-        (r"\\p{N}{1,3}", "llama-bpe"),
-        (r"|\\p{N}|", "qwen2"),
-    ]
-    .into_iter()
-    .collect();
+    let patterns: HashMap<&str, &str> = [(r"\\p{N}{1,3}", "llama-bpe"), (r"|\\p{N}|", "qwen2")]
+        .into_iter()
+        .collect();
     for (needle, name) in patterns {
         if pre.contains(needle) {
             return name;

@@ -62,7 +62,7 @@ impl GgmlType {
     /// Whether rows of `cols` values can be stored in this type.
     pub fn fits(self, cols: usize) -> bool {
         match self {
-            GgmlType::Q8_0 | GgmlType::Q4_0 => cols % BLOCK == 0,
+            GgmlType::Q8_0 | GgmlType::Q4_0 => cols.is_multiple_of(BLOCK),
             _ => true,
         }
     }
@@ -241,18 +241,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gguf");
         let meta = vec![
-            ("general.architecture".to_string(), MetaValue::Str("llama".into())),
+            (
+                "general.architecture".to_string(),
+                MetaValue::Str("llama".into()),
+            ),
             ("a.u32".into(), MetaValue::U32(7)),
             ("a.f32".into(), MetaValue::F32(1e-5)),
             ("a.bool".into(), MetaValue::Bool(true)),
-            ("a.strs".into(), MetaValue::StrArray(vec!["x".into(), "yz".into()])),
+            (
+                "a.strs".into(),
+                MetaValue::StrArray(vec!["x".into(), "yz".into()]),
+            ),
             ("a.ints".into(), MetaValue::I32Array(vec![1, -3])),
         ];
         let x: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) / 7.0).collect();
         let plan = vec![
-            TensorPlan { name: "w".into(), shape: vec![2, 32], ty: GgmlType::Q8_0 },
-            TensorPlan { name: "n".into(), shape: vec![3], ty: GgmlType::F32 },
-            TensorPlan { name: "h".into(), shape: vec![2, 32], ty: GgmlType::F16 },
+            TensorPlan {
+                name: "w".into(),
+                shape: vec![2, 32],
+                ty: GgmlType::Q8_0,
+            },
+            TensorPlan {
+                name: "n".into(),
+                shape: vec![3],
+                ty: GgmlType::F32,
+            },
+            TensorPlan {
+                name: "h".into(),
+                shape: vec![2, 32],
+                ty: GgmlType::F16,
+            },
         ];
         write(&path, &meta, &plan, |i, buf| {
             match i {
@@ -263,22 +281,38 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
         let mut f = std::fs::File::open(&path).unwrap();
         let c = Content::read(&mut f).unwrap();
         assert_eq!(c.metadata["a.u32"].to_u32().unwrap(), 7);
         assert_eq!(c.metadata["general.alignment"].to_u32().unwrap(), 32);
         assert!(matches!(&c.metadata["a.strs"], Value::Array(v) if v.len() == 2));
         let dev = candle_core::Device::Cpu;
-        let n = c.tensor(&mut f, "n", &dev).unwrap().dequantize(&dev).unwrap();
+        let n = c
+            .tensor(&mut f, "n", &dev)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap();
         assert_eq!(n.to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
-        let h = c.tensor(&mut f, "h", &dev).unwrap().dequantize(&dev).unwrap();
+        let h = c
+            .tensor(&mut f, "h", &dev)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap();
         assert_eq!(h.dims(), &[2, 32]);
         let h = h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in h.iter().zip(&x) {
             assert!((a - b).abs() <= b.abs() * 1e-3, "{a} vs {b}");
         }
-        let w = c.tensor(&mut f, "w", &dev).unwrap().dequantize(&dev).unwrap();
+        let w = c
+            .tensor(&mut f, "w", &dev)
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap();
         let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in w.iter().zip(&x) {
             // Half a step, plus the f16 rounding of the scale.
@@ -290,7 +324,11 @@ mod tests {
     fn a_failed_write_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gguf");
-        let plan = vec![TensorPlan { name: "n".into(), shape: vec![3], ty: GgmlType::F32 }];
+        let plan = vec![TensorPlan {
+            name: "n".into(),
+            shape: vec![3],
+            ty: GgmlType::F32,
+        }];
         let err = write(&path, &[], &plan, |_, _| {
             Err(Error::Unsupported("stop".into()))
         });

@@ -26,7 +26,11 @@ pub fn quantize(x: &[f32], out: &mut Vec<u8>) {
         out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
         let nibble = |v: f32| ((v * id + 8.5) as u8).min(15);
         let (lo, hi) = block.split_at(BLOCK / 2);
-        out.extend(lo.iter().zip(hi).map(|(&a, &b)| nibble(a) | (nibble(b) << 4)));
+        out.extend(
+            lo.iter()
+                .zip(hi)
+                .map(|(&a, &b)| nibble(a) | (nibble(b) << 4)),
+        );
     }
 }
 

@@ -47,7 +47,10 @@ fn exported(dtype: GgufDtype) -> PathBuf {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let path = out_dir().join(format!("smollm2.{dtype}.gguf"));
     if !path.exists() {
+        let t = std::time::Instant::now();
         gguf::write_model(common::smollm2(), dtype, &path).unwrap();
+        let mb = std::fs::metadata(&path).unwrap().len() as f64 / 1e6;
+        eprintln!("exported SmolLM2 as {dtype}: {mb:.1} MB in {:.1?}", t.elapsed());
     }
     path
 }
@@ -232,6 +235,16 @@ fn metadata_and_tensor_types_are_what_llama_cpp_expects() {
     assert_eq!(types["blk.0.attn_norm.weight"], "F32");
     assert_eq!(types["output_norm.weight"], "F32");
     assert_eq!(c.tensor_infos.len(), 1 + 30 * 9 + 1);
+
+    // afinar reads the Q4_0 file back; its logits stay close to the source's.
+    let back = Model::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(back.file_dtype, "Q4_0");
+    let ids = src.encode_chat(&chat("", PROMPTS[0].1), true).unwrap();
+    let reference = all_logits(src, &ids);
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = common::max_abs_diff(&reference, &all_logits(&back, &ids)) / scale;
+    eprintln!("q4_0: max logit difference {d:.2e} of the largest logit");
+    assert!(d < 0.25, "q4_0 export changes logits by {d} (relative)");
 }
 
 /// The small fixtures round-trip exactly, with no download: Qwen2 (attention biases, no Q/K

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::gguf_file::{self, GgmlType, MetaValue, TensorPlan};
 use super::peft::AdapterConfig;
 use crate::model::transformer::Linear;
-use crate::model::{Architecture, Message, Model, ModelSource};
+use crate::model::{Architecture, ChatTemplate, Message, Model, ModelSource, TextTokenizer};
 use crate::{Error, Result};
 
 /// Tensor storage type of a GGUF export.
@@ -141,7 +141,11 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
         meta.push(kv(&format!("{arch}.attention.key_length"), u(c.head_dim)));
         meta.push(kv(&format!("{arch}.attention.value_length"), u(c.head_dim)));
     }
-    meta.extend(tokenizer_meta(model)?);
+    meta.extend(tokenizer_meta(
+        &model.tokenizer,
+        model.chat_template.as_ref(),
+        c.vocab_size,
+    )?);
 
     let t = &model.transformer;
     let mut items: Vec<Item> = Vec::new();
@@ -526,8 +530,11 @@ const BYTE: i32 = 6;
 /// BPE with merges, or `llama` SentencePiece with scores), special ids, BOS as the tokenizer
 /// adds it, and the chat template. EOS is the chat's end-of-turn token, so llama.cpp stops
 /// where afinar stops.
-fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
-    let tok = &model.tokenizer;
+fn tokenizer_meta(
+    tok: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+    vocab_size: usize,
+) -> Result<Vec<(String, MetaValue)>> {
     let json: Value = serde_json::from_str(
         &tok.inner
             .to_string(false)
@@ -547,7 +554,7 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
         .map(|&i| i as usize + 1)
         .max()
         .unwrap_or(0)
-        .max(model.config().vocab_size);
+        .max(vocab_size);
     let mut tokens: Vec<Option<String>> = vec![None; n];
     for (t, &i) in &vocab {
         tokens[i as usize] = Some(t.clone());
@@ -565,9 +572,9 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
             }
             Some(t) => {
                 types.push(match added.get(&(i as u32)) {
+                    _ if Some(t.as_str()) == unk => UNKNOWN,
                     Some(a) if a.special => CONTROL,
                     Some(_) => USER_DEFINED,
-                    None if Some(t.as_str()) == unk => UNKNOWN,
                     None if spm && t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') => BYTE,
                     None => NORMAL,
                 });
@@ -577,7 +584,9 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
         .collect();
     let id = |name: &Option<String>| name.as_deref().and_then(|t| tok.inner.token_to_id(t));
     let bos = id(&tok.bos_token);
-    let eos = end_of_turn(model).or_else(|| tok.eos_id());
+    let eos = template
+        .and_then(|t| end_of_turn(tok, t))
+        .or_else(|| tok.eos_id());
     let add_bos = match bos {
         Some(b) => tok.encode("a", true)?.first() == Some(&b),
         None => false,
@@ -644,7 +653,7 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
             MetaValue::Bool(prepend),
         ));
     }
-    if let Some(t) = &model.chat_template {
+    if let Some(t) = template {
         meta.push(kv(
             "tokenizer.chat_template",
             MetaValue::Str(t.source.clone()),
@@ -655,9 +664,8 @@ fn tokenizer_meta(model: &Model) -> Result<Vec<(String, MetaValue)>> {
 
 /// The end token the chat template writes after an assistant answer (`<|im_end|>` for ChatML,
 /// `<|eot_id|>` for Llama 3): the token generation must stop at.
-fn end_of_turn(model: &Model) -> Option<u32> {
+fn end_of_turn(tok: &TextTokenizer, t: &ChatTemplate) -> Option<u32> {
     const ANSWER: &str = "ANSWER_7f3a";
-    let t = model.chat_template.as_ref()?;
     let text = t
         .render(
             &[
@@ -668,7 +676,6 @@ fn end_of_turn(model: &Model) -> Option<u32> {
         )
         .ok()?;
     let tail = &text[text.rfind(ANSWER)? + ANSWER.len()..];
-    let tok = &model.tokenizer;
     tok.end_token_ids
         .iter()
         .filter_map(|&id| {
@@ -737,5 +744,76 @@ mod tests {
             weight_type(GgufDtype::Q8_0, "blk.0.attn_q.weight", 100, true),
             GgmlType::F16
         );
+    }
+
+    /// A SentencePiece (`llama`) vocabulary survives metadata → tokenizer → metadata: the
+    /// rebuilt tokenizer encodes like the original, byte fallback included.
+    #[test]
+    fn sentencepiece_vocab_round_trips_through_metadata() {
+        use crate::model::tokenizer::GgufVocab;
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![UNKNOWN, CONTROL, CONTROL];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(BYTE);
+        }
+        for p in [
+            "▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "▁he", "llo", "▁hello", "▁w", "or",
+            "▁wor", "ld", "▁world",
+        ] {
+            tokens.push(p.into());
+            types.push(NORMAL);
+        }
+        let n = tokens.len();
+        let scores = (0..n)
+            .map(|i| if types[i] == NORMAL { -(i as f32) } else { 0.0 })
+            .collect();
+        let vocab = |tokens, types, scores| GgufVocab {
+            model: "llama".into(),
+            pre: None,
+            tokens,
+            token_types: Some(types),
+            scores: Some(scores),
+            merges: None,
+            bos_id: Some(1),
+            eos_id: Some(2),
+            unk_id: Some(0),
+            add_bos: Some(true),
+            add_space_prefix: Some(true),
+        };
+        let p = Path::new("test.gguf");
+        let tok = vocab(tokens.clone(), types.clone(), scores)
+            .build(p)
+            .unwrap();
+        let meta: HashMap<String, MetaValue> =
+            tokenizer_meta(&tok, None, n).unwrap().into_iter().collect();
+        assert_eq!(meta["tokenizer.ggml.model"], MetaValue::Str("llama".into()));
+        assert_eq!(meta["tokenizer.ggml.tokens"], MetaValue::StrArray(tokens));
+        assert_eq!(
+            meta["tokenizer.ggml.token_type"],
+            MetaValue::I32Array(types)
+        );
+        assert_eq!(meta["tokenizer.ggml.add_bos_token"], MetaValue::Bool(true));
+        assert_eq!(
+            meta["tokenizer.ggml.add_space_prefix"],
+            MetaValue::Bool(true)
+        );
+        assert_eq!(meta["tokenizer.ggml.eos_token_id"], MetaValue::U32(2));
+        let (MetaValue::StrArray(t2), MetaValue::I32Array(ty2), MetaValue::F32Array(s2)) = (
+            meta["tokenizer.ggml.tokens"].clone(),
+            meta["tokenizer.ggml.token_type"].clone(),
+            meta["tokenizer.ggml.scores"].clone(),
+        ) else {
+            panic!("wrong metadata types")
+        };
+        let back = vocab(t2, ty2, s2).build(p).unwrap();
+        for text in ["hello world", "hello wörld", "world hello  he"] {
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                back.encode(text, true).unwrap(),
+                "{text}"
+            );
+        }
+        assert_eq!(tok.encode("hello world", true).unwrap()[0], 1, "BOS added");
     }
 }

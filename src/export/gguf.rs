@@ -3,7 +3,6 @@
 //! (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`) write, so llama.cpp, Ollama and LM
 //! Studio run the file as they would a converted one, and afinar loads it back unchanged.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -690,10 +689,8 @@ fn end_of_turn(tok: &TextTokenizer, t: &ChatTemplate) -> Option<u32> {
 /// split regex (Llama 3, Qwen2) or SmolLM's digit splitting, else GPT-2's.
 fn pre_tokenizer(json: &Value) -> &'static str {
     let pre = json["pre_tokenizer"].to_string();
-    let patterns: HashMap<&str, &str> = [(r"\\p{N}{1,3}", "llama-bpe"), (r"|\\p{N}|", "qwen2")]
-        .into_iter()
-        .collect();
-    for (needle, name) in patterns {
+    // The regexes as they appear JSON-escaped: Llama 3 groups digits by three, Qwen2 one by one.
+    for (needle, name) in [(r"\\p{N}{1,3}", "llama-bpe"), (r"|\\p{N}|", "qwen2")] {
         if pre.contains(needle) {
             return name;
         }
@@ -706,6 +703,8 @@ fn pre_tokenizer(json: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -815,5 +814,29 @@ mod tests {
             );
         }
         assert_eq!(tok.encode("hello world", true).unwrap()[0], 1, "BOS added");
+    }
+
+    /// The pre-tokenizer name survives llama.cpp name → afinar tokenizer → llama.cpp name.
+    #[test]
+    fn pre_tokenizer_names_round_trip() {
+        use crate::model::tokenizer::GgufVocab;
+        for pre in ["llama-bpe", "qwen2", "smollm", "gpt2"] {
+            let v = GgufVocab {
+                model: "gpt2".into(),
+                pre: Some(pre.into()),
+                tokens: vec!["a".into(), "b".into(), "ab".into()],
+                token_types: None,
+                scores: None,
+                merges: Some(vec!["a b".into()]),
+                bos_id: None,
+                eos_id: None,
+                unk_id: None,
+                add_bos: None,
+                add_space_prefix: None,
+            };
+            let tok = v.build(Path::new("t.gguf")).unwrap();
+            let json: Value = serde_json::from_str(&tok.inner.to_string(false).unwrap()).unwrap();
+            assert_eq!(pre_tokenizer(&json), pre);
+        }
     }
 }

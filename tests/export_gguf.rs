@@ -440,3 +440,27 @@ fn first_divergence_is_a_near_tie(dtype: GgufDtype) {
         );
     }
 }
+
+/// A model with an adapter still attached is exported with it merged (W + s·BA): the file
+/// alone gives the tuned model's logits.
+#[test]
+fn an_attached_adapter_is_merged_into_the_export() {
+    let (adapter_dir, _) = adapter();
+    let mut tuned = Model::load("smollm2", &Device::Cpu).unwrap();
+    peft::load(adapter_dir, &mut tuned.transformer, "smollm2").unwrap();
+    let path = out_dir().join("tuned.f32.gguf");
+    gguf::write_model(&tuned, GgufDtype::F32, &path).unwrap();
+    let back = Model::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
+    let ids = tuned.encode_chat(&chat("", PROMPTS[1].1), true).unwrap();
+    let (a, b) = (all_logits(&tuned, &ids), all_logits(&back, &ids));
+    let d = common::max_abs_diff(&a, &b);
+    assert!(
+        d <= 1e-3,
+        "merged export differs from the tuned model by {d}"
+    );
+    let base = all_logits(common::smollm2(), &ids);
+    assert!(
+        common::max_abs_diff(&a, &base) > 0.1,
+        "the adapter should matter"
+    );
+}

@@ -464,3 +464,39 @@ fn an_attached_adapter_is_merged_into_the_export() {
         "the adapter should matter"
     );
 }
+
+/// Llama 3 RoPE scaling travels as `rope_freqs.weight` (computed as llama.cpp's converter does);
+/// afinar reads it back to the same rotation: logits over 120 positions match.
+#[test]
+fn llama3_rope_scaling_round_trips_as_rope_freqs() {
+    use afinar::model::config::Llama3RopeScaling;
+    use afinar::model::{ChatTemplate, ModelSource, Transformer};
+    let dir = common::root().join("tests/fixtures/tiny-mistral");
+    let mut hf = afinar::model::hf::load(&dir, &Device::Cpu).unwrap();
+    // An original context of 64 puts this fixture's 8 frequencies in all three bands.
+    hf.config.rope_scaling = Some(Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    });
+    let scaled = Model {
+        source: ModelSource::HfDir(dir.clone()),
+        transformer: Transformer::from_weights(hf.config, hf.weights, None).unwrap(),
+        chat_template: ChatTemplate::for_model(hf.chat_template, &hf.tokenizer).unwrap(),
+        tokenizer: hf.tokenizer,
+        file_dtype: hf.file_dtype,
+    };
+    let plain = Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let path = out_dir().join("tiny-llama3-rope.gguf");
+    gguf::write_model(&scaled, GgufDtype::F32, &path).unwrap();
+    let back = Model::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..120).map(|i| (i * 13 + 5) % 320).collect();
+    let a = all_logits(&scaled, &ids);
+    let d = common::max_abs_diff(&a, &all_logits(&back, &ids));
+    assert!(d <= 1e-5, "rope_freqs round trip changes logits by {d}");
+    assert!(
+        common::max_abs_diff(&a, &all_logits(&plain, &ids)) > 1e-3,
+        "the scaling should matter at these positions"
+    );
+}

@@ -1,15 +1,23 @@
-//! TEMPORARY STUB: the GGUF writer is being built on another branch with exactly this API; the
-//! merge replaces this file. Until then every GGUF target answers `Unsupported`.
+//! GGUF export: a loaded model as a llama.cpp model file (`write_model`) and a PEFT LoRA adapter
+//! as a llama.cpp LoRA file (`write_lora`), with the metadata llama.cpp's own converters
+//! (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`) write, so llama.cpp, Ollama and LM
+//! Studio run the file as they would a converted one, and afinar loads it back unchanged.
 
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::gguf_file::{self, GgmlType, MetaValue, TensorPlan};
+use super::peft::AdapterConfig;
+use crate::model::transformer::Linear;
+use crate::model::{Architecture, ChatTemplate, Message, Model, ModelSource, TextTokenizer};
 use crate::{Error, Result};
 
-/// Storage type of the weights in a GGUF file.
+/// Tensor storage type of a GGUF export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(non_camel_case_types)]
 pub enum GgufDtype {
     F32,
     F16,
@@ -18,40 +26,817 @@ pub enum GgufDtype {
     Q4_0,
 }
 
+impl GgufDtype {
+    /// Every type, in the order `--help` lists them.
+    pub const ALL: [GgufDtype; 5] = [
+        GgufDtype::F32,
+        GgufDtype::F16,
+        GgufDtype::Bf16,
+        GgufDtype::Q8_0,
+        GgufDtype::Q4_0,
+    ];
+
+    /// The name used on the command line and in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufDtype::F32 => "f32",
+            GgufDtype::F16 => "f16",
+            GgufDtype::Bf16 => "bf16",
+            GgufDtype::Q8_0 => "q8_0",
+            GgufDtype::Q4_0 => "q4_0",
+        }
+    }
+
+    fn ggml(self) -> GgmlType {
+        match self {
+            GgufDtype::F32 => GgmlType::F32,
+            GgufDtype::F16 => GgmlType::F16,
+            GgufDtype::Bf16 => GgmlType::Bf16,
+            GgufDtype::Q8_0 => GgmlType::Q8_0,
+            GgufDtype::Q4_0 => GgmlType::Q4_0,
+        }
+    }
+
+    /// llama.cpp's `llama_ftype` (`general.file_type`).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufDtype::F32 => 0,
+            GgufDtype::F16 => 1,
+            GgufDtype::Q4_0 => 2,
+            GgufDtype::Q8_0 => 7,
+            GgufDtype::Bf16 => 32,
+        }
+    }
+
+    fn quantized(self) -> bool {
+        matches!(self, GgufDtype::Q8_0 | GgufDtype::Q4_0)
+    }
+}
+
 impl FromStr for GgufDtype {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            "bf16" => Ok(Self::Bf16),
-            "q8_0" => Ok(Self::Q8_0),
-            "q4_0" => Ok(Self::Q4_0),
-            other => Err(Error::InvalidArgument(format!(
-                "--dtype {other}: expected f32, f16, bf16, q8_0 or q4_0"
-            ))),
-        }
+        let lower = s.to_ascii_lowercase();
+        GgufDtype::ALL
+            .into_iter()
+            .find(|d| d.name() == lower)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "GGUF dtype '{s}' is not supported; use one of f32, f16, bf16, q8_0, q4_0"
+                ))
+            })
     }
 }
 
 impl fmt::Display for GgufDtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Bf16 => "bf16",
-            Self::Q8_0 => "q8_0",
-            Self::Q4_0 => "q4_0",
-        })
+        f.write_str(self.name())
     }
 }
 
-/// Writes `model` (adapters already merged) as a GGUF file.
-pub fn write_model(_model: &crate::model::Model, _dtype: GgufDtype, _path: &Path) -> Result<()> {
-    Err(Error::Unsupported("GGUF export is being built".into()))
+/// Writes `model` (its transformer as loaded — the caller merges any adapter into the weights
+/// first; an adapter still attached is merged here, W + s·BA in f32) as a GGUF v3 file.
+pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
+    let c = model.config();
+    let arch = gguf_arch(c.architecture);
+    let mut meta = vec![
+        kv("general.architecture", MetaValue::Str(arch.into())),
+        kv("general.type", MetaValue::Str("model".into())),
+        kv("general.name", MetaValue::Str(model_name(model))),
+        kv("general.file_type", MetaValue::U32(dtype.file_type())),
+    ];
+    if dtype.quantized() {
+        meta.push(kv("general.quantization_version", MetaValue::U32(2)));
+    }
+    let u = |x: usize| MetaValue::U32(x as u32);
+    meta.extend([
+        kv(&format!("{arch}.vocab_size"), u(c.vocab_size)),
+        kv(
+            &format!("{arch}.context_length"),
+            u(c.max_position_embeddings),
+        ),
+        kv(&format!("{arch}.embedding_length"), u(c.hidden_size)),
+        kv(&format!("{arch}.block_count"), u(c.num_layers)),
+        kv(
+            &format!("{arch}.feed_forward_length"),
+            u(c.intermediate_size),
+        ),
+        kv(&format!("{arch}.attention.head_count"), u(c.num_heads)),
+        kv(
+            &format!("{arch}.attention.head_count_kv"),
+            u(c.num_kv_heads),
+        ),
+        kv(
+            &format!("{arch}.rope.freq_base"),
+            MetaValue::F32(c.rope_theta as f32),
+        ),
+        kv(
+            &format!("{arch}.attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(c.rms_norm_eps as f32),
+        ),
+        kv(&format!("{arch}.rope.dimension_count"), u(c.head_dim)),
+    ]);
+    if c.head_dim * c.num_heads != c.hidden_size {
+        meta.push(kv(&format!("{arch}.attention.key_length"), u(c.head_dim)));
+        meta.push(kv(&format!("{arch}.attention.value_length"), u(c.head_dim)));
+    }
+    meta.extend(tokenizer_meta(
+        &model.tokenizer,
+        model.chat_template.as_ref(),
+        c.vocab_size,
+    )?);
+
+    let t = &model.transformer;
+    let mut items: Vec<Item> = Vec::new();
+    let tied = t.lm_head.is_none();
+    items.push(Item::new(
+        "token_embd.weight",
+        Src::Tensor(&t.embed_tokens),
+        weight_type(dtype, "token_embd.weight", c.hidden_size, tied),
+    )?);
+    if let Some(factors) = rope_freq_factors(model)? {
+        items.push(Item::new(
+            "rope_freqs.weight",
+            Src::Data(factors),
+            GgmlType::F32,
+        )?);
+    }
+    for (i, layer) in t.layers.iter().enumerate() {
+        let norm = |name: &str, w| {
+            Item::new(
+                &format!("blk.{i}.{name}.weight"),
+                Src::Tensor(w),
+                GgmlType::F32,
+            )
+        };
+        items.push(norm("attn_norm", &layer.input_layernorm)?);
+        for (module, lin) in layer_linears(layer) {
+            let name = format!("blk.{i}.{module}.weight");
+            let cols = lin.weight.dims2()?.1;
+            let mut item = Item::new(
+                &name,
+                Src::Linear(lin),
+                weight_type(dtype, &name, cols, tied),
+            )?;
+            item.permute = qk_heads(c, module);
+            items.push(item);
+            if let Some(b) = &lin.bias {
+                let mut bias = Item::new(
+                    &format!("blk.{i}.{module}.bias"),
+                    Src::Tensor(b),
+                    GgmlType::F32,
+                )?;
+                bias.permute = qk_heads(c, module);
+                items.push(bias);
+            }
+            if module == "attn_output" {
+                items.push(norm("ffn_norm", &layer.post_attention_layernorm)?);
+            }
+        }
+    }
+    items.push(Item::new(
+        "output_norm.weight",
+        Src::Tensor(&t.norm),
+        GgmlType::F32,
+    )?);
+    if let Some(head) = &t.lm_head {
+        items.push(Item::new(
+            "output.weight",
+            Src::Tensor(head),
+            weight_type(dtype, "output.weight", c.hidden_size, false),
+        )?);
+    }
+    write_items(path, &meta, items)
 }
 
-/// Writes the adapter in `adapter_dir` as a LoRA GGUF over `base`.
-pub fn write_lora(_base: &crate::model::Model, _adapter_dir: &Path, _path: &Path) -> Result<()> {
-    Err(Error::Unsupported("GGUF export is being built".into()))
+/// Writes a PEFT LoRA adapter directory as a llama.cpp LoRA GGUF for `base` (the model it was
+/// trained on): `blk.N.attn_q.weight.lora_a` (r × in) and `.lora_b` (out × r) in f32, the
+/// Q/K row permutation applied to `lora_b` for llama, as `convert_lora_to_gguf.py` writes them.
+pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
+    let cfg_path = adapter_dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        Error::bad_file(
+            adapter_dir,
+            format!("not a PEFT adapter directory (adapter_config.json: {e})"),
+        )
+    })?;
+    let cfg: AdapterConfig =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;
+    if cfg.peft_type != "LORA" {
+        return Err(Error::bad_file(
+            &cfg_path,
+            format!("peft_type {} is not supported (only LORA)", cfg.peft_type),
+        ));
+    }
+    let weights_path = adapter_dir.join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+        .map_err(|e| Error::bad_file(&weights_path, crate::error::candle_message(&e)))?;
+    let base_name = model_name(base);
+    let trained_on = cfg
+        .base_model_name_or_path
+        .clone()
+        .unwrap_or_else(|| "an unrecorded base model".into());
+    let misfit = |what: String| {
+        Error::bad_file(
+            adapter_dir,
+            format!("adapter does not fit the model {base_name}: {what} (the adapter was trained on {trained_on})"),
+        )
+    };
+    let c = base.config();
+    let mut items = Vec::new();
+    let mut lora = Vec::new();
+    for (i, layer) in base.transformer.layers.iter().enumerate() {
+        for (module, lin) in layer_linears(layer) {
+            let hf = format!("base_model.model.model.layers.{i}.{}", hf_module(module));
+            let a = tensors.remove(&format!("{hf}.lora_A.weight"));
+            let b = tensors.remove(&format!("{hf}.lora_B.weight"));
+            let (a, b) = match (a, b) {
+                (Some(a), Some(b)) => (a, b),
+                (None, None) => continue,
+                _ => return Err(misfit(format!("{hf} has only one of lora_A and lora_B"))),
+            };
+            let (out, inp) = lin.weight.dims2()?;
+            if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
+                return Err(misfit(format!(
+                    "{hf} is {out}×{inp} but the adapter has A {:?} and B {:?} (r = {})",
+                    a.dims(),
+                    b.dims(),
+                    cfg.r
+                )));
+            }
+            lora.push((format!("blk.{i}.{module}.weight"), module, a, b));
+        }
+    }
+    if let Some(extra) = tensors.keys().next() {
+        return Err(misfit(format!(
+            "tensor {extra} has no matching module (only LoRA on the attention and MLP projections is exported)"
+        )));
+    }
+    if lora.is_empty() {
+        return Err(misfit("the adapter holds no LoRA tensors".into()));
+    }
+    for (name, module, a, b) in &lora {
+        items.push(Item::new(
+            &format!("{name}.lora_a"),
+            Src::Tensor(a),
+            GgmlType::F32,
+        )?);
+        let mut ib = Item::new(&format!("{name}.lora_b"), Src::Tensor(b), GgmlType::F32)?;
+        ib.permute = qk_heads(c, module);
+        items.push(ib);
+    }
+    // llama.cpp scales by alpha / r, r read from lora_a; rsLoRA's alpha / √r becomes
+    // (alpha·√r) / r, as convert_lora_to_gguf.py writes it.
+    let alpha = if cfg.use_rslora {
+        cfg.lora_alpha * (cfg.r as f64).sqrt()
+    } else {
+        cfg.lora_alpha
+    };
+    let adapter_name = adapter_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let meta = vec![
+        kv(
+            "general.architecture",
+            MetaValue::Str(gguf_arch(c.architecture).into()),
+        ),
+        kv("general.type", MetaValue::Str("adapter".into())),
+        kv(
+            "general.name",
+            MetaValue::Str(format!("{base_name} LoRA {adapter_name}")),
+        ),
+        kv("general.file_type", MetaValue::U32(0)),
+        kv("adapter.type", MetaValue::Str("lora".into())),
+        kv("adapter.lora.alpha", MetaValue::F32(alpha as f32)),
+    ];
+    write_items(path, &meta, items)
+}
+
+/// Where a tensor's values come from.
+enum Src<'a> {
+    Tensor(&'a Tensor),
+    /// A projection, with its attached adapter (if any) merged in.
+    Linear(&'a Linear),
+    Data(Vec<f32>),
+}
+
+/// One tensor to write: what and how; `permute` = heads for llama's Q/K row order.
+struct Item<'a> {
+    plan: TensorPlan,
+    src: Src<'a>,
+    permute: Option<usize>,
+}
+
+impl<'a> Item<'a> {
+    fn new(name: &str, src: Src<'a>, ty: GgmlType) -> Result<Self> {
+        let shape = match &src {
+            Src::Tensor(t) => t.dims().to_vec(),
+            Src::Linear(l) => l.weight.dims().to_vec(),
+            Src::Data(v) => vec![v.len()],
+        };
+        let ty = if shape.len() < 2 { GgmlType::F32 } else { ty };
+        Ok(Self {
+            plan: TensorPlan {
+                name: name.to_string(),
+                shape,
+                ty,
+            },
+            src,
+            permute: None,
+        })
+    }
+
+    /// The values in row-major order (one f32 copy of this tensor).
+    fn values(&self) -> Result<Vec<f32>> {
+        let t = match &self.src {
+            Src::Data(v) => return Ok(permuted(v.clone(), self.permute, &self.plan.shape)),
+            Src::Tensor(t) => (*t).clone(),
+            Src::Linear(l) => match &l.lora {
+                None => l.weight.clone(),
+                Some(ad) => {
+                    let ba = ad.b.as_tensor().matmul(ad.a.as_tensor())?;
+                    (l.weight.to_dtype(DType::F32)? + (ba * ad.scale)?)?
+                }
+            },
+        };
+        let v = t
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(permuted(v, self.permute, &self.plan.shape))
+    }
+}
+
+fn write_items(path: &Path, meta: &[(String, MetaValue)], items: Vec<Item>) -> Result<()> {
+    let plan: Vec<TensorPlan> = items.iter().map(|i| i.plan.clone()).collect();
+    gguf_file::write(path, meta, &plan, |i, buf| {
+        let item = &items[i];
+        let v = item.values()?;
+        item.plan.ty.encode(&v, buf);
+        Ok(())
+    })
+}
+
+/// llama.cpp's `permute(w, n_head)` on rows: (n_head, 2, d/2, …) → (n_head, d/2, 2, …), so its
+/// interleaved RoPE sees Hugging Face's half-split layout. `src/model/gguf.rs` undoes it.
+fn permuted(v: Vec<f32>, heads: Option<usize>, shape: &[usize]) -> Vec<f32> {
+    let Some(heads) = heads else { return v };
+    let rows = shape[0];
+    let cols: usize = shape[1..].iter().product();
+    let half = rows / heads / 2;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let src = (h * 2 * half + i * half + j) * cols;
+                let dst = (h * 2 * half + j * 2 + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&v[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Heads to permute Q/K rows by (llama-family only; Qwen2 uses the half-split RoPE as is).
+fn qk_heads(c: &crate::model::ModelConfig, module: &str) -> Option<usize> {
+    if c.architecture == Architecture::Qwen2 {
+        return None;
+    }
+    match module {
+        "attn_q" => Some(c.num_heads),
+        "attn_k" => Some(c.num_kv_heads),
+        _ => None,
+    }
+}
+
+/// The GGUF architecture name: Mistral is `llama` in llama.cpp, as its converter writes it.
+fn gguf_arch(a: Architecture) -> &'static str {
+    match a {
+        Architecture::Qwen2 => "qwen2",
+        _ => "llama",
+    }
+}
+
+/// A layer's projections with their GGUF module names, in the converter's order.
+fn layer_linears(l: &crate::model::transformer::Block) -> [(&'static str, &Linear); 7] {
+    [
+        ("attn_q", &l.self_attn.q_proj),
+        ("attn_k", &l.self_attn.k_proj),
+        ("attn_v", &l.self_attn.v_proj),
+        ("attn_output", &l.self_attn.o_proj),
+        ("ffn_gate", &l.mlp.gate_proj),
+        ("ffn_up", &l.mlp.up_proj),
+        ("ffn_down", &l.mlp.down_proj),
+    ]
+}
+
+fn hf_module(gguf: &str) -> &'static str {
+    match gguf {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        _ => "mlp.down_proj",
+    }
+}
+
+/// Storage type of a 2-D weight, following `llama-quantize` for Q4_0/Q8_0: the output head
+/// (the token embedding when it is tied) gets Q8_0 when its rows are not a multiple of 256
+/// (llama-quantize's Q6_K otherwise, a k-quant afinar does not write: Q8_0 there too, slightly
+/// larger and more precise); rows that do not fill 32-value blocks stay f16.
+fn weight_type(dtype: GgufDtype, name: &str, cols: usize, tied: bool) -> GgmlType {
+    let is_head = name == "output.weight" || (tied && name == "token_embd.weight");
+    let ty = if dtype == GgufDtype::Q4_0 && is_head {
+        GgmlType::Q8_0
+    } else {
+        dtype.ggml()
+    };
+    if ty.fits(cols) {
+        ty
+    } else {
+        GgmlType::F16
+    }
+}
+
+/// Llama 3 RoPE scaling as the per-frequency divisors llama.cpp reads from `rope_freqs.weight`
+/// (computed as `convert_hf_to_gguf.py` does), or the ones the source GGUF carried.
+fn rope_freq_factors(model: &Model) -> Result<Option<Vec<f32>>> {
+    let c = model.config();
+    if let Some(s) = &c.rope_scaling {
+        let d = c.head_dim;
+        let old = s.original_max_position_embeddings as f64;
+        let (low, high) = (old / s.low_freq_factor, old / s.high_freq_factor);
+        let factors = (0..d / 2)
+            .map(|i| {
+                let freq = 1.0 / c.rope_theta.powf((2 * i) as f64 / d as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let f = if wavelen < high {
+                    1.0
+                } else if wavelen > low {
+                    s.factor
+                } else {
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / s.factor + smooth)
+                };
+                f as f32
+            })
+            .collect();
+        return Ok(Some(factors));
+    }
+    if let ModelSource::Gguf(path) = &model.source {
+        let content = crate::model::gguf::read_header(path)?;
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let t = content
+                .tensor(&mut f, "rope_freqs.weight", &Device::Cpu)?
+                .dequantize(&Device::Cpu)?;
+            return Ok(Some(t.to_vec1::<f32>()?));
+        }
+    }
+    Ok(None)
+}
+
+fn kv(key: &str, v: MetaValue) -> (String, MetaValue) {
+    (key.to_string(), v)
+}
+
+/// `general.name`: the source file or folder name without extension or quantization suffix.
+fn model_name(model: &Model) -> String {
+    let p = model.source.path();
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    match &model.source {
+        ModelSource::Gguf(_) => name.split('.').next().unwrap_or(&name).to_string(),
+        ModelSource::HfDir(_) => name,
+    }
+}
+
+// llama.cpp token types.
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const BYTE: i32 = 6;
+
+/// `tokenizer.*` metadata: the vocabulary as llama.cpp's converter writes it (gpt2 byte-level
+/// BPE with merges, or `llama` SentencePiece with scores), special ids, BOS as the tokenizer
+/// adds it, and the chat template. EOS is the chat's end-of-turn token, so llama.cpp stops
+/// where afinar stops.
+fn tokenizer_meta(
+    tok: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+    vocab_size: usize,
+) -> Result<Vec<(String, MetaValue)>> {
+    let json: Value = serde_json::from_str(
+        &tok.inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?,
+    )?;
+    let m = &json["model"];
+    if m["type"].as_str() != Some("BPE") {
+        return Err(Error::Unsupported(format!(
+            "GGUF export: tokenizer model {} is not supported (only BPE: byte-level or SentencePiece)",
+            m["type"]
+        )));
+    }
+    let spm = m["byte_fallback"].as_bool() == Some(true);
+    let vocab = tok.inner.get_vocab(true);
+    let n = vocab
+        .values()
+        .map(|&i| i as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(vocab_size);
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    for (t, &i) in &vocab {
+        tokens[i as usize] = Some(t.clone());
+    }
+    let added = tok.inner.get_added_tokens_decoder();
+    let unk = m["unk_token"].as_str();
+    let mut types = Vec::with_capacity(n);
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            None => {
+                types.push(USER_DEFINED);
+                format!("[PAD{i}]")
+            }
+            Some(t) => {
+                types.push(match added.get(&(i as u32)) {
+                    _ if Some(t.as_str()) == unk => UNKNOWN,
+                    Some(a) if a.special => CONTROL,
+                    Some(_) => USER_DEFINED,
+                    None if spm && t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') => BYTE,
+                    None => NORMAL,
+                });
+                t
+            }
+        })
+        .collect();
+    let id = |name: &Option<String>| name.as_deref().and_then(|t| tok.inner.token_to_id(t));
+    let bos = id(&tok.bos_token);
+    let eos = template
+        .and_then(|t| end_of_turn(tok, t))
+        .or_else(|| tok.eos_id());
+    let add_bos = match bos {
+        Some(b) => tok.encode("a", true)?.first() == Some(&b),
+        None => false,
+    };
+    let mut meta = vec![kv(
+        "tokenizer.ggml.model",
+        MetaValue::Str(if spm { "llama" } else { "gpt2" }.into()),
+    )];
+    if !spm {
+        meta.push(kv(
+            "tokenizer.ggml.pre",
+            MetaValue::Str(pre_tokenizer(&json).into()),
+        ));
+    }
+    let scores = spm.then(|| {
+        // SentencePiece merges by score: later pieces rank lower, control and byte pieces 0.
+        (0..n)
+            .map(|i| if types[i] == NORMAL { -(i as f32) } else { 0.0 })
+            .collect::<Vec<_>>()
+    });
+    meta.push(kv("tokenizer.ggml.tokens", MetaValue::StrArray(tokens)));
+    if let Some(s) = scores {
+        meta.push(kv("tokenizer.ggml.scores", MetaValue::F32Array(s)));
+    }
+    meta.push(kv("tokenizer.ggml.token_type", MetaValue::I32Array(types)));
+    if !spm {
+        let merges = m["merges"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| match x {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Array(p) => {
+                            Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        meta.push(kv("tokenizer.ggml.merges", MetaValue::StrArray(merges)));
+    }
+    let u = |x: u32| MetaValue::U32(x);
+    if let Some(b) = bos {
+        meta.push(kv("tokenizer.ggml.bos_token_id", u(b)));
+    }
+    if let Some(e) = eos {
+        meta.push(kv("tokenizer.ggml.eos_token_id", u(e)));
+    }
+    if let Some(u_id) = unk.and_then(|t| tok.inner.token_to_id(t)) {
+        meta.push(kv("tokenizer.ggml.unknown_token_id", u(u_id)));
+    }
+    let pad = json["padding"]["pad_id"].as_u64().map(|p| p as u32).or(eos);
+    if let Some(p) = pad {
+        meta.push(kv("tokenizer.ggml.padding_token_id", u(p)));
+    }
+    meta.push(kv("tokenizer.ggml.add_bos_token", MetaValue::Bool(add_bos)));
+    meta.push(kv("tokenizer.ggml.add_eos_token", MetaValue::Bool(false)));
+    if spm {
+        let prepend = json["normalizer"].to_string().contains("\"Prepend\"")
+            || json["pre_tokenizer"].to_string().contains("\"Metaspace\"");
+        meta.push(kv(
+            "tokenizer.ggml.add_space_prefix",
+            MetaValue::Bool(prepend),
+        ));
+    }
+    if let Some(t) = template {
+        meta.push(kv(
+            "tokenizer.chat_template",
+            MetaValue::Str(t.source.clone()),
+        ));
+    }
+    Ok(meta)
+}
+
+/// The end token the chat template writes after an assistant answer (`<|im_end|>` for ChatML,
+/// `<|eot_id|>` for Llama 3): the token generation must stop at.
+fn end_of_turn(tok: &TextTokenizer, t: &ChatTemplate) -> Option<u32> {
+    const ANSWER: &str = "ANSWER_7f3a";
+    let text = t
+        .render(
+            &[
+                Message::new("user", "Hi"),
+                Message::new("assistant", ANSWER),
+            ],
+            false,
+        )
+        .ok()?;
+    let tail = &text[text.rfind(ANSWER)? + ANSWER.len()..];
+    tok.end_token_ids
+        .iter()
+        .filter_map(|&id| {
+            let s = tok.inner.id_to_token(id)?;
+            tail.find(s.as_str()).map(|pos| (pos, id))
+        })
+        .min()
+        .map(|(_, id)| id)
+}
+
+/// llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, from its pre-tokenizer: the
+/// split regex (Llama 3, Qwen2) or SmolLM's digit splitting, else GPT-2's.
+fn pre_tokenizer(json: &Value) -> &'static str {
+    let pre = json["pre_tokenizer"].to_string();
+    // The regexes as they appear JSON-escaped: Llama 3 groups digits by three, Qwen2 one by one.
+    for (needle, name) in [(r"\\p{N}{1,3}", "llama-bpe"), (r"|\\p{N}|", "qwen2")] {
+        if pre.contains(needle) {
+            return name;
+        }
+    }
+    if pre.contains("\"Digits\"") && pre.contains("\"individual_digits\":true") {
+        return "smollm";
+    }
+    "gpt2"
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn dtype_names_round_trip() {
+        for d in GgufDtype::ALL {
+            assert_eq!(d.to_string().parse::<GgufDtype>().unwrap(), d);
+        }
+        assert!("q4_k".parse::<GgufDtype>().is_err());
+    }
+
+    /// The writer's permutation is the inverse of the loader's `unpermute`.
+    #[test]
+    fn permutation_matches_llama_cpp() {
+        // 2 heads of 4 rows (d/2 = 2), 1 column: llama.cpp's permute gives, per head,
+        // rows [0, 2, 1, 3].
+        let v: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        let p = permuted(v, Some(2), &[8, 1]);
+        assert_eq!(p, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+    }
+
+    #[test]
+    fn llama_quantize_rules() {
+        assert_eq!(
+            weight_type(GgufDtype::Q4_0, "token_embd.weight", 576, true),
+            GgmlType::Q8_0
+        );
+        assert_eq!(
+            weight_type(GgufDtype::Q4_0, "token_embd.weight", 576, false),
+            GgmlType::Q4_0
+        );
+        assert_eq!(
+            weight_type(GgufDtype::Q4_0, "blk.0.ffn_down.weight", 1536, true),
+            GgmlType::Q4_0
+        );
+        assert_eq!(
+            weight_type(GgufDtype::Q8_0, "blk.0.attn_q.weight", 100, true),
+            GgmlType::F16
+        );
+    }
+
+    /// A SentencePiece (`llama`) vocabulary survives metadata → tokenizer → metadata: the
+    /// rebuilt tokenizer encodes like the original, byte fallback included.
+    #[test]
+    fn sentencepiece_vocab_round_trips_through_metadata() {
+        use crate::model::tokenizer::GgufVocab;
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![UNKNOWN, CONTROL, CONTROL];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(BYTE);
+        }
+        for p in [
+            "▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "▁he", "llo", "▁hello", "▁w", "or",
+            "▁wor", "ld", "▁world",
+        ] {
+            tokens.push(p.into());
+            types.push(NORMAL);
+        }
+        let n = tokens.len();
+        let scores = (0..n)
+            .map(|i| if types[i] == NORMAL { -(i as f32) } else { 0.0 })
+            .collect();
+        let vocab = |tokens, types, scores| GgufVocab {
+            model: "llama".into(),
+            pre: None,
+            tokens,
+            token_types: Some(types),
+            scores: Some(scores),
+            merges: None,
+            bos_id: Some(1),
+            eos_id: Some(2),
+            unk_id: Some(0),
+            add_bos: Some(true),
+            add_space_prefix: Some(true),
+        };
+        let p = Path::new("test.gguf");
+        let tok = vocab(tokens.clone(), types.clone(), scores)
+            .build(p)
+            .unwrap();
+        let meta: HashMap<String, MetaValue> =
+            tokenizer_meta(&tok, None, n).unwrap().into_iter().collect();
+        assert_eq!(meta["tokenizer.ggml.model"], MetaValue::Str("llama".into()));
+        assert_eq!(meta["tokenizer.ggml.tokens"], MetaValue::StrArray(tokens));
+        assert_eq!(
+            meta["tokenizer.ggml.token_type"],
+            MetaValue::I32Array(types)
+        );
+        assert_eq!(meta["tokenizer.ggml.add_bos_token"], MetaValue::Bool(true));
+        assert_eq!(
+            meta["tokenizer.ggml.add_space_prefix"],
+            MetaValue::Bool(true)
+        );
+        assert_eq!(meta["tokenizer.ggml.eos_token_id"], MetaValue::U32(2));
+        let (MetaValue::StrArray(t2), MetaValue::I32Array(ty2), MetaValue::F32Array(s2)) = (
+            meta["tokenizer.ggml.tokens"].clone(),
+            meta["tokenizer.ggml.token_type"].clone(),
+            meta["tokenizer.ggml.scores"].clone(),
+        ) else {
+            panic!("wrong metadata types")
+        };
+        let back = vocab(t2, ty2, s2).build(p).unwrap();
+        for text in ["hello world", "hello wörld", "world hello  he"] {
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                back.encode(text, true).unwrap(),
+                "{text}"
+            );
+        }
+        assert_eq!(tok.encode("hello world", true).unwrap()[0], 1, "BOS added");
+    }
+
+    /// The pre-tokenizer name survives llama.cpp name → afinar tokenizer → llama.cpp name.
+    #[test]
+    fn pre_tokenizer_names_round_trip() {
+        use crate::model::tokenizer::GgufVocab;
+        for pre in ["llama-bpe", "qwen2", "smollm", "gpt2"] {
+            let v = GgufVocab {
+                model: "gpt2".into(),
+                pre: Some(pre.into()),
+                tokens: vec!["a".into(), "b".into(), "ab".into()],
+                token_types: None,
+                scores: None,
+                merges: Some(vec!["a b".into()]),
+                bos_id: None,
+                eos_id: None,
+                unk_id: None,
+                add_bos: None,
+                add_space_prefix: None,
+            };
+            let tok = v.build(Path::new("t.gguf")).unwrap();
+            let json: Value = serde_json::from_str(&tok.inner.to_string(false).unwrap()).unwrap();
+            assert_eq!(pre_tokenizer(&json), pre);
+        }
+    }
 }

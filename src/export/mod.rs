@@ -5,11 +5,13 @@
 
 pub mod card;
 pub mod gguf;
+pub mod gguf_file;
 pub mod hf;
 pub mod identity;
 pub mod merge;
 pub mod ollama;
 pub mod peft;
+pub mod quant;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,66 @@
+//! ggml's block quantizations, written byte for byte as ggml's reference quantizers
+//! (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`) write them, plus the plain casts. Each
+//! quantizer is checked against golden blocks from the `gguf` Python package
+//! (`tests/golden/make_quant_golden.py`).
+
+pub mod q4_0;
+pub mod q8_0;
+
+/// Values per block of Q8_0 and Q4_0.
+pub const BLOCK: usize = 32;
+
+/// Appends `x` as little-endian f32.
+pub fn f32_bytes(x: &[f32], out: &mut Vec<u8>) {
+    out.reserve(x.len() * 4);
+    for v in x {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Appends `x` as IEEE half precision, rounded to nearest even as ggml's `GGML_FP32_TO_FP16`.
+pub fn f16_bytes(x: &[f32], out: &mut Vec<u8>) {
+    out.reserve(x.len() * 2);
+    for v in x {
+        out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+    }
+}
+
+/// Appends `x` as bfloat16, rounded to nearest even as ggml's `GGML_FP32_TO_BF16`.
+pub fn bf16_bytes(x: &[f32], out: &mut Vec<u8>) {
+    out.reserve(x.len() * 2);
+    for v in x {
+        out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod golden {
+    //! The golden cases of `tests/golden/ggml_quants.json`.
+
+    /// (input, expected bytes) for `kind` ("q8_0" or "q4_0").
+    pub fn cases(kind: &str) -> Vec<(Vec<f32>, Vec<u8>)> {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/ggml_quants.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let input = c["input"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
+                let hex = c[kind].as_str().unwrap();
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                (input, bytes)
+            })
+            .collect()
+    }
+}

@@ -139,8 +139,12 @@ pub fn check(
             if exact {
                 return Ok(fail(what));
             }
-            let margin = margin_at(source, &a, &ga.tokens, &gb.tokens, at)?;
-            divergences.push(format!("{what} (source logit margin there {margin:.4})"));
+            let note = match margin_at(source, &a, &ga.tokens, &gb.tokens, at)? {
+                Some(margin) => format!("source logit margin there {margin:.4}"),
+                None if ga.tokens.len() == at => "the source stopped there".into(),
+                None => "the export stopped there".into(),
+            };
+            divergences.push(format!("{what} ({note})"));
         }
         tokens += ga.tokens.len();
     }
@@ -160,10 +164,17 @@ pub fn check(
 }
 
 /// How much the source preferred its own token over the exported model's choice at the first
-/// divergence `at`: logit(source token) − logit(exported token), from the source's logits.
-fn margin_at(source: &Model, prompt: &[u32], a: &[u32], b: &[u32], at: usize) -> Result<f32> {
+/// divergence `at`: logit(source token) − logit(exported token), from the source's logits;
+/// `None` when one of them had already stopped.
+fn margin_at(
+    source: &Model,
+    prompt: &[u32],
+    a: &[u32],
+    b: &[u32],
+    at: usize,
+) -> Result<Option<f32>> {
     let (Some(&ta), Some(&tb)) = (a.get(at), b.get(at)) else {
-        return Ok(f32::NAN);
+        return Ok(None);
     };
     let mut ids = prompt.to_vec();
     ids.extend_from_slice(&a[..at]);
@@ -174,7 +185,7 @@ fn margin_at(source: &Model, prompt: &[u32], a: &[u32], b: &[u32], at: usize) ->
         .squeeze(0)?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1()?;
-    Ok(logits[ta as usize] - logits[tb as usize])
+    Ok(Some(logits[ta as usize] - logits[tb as usize]))
 }
 
 /// An error for a failed verdict, unless `force`.

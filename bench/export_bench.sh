@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Export speed, afinar vs the gguf Python package, alternated in one session on this machine:
 # SmolLM2-135M (exported to an HF folder first, so both start from the same safetensors) to Q8_0
-# and Q4_0, and a random 1.5B Qwen2-shaped checkpoint to Q4_0. Prints seconds and peak RSS.
+# and Q4_0, and a random 1.5B Qwen2-shaped checkpoint to Q4_0. Prints seconds and peak RSS;
+# "afinar" is the export alone (--check-prompts 0, as the peer does no check), "afinar+check"
+# adds the token-identity self-check (load back, greedy decoding with both models).
 # Needs a release build and ../shared/bench's venv (bash ../shared/bench/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,10 @@ for round in 1 2; do
         m=${model%%:*}; d=${model##*:}
         rm -f "$W/out.gguf"
         measure "round$round $m $d afinar" "$BIN" export --model "$W/$m" --to gguf --dtype "$d" \
-            --out "$W/out.gguf" --overwrite --force
+            --out "$W/out.gguf" --overwrite --force --check-prompts 0
+        rm -f "$W/out.gguf"
+        measure "round$round $m $d afinar+check" "$BIN" export --model "$W/$m" --to gguf \
+            --dtype "$d" --out "$W/out.gguf" --overwrite --force
         rm -f "$W/out.gguf"
         measure "round$round $m $d gguf-py" "$PY" bench/export_peer.py "$W/$m" "$W/out.gguf" "$d"
     done

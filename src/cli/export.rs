@@ -33,7 +33,9 @@ pub struct ExportArgs {
     /// Greedy tokens compared per probe prompt in the token-identity check.
     #[arg(long, default_value_t = 16)]
     pub check_tokens: usize,
-    /// Conversations from the run's test split (else built-in probes) the check uses.
+    /// Conversations from the run's test split (else built-in probes) the check uses; 0 skips
+    /// the check (it loads the export back and decodes with both models, which for a large
+    /// model takes longer than the export itself).
     #[arg(long, default_value_t = 4)]
     pub check_prompts: usize,
 }

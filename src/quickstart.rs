@@ -33,6 +33,32 @@ pub struct QuickstartResult {
     pub report_json: PathBuf,
 }
 
+/// The bundled conjugation set, in the binary, so `afinar quickstart` also runs outside the
+/// repository (after `cargo install`).
+const BUNDLED_PATH: &str = "data/conjugation/conjugation.jsonl";
+const BUNDLED_DATA: &[u8] = include_bytes!("../data/conjugation/conjugation.jsonl");
+const BUNDLED_LICENSE: &[u8] = include_bytes!("../data/conjugation/LICENSE-apertium-eng-spa.txt");
+
+/// When the recipe's bundled data file is not where it is named (the command runs outside the
+/// repository), writes the copy held in the binary into the run directory and uses that.
+fn use_bundled_data(cfg: &mut TrainConfig) -> Result<()> {
+    let named = Path::new(BUNDLED_PATH);
+    if cfg.data.iter().all(|p| p != named) || named.is_file() {
+        return Ok(());
+    }
+    let dir = cfg.out.join("bundled");
+    std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io(&dir, e))?;
+    let copy = dir.join("conjugation.jsonl");
+    if std::fs::read(&copy).ok().as_deref() != Some(BUNDLED_DATA) {
+        crate::fs::write_atomic(&copy, BUNDLED_DATA)?;
+        crate::fs::write_atomic(&dir.join("LICENSE-apertium-eng-spa.txt"), BUNDLED_LICENSE)?;
+    }
+    for p in cfg.data.iter_mut().filter(|p| p.as_path() == named) {
+        *p = copy.clone();
+    }
+    Ok(())
+}
+
 /// The recipe with `--set key=value` overrides, not yet validated (callers set more fields, then
 /// validate).
 pub fn recipe(set: &[String]) -> Result<TrainConfig> {
@@ -41,8 +67,9 @@ pub fn recipe(set: &[String]) -> Result<TrainConfig> {
 
 /// Runs the six steps, printing each as it starts.
 pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
-    let cfg = opts.config.clone();
+    let mut cfg = opts.config.clone();
     let out = cfg.out.clone();
+    use_bundled_data(&mut cfg)?;
     let step = |n: usize, what: &str| eprintln!("\n[{n}/6] {what}");
 
     step(1, &format!("model: {}", cfg.model));

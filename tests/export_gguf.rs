@@ -11,10 +11,9 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use afinar::export::gguf::{self, GgufDtype};
-use afinar::export::peft::{self, AdapterConfig};
+use afinar::export::peft;
 use afinar::infer::{generate, GenerateOptions};
 use afinar::model::{Message, Model};
-use afinar::train::lora::{self, LoraSpec};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
@@ -64,39 +63,7 @@ fn adapter() -> &'static (PathBuf, PathBuf) {
     static A: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     A.get_or_init(|| {
         let dir = out_dir().join("adapter");
-        let mut model = Model::load("smollm2", &Device::Cpu).unwrap();
-        let spec = LoraSpec {
-            rank: 4,
-            alpha: 8.0,
-            rslora: false,
-            targets: vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
-            dropout: 0.0,
-        };
-        let vars = lora::attach(&mut model.transformer, &spec, lora::kaiming_a(3)).unwrap();
-        let mut rng = afinar::rng::Rng::new(11);
-        for (name, v) in &vars {
-            if name.ends_with("lora_B.weight") {
-                let vals: Vec<f32> = (0..v.elem_count())
-                    .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * 0.5)
-                    .collect();
-                v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-            }
-        }
-        let cfg = AdapterConfig {
-            peft_type: "LORA".into(),
-            task_type: "CAUSAL_LM".into(),
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.0,
-            target_modules: spec.targets.clone(),
-            use_rslora: false,
-            bias: "none".into(),
-            fan_in_fan_out: false,
-            base_model_name_or_path: Some("smollm2".into()),
-            inference_mode: true,
-        };
-        peft::save(&dir, &cfg, &vars).unwrap();
+        common::random_adapter(&dir, &["q_proj", "k_proj", "v_proj"], 0.5);
         let gguf_path = out_dir().join("adapter.gguf");
         gguf::write_lora(common::smollm2(), &dir, &gguf_path).unwrap();
         (dir, gguf_path)

@@ -123,23 +123,9 @@ fn mutate(bytes: &[u8], rng: &mut Rng) -> Vec<u8> {
     v
 }
 
-/// Caps this process's address space, so that an input that makes the reader allocate without
-/// bound fails the test (allocation failure aborts) instead of taking the machine down.
-fn cap_memory(bytes: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        let lim = libc::rlimit {
-            rlim_cur: bytes,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: setrlimit reads the struct we pass; it only lowers this process's soft limit.
-        unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) };
-    }
-}
-
 #[test]
 fn mutated_inputs_end_in_a_result_or_a_one_line_error() {
-    cap_memory(8 << 30);
+    common::cap_memory(8 << 30);
     let dir = tempfile::tempdir().unwrap();
     let text = tiny_text();
     let (mut ok, mut errors) = (0, 0);

@@ -23,20 +23,6 @@ use afinar::model::{gguf, Model, TextSide};
 use afinar::rng::Rng;
 use candle_core::Device;
 
-/// Caps this process's address space, so that an input that makes the reader allocate without
-/// bound fails the test (allocation failure aborts) instead of taking the machine down.
-fn cap_memory(bytes: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        let lim = libc::rlimit {
-            rlim_cur: bytes,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: setrlimit reads the struct we pass; it only lowers this process's soft limit.
-        unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) };
-    }
-}
-
 /// Runs `f`, failing the test on a panic or on a run longer than the watchdog; returns the
 /// error message (checked to be one line) or `None` on success.
 fn one_line_or_ok<T>(label: &str, f: impl FnOnce() -> afinar::Result<T>) -> Option<String> {
@@ -322,7 +308,7 @@ fn mutate_gguf(rng: &mut Rng) -> (Vec<u8>, i64) {
 
 #[test]
 fn mutated_gguf_headers_end_in_a_result_or_a_one_line_error() {
-    cap_memory(8 << 30);
+    common::cap_memory(8 << 30);
     let dir = tempfile::tempdir().unwrap();
     // The unmutated header inspects cleanly, so errors below come from the mutations.
     let (orig, _, _) = base();
@@ -473,7 +459,7 @@ fn mutate_template(t: &str, rng: &mut Rng) -> String {
 
 #[test]
 fn mutated_and_hostile_templates_end_in_a_result_or_a_one_line_error() {
-    cap_memory(8 << 30);
+    common::cap_memory(8 << 30);
     let messages = conversation(4);
     let (mut ok, mut errors) = (0, 0);
     for (name, source) in real_templates() {

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
-use afinar::export::peft::{self, AdapterConfig};
-use afinar::train::lora::{self, LoraSpec};
-use candle_core::{Device, Tensor};
+use afinar::export::peft;
 use serde_json::{json, Value};
 
 /// A running server, killed on drop; `log` collects what it prints to stderr.
@@ -81,44 +79,6 @@ fn call(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> (u16,
     (status, v)
 }
 
-/// An adapter with random non-zero B on q_proj and v_proj, so it changes the answers.
-fn random_adapter(dir: &Path) {
-    let mut model = afinar::model::Model::load("smollm2", &Device::Cpu).unwrap();
-    let spec = LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        rslora: false,
-        targets: vec!["q_proj".into(), "v_proj".into()],
-        dropout: 0.0,
-    };
-    let vars = lora::attach(&mut model.transformer, &spec, lora::kaiming_a(3)).unwrap();
-    // B from a seeded generator (candle's randn is not seeded), large enough to change answers.
-    let mut rng = afinar::rng::Rng::new(11);
-    for (name, v) in &vars {
-        if name.ends_with("lora_B.weight") {
-            let vals: Vec<f32> = (0..v.elem_count())
-                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-                .collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    let cfg = AdapterConfig {
-        peft_type: "LORA".into(),
-        task_type: "CAUSAL_LM".into(),
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        target_modules: spec.targets.clone(),
-        use_rslora: false,
-        bias: "none".into(),
-        fan_in_fan_out: false,
-        base_model_name_or_path: Some("smollm2".into()),
-        inference_mode: true,
-    };
-    peft::save(dir, &cfg, &vars).unwrap();
-}
-
 fn chat_body(model: &str, stream: bool) -> String {
     json!({"model": model, "stream": stream, "temperature": 0, "max_tokens": 24,
            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
@@ -133,7 +93,7 @@ fn shared() -> &'static Shared {
     S.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let adapter = dir.path().join("adapter");
-        random_adapter(&adapter);
+        common::random_adapter(&adapter, &["q_proj", "v_proj"], 1.0);
         let spec = format!("rand={}", adapter.display());
         let server = start(&[
             "--adapter",

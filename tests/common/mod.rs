@@ -177,3 +177,59 @@ pub fn serve_in_process(opts: &afinar::serve::ServeOptions) -> std::net::SocketA
     });
     addr
 }
+
+/// Saves a seeded random LoRA adapter for SmolLM2 in PEFT format under `dir`: rank 4, alpha 8 on
+/// `targets`, A as PEFT initialises it and B uniform in ±`b_scale` (B = 0 would change nothing),
+/// large enough to change the answers.
+pub fn random_adapter(dir: &Path, targets: &[&str], b_scale: f32) {
+    use afinar::export::peft::{self, AdapterConfig};
+    use afinar::train::lora::{self, LoraSpec};
+    let mut model = Model::load("smollm2", &Device::Cpu).unwrap();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        dropout: 0.0,
+    };
+    let vars = lora::attach(&mut model.transformer, &spec, lora::kaiming_a(3)).unwrap();
+    // B from a seeded generator (candle's randn is not seeded).
+    let mut rng = afinar::rng::Rng::new(11);
+    for (name, v) in &vars {
+        if name.ends_with("lora_B.weight") {
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * b_scale)
+                .collect();
+            v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let cfg = AdapterConfig {
+        peft_type: "LORA".into(),
+        task_type: "CAUSAL_LM".into(),
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: spec.targets.clone(),
+        use_rslora: false,
+        bias: "none".into(),
+        fan_in_fan_out: false,
+        base_model_name_or_path: Some("smollm2".into()),
+        inference_mode: true,
+    };
+    peft::save(dir, &cfg, &vars).unwrap();
+}
+
+/// Caps this process's address space, so that an input that makes a reader allocate without
+/// bound fails the test (allocation failure aborts) instead of taking the machine down.
+pub fn cap_memory(bytes: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        let lim = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit reads the struct we pass; it only lowers this process's soft limit.
+        unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) };
+    }
+}

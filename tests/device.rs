@@ -90,17 +90,7 @@ fn reference_path_gives_the_fused_loss_and_lora_gradients() {
             rank: 4,
             alpha: 8.0,
             rslora: false,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: afinar::train::lora::ALL_LINEAR.map(String::from).to_vec(),
             dropout: 0.1,
         };
         let vars = attach(&mut model.transformer, &spec, kaiming_a(3)).unwrap();

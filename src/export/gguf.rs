@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::gguf_file::{self, GgmlType, MetaValue, TensorPlan};
-use super::peft::AdapterConfig;
 use crate::model::transformer::Linear;
 use crate::model::{Architecture, ChatTemplate, Message, Model, ModelSource, TextTokenizer};
 use crate::{Error, Result};
@@ -213,24 +212,7 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
 /// trained on): `blk.N.attn_q.weight.lora_a` (r × in) and `.lora_b` (out × r) in f32, the
 /// Q/K row permutation applied to `lora_b` for llama, as `convert_lora_to_gguf.py` writes them.
 pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
-    let cfg_path = adapter_dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
-        Error::bad_file(
-            adapter_dir,
-            format!("not a PEFT adapter directory (adapter_config.json: {e})"),
-        )
-    })?;
-    let cfg: AdapterConfig =
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e.to_string()))?;
-    if cfg.peft_type != "LORA" {
-        return Err(Error::bad_file(
-            &cfg_path,
-            format!("peft_type {} is not supported (only LORA)", cfg.peft_type),
-        ));
-    }
-    let weights_path = adapter_dir.join("adapter_model.safetensors");
-    let mut tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-        .map_err(|e| Error::bad_file(&weights_path, crate::error::candle_message(&e)))?;
+    let (cfg, mut tensors) = super::peft::read(adapter_dir, &Device::Cpu)?;
     let base_name = model_name(base);
     let trained_on = cfg
         .base_model_name_or_path

@@ -54,10 +54,15 @@ pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Resul
     crate::fs::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
-/// Loads a PEFT LoRA adapter into `model` (frozen: for inference and evaluation). Errors name
-/// the adapter, the base it was trained on and `model_name` when shapes or module names do not
-/// fit.
-pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<AdapterConfig> {
+/// Reads a PEFT LoRA adapter directory: its `adapter_config.json` (LoRA only) and the tensors
+/// of `adapter_model.safetensors` by their PEFT names, on `device`.
+pub fn read(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> Result<(
+    AdapterConfig,
+    std::collections::HashMap<String, candle_core::Tensor>,
+)> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
         Error::bad_file(
@@ -74,8 +79,16 @@ pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<Ada
         ));
     }
     let weights_path = dir.join("adapter_model.safetensors");
-    let mut tensors = candle_core::safetensors::load(&weights_path, model.device())
+    let tensors = candle_core::safetensors::load(&weights_path, device)
         .map_err(|e| Error::bad_file(&weights_path, crate::error::candle_message(&e)))?;
+    Ok((cfg, tensors))
+}
+
+/// Loads a PEFT LoRA adapter into `model` (frozen: for inference and evaluation). Errors name
+/// the adapter, the base it was trained on and `model_name` when shapes or module names do not
+/// fit.
+pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<AdapterConfig> {
+    let (cfg, mut tensors) = read(dir, model.device())?;
     let scale = if cfg.use_rslora {
         cfg.lora_alpha / (cfg.r as f64).sqrt()
     } else {

@@ -439,7 +439,7 @@ fn llama3_rope_scaling_round_trips_as_rope_freqs() {
     use afinar::model::config::Llama3RopeScaling;
     use afinar::model::{ChatTemplate, ModelSource, Transformer};
     let dir = common::root().join("tests/fixtures/tiny-mistral");
-    let mut hf = afinar::model::hf::load(&dir, &Device::Cpu).unwrap();
+    let mut hf = afinar::model::hf::load(&dir, &Device::Cpu, Default::default()).unwrap();
     // An original context of 64 puts this fixture's 8 frequencies in all three bands.
     hf.config.rope_scaling = Some(Llama3RopeScaling {
         factor: 8.0,

@@ -150,7 +150,7 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
     let tied = t.lm_head.is_none();
     items.push(Item::new(
         "token_embd.weight",
-        Src::Tensor(&t.embed_tokens),
+        Src::Weight(&t.embed_tokens),
         weight_type(dtype, "token_embd.weight", c.hidden_size, tied),
     )?);
     if let Some(factors) = rope_freq_factors(model)? {
@@ -201,7 +201,7 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
     if let Some(head) = &t.lm_head {
         items.push(Item::new(
             "output.weight",
-            Src::Tensor(head),
+            Src::Weight(head),
             weight_type(dtype, "output.weight", c.hidden_size, false),
         )?);
     }
@@ -298,6 +298,8 @@ pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
 /// Where a tensor's values come from.
 enum Src<'a> {
     Tensor(&'a Tensor),
+    /// A matrix as the model holds it (f32 or packed), written from its f32 values.
+    Weight(&'a crate::model::weights::Weight),
     /// A projection, with its attached adapter (if any) merged in.
     Linear(&'a Linear),
     Data(Vec<f32>),
@@ -314,7 +316,14 @@ impl<'a> Item<'a> {
     fn new(name: &str, src: Src<'a>, ty: GgmlType) -> Result<Self> {
         let shape = match &src {
             Src::Tensor(t) => t.dims().to_vec(),
-            Src::Linear(l) => l.weight.dims().to_vec(),
+            Src::Weight(w) => {
+                let (r, c) = w.dims2()?;
+                vec![r, c]
+            }
+            Src::Linear(l) => {
+                let (r, c) = l.weight.dims2()?;
+                vec![r, c]
+            }
             Src::Data(v) => vec![v.len()],
         };
         let ty = if shape.len() < 2 { GgmlType::F32 } else { ty };
@@ -334,11 +343,12 @@ impl<'a> Item<'a> {
         let t = match &self.src {
             Src::Data(v) => return Ok(permuted(v.clone(), self.permute, &self.plan.shape)),
             Src::Tensor(t) => (*t).clone(),
+            Src::Weight(w) => w.to_f32()?,
             Src::Linear(l) => match &l.lora {
-                None => l.weight.clone(),
+                None => l.weight.to_f32()?,
                 Some(ad) => {
                     let ba = ad.b.as_tensor().matmul(ad.a.as_tensor())?;
-                    (l.weight.to_dtype(DType::F32)? + (ba * ad.scale)?)?
+                    (l.weight.to_f32()? + (ba * ad.scale)?)?
                 }
             },
         };

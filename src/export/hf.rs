@@ -50,13 +50,14 @@ pub fn save(dir: &Path, model: &Model) -> Result<()> {
 
 /// The tensors of `model` under their Hugging Face names. Adapters still attached are ignored:
 /// merge them first ([`super::merge::merge_lora`]).
-pub fn named_tensors(model: &Model) -> BTreeMap<String, Tensor> {
+/// Packed (bf16, GGUF-quantized) matrices come out dequantized to f32.
+pub fn named_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>> {
     let m = &model.transformer;
     let mut tensors = BTreeMap::new();
-    tensors.insert("model.embed_tokens.weight".into(), m.embed_tokens.clone());
+    tensors.insert("model.embed_tokens.weight".into(), m.embed_tokens.to_f32()?);
     tensors.insert("model.norm.weight".into(), m.norm.clone());
     if let Some(h) = &m.lm_head {
-        tensors.insert("lm_head.weight".into(), h.clone());
+        tensors.insert("lm_head.weight".into(), h.to_f32()?);
     }
     for (i, l) in m.layers.iter().enumerate() {
         tensors.insert(
@@ -70,12 +71,12 @@ pub fn named_tensors(model: &Model) -> BTreeMap<String, Tensor> {
     }
     let mut m2 = m.clone();
     for (name, lin) in m2.linears_mut() {
-        tensors.insert(format!("{name}.weight"), lin.weight.clone());
+        tensors.insert(format!("{name}.weight"), lin.weight.to_f32()?);
         if let Some(b) = &lin.bias {
             tensors.insert(format!("{name}.bias"), b.clone());
         }
     }
-    tensors
+    Ok(tensors)
 }
 
 /// Writes `model` to `dir` as `opts` asks. Each file is written under a temporary name and
@@ -176,7 +177,7 @@ fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
 /// weights pass `opts.shard_bytes`. Tensors are cast one shard at a time, so the f32 model is
 /// never held twice.
 fn write_weights(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
-    let tensors = named_tensors(model);
+    let tensors = named_tensors(model)?;
     let elem = opts.dtype.size_in_bytes();
     let mut shards: Vec<Vec<String>> = vec![vec![]];
     let mut sizes = vec![0usize];

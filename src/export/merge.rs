@@ -5,6 +5,7 @@
 use candle_core::DType;
 
 use crate::model::transformer::Transformer;
+use crate::model::Weight;
 use crate::Result;
 
 /// Merges every attached adapter of `model` into its weight and detaches it. Returns the number
@@ -15,12 +16,12 @@ pub fn merge_lora(model: &mut Transformer) -> Result<usize> {
         let Some(lora) = lin.lora.take() else {
             continue;
         };
-        let dtype = lin.weight.dtype();
-        let w = lin.weight.to_dtype(DType::F32)?;
+        // A packed base comes out merged in f32 (requantizing would add a second rounding).
+        let w = lin.weight.to_f32()?;
         let a = lora.a.as_tensor().to_dtype(DType::F32)?;
         let b = lora.b.as_tensor().to_dtype(DType::F32)?;
         let delta = (b.matmul(&a)? * lora.scale)?;
-        lin.weight = (w + delta)?.to_dtype(dtype)?.detach();
+        lin.weight = Weight::Dense((w + delta)?.detach());
         merged += 1;
     }
     Ok(merged)

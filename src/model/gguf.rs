@@ -1,5 +1,6 @@
-//! GGUF files (llama.cpp's format): configuration, weights dequantized to f32 in Hugging Face
-//! layout, tokenizer and chat template, all from the one file.
+//! GGUF files (llama.cpp's format): configuration, weights in Hugging Face layout (held in their
+//! block format or converted, see [`BaseDtype`]), tokenizer and chat template, all from the one
+//! file.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,7 +12,8 @@ use candle_core::{Device, Tensor};
 
 use super::config::{Architecture, ModelConfig};
 use super::tokenizer::{GgufVocab, TextTokenizer};
-use super::weights::Weights;
+use super::ops::packed;
+use super::weights::{BaseDtype, Weight, Weights};
 use crate::{Error, Result};
 
 /// Everything afinar reads from a GGUF file.
@@ -116,8 +118,8 @@ pub fn load_text_side(path: &Path) -> Result<(TextTokenizer, Option<String>)> {
     Ok((tokenizer, meta.opt_string("tokenizer.chat_template")))
 }
 
-/// Loads a GGUF model onto `device`.
-pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
+/// Loads a GGUF model onto `device`, its matrices held as `base` says (see [`BaseDtype`]).
+pub fn load(path: &Path, device: &Device, base: BaseDtype) -> Result<GgufModel> {
     let content = read_header(path)?;
     let GgufInspection {
         config,
@@ -128,7 +130,8 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     } = inspect_content(&content, path)?;
     let architecture = config.architecture;
 
-    // Weights: dequantize each tensor to f32 and rename it to Hugging Face's convention.
+    // Weights: each matrix held as `base` says (norms in f32), renamed to Hugging Face's
+    // convention.
     let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
     let mut tensors = HashMap::new();
     let mut rope_freq_factors = None;
@@ -145,9 +148,8 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
                 ),
             )
         })?;
-        let t = qt.dequantize(device)?;
         if name == "rope_freqs.weight" {
-            rope_freq_factors = Some(t.to_vec1::<f32>()?);
+            rope_freq_factors = Some(qt.dequantize(device)?.to_vec1::<f32>()?);
             continue;
         }
         let Some(hf_name) = hf_name(name) else {
@@ -155,14 +157,37 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         };
         // llama.cpp stores Q and K rows of llama-architecture models permuted for its
         // interleaved RoPE; undo it so weights (and LoRA targets) have Hugging Face layout.
-        let t = if architecture != Architecture::Qwen2 && name.ends_with("attn_q.weight") {
-            unpermute(&t, config.num_heads)?
-        } else if architecture != Architecture::Qwen2 && name.ends_with("attn_k.weight") {
-            unpermute(&t, config.num_kv_heads)?
+        let heads = if architecture == Architecture::Qwen2 {
+            None
+        } else if name.ends_with("attn_q.weight") {
+            Some(config.num_heads)
+        } else if name.ends_with("attn_k.weight") {
+            Some(config.num_kv_heads)
         } else {
-            t
+            None
         };
-        tensors.insert(hf_name, t);
+        let w = if qt.shape().rank() == 2 && base.keeps(qt.dtype(), device) {
+            let qt = match heads {
+                Some(h) => {
+                    let (rows, _) = qt.shape().dims2()?;
+                    packed::permute_rows(&qt, &unpermute_order(rows, h))?
+                }
+                None => qt,
+            };
+            super::weights::hold_packed(qt)?
+        } else {
+            let t = qt.dequantize(device)?;
+            let t = match heads {
+                Some(h) => unpermute(&t, h)?,
+                None => t,
+            };
+            if t.rank() == 2 {
+                super::weights::hold(t, base)?
+            } else {
+                Weight::Dense(t)
+            }
+        };
+        tensors.insert(hf_name, w);
     }
     Ok(GgufModel {
         config,
@@ -184,6 +209,20 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))?)
+}
+
+/// Row order of [`unpermute`]: new row (h, j, i) of (n_head, 2, d/2) is old row (h, i, j).
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let d = rows / n_head;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..d / 2 {
+                order.push(h * d + i * 2 + j);
+            }
+        }
+    }
+    order
 }
 
 /// GGUF tensor name → Hugging Face name (`None` for tensors afinar does not use).

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::config::ModelConfig;
 use super::tokenizer::TextTokenizer;
-use super::weights::Weights;
+use super::weights::{hold, BaseDtype, Weight, Weights};
 use crate::{Error, Result};
 
 /// Everything afinar reads from a Hugging Face model directory.
@@ -23,8 +23,8 @@ pub struct HfModel {
     pub file_dtype: String,
 }
 
-/// Loads a model directory onto `device`.
-pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
+/// Loads a model directory onto `device`, its matrices held as `base` says.
+pub fn load(dir: &Path, device: &Device, base: BaseDtype) -> Result<HfModel> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(Error::bad_file(
@@ -51,7 +51,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel> {
             if file_dtype.is_empty() && t.rank() > 1 {
                 file_dtype = format!("{:?}", t.dtype()).to_uppercase();
             }
-            tensors.insert(name, t.to_dtype(DType::F32)?);
+            let w = if t.rank() == 2 {
+                hold(t, base)?
+            } else {
+                Weight::Dense(t.to_dtype(DType::F32)?)
+            };
+            tensors.insert(name, w);
         }
     }
     Ok(HfModel {

@@ -19,6 +19,7 @@ pub use config::{Architecture, ModelConfig};
 pub use source::ModelSource;
 pub use tokenizer::TextTokenizer;
 pub use transformer::Transformer;
+pub use weights::{BaseDtype, Weight};
 
 use crate::Result;
 
@@ -59,17 +60,23 @@ pub struct Model {
 }
 
 impl Model {
-    /// Resolves `spec` (path, repo id or alias) and loads it onto `device`.
+    /// Resolves `spec` (path, repo id or alias) and loads it onto `device`, its matrices held
+    /// as they come ([`BaseDtype::Auto`]).
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        Self::load_with(spec, device, BaseDtype::Auto)
+    }
+
+    /// [`Model::load`] with the base's matrices held as `base` says.
+    pub fn load_with(spec: &str, device: &Device, base: BaseDtype) -> Result<Self> {
         let source = source::resolve(spec)?;
-        Self::load_source(source, device)
+        Self::load_source(source, device, base)
     }
 
     /// Loads an already-resolved source.
-    pub fn load_source(source: ModelSource, device: &Device) -> Result<Self> {
+    pub fn load_source(source: ModelSource, device: &Device, base: BaseDtype) -> Result<Self> {
         let (config, weights, tokenizer, template, file_dtype, factors) = match &source {
             ModelSource::Gguf(path) => {
-                let m = gguf::load(path, device)?;
+                let m = gguf::load(path, device, base)?;
                 (
                     m.config,
                     m.weights,
@@ -80,7 +87,7 @@ impl Model {
                 )
             }
             ModelSource::HfDir(dir) => {
-                let m = hf::load(dir, device)?;
+                let m = hf::load(dir, device, base)?;
                 (
                     m.config,
                     m.weights,

@@ -13,7 +13,8 @@ use super::ops;
 use super::ops::attention::{AttentionMask, Heads};
 use super::ops::frozen_matmul::frozen_matmul;
 use super::ops::lora_linear::{linear_reference, lora_linear, lora_linear_reference};
-use super::weights::Weights;
+use super::ops::packed_matmul::MatmulMode;
+use super::weights::{Weight, Weights};
 use crate::Result;
 
 /// A low-rank adapter on a [`Linear`]: `y += scale · (dropout(x) Aᵀ) Bᵀ`, A (rank, in),
@@ -58,18 +59,27 @@ impl LoraDropout {
     }
 }
 
+/// Which kernels a forward pass takes (see [`Transformer::fused`] and
+/// [`Transformer::quantized_dot`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Kernels {
+    pub fused: bool,
+    pub mode: MatmulMode,
+}
+
 /// A dense layer `y = x Wᵀ + b` with the weight in PyTorch layout (out, in), optionally with a
-/// LoRA adapter. A weight that is not a variable is frozen: its backward computes only dx.
+/// LoRA adapter. A weight that is not a variable is frozen: its backward computes only dx. The
+/// weight is f32 or packed (bf16, f16, GGUF blocks; then always frozen).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
     fn load(w: &mut Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let weight = w.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let weight = w.take_weight(&format!("{prefix}.weight"), &[out, inp])?;
         let bias = if bias {
             Some(w.take(&format!("{prefix}.bias"), &[out])?)
         } else {
@@ -83,8 +93,8 @@ impl Linear {
     }
 
     /// Applies the layer to `x` of shape (..., in); one 2-D GEMM over all leading dimensions.
-    /// `fused` false takes the composition of candle ops (see [`Transformer::fused`]).
-    pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+    /// `k.fused` false takes the composition of candle ops (see [`Transformer::fused`]).
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp;
@@ -96,7 +106,7 @@ impl Linear {
         };
         // The fused kernels serve frozen weights only; they fall back to the composition
         // themselves off the CPU.
-        let fused = fused && !self.weight.is_variable();
+        let fused = k.fused && !self.weight.is_variable();
         let mask = self
             .lora
             .as_ref()
@@ -110,6 +120,7 @@ impl Linear {
                 l.b.as_tensor(),
                 l.scale,
                 mask,
+                k.mode,
             )?,
             Some(l) => lora_linear_reference(
                 &x,
@@ -121,7 +132,7 @@ impl Linear {
                 mask.as_deref(),
             )?,
             None if fused => {
-                let y = frozen_matmul(&x, &self.weight)?;
+                let y = frozen_matmul(&x, &self.weight, k.mode)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -179,14 +190,15 @@ impl Attention {
         rope: &(Tensor, Tensor),
         mask: Option<&AttentionMask>,
         cache: Option<&mut KvCache>,
-        fused: bool,
+        kern: Kernels,
     ) -> Result<Tensor> {
+        let fused = kern.fused;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // Everything stays 2-D, (b·t, heads·d), the layout the projections write: no copies,
         // and no reshape nodes whose backward would copy the gradient.
-        let q = apply_rope(&self.q_proj.forward(x, fused)?, &rope.0, &rope.1, fused)?;
-        let k = apply_rope(&self.k_proj.forward(x, fused)?, &rope.0, &rope.1, fused)?;
-        let v = self.v_proj.forward(x, fused)?;
+        let q = apply_rope(&self.q_proj.forward(x, kern)?, &rope.0, &rope.1, fused)?;
+        let k = apply_rope(&self.k_proj.forward(x, kern)?, &rope.0, &rope.1, fused)?;
+        let v = self.v_proj.forward(x, kern)?;
         let (k, v) = match cache {
             Some(c) => {
                 let (k, v) =
@@ -207,7 +219,7 @@ impl Attention {
         } else {
             ops::attention::attention_unfused(&q, &k, &v, mask, scale, heads)?
         };
-        self.o_proj.forward(&out, fused)
+        self.o_proj.forward(&out, kern)
     }
 }
 
@@ -220,15 +232,15 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, fused)?;
-        let up = self.up_proj.forward(x, fused)?;
-        let act = if fused {
+    fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, k)?;
+        let up = self.up_proj.forward(x, k)?;
+        let act = if k.fused {
             ops::swiglu::swiglu(&gate, &up)?
         } else {
             ops::swiglu::swiglu_reference(&gate, &up)?
         };
-        self.down_proj.forward(&act, fused)
+        self.down_proj.forward(&act, k)
     }
 }
 
@@ -271,11 +283,11 @@ impl Cache {
 #[derive(Debug, Clone)]
 pub struct Transformer {
     pub config: ModelConfig,
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Weight,
     pub layers: Vec<Block>,
     pub norm: Tensor,
     /// `None` when the head is tied to the embeddings.
-    pub lm_head: Option<Tensor>,
+    pub lm_head: Option<Weight>,
     inv_freq: Tensor,
     /// Key of the current LoRA dropout masks (0 = no dropout); set by the trainer.
     pub lora_dropout_key: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -284,6 +296,10 @@ pub struct Transformer {
     /// skipped anyway: for checking the two paths against each other, and for a device whose
     /// kernels are not trusted.
     pub fused: bool,
+    /// Decode with integer dot products on GGUF-quantized weights (activations quantized per
+    /// block, as llama.cpp does) when a product has at most a few rows (the default). False
+    /// keeps every product exact in f32 against the dequantized weights, for parity checks.
+    pub quantized_dot: bool,
 }
 
 impl Transformer {
@@ -296,7 +312,7 @@ impl Transformer {
     ) -> Result<Self> {
         let c = &config;
         let (hs, hd) = (c.hidden_size, c.head_dim);
-        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, hs])?;
+        let embed_tokens = w.take_weight("model.embed_tokens.weight", &[c.vocab_size, hs])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -351,9 +367,9 @@ impl Transformer {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            w.take_optional("lm_head.weight", &[c.vocab_size, hs])?
+            w.take_weight_optional("lm_head.weight", &[c.vocab_size, hs])?
         };
-        let inv_freq = inv_freq(c, rope_freq_factors.as_deref(), embed_tokens.device())?;
+        let inv_freq = inv_freq(c, rope_freq_factors.as_deref(), &embed_tokens.device())?;
         Ok(Self {
             config,
             embed_tokens,
@@ -363,6 +379,7 @@ impl Transformer {
             inv_freq,
             lora_dropout_key: Default::default(),
             fused: true,
+            quantized_dot: true,
         })
     }
 
@@ -388,9 +405,19 @@ impl Transformer {
         out
     }
 
-    /// The device the weights live on.
+    /// The device the activations live on (that of the first norm, always a tensor).
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        self.norm.device()
+    }
+
+    /// The kernels this model's forward passes take.
+    pub fn kernels(&self) -> Kernels {
+        Kernels {
+            fused: self.fused,
+            mode: MatmulMode {
+                quantized_dot: self.quantized_dot,
+            },
+        }
     }
 
     /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, t, 1, head_dim).
@@ -417,15 +444,15 @@ impl Transformer {
         let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?;
         let rope = self.rope_tables(positions)?;
         let mask = mask.map(AttentionMask::new).transpose()?;
-        let (eps, fused) = (self.config.rms_norm_eps, self.fused);
+        let (eps, fused, kern) = (self.config.rms_norm_eps, self.fused, self.kernels());
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps, fused)?;
             x = (x + layer
                 .self_attn
-                .forward(&h, b, &rope, mask.as_ref(), kv, fused)?)?;
+                .forward(&h, b, &rope, mask.as_ref(), kv, kern)?)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps, fused)?;
-            x = (x + layer.mlp.forward(&h, fused)?)?;
+            x = (x + layer.mlp.forward(&h, kern)?)?;
         }
         rms_norm(&x, &self.norm, eps, fused)?
             .reshape((b, t, self.config.hidden_size))
@@ -442,7 +469,7 @@ impl Transformer {
             bias: None,
             lora: None,
         };
-        head.forward(hidden, self.fused)
+        head.forward(hidden, self.kernels())
     }
 
     /// Negative log-likelihood of `targets` (n, u32) under the head's logits of `hidden`

@@ -22,6 +22,7 @@ use candle_core::{Tensor, Var, D};
 use serde::Serialize;
 
 use crate::data::cache::TokenFile;
+use crate::model::Weight;
 use crate::model::Transformer;
 use crate::{Error, Result};
 pub use config::{LoraTargets, Method, TrainConfig};
@@ -239,6 +240,7 @@ pub fn step_gradients(
 }
 
 /// Turns every weight into a variable for full fine-tuning; weight decay skips norms and biases.
+/// Every matrix must be f32 (a packed base has no master weights to update).
 pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
     let mut out = Vec::new();
     let mut var = |name: String, t: &mut Tensor, decay: bool| -> Result<()> {
@@ -247,15 +249,34 @@ pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
         out.push((name, v, decay));
         Ok(())
     };
-    var(
+    let dense = |name: &str, w: &mut Weight| -> Result<Tensor> {
+        match w {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Packed(_) => Err(crate::Error::Config(format!(
+                "full fine-tuning updates every weight and needs them in f32, but {name} is held as {}; \
+                 load the base with base_dtype = \"f32\" (or train a LoRA, which works over any base)",
+                w.format()
+            ))),
+        }
+    };
+    let mut vars_of = |name: String, w: &mut Weight, decay: bool| -> Result<()> {
+        let mut t = dense(&name, w)?;
+        var(name, &mut t, decay)?;
+        *w = Weight::Dense(t);
+        Ok(())
+    };
+    vars_of(
         "model.embed_tokens.weight".into(),
         &mut m.embed_tokens,
         true,
     )?;
-    var("model.norm.weight".into(), &mut m.norm, false)?;
     if let Some(h) = m.lm_head.as_mut() {
-        var("lm_head.weight".into(), h, true)?;
+        vars_of("lm_head.weight".into(), h, true)?;
     }
+    for (name, lin) in m.linears_mut() {
+        vars_of(format!("{name}.weight"), &mut lin.weight, true)?;
+    }
+    var("model.norm.weight".into(), &mut m.norm, false)?;
     for (i, l) in m.layers.iter_mut().enumerate() {
         var(
             format!("model.layers.{i}.input_layernorm.weight"),
@@ -269,7 +290,6 @@ pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
         )?;
     }
     for (name, lin) in m.linears_mut() {
-        var(format!("{name}.weight"), &mut lin.weight, true)?;
         if let Some(b) = lin.bias.as_mut() {
             var(format!("{name}.bias"), b, false)?;
         }

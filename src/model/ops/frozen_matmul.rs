@@ -1,16 +1,21 @@
-//! `y = x Wᵀ` for a frozen weight W, whose backward returns only dx = dy W.
+//! `y = x Wᵀ` for a frozen weight W (f32 or packed), whose backward returns only dx = dy W.
 //!
 //! Why our own op: candle's matmul backward also computes the weight gradient when the weight is
 //! not a variable, which for LoRA (every base weight frozen) is half of the backward matmul work
 //! and a weight-sized buffer per layer, thrown away. Measured on this machine's prototype: +17 %
-//! tokens/s and −1.6 GB peak memory.
+//! tokens/s and −1.6 GB peak memory. Packed weights (bf16, GGUF blocks) go through the tiled
+//! kernels of `packed_matmul.rs`.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::cpu::{f32_slice, view};
+use super::packed_matmul::{matmul_w, matmul_wt, weight_view, MatmulMode};
+use crate::model::weights::Weight;
 
 /// The op; holds the frozen weight (out, in).
 struct FrozenMatmul {
-    weight: Tensor,
+    weight: Weight,
+    mode: MatmulMode,
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -20,41 +25,53 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, k) = x_layout.shape().dims2()?;
-        let (n, k2) = self.weight.dims2()?;
+        let (n, k2) = self.weight.dims2().map_err(candle_core::Error::wrap)?;
         if k != k2 {
             candle_core::bail!("frozen-matmul: x has {k} columns, weight has {k2}");
         }
-        let (storage, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*storage else {
-            candle_core::bail!("frozen-matmul: weight is not on the CPU");
-        };
-        // Wᵀ as a (k, n) view of the (n, k) weight: no copy, gemm reads the strides.
-        let wt_layout = w_layout.transpose(0, 1)?;
-        let y = x.matmul(w, (1, m, n, k), x_layout, &wt_layout)?;
-        Ok((y, Shape::from((m, n))))
+        let x = f32_slice(x, x_layout)?;
+        let w = weight_view(&self.weight)?;
+        let mut y = vec![0f32; m * n];
+        matmul_wt(x, w.get(), (m, n, k), &mut y, false, self.mode)?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.matmul(&self.weight)?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (m, k) = x.dims2()?;
+        let n = dy.dim(1)?;
+        let w = weight_view(&self.weight)?;
+        let mut dx = vec![0f32; m * k];
+        matmul_w(&view(dy)?, w.get(), (m, n, k), &mut dx, false)?;
+        Ok(Some(Tensor::from_vec(dx, (m, k), x.device())?))
     }
 }
 
 /// `x Wᵀ` for a 2-D `x` (rows, in) and a frozen `weight` (out, in). On devices other than the
 /// CPU it falls back to candle's matmul on a detached weight.
-pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+pub fn frozen_matmul(x: &Tensor, weight: &Weight, mode: MatmulMode) -> Result<Tensor> {
     if !super::fusable(x) {
         return frozen_matmul_reference(x, weight);
     }
-    x.apply_op1(FrozenMatmul {
-        weight: weight.detach(),
+    x.contiguous()?.apply_op1(FrozenMatmul {
+        weight: detached(weight),
+        mode,
     })
 }
 
-/// The same product with candle's matmul on the detached weight (any device; the reference).
-pub fn frozen_matmul_reference(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.matmul(&weight.detach().t()?)
+/// The same product with candle's matmul on the detached weight, dequantized whole if packed
+/// (any device; the reference).
+pub fn frozen_matmul_reference(x: &Tensor, weight: &Weight) -> Result<Tensor> {
+    let w = weight.to_f32().map_err(candle_core::Error::wrap)?;
+    x.matmul(&w.detach().t()?)
 }
 
+/// The weight without its autograd identity (a packed weight has none).
+pub fn detached(w: &Weight) -> Weight {
+    match w {
+        Weight::Dense(t) => Weight::Dense(t.detach()),
+        Weight::Packed(q) => Weight::Packed(q.clone()),
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,7 +83,11 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 7), &dev)?)?;
         let w = Tensor::randn(0f32, 1., (3, 7), &dev)?;
         let g = Tensor::randn(0f32, 1., (5, 3), &dev)?; // fixed upstream gradient
-        let y = frozen_matmul(x.as_tensor(), &w)?;
+        let y = frozen_matmul(
+            x.as_tensor(),
+            &Weight::Dense(w.clone()),
+            MatmulMode::default(),
+        )?;
         let reference = x.as_tensor().matmul(&w.t()?)?;
         let diff = (y.clone() - reference)?
             .abs()?

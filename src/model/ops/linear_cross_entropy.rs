@@ -13,14 +13,18 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, log_sum_exp, mat, targets, view};
+use super::cpu::{exp, f32_slice, log_sum_exp, targets, view};
+use super::frozen_matmul::detached;
+use super::packed_matmul::{matmul_w, matmul_wt, weight_view, MatmulMode, WeightRef};
+use crate::model::weights::Weight;
 
 /// Rows whose logits are held at once.
 const ROWS: usize = 256;
 
 struct LinearCrossEntropy {
-    /// (vocab, hidden), frozen.
-    weight: Tensor,
+    /// (vocab, hidden), frozen; f32 or packed (a tile of vocabulary rows is dequantized at a
+    /// time, per row block).
+    weight: Weight,
     /// Compute dh in the forward pass (training); off for evaluation.
     with_grad: bool,
     /// dh (rows × hidden), unscaled, for the backward.
@@ -28,7 +32,7 @@ struct LinearCrossEntropy {
 }
 
 impl LinearCrossEntropy {
-    fn run(&self, h: &[f32], t: &[u32], w: &[f32], hs: usize, vocab: usize) -> Vec<f32> {
+    fn run(&self, h: &[f32], t: &[u32], w: WeightRef, hs: usize, vocab: usize) -> Result<Vec<f32>> {
         let n = t.len();
         let mut nll = vec![0f32; n];
         let mut dh = if self.with_grad {
@@ -40,16 +44,11 @@ impl LinearCrossEntropy {
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);
             let z = &mut logits[..m * vocab];
-            // z = h Wᵀ
-            gemm(
-                (m, vocab, hs),
-                (z, vocab, 1),
-                false,
-                mat(&h[r0 * hs..], hs, 1),
-                mat(w, 1, hs),
-                1.0,
-                true,
-            );
+            // z = h Wᵀ (exact: no quantized dot products for losses)
+            let exact = MatmulMode {
+                quantized_dot: false,
+            };
+            matmul_wt(&h[r0 * hs..(r0 + m) * hs], w, (m, vocab, hs), z, false, exact)?;
             let with_grad = self.with_grad;
             z.par_chunks_mut(vocab)
                 .zip(nll[r0..r0 + m].par_iter_mut())
@@ -64,21 +63,13 @@ impl LinearCrossEntropy {
                 });
             if with_grad {
                 // dh = (softmax − onehot) W
-                gemm(
-                    (m, hs, vocab),
-                    (&mut dh[r0 * hs..], hs, 1),
-                    false,
-                    mat(z, vocab, 1),
-                    mat(w, hs, 1),
-                    1.0,
-                    true,
-                );
+                matmul_w(z, w, (m, vocab, hs), &mut dh[r0 * hs..(r0 + m) * hs], false)?;
             }
         }
         if self.with_grad {
             *self.dh.lock().unwrap() = Some(dh);
         }
-        nll
+        Ok(nll)
     }
 }
 
@@ -95,13 +86,14 @@ impl CustomOp2 for LinearCrossEntropy {
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, hs) = hl.shape().dims2()?;
-        let (vocab, hs2) = self.weight.dims2()?;
+        let (vocab, hs2) = self.weight.dims2().map_err(candle_core::Error::wrap)?;
         if hs != hs2 {
             candle_core::bail!("linear-cross-entropy: hidden {hs} but head weight has {hs2}");
         }
         let t = targets("linear-cross-entropy", ts, tl, n, vocab)?;
         let h = f32_slice(hs_, hl)?;
-        let nll = self.run(h, t, &view(&self.weight)?, hs, vocab);
+        let w = weight_view(&self.weight)?;
+        let nll = self.run(h, t, w.get(), hs, vocab)?;
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
@@ -133,7 +125,7 @@ impl CustomOp2 for LinearCrossEntropy {
 /// [`linear_cross_entropy_reference`].
 pub fn linear_cross_entropy(
     hidden: &Tensor,
-    weight: &Tensor,
+    weight: &Weight,
     targets: &Tensor,
     with_grad: bool,
 ) -> Result<Tensor> {
@@ -143,7 +135,7 @@ pub fn linear_cross_entropy(
     hidden.contiguous()?.apply_op2(
         &targets.contiguous()?,
         LinearCrossEntropy {
-            weight: weight.detach(),
+            weight: detached(weight),
             with_grad,
             dh: Mutex::new(None),
         },
@@ -154,10 +146,11 @@ pub fn linear_cross_entropy(
 /// reference). The head weight is detached: it is frozen here as in the fused op.
 pub fn linear_cross_entropy_reference(
     hidden: &Tensor,
-    weight: &Tensor,
+    weight: &Weight,
     targets: &Tensor,
 ) -> Result<Tensor> {
-    let logits = hidden.matmul(&weight.detach().t()?)?;
+    let w = weight.to_f32().map_err(candle_core::Error::wrap)?;
+    let logits = hidden.matmul(&w.detach().t()?)?;
     super::cross_entropy::cross_entropy_reference(&logits, targets)
 }
 
@@ -174,10 +167,11 @@ mod tests {
         // More rows than one block, so the chunking is exercised.
         let (n, hs, vocab) = (ROWS + 5, 6, 11);
         let h = Tensor::randn(0f32, 1., (n, hs), &dev)?;
-        let w = Tensor::randn(0f32, 1., (vocab, hs), &dev)?;
+        let wt = Tensor::randn(0f32, 1., (vocab, hs), &dev)?;
+        let w = Weight::Dense(wt.clone());
         let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % vocab as u32).collect();
         let t = Tensor::from_vec(t, n, &dev)?;
-        let want = cross_entropy(&h.matmul(&w.t()?)?, &t)?;
+        let want = cross_entropy(&h.matmul(&wt.t()?)?, &t)?;
         let got = linear_cross_entropy(&h, &w, &t, true)?;
         let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");

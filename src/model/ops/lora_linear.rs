@@ -15,6 +15,9 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::cpu::{f32_slice, gemm, mat, view};
+use super::frozen_matmul::detached;
+use super::packed_matmul::{matmul_w, matmul_wt, weight_view, MatmulMode, WeightRef};
+use crate::model::weights::Weight;
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -26,7 +29,8 @@ struct Dims {
 
 struct LoraLinear {
     /// (out, in), frozen.
-    weight: Tensor,
+    weight: Weight,
+    mode: MatmulMode,
     /// (out), frozen.
     bias: Option<Vec<f32>>,
     scale: f32,
@@ -58,19 +62,18 @@ impl LoraLinear {
         u
     }
 
-    fn forward(&self, x: &[f32], w: &[f32], a: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
+    fn forward(
+        &self,
+        x: &[f32],
+        w: WeightRef,
+        a: &[f32],
+        b: &[f32],
+        d: Dims,
+    ) -> Result<Vec<f32>> {
         let mut y = vec![0f32; d.rows * d.out];
         let u = self.down(&self.dropped(x), a, d);
         // y = x Wᵀ
-        gemm(
-            (d.rows, d.out, d.inp),
-            (&mut y, d.out, 1),
-            false,
-            mat(x, d.inp, 1),
-            mat(w, 1, d.inp),
-            1.0,
-            true,
-        );
+        matmul_wt(x, w, (d.rows, d.out, d.inp), &mut y, false, self.mode)?;
         // y += s · u Bᵀ
         gemm(
             (d.rows, d.out, d.rank),
@@ -86,19 +89,20 @@ impl LoraLinear {
                 row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
             }
         }
-        y
+        Ok(y)
     }
 
     /// (dx, dA, dB).
+    #[allow(clippy::type_complexity)]
     fn backward(
         &self,
         x: &[f32],
-        w: &[f32],
+        w: WeightRef,
         a: &[f32],
         b: &[f32],
         dy: &[f32],
         d: Dims,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let xd = self.dropped(x);
         let u = self.down(&xd, a, d);
         let mut v = vec![0f32; d.rows * d.rank];
@@ -106,15 +110,7 @@ impl LoraLinear {
         let mut da = vec![0f32; d.rank * d.inp];
         let mut db = vec![0f32; d.out * d.rank];
         // dx = dy W
-        gemm(
-            (d.rows, d.inp, d.out),
-            (&mut dx, d.inp, 1),
-            false,
-            mat(dy, d.out, 1),
-            mat(w, d.inp, 1),
-            1.0,
-            true,
-        );
+        matmul_w(dy, w, (d.rows, d.out, d.inp), &mut dx, false)?;
         // v = dy B
         gemm(
             (d.rows, d.rank, d.out),
@@ -174,12 +170,12 @@ impl LoraLinear {
                 }
             }
         }
-        (dx, da, db)
+        Ok((dx, da, db))
     }
 
     fn dims(&self, x: &Layout, a: &Layout) -> Result<Dims> {
         let (rows, inp) = x.shape().dims2()?;
-        let (out, inp_w) = self.weight.dims2()?;
+        let (out, inp_w) = self.weight.dims2().map_err(candle_core::Error::wrap)?;
         let (rank, inp_a) = a.shape().dims2()?;
         if inp_w != inp || inp_a != inp {
             candle_core::bail!("lora-linear: x has {inp} columns, W {inp_w}, A {inp_a}");
@@ -209,7 +205,8 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(xl, al)?;
         let (x, a, b) = (f32_slice(xs, xl)?, f32_slice(as_, al)?, f32_slice(bs, bl)?);
-        let y = self.forward(x, &view(&self.weight)?, a, b, d);
+        let w = weight_view(&self.weight)?;
+        let y = self.forward(x, w.get(), a, b, d)?;
         Ok((CpuStorage::F32(y), Shape::from((d.rows, d.out))))
     }
 
@@ -222,8 +219,9 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(x.layout(), a.layout())?;
-        let (xv, wv, av, bv, gv) = (view(x)?, view(&self.weight)?, view(a)?, view(b)?, view(dy)?);
-        let (dx, da, db) = self.backward(&xv, &wv, &av, &bv, &gv, d);
+        let (xv, av, bv, gv) = (view(x)?, view(a)?, view(b)?, view(dy)?);
+        let w = weight_view(&self.weight)?;
+        let (dx, da, db) = self.backward(&xv, w.get(), &av, &bv, &gv, d)?;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -237,20 +235,23 @@ impl CustomOp3 for LoraLinear {
 /// `bias` (out), and adapter matrices `a` (rank, in), `b` (out, rank); differentiable in x, A
 /// and B. `mask` is LoRA dropout's (rows × in, scaled by 1/(1 − p)). Off the CPU (or not f32),
 /// [`lora_linear_reference`].
+#[allow(clippy::too_many_arguments)]
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &Weight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
     mask: Option<Arc<Vec<f32>>>,
+    mode: MatmulMode,
 ) -> Result<Tensor> {
     if !super::fusable(x) {
         return lora_linear_reference(x, weight, bias, a, b, scale, mask.as_deref());
     }
     let op = LoraLinear {
-        weight: weight.detach(),
+        weight: detached(weight),
+        mode,
         bias: bias.map(|t| t.to_vec1::<f32>()).transpose()?,
         scale: scale as f32,
         mask,
@@ -263,7 +264,7 @@ pub fn lora_linear(
 /// that is a variable trains (full fine-tuning); otherwise it is detached.
 pub fn lora_linear_reference(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &Weight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
@@ -278,12 +279,12 @@ pub fn lora_linear_reference(
     y + (xd.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?
 }
 
-/// `x Wᵀ + bias` with candle's ops; a weight that is not a variable is detached.
-pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let w = if weight.is_variable() {
-        weight.clone()
-    } else {
-        weight.detach()
+/// `x Wᵀ + bias` with candle's ops; a weight that is not a variable is detached (and
+/// dequantized whole if packed).
+pub fn linear_reference(x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let w = match weight {
+        Weight::Dense(t) if t.is_variable() => t.clone(),
+        w => w.to_f32().map_err(candle_core::Error::wrap)?.detach(),
     };
     let y = x.matmul(&w.t()?)?;
     match bias {
@@ -313,13 +314,15 @@ mod tests {
         let m = Tensor::from_vec(keep.clone(), (rows, inp), &dev)?;
         let mask = Some(Arc::new(keep));
         let s = 0.7;
-        let got = lora_linear(&x, &w, Some(&bias), &a, &b, s, mask.clone())?;
-        let want = (x.matmul(&w.t()?)?.broadcast_add(&bias)?
+        let w = Weight::Dense(w);
+        let mode = MatmulMode::default();
+        let got = lora_linear(&x, &w, Some(&bias), &a, &b, s, mask.clone(), mode)?;
+        let want = (x.matmul(&w.to_f32().unwrap().t()?)?.broadcast_add(&bias)?
             + ((&x * &m)?.matmul(&a.t()?)?.matmul(&b.t()?)? * s)?)?;
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "forward differs by {diff}");
         let f = |x: &Tensor, a: &Tensor, b: &Tensor| {
-            lora_linear(x, &w, Some(&bias), a, b, s, mask.clone())
+            lora_linear(x, &w, Some(&bias), a, b, s, mask.clone(), mode)
         };
         fd_check(&Var::from_tensor(&x)?, |t| f(t, &a, &b))?;
         fd_check(&Var::from_tensor(&a)?, |t| f(&x, t, &b))?;

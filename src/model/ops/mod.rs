@@ -9,6 +9,8 @@ pub mod cross_entropy;
 pub mod frozen_matmul;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
+pub mod packed;
+pub mod packed_matmul;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

@@ -1,0 +1,351 @@
+//! The two products every linear layer needs, for a weight W (n × k) held in f32 or packed
+//! (bf16, f16, GGUF blocks): `y = x Wᵀ` (forward) and `dx = dy W` (the input gradient).
+//!
+//! Why our own: a packed weight must never be expanded whole to f32 (a 7B model would need
+//! 28 GB), and candle's `QMatMul` has no backward. Here a tile of W's rows is dequantized into
+//! an f32 panel that stays in cache and multiplied by the `gemm` crate's kernels, so the f32
+//! copy alive at any time is one panel per thread. For decoding (a few rows of x) the
+//! activations are instead quantized per block and dotted with W's blocks directly
+//! (candle's `k_quants::matmul`, llama.cpp's method), which reads W once at its packed size.
+
+use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::quantized::GgmlDType;
+use candle_core::Result;
+use rayon::prelude::*;
+
+use super::cpu::{gemm, gemm_shared, mat, view, F32View, SharedMut};
+use super::packed::{packed_ref, with_block_type, PackedRef};
+use crate::model::weights::Weight;
+
+/// A weight matrix (n × k, PyTorch's (out, in) layout) as the kernels read it.
+#[derive(Clone, Copy)]
+pub enum WeightRef<'a> {
+    F32(&'a [f32]),
+    Packed(PackedRef<'a>),
+}
+
+/// A [`Weight`]'s data borrowed for the kernels (an f32 weight's storage stays read-locked
+/// while this lives).
+pub enum WeightView<'a> {
+    F32(F32View<'a>),
+    Packed(PackedRef<'a>),
+}
+
+impl WeightView<'_> {
+    pub fn get(&self) -> WeightRef<'_> {
+        match self {
+            WeightView::F32(v) => WeightRef::F32(v),
+            WeightView::Packed(p) => WeightRef::Packed(*p),
+        }
+    }
+}
+
+/// Borrows `w`'s data (see [`WeightView`]).
+pub fn weight_view(w: &Weight) -> Result<WeightView<'_>> {
+    Ok(match w {
+        Weight::Dense(t) => WeightView::F32(view(t)?),
+        Weight::Packed(q) => WeightView::Packed(packed_ref(q)?),
+    })
+}
+
+/// How a product may be computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulMode {
+    /// For at most [`DOT_ROWS`] rows of x and a block-quantized W, quantize x per block and
+    /// use integer dot products (faster decoding; results differ from the f32 path by the
+    /// activations' rounding). False keeps every product exact in f32.
+    pub quantized_dot: bool,
+}
+
+impl Default for MatmulMode {
+    fn default() -> Self {
+        Self {
+            quantized_dot: true,
+        }
+    }
+}
+
+/// Most rows of x for which the quantized dot products are used.
+pub const DOT_ROWS: usize = 4;
+
+/// f32 elements of one dequantized panel (256 KiB: inside L2 on every CPU users have).
+const PANEL_ELEMS: usize = 64 * 1024;
+
+/// Rows of W per panel for `k` columns: a multiple of 16 between 16 and 512.
+fn panel_rows(k: usize) -> usize {
+    ((PANEL_ELEMS / k.max(1)) / 16 * 16).clamp(16, 512)
+}
+
+/// `y (m × n) [+]= x (m × k) · Wᵀ`.
+pub fn matmul_wt(
+    x: &[f32],
+    w: WeightRef,
+    (m, n, k): (usize, usize, usize),
+    y: &mut [f32],
+    accumulate: bool,
+    mode: MatmulMode,
+) -> Result<()> {
+    assert_eq!(x.len(), m * k, "matmul_wt: x is not {m}×{k}");
+    assert_eq!(y.len(), m * n, "matmul_wt: y is not {m}×{n}");
+    let p = match w {
+        WeightRef::F32(w) => {
+            gemm(
+                (m, n, k),
+                (y, n, 1),
+                accumulate,
+                mat(x, k, 1),
+                mat(w, 1, k),
+                1.0,
+                true,
+            );
+            return Ok(());
+        }
+        WeightRef::Packed(p) => p,
+    };
+    check(&p, n, k);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if mode.quantized_dot && m <= DOT_ROWS && dot_supported(p.dtype, k) {
+        return quantized_dot(x, p, (m, n, k), y, accumulate);
+    }
+    let nb = panel_rows(k);
+    let tiles = n.div_ceil(nb);
+    let shared = SharedMut::new(y);
+    (0..tiles)
+        .into_par_iter()
+        .try_for_each_init(
+            || vec![0f32; nb * k],
+            |panel, t| -> Result<()> {
+                let (r0, r1) = (t * nb, ((t + 1) * nb).min(n));
+                let panel = &mut panel[..(r1 - r0) * k];
+                p.dequantize_rows(r0, r1, panel)?;
+                // SAFETY: this task writes only columns r0..r1 of y (m rows, row stride n,
+                // starting at element r0), which no other tile touches; x and the panel are
+                // separate buffers.
+                unsafe {
+                    gemm_shared(
+                        (m, r1 - r0, k),
+                        (shared, r0, n, 1),
+                        accumulate,
+                        mat(x, k, 1),
+                        mat(panel, 1, k),
+                        1.0,
+                        false,
+                    )
+                };
+                Ok(())
+            },
+        )
+}
+
+/// `dx (m × k) [+]= dy (m × n) · W`.
+pub fn matmul_w(
+    dy: &[f32],
+    w: WeightRef,
+    (m, n, k): (usize, usize, usize),
+    dx: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    assert_eq!(dy.len(), m * n, "matmul_w: dy is not {m}×{n}");
+    assert_eq!(dx.len(), m * k, "matmul_w: dx is not {m}×{k}");
+    let p = match w {
+        WeightRef::F32(w) => {
+            gemm(
+                (m, k, n),
+                (dx, k, 1),
+                accumulate,
+                mat(dy, n, 1),
+                mat(w, k, 1),
+                1.0,
+                true,
+            );
+            return Ok(());
+        }
+        WeightRef::Packed(p) => p,
+    };
+    check(&p, n, k);
+    if !accumulate {
+        dx.fill(0.0);
+    }
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    // Every tile of W contributes to every element of dx, so tasks split dx by rows and each
+    // walks all of W's tiles (dequantizing each once per task: n·k per task, against m·n·k
+    // for the products).
+    let nb = panel_rows(k);
+    let tasks = rayon::current_num_threads().clamp(1, m);
+    let chunk = m.div_ceil(tasks);
+    dx.par_chunks_mut(chunk * k)
+        .zip(dy.par_chunks(chunk * n))
+        .try_for_each(|(dx, dy)| -> Result<()> {
+            let rows = dx.len() / k;
+            let mut panel = vec![0f32; nb * k];
+            for r0 in (0..n).step_by(nb) {
+                let r1 = (r0 + nb).min(n);
+                let panel = &mut panel[..(r1 - r0) * k];
+                p.dequantize_rows(r0, r1, panel)?;
+                gemm(
+                    (rows, k, r1 - r0),
+                    (dx, k, 1),
+                    true,
+                    mat(&dy[r0..], n, 1),
+                    mat(panel, k, 1),
+                    1.0,
+                    false,
+                );
+            }
+            Ok(())
+        })
+}
+
+fn check(p: &PackedRef, n: usize, k: usize) {
+    assert!(
+        p.rows == n && p.cols == k,
+        "packed weight is {}×{}, the product needs {n}×{k}",
+        p.rows,
+        p.cols
+    );
+}
+
+/// GGUF block formats (not f32/f16/bf16, whose dot products would round x to 16 bits).
+pub fn is_block_quantized(d: GgmlDType) -> bool {
+    !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Whether candle's dot products take this format at `k` columns: block formats only, and
+/// Q4_1/Q5_0/Q5_1's kernels pair blocks (an even block count).
+fn dot_supported(d: GgmlDType, k: usize) -> bool {
+    match d {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => (k / 32) % 2 == 0,
+        d => is_block_quantized(d),
+    }
+}
+
+fn quantized_dot(
+    x: &[f32],
+    p: PackedRef,
+    mkn: (usize, usize, usize),
+    y: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    with_block_type!(p.dtype, dot_typed(x, p, mkn, y, accumulate))
+}
+
+fn dot_typed<T: GgmlType>(
+    x: &[f32],
+    p: PackedRef,
+    (m, n, k): (usize, usize, usize),
+    y: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    let w: &[T] = p.blocks();
+    if accumulate {
+        let mut t = vec![0f32; m * n];
+        k_quants::matmul((m, k, n), x, w, &mut t)?;
+        y.iter_mut().zip(&t).for_each(|(y, t)| *y += t);
+        Ok(())
+    } else {
+        k_quants::matmul((m, k, n), x, w, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::packed::packed_ref;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// Naive f64 products against a dequantized W.
+    fn reference(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|l| x[i * k + l] as f64 * w[j * k + l] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+        let scale = want.iter().fold(1e-6f64, |a, b| a.max(b.abs()));
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (*g as f64 - w).abs() / scale)
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn tiled_products_equal_dense_ones_over_odd_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let exact = MatmulMode {
+            quantized_dot: false,
+        };
+        for (m, n, k) in [(1, 7, 32), (3, 33, 64), (37, 1000, 256), (5, 17, 576)] {
+            for dtype in [
+                GgmlDType::BF16,
+                GgmlDType::F16,
+                GgmlDType::Q8_0,
+                GgmlDType::Q4_0,
+                GgmlDType::Q4_1,
+                GgmlDType::Q6K,
+            ] {
+                if k % dtype.block_size() != 0 {
+                    continue;
+                }
+                let wt = Tensor::randn(0f32, 1., (n, k), &dev)?;
+                let q = QTensor::quantize(&wt, dtype)?;
+                let wd: Vec<f32> = q.dequantize(&dev)?.flatten_all()?.to_vec1()?;
+                let p = WeightRef::Packed(packed_ref(&q)?);
+                let x: Vec<f32> = Tensor::randn(0f32, 1., (m, k), &dev)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                // Forward, written then accumulated.
+                let want = reference(&x, &wd, (m, n, k));
+                let mut y = vec![0f32; m * n];
+                matmul_wt(&x, p, (m, n, k), &mut y, false, exact)?;
+                assert!(max_rel(&y, &want) < 1e-5, "{dtype:?} {m}×{n}×{k} forward");
+                matmul_wt(&x, p, (m, n, k), &mut y, true, exact)?;
+                let twice: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();
+                assert!(max_rel(&y, &twice) < 1e-5, "{dtype:?} accumulate");
+                // Backward: dx = dy W, i.e. dy (m×n) against Wᵀ (n×k) as a dense reference.
+                let dy: Vec<f32> = Tensor::randn(0f32, 1., (m, n), &dev)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let mut wt_t = vec![0f32; k * n];
+                for j in 0..n {
+                    for l in 0..k {
+                        wt_t[l * n + j] = wd[j * k + l];
+                    }
+                }
+                let want = reference(&dy, &wt_t, (m, k, n));
+                let mut dx = vec![1f32; m * k];
+                matmul_w(&dy, p, (m, n, k), &mut dx, false)?;
+                assert!(max_rel(&dx, &want) < 1e-5, "{dtype:?} {m}×{n}×{k} backward");
+                // The quantized-dot path for decoding stays close to the exact one.
+                if m <= DOT_ROWS && dot_supported(dtype, k) {
+                    let mut yq = vec![0f32; m * n];
+                    matmul_wt(&x, p, (m, n, k), &mut yq, false, MatmulMode::default())?;
+                    let want = reference(&x, &wd, (m, n, k));
+                    assert!(max_rel(&yq, &want) < 2e-2, "{dtype:?} quantized dot");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn f32_weights_take_one_gemm() -> Result<()> {
+        let (m, n, k) = (4, 5, 6);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut y = vec![0f32; m * n];
+        matmul_wt(&x, WeightRef::F32(&w), (m, n, k), &mut y, false, MatmulMode::default())?;
+        assert!(max_rel(&y, &reference(&x, &w, (m, n, k))) < 1e-6);
+        Ok(())
+    }
+}

@@ -94,6 +94,7 @@ pub fn run(opts: &QuickstartOptions) -> Result<QuickstartResult> {
     let eval_opts = |adapter: Option<PathBuf>| -> Result<EvalOptions> {
         Ok(EvalOptions {
             model: cfg.model.clone(),
+            base_dtype: cfg.held_base()?,
             adapter,
             prepare: cfg.prepare_options()?,
             split: Some("test".into()),

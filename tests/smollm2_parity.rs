@@ -50,25 +50,86 @@ fn logits_match_transformers() {
     }
 }
 
-#[test]
-fn greedy_continuation_matches_transformers() {
-    let model = smollm2();
-    let g = golden("smollm2.json");
-    let opts = GenerateOptions {
+fn greedy_opts() -> GenerateOptions {
+    GenerateOptions {
         max_new_tokens: 32,
         sampling: SamplingParams::default(),
         stop_at_end_token: false,
         scripts: None,
-    };
+    }
+}
+
+/// The default model with every product exact in f32 against its dequantized Q4_1 weights (no
+/// quantized dot products when decoding): what transformers computes after dequantizing.
+fn exact() -> afinar::model::Model {
+    let mut model = smollm2().clone();
+    model.transformer.quantized_dot = false;
+    model
+}
+
+/// The Q4_1 weights are held packed; with exact products, greedy decoding equals transformers'
+/// over the dequantized weights token for token.
+#[test]
+fn greedy_continuation_matches_transformers() {
+    let model = exact();
+    let g = golden("smollm2.json");
     for rec in g["logits"].as_array().unwrap() {
         let prompt = ids(&rec["ids"]);
-        let out = generate(model, &prompt, &opts, |_| {}).unwrap();
+        let out = generate(&model, &prompt, &greedy_opts(), |_| {}).unwrap();
         assert_eq!(
             out.tokens,
             ids(&rec["greedy_32"]),
             "greedy continuation of {prompt:?}"
         );
     }
+}
+
+/// Decoding with integer dot products (activations quantized per block, as llama.cpp does) is
+/// checked against the exact path: the next-token logits stay close, and greedy decoding
+/// follows the exact tokens until a near tie of the exact logits (margin under 0.1).
+#[test]
+fn quantized_dot_decoding_tracks_the_exact_path() {
+    let fast = smollm2();
+    assert!(fast.transformer.quantized_dot, "the default decodes with dot products");
+    let exact = exact();
+    let g = golden("smollm2.json");
+    let last_logits = |m: &afinar::model::Model, ids: &[u32]| -> Vec<f32> {
+        // Prefill all but the last token, then decode one: the decode step is what differs.
+        let dev = m.transformer.device();
+        let mut cache = afinar::model::transformer::Cache::new(&m.transformer);
+        let head = Tensor::new(&ids[..ids.len() - 1], dev).unwrap().unsqueeze(0).unwrap();
+        m.transformer.forward_last(&head, Some(&mut cache)).unwrap();
+        let tail = Tensor::new(&ids[ids.len() - 1..], dev).unwrap().unsqueeze(0).unwrap();
+        let l = m.transformer.forward_last(&tail, Some(&mut cache)).unwrap();
+        l.squeeze(0).unwrap().to_vec1().unwrap()
+    };
+    let mut worst = 0f32;
+    for rec in g["logits"].as_array().unwrap() {
+        let prompt = ids(&rec["ids"]);
+        let want = ids(&rec["greedy_32"]);
+        let a = last_logits(fast, &prompt);
+        let b = last_logits(&exact, &prompt);
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        eprintln!("decode-step logits: max diff {} of max |logit| {scale}", max_abs_diff(&a, &b));
+        worst = worst.max(max_abs_diff(&a, &b) / scale);
+        let got = generate(fast, &prompt, &greedy_opts(), |_| {}).unwrap().tokens;
+        if let Some(i) = got.iter().zip(&want).position(|(x, y)| x != y) {
+            let mut ctx = prompt.clone();
+            ctx.extend_from_slice(&want[..i]);
+            let l = last_logits(&exact, &ctx);
+            let margin = l[want[i] as usize] - l[got[i] as usize];
+            assert!(
+                margin < 0.1,
+                "{prompt:?}: token {i} is {} with dot products but {} exactly, a margin of {margin}",
+                got[i],
+                want[i]
+            );
+        }
+    }
+    assert!(
+        worst < 0.05,
+        "decode-step logits differ by up to {worst} of their largest magnitude"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use afinar::data::{FieldMap, Format, Overlong, Packing, PrepareOptions};
 use afinar::device::DeviceSpec;
 use afinar::infer::scripts::{parse_scripts, ScriptFilter};
 use afinar::infer::{GenerateOptions, SamplingParams};
-use afinar::model::{source::DEFAULT_MODEL, Model};
+use afinar::model::{source::DEFAULT_MODEL, BaseDtype, Model};
 
 #[derive(Args)]
 pub struct ModelArg {
@@ -24,13 +24,22 @@ pub struct ModelArg {
     /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceSpec,
+    /// How the base's weight matrices are held: auto (as the file has them: bf16 stays bf16, a
+    /// GGUF stays quantized), f32, bf16, q8_0 or q4_0 (converted at load, e.g. to fit memory).
+    #[arg(long, default_value = "auto", value_parser = parse_base_dtype)]
+    pub base_dtype: BaseDtype,
+}
+
+/// `--base-dtype` for clap.
+pub fn parse_base_dtype(s: &str) -> std::result::Result<BaseDtype, String> {
+    s.parse().map_err(|e: afinar::Error| e.to_string())
 }
 
 impl ModelArg {
     /// Loads the model on its device, with the adapter applied when one is given.
     pub fn load(&self) -> Result<Model> {
         let device = self.device.open()?;
-        let mut m = Model::load(&self.model, &device)?;
+        let mut m = Model::load_with(&self.model, &device, self.base_dtype)?;
         if let Some(dir) = &self.adapter {
             afinar::export::peft::load(dir, &mut m.transformer, &self.model)?;
         }

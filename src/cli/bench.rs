@@ -64,6 +64,7 @@ pub struct InferBenchArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     let result = match args.what {
         BenchCommand::Train(a) => afinar::train::bench::run(&BenchTrain {
+            base_dtype: a.model.base_dtype,
             model: a.model.model,
             batch: a.batch,
             seq: a.seq,
@@ -78,7 +79,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let device = a.model.device.open()?;
             let r = afinar::infer::bench::run(
                 &BenchInfer {
-                    model: a.model.model,
+                    base_dtype: a.model.base_dtype,
+            model: a.model.model,
                     runs: a.runs,
                     verbose: true,
                 },

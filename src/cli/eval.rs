@@ -92,6 +92,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     });
     let opts = EvalOptions {
         model: args.model.model.clone(),
+        base_dtype: args.model.base_dtype,
         adapter: args.model.adapter.clone(),
         prepare,
         split,

@@ -37,6 +37,12 @@ fn print_info(i: &ModelInfo) {
         "file dtype      {} (computed in {})",
         i.file_dtype, i.compute_dtype
     );
+    let held: Vec<String> = i.held.iter().map(|(f, n)| format!("{n} × {f}")).collect();
+    println!(
+        "held as         {} matrices ({:.0} MB of weights in memory)",
+        held.join(", "),
+        i.weight_bytes as f64 / 1e6
+    );
     println!(
         "vocabulary      {} (tokenizer: {})",
         i.vocab_size, i.tokenizer_vocab_size

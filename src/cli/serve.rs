@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{parse_device, parse_kv, scripts_arg};
+use super::args::{parse_base_dtype, parse_device, parse_kv, scripts_arg};
 use afinar::device::DeviceSpec;
 use afinar::model::source::DEFAULT_MODEL;
 use afinar::serve::ServeOptions;
@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's headers, and then its whole body.
     #[arg(long, default_value_t = 30)]
     pub read_timeout: u64,
+    /// How the base's weight matrices are held: auto (as the file has them), f32, bf16, q8_0
+    /// or q4_0.
+    #[arg(long, default_value = "auto", value_parser = parse_base_dtype)]
+    pub base_dtype: afinar::model::BaseDtype,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -65,6 +69,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model: args.model,
         name: args.name,
         device: args.device,
+        base_dtype: args.base_dtype,
         adapters: args
             .adapters
             .into_iter()

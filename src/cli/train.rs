@@ -49,6 +49,10 @@ pub struct TrainArgs {
     /// Where to train: cpu, cuda or cuda:N (config key `device`).
     #[arg(long, value_parser = super::args::parse_device)]
     pub device: Option<afinar::device::DeviceSpec>,
+    /// How the frozen base is held: auto (as the file has it), f32, bf16, q8_0 or q4_0
+    /// (config key `base_dtype`; e.g. q4_0 to fit a large bf16 model in memory).
+    #[arg(long, value_parser = super::args::parse_base_dtype)]
+    pub base_dtype: Option<afinar::model::BaseDtype>,
     /// No progress bar (for logs).
     #[arg(long)]
     pub quiet: bool,
@@ -74,6 +78,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.device {
             cfg.device = v;
+        }
+        if let Some(v) = self.base_dtype {
+            cfg.base_dtype = v;
         }
         let set = |field: &mut usize, v: Option<usize>| {
             if let Some(v) = v {

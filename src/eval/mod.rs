@@ -46,6 +46,8 @@ pub struct EvalOptions {
     pub data_dir: PathBuf,
     /// Where the models compute.
     pub device: crate::device::DeviceSpec,
+    /// How the base's matrices are held (see [`crate::model::BaseDtype`]).
+    pub base_dtype: crate::model::BaseDtype,
 }
 
 /// Script drift over a model's outputs: letters of scripts that appear in neither the prompt
@@ -243,7 +245,7 @@ pub fn evaluate(opts: &EvalOptions, mut progress: impl FnMut(&str)) -> Result<Ev
         examples.truncate(opts.limit);
     }
 
-    let mut model = Model::load(&opts.model, &device)?;
+    let mut model = Model::load_with(&opts.model, &device, opts.base_dtype)?;
     let filter = (!opts.allowed_scripts.is_empty())
         .then(|| ScriptFilter::new(&model.tokenizer, opts.allowed_scripts.clone()));
     let mut prompts = Vec::new();

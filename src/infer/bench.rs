@@ -22,6 +22,8 @@ pub struct BenchInfer {
     pub runs: usize,
     /// Print each run's speed on stderr.
     pub verbose: bool,
+    /// How the base's matrices are held.
+    pub base_dtype: crate::model::BaseDtype,
 }
 
 const PREFILL_TOKENS: usize = 512;
@@ -31,7 +33,7 @@ const DECODE_NEW: usize = 128;
 /// Runs the benchmark on `device` and returns its `RESULT` object.
 pub fn run(b: &BenchInfer, device: &Device) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let model = Model::load(&b.model, device)?;
+    let model = Model::load_with(&b.model, device, b.base_dtype)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size;
     let runs = b.runs.max(1);

@@ -264,6 +264,8 @@ impl Model {
             parameters: c.parameter_count(),
             file_dtype: self.file_dtype.clone(),
             compute_dtype: "F32".into(),
+            held: self.transformer.held_formats(),
+            weight_bytes: self.transformer.weight_bytes(),
             vocab_size: c.vocab_size,
             tokenizer_vocab_size: tok.vocab_size(),
             context_length: c.max_position_embeddings,
@@ -298,6 +300,10 @@ pub struct ModelInfo {
     pub parameters: usize,
     pub file_dtype: String,
     pub compute_dtype: String,
+    /// How the matrices are held in memory: format → number of matrices.
+    pub held: std::collections::BTreeMap<String, usize>,
+    /// Bytes of every weight in memory (matrices as held, norms and biases in f32).
+    pub weight_bytes: usize,
     pub vocab_size: usize,
     pub tokenizer_vocab_size: usize,
     pub context_length: usize,

@@ -410,6 +410,52 @@ impl Transformer {
         self.norm.device()
     }
 
+    /// Every weight matrix (embedding, head, projections) as held.
+    fn matrices(&self) -> Vec<&Weight> {
+        let mut out = vec![&self.embed_tokens];
+        out.extend(self.lm_head.as_ref());
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                out.push(&lin.weight);
+            }
+        }
+        out
+    }
+
+    /// Format (`Q4_1`, `BF16`, `F32`) → number of matrices held in it.
+    pub fn held_formats(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for w in self.matrices() {
+            *m.entry(w.format()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Bytes of all weights in memory: matrices as held, norms and biases in f32 (adapters
+    /// not counted).
+    pub fn weight_bytes(&self) -> usize {
+        let f32s = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n: usize = self.matrices().iter().map(|w| w.bytes()).sum();
+        n += f32s(&self.norm);
+        for l in &self.layers {
+            n += f32s(&l.input_layernorm) + f32s(&l.post_attention_layernorm);
+            let a = &l.self_attn;
+            for b in [&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias].into_iter().flatten() {
+                n += f32s(b);
+            }
+        }
+        n
+    }
+
     /// The kernels this model's forward passes take.
     pub fn kernels(&self) -> Kernels {
         Kernels {

@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub name: Option<String>,
     /// Where the model computes.
     pub device: crate::device::DeviceSpec,
+    /// How the base's matrices are held (see [`crate::model::BaseDtype`]).
+    pub base_dtype: crate::model::BaseDtype,
     /// (name, PEFT adapter directory) pairs, each served as its own model id.
     pub adapters: Vec<(String, PathBuf)>,
     pub host: String,
@@ -76,6 +78,7 @@ impl ServeOptions {
             model: model.into(),
             name: None,
             device: crate::device::DeviceSpec::Cpu,
+            base_dtype: crate::model::BaseDtype::Auto,
             adapters: vec![],
             host: "127.0.0.1".into(),
             port: 0,
@@ -196,7 +199,7 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
         )));
     }
     let device = opts.device.open()?;
-    let base = Model::load(&opts.model, &device)?;
+    let base = Model::load_with(&opts.model, &device, opts.base_dtype)?;
     let mut models = Vec::new();
     for (name, dir) in &opts.adapters {
         if name.is_empty()

@@ -30,13 +30,20 @@ pub struct BenchTrain {
     pub targets: String,
     /// Print per-step timings on stderr.
     pub verbose: bool,
+    /// How the base's matrices are held (full fine-tuning always takes f32).
+    pub base_dtype: crate::model::BaseDtype,
 }
 
 /// Runs the benchmark and returns its `RESULT` object.
 pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
     let device = Device::Cpu;
     let t0 = Instant::now();
-    let mut model = Model::load(&b.model, &device)?;
+    let base = if b.full {
+        crate::model::BaseDtype::F32
+    } else {
+        b.base_dtype
+    };
+    let mut model = Model::load_with(&b.model, &device, base)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size as u64;
     let mut rng = Rng::new(1);

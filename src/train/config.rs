@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::Schedule;
 use crate::data::{Format, SplitFractions};
 use crate::device::DeviceSpec;
+use crate::model::BaseDtype;
 use crate::{Error, Result};
 
 /// How the model is trained: LoRA adapters on a frozen base, or every weight.
@@ -173,6 +174,11 @@ pub struct TrainConfig {
     /// "lora" or "full".
     #[serde(with = "as_text")]
     pub method: Method,
+    /// How the frozen base's matrices are held: "auto" (as the file has them: bf16 stays bf16,
+    /// a GGUF stays quantized), "f32", "bf16", "q8_0" or "q4_0". Full fine-tuning needs f32
+    /// ("auto" gives it f32).
+    #[serde(with = "as_text")]
+    pub base_dtype: BaseDtype,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     /// Dropout on the LoRA input, in [0, 1).
@@ -237,6 +243,7 @@ impl Default for TrainConfig {
             out: PathBuf::from("runs/afinar"),
             device: DeviceSpec::Cpu,
             method: Method::Lora,
+            base_dtype: BaseDtype::Auto,
             lora_rank: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.0,
@@ -310,6 +317,20 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
 }
 
 impl TrainConfig {
+    /// How the run holds the base: as configured for LoRA; f32 for full fine-tuning, which
+    /// refuses a packed format (it updates every weight and needs f32 master weights).
+    pub fn held_base(&self) -> Result<BaseDtype> {
+        match (self.method, self.base_dtype) {
+            (Method::Lora, b) => Ok(b),
+            (Method::Full, BaseDtype::Auto | BaseDtype::F32) => Ok(BaseDtype::F32),
+            (Method::Full, b) => Err(Error::Config(format!(
+                "base_dtype = \"{b}\" with method = \"full\": full fine-tuning updates every weight and \
+                 needs them in f32; use base_dtype = \"auto\" or \"f32\", or method = \"lora\" (which \
+                 trains over a {b} base)"
+            ))),
+        }
+    }
+
     /// Defaults, then the TOML file (if any), then each `key=value` override in order;
     /// validated.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
@@ -380,6 +401,7 @@ impl TrainConfig {
 
     /// Range and consistency checks with messages that say what is allowed.
     pub fn validate(&self) -> Result<()> {
+        self.held_base()?;
         let bad = |m: String| Err(Error::Config(m));
         if self.lora_rank == 0 || self.lora_rank > 1024 {
             return bad(format!(

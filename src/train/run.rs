@@ -140,7 +140,7 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
         return Err(Error::Data("the training split is empty".into()));
     }
 
-    let mut model = Model::load(&cfg.model, &device)?;
+    let mut model = Model::load_with(&cfg.model, &device, cfg.held_base()?)?;
     let base_model = model.source.path().display().to_string();
     let adam = AdamWConfig {
         beta1: cfg.adam_beta1,

@@ -90,16 +90,25 @@ fn greedy_continuation_matches_transformers() {
 #[test]
 fn quantized_dot_decoding_tracks_the_exact_path() {
     let fast = smollm2();
-    assert!(fast.transformer.quantized_dot, "the default decodes with dot products");
+    assert!(
+        fast.transformer.quantized_dot,
+        "the default decodes with dot products"
+    );
     let exact = exact();
     let g = golden("smollm2.json");
     let last_logits = |m: &afinar::model::Model, ids: &[u32]| -> Vec<f32> {
         // Prefill all but the last token, then decode one: the decode step is what differs.
         let dev = m.transformer.device();
         let mut cache = afinar::model::transformer::Cache::new(&m.transformer);
-        let head = Tensor::new(&ids[..ids.len() - 1], dev).unwrap().unsqueeze(0).unwrap();
+        let head = Tensor::new(&ids[..ids.len() - 1], dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         m.transformer.forward_last(&head, Some(&mut cache)).unwrap();
-        let tail = Tensor::new(&ids[ids.len() - 1..], dev).unwrap().unsqueeze(0).unwrap();
+        let tail = Tensor::new(&ids[ids.len() - 1..], dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let l = m.transformer.forward_last(&tail, Some(&mut cache)).unwrap();
         l.squeeze(0).unwrap().to_vec1().unwrap()
     };
@@ -110,9 +119,14 @@ fn quantized_dot_decoding_tracks_the_exact_path() {
         let a = last_logits(fast, &prompt);
         let b = last_logits(&exact, &prompt);
         let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        eprintln!("decode-step logits: max diff {} of max |logit| {scale}", max_abs_diff(&a, &b));
+        eprintln!(
+            "decode-step logits: max diff {} of max |logit| {scale}",
+            max_abs_diff(&a, &b)
+        );
         worst = worst.max(max_abs_diff(&a, &b) / scale);
-        let got = generate(fast, &prompt, &greedy_opts(), |_| {}).unwrap().tokens;
+        let got = generate(fast, &prompt, &greedy_opts(), |_| {})
+            .unwrap()
+            .tokens;
         if let Some(i) = got.iter().zip(&want).position(|(x, y)| x != y) {
             let mut ctx = prompt.clone();
             ctx.extend_from_slice(&want[..i]);

@@ -80,7 +80,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let r = afinar::infer::bench::run(
                 &BenchInfer {
                     base_dtype: a.model.base_dtype,
-            model: a.model.model,
+                    model: a.model.model,
                     runs: a.runs,
                     verbose: true,
                 },

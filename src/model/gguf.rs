@@ -11,8 +11,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 
 use super::config::{Architecture, ModelConfig};
-use super::tokenizer::{GgufVocab, TextTokenizer};
 use super::ops::packed;
+use super::tokenizer::{GgufVocab, TextTokenizer};
 use super::weights::{BaseDtype, Weight, Weights};
 use crate::{Error, Result};
 

@@ -449,7 +449,10 @@ impl Transformer {
         for l in &self.layers {
             n += f32s(&l.input_layernorm) + f32s(&l.post_attention_layernorm);
             let a = &l.self_attn;
-            for b in [&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias].into_iter().flatten() {
+            for b in [&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias]
+                .into_iter()
+                .flatten()
+            {
                 n += f32s(b);
             }
         }
@@ -485,6 +488,13 @@ impl Transformer {
         mask: Option<&Tensor>,
         mut cache: Option<&mut Cache>,
     ) -> Result<Tensor> {
+        // Every kernel below splits its work over rayon's pool. Called from outside the pool,
+        // each of the ~250 parallel calls of a decoding step would hand its work to a pool
+        // thread and put this one to sleep (two context switches each, a fifth of the decode
+        // time measured here); entering the pool once per pass makes the inner calls cheap.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_hidden(ids, positions, mask, cache));
+        }
         let (b, t) = ids.dims2()?;
         // (b·t, hidden) until the end: see `Attention::forward`.
         let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?;

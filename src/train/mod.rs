@@ -22,8 +22,8 @@ use candle_core::{Tensor, Var, D};
 use serde::Serialize;
 
 use crate::data::cache::TokenFile;
-use crate::model::Weight;
 use crate::model::Transformer;
+use crate::model::Weight;
 use crate::{Error, Result};
 pub use config::{LoraTargets, Method, TrainConfig};
 use optim::AdamW;

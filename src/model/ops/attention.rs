@@ -147,7 +147,7 @@ impl Attention {
                         let row = &mut p[i * total + k0..i * total + k1];
                         for (jj, sc) in row.iter_mut().enumerate() {
                             let kr = &k[kvo + (k0 + jj) * kvh * d..][..d];
-                            *sc = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale;
+                            *sc = super::cpu::dot(qr, kr) * self.scale;
                         }
                         masked_softmax(row, mrows.map(|m| &m[i * total + k0..i * total + k1]));
                         // SAFETY: this task is head hi of batch row bi, the only one that touches

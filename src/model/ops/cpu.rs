@@ -23,6 +23,25 @@ pub fn from_vec(v: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), like.device())
 }
 
+/// `Σ aᵢbᵢ` with eight partial sums, so the compiler can keep them in one SIMD register (a
+/// single running f32 sum is a serial chain it may not reorder).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Rows per parallel task so each task has at least ~16k elements of work.
 pub fn rows_per_task(cols: usize) -> usize {
     (16_384 / cols.max(1)).max(1)

@@ -48,7 +48,14 @@ impl LinearCrossEntropy {
             let exact = MatmulMode {
                 quantized_dot: false,
             };
-            matmul_wt(&h[r0 * hs..(r0 + m) * hs], w, (m, vocab, hs), z, false, exact)?;
+            matmul_wt(
+                &h[r0 * hs..(r0 + m) * hs],
+                w,
+                (m, vocab, hs),
+                z,
+                false,
+                exact,
+            )?;
             let with_grad = self.with_grad;
             z.par_chunks_mut(vocab)
                 .zip(nll[r0..r0 + m].par_iter_mut())

@@ -62,14 +62,7 @@ impl LoraLinear {
         u
     }
 
-    fn forward(
-        &self,
-        x: &[f32],
-        w: WeightRef,
-        a: &[f32],
-        b: &[f32],
-        d: Dims,
-    ) -> Result<Vec<f32>> {
+    fn forward(&self, x: &[f32], w: WeightRef, a: &[f32], b: &[f32], d: Dims) -> Result<Vec<f32>> {
         let mut y = vec![0f32; d.rows * d.out];
         let u = self.down(&self.dropped(x), a, d);
         // y = x Wᵀ

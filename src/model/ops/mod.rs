@@ -11,6 +11,7 @@ pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod packed;
 pub mod packed_matmul;
+pub mod quant_dot;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

@@ -52,8 +52,16 @@ impl<'a> PackedRef<'a> {
     /// Rows `r0..r1` dequantized into `out` ((r1 − r0) × cols f32).
     pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) -> Result<()> {
         let rb = self.row_bytes();
-        assert!(r0 <= r1 && r1 <= self.rows, "rows {r0}..{r1} of {}", self.rows);
-        assert_eq!(out.len(), (r1 - r0) * self.cols, "dequantize_rows: output size");
+        assert!(
+            r0 <= r1 && r1 <= self.rows,
+            "rows {r0}..{r1} of {}",
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            (r1 - r0) * self.cols,
+            "dequantize_rows: output size"
+        );
         let bytes = &self.bytes[r0 * rb..r1 * rb];
         with_block_type!(self.dtype, to_float(bytes, out))
     }
@@ -167,7 +175,11 @@ mod tests {
             for (r0, r1) in [(0, 7), (2, 5), (6, 7), (3, 3)] {
                 let mut out = vec![0f32; (r1 - r0) * cols];
                 p.dequantize_rows(r0, r1, &mut out)?;
-                assert_eq!(out, whole[r0 * cols..r1 * cols], "{dtype:?} rows {r0}..{r1}");
+                assert_eq!(
+                    out,
+                    whole[r0 * cols..r1 * cols],
+                    "{dtype:?} rows {r0}..{r1}"
+                );
             }
         }
         Ok(())
@@ -181,7 +193,15 @@ mod tests {
         let p: Vec<Vec<f32>> = permute_rows(&q, &[2, 0, 3, 1])?
             .dequantize(&Device::Cpu)?
             .to_vec2()?;
-        assert_eq!(p, vec![whole[2].clone(), whole[0].clone(), whole[3].clone(), whole[1].clone()]);
+        assert_eq!(
+            p,
+            vec![
+                whole[2].clone(),
+                whole[0].clone(),
+                whole[3].clone(),
+                whole[1].clone()
+            ]
+        );
         Ok(())
     }
 }

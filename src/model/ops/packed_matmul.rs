@@ -6,15 +6,15 @@
 //! an f32 panel that stays in cache and multiplied by the `gemm` crate's kernels, so the f32
 //! copy alive at any time is one panel per thread. For decoding (a few rows of x) the
 //! activations are instead quantized per block and dotted with W's blocks directly
-//! (candle's `k_quants::matmul`, llama.cpp's method), which reads W once at its packed size.
+//! (`quant_dot.rs`, llama.cpp's method), which reads W once at its packed size.
 
-use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::quantized::GgmlDType;
 use candle_core::Result;
 use rayon::prelude::*;
 
 use super::cpu::{gemm, gemm_shared, mat, view, F32View, SharedMut};
-use super::packed::{packed_ref, with_block_type, PackedRef};
+use super::packed::{packed_ref, PackedRef};
+use super::quant_dot;
 use crate::model::weights::Weight;
 
 /// A weight matrix (n × k, PyTorch's (out, in) layout) as the kernels read it.
@@ -106,37 +106,41 @@ pub fn matmul_wt(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if mode.quantized_dot && m <= DOT_ROWS && dot_supported(p.dtype, k) {
-        return quantized_dot(x, p, (m, n, k), y, accumulate);
+    if mode.quantized_dot && m <= DOT_ROWS && quant_dot::supported(p.dtype, k) {
+        if !accumulate {
+            return quant_dot::matmul_wt(x, p, (m, n, k), y);
+        }
+        let mut t = vec![0f32; m * n];
+        quant_dot::matmul_wt(x, p, (m, n, k), &mut t)?;
+        y.iter_mut().zip(&t).for_each(|(y, t)| *y += t);
+        return Ok(());
     }
     let nb = panel_rows(k);
     let tiles = n.div_ceil(nb);
     let shared = SharedMut::new(y);
-    (0..tiles)
-        .into_par_iter()
-        .try_for_each_init(
-            || vec![0f32; nb * k],
-            |panel, t| -> Result<()> {
-                let (r0, r1) = (t * nb, ((t + 1) * nb).min(n));
-                let panel = &mut panel[..(r1 - r0) * k];
-                p.dequantize_rows(r0, r1, panel)?;
-                // SAFETY: this task writes only columns r0..r1 of y (m rows, row stride n,
-                // starting at element r0), which no other tile touches; x and the panel are
-                // separate buffers.
-                unsafe {
-                    gemm_shared(
-                        (m, r1 - r0, k),
-                        (shared, r0, n, 1),
-                        accumulate,
-                        mat(x, k, 1),
-                        mat(panel, 1, k),
-                        1.0,
-                        false,
-                    )
-                };
-                Ok(())
-            },
-        )
+    (0..tiles).into_par_iter().try_for_each_init(
+        || vec![0f32; nb * k],
+        |panel, t| -> Result<()> {
+            let (r0, r1) = (t * nb, ((t + 1) * nb).min(n));
+            let panel = &mut panel[..(r1 - r0) * k];
+            p.dequantize_rows(r0, r1, panel)?;
+            // SAFETY: this task writes only columns r0..r1 of y (m rows, row stride n,
+            // starting at element r0), which no other tile touches; x and the panel are
+            // separate buffers.
+            unsafe {
+                gemm_shared(
+                    (m, r1 - r0, k),
+                    (shared, r0, n, 1),
+                    accumulate,
+                    mat(x, k, 1),
+                    mat(panel, 1, k),
+                    1.0,
+                    false,
+                )
+            };
+            Ok(())
+        },
+    )
 }
 
 /// `dx (m × k) [+]= dy (m × n) · W`.
@@ -212,43 +216,6 @@ fn check(p: &PackedRef, n: usize, k: usize) {
 /// GGUF block formats (not f32/f16/bf16, whose dot products would round x to 16 bits).
 pub fn is_block_quantized(d: GgmlDType) -> bool {
     !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-}
-
-/// Whether candle's dot products take this format at `k` columns: block formats only, and
-/// Q4_1/Q5_0/Q5_1's kernels pair blocks (an even block count).
-fn dot_supported(d: GgmlDType, k: usize) -> bool {
-    match d {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => (k / 32) % 2 == 0,
-        d => is_block_quantized(d),
-    }
-}
-
-fn quantized_dot(
-    x: &[f32],
-    p: PackedRef,
-    mkn: (usize, usize, usize),
-    y: &mut [f32],
-    accumulate: bool,
-) -> Result<()> {
-    with_block_type!(p.dtype, dot_typed(x, p, mkn, y, accumulate))
-}
-
-fn dot_typed<T: GgmlType>(
-    x: &[f32],
-    p: PackedRef,
-    (m, n, k): (usize, usize, usize),
-    y: &mut [f32],
-    accumulate: bool,
-) -> Result<()> {
-    let w: &[T] = p.blocks();
-    if accumulate {
-        let mut t = vec![0f32; m * n];
-        k_quants::matmul((m, k, n), x, w, &mut t)?;
-        y.iter_mut().zip(&t).for_each(|(y, t)| *y += t);
-        Ok(())
-    } else {
-        k_quants::matmul((m, k, n), x, w, y)
-    }
 }
 
 #[cfg(test)]
@@ -327,7 +294,7 @@ mod tests {
                 matmul_w(&dy, p, (m, n, k), &mut dx, false)?;
                 assert!(max_rel(&dx, &want) < 1e-5, "{dtype:?} {m}×{n}×{k} backward");
                 // The quantized-dot path for decoding stays close to the exact one.
-                if m <= DOT_ROWS && dot_supported(dtype, k) {
+                if m <= DOT_ROWS && quant_dot::supported(dtype, k) {
                     let mut yq = vec![0f32; m * n];
                     matmul_wt(&x, p, (m, n, k), &mut yq, false, MatmulMode::default())?;
                     let want = reference(&x, &wd, (m, n, k));
@@ -344,7 +311,14 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut y = vec![0f32; m * n];
-        matmul_wt(&x, WeightRef::F32(&w), (m, n, k), &mut y, false, MatmulMode::default())?;
+        matmul_wt(
+            &x,
+            WeightRef::F32(&w),
+            (m, n, k),
+            &mut y,
+            false,
+            MatmulMode::default(),
+        )?;
         assert!(max_rel(&y, &reference(&x, &w, (m, n, k))) < 1e-6);
         Ok(())
     }

@@ -118,9 +118,8 @@ pub fn matmul_wt(
     let nb = panel_rows(k);
     let tiles = n.div_ceil(nb);
     let shared = SharedMut::new(y);
-    (0..tiles).into_par_iter().try_for_each_init(
-        || vec![0f32; nb * k],
-        |panel, t| -> Result<()> {
+    (0..tiles).into_par_iter().try_for_each(|t| -> Result<()> {
+        with_panel(nb * k, |panel| {
             let (r0, r1) = (t * nb, ((t + 1) * nb).min(n));
             let panel = &mut panel[..(r1 - r0) * k];
             p.dequantize_rows(r0, r1, panel)?;
@@ -139,8 +138,28 @@ pub fn matmul_wt(
                 )
             };
             Ok(())
-        },
-    )
+        })
+    })
+}
+
+/// Runs `f` on this thread's panel buffer of at least `len` f32s. A training step makes
+/// hundreds of products; reusing one panel per thread instead of allocating one per task keeps
+/// the allocator out of the loop (with the trim threshold `main` sets, freed panels of every
+/// size would otherwise accumulate as fragments).
+fn with_panel<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PANEL.with(|cell| {
+        // A nested call (none today) gets its own buffer rather than a borrow panic.
+        let Ok(mut buf) = cell.try_borrow_mut() else {
+            return f(&mut vec![0f32; len]);
+        };
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
 }
 
 /// `dx (m × k) [+]= dy (m × n) · W`.
@@ -185,22 +204,23 @@ pub fn matmul_w(
         .zip(dy.par_chunks(chunk * n))
         .try_for_each(|(dx, dy)| -> Result<()> {
             let rows = dx.len() / k;
-            let mut panel = vec![0f32; nb * k];
-            for r0 in (0..n).step_by(nb) {
-                let r1 = (r0 + nb).min(n);
-                let panel = &mut panel[..(r1 - r0) * k];
-                p.dequantize_rows(r0, r1, panel)?;
-                gemm(
-                    (rows, k, r1 - r0),
-                    (dx, k, 1),
-                    true,
-                    mat(&dy[r0..], n, 1),
-                    mat(panel, k, 1),
-                    1.0,
-                    false,
-                );
-            }
-            Ok(())
+            with_panel(nb * k, |panel| {
+                for r0 in (0..n).step_by(nb) {
+                    let r1 = (r0 + nb).min(n);
+                    let panel = &mut panel[..(r1 - r0) * k];
+                    p.dequantize_rows(r0, r1, panel)?;
+                    gemm(
+                        (rows, k, r1 - r0),
+                        (dx, k, 1),
+                        true,
+                        mat(&dy[r0..], n, 1),
+                        mat(panel, k, 1),
+                        1.0,
+                        false,
+                    );
+                }
+                Ok(())
+            })
         })
 }
 

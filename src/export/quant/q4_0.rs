@@ -10,9 +10,17 @@ pub const BLOCK_BYTES: usize = 2 + BLOCK / 2;
 
 /// Appends the Q4_0 blocks of `x` (its length a multiple of 32) to `out`.
 pub fn quantize(x: &[f32], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + x.len() / BLOCK * BLOCK_BYTES, 0);
+    quantize_into(x, &mut out[start..]);
+}
+
+/// Writes the Q4_0 blocks of `x` (its length a multiple of 32) into `out` (exactly
+/// `x.len() / 32 * 18` bytes).
+pub fn quantize_into(x: &[f32], out: &mut [u8]) {
     debug_assert_eq!(x.len() % BLOCK, 0);
-    out.reserve(x.len() / BLOCK * BLOCK_BYTES);
-    for block in x.chunks_exact(BLOCK) {
+    debug_assert_eq!(out.len(), x.len() / BLOCK * BLOCK_BYTES);
+    for (block, o) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
         // The first value of largest magnitude, as ggml's strict `amax < fabsf(v)`.
         let (mut amax, mut max) = (0f32, 0f32);
         for &v in block {
@@ -23,14 +31,12 @@ pub fn quantize(x: &[f32], out: &mut Vec<u8>) {
         }
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        o[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
         let nibble = |v: f32| ((v * id + 8.5) as u8).min(15);
         let (lo, hi) = block.split_at(BLOCK / 2);
-        out.extend(
-            lo.iter()
-                .zip(hi)
-                .map(|(&a, &b)| nibble(a) | (nibble(b) << 4)),
-        );
+        for ((q, &a), &b) in o[2..].iter_mut().zip(lo).zip(hi) {
+            *q = nibble(a) | (nibble(b) << 4);
+        }
     }
 }
 

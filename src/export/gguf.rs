@@ -377,19 +377,22 @@ impl Item {
         }
     }
 
-    /// The values in row-major order (one f32 copy of this tensor).
-    fn values(&self, src: Option<&dyn TensorSource>) -> Result<Vec<f32>> {
-        let v = match &self.src {
-            Src::Data(v) => v.clone(),
+    /// The values in row-major order into `v` (one f32 copy of this tensor, in a buffer reused
+    /// from tensor to tensor).
+    fn values(&self, src: Option<&dyn TensorSource>, v: &mut Vec<f32>) -> Result<()> {
+        match &self.src {
+            Src::Data(d) => d.clone_into(v),
             Src::Hf(name) => src
                 .expect("model tensors are written with their source")
-                .read(name)?,
-            Src::Tensor(t) => t
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        };
+                .read_into(name, v)?,
+            Src::Tensor(t) => {
+                *v = t
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+            }
+        }
         if v.len() != self.plan.elems() {
             return Err(Error::Unsupported(format!(
                 "GGUF writer: tensor {} has {} values for shape {:?} (a bug in afinar's export)",
@@ -398,7 +401,10 @@ impl Item {
                 self.plan.shape
             )));
         }
-        Ok(permuted(v, self.permute, &self.plan.shape))
+        if self.permute.is_some() {
+            *v = permuted(std::mem::take(v), self.permute, &self.plan.shape);
+        }
+        Ok(())
     }
 }
 
@@ -409,9 +415,10 @@ fn write_items(
     src: Option<&dyn TensorSource>,
 ) -> Result<()> {
     let plan: Vec<TensorPlan> = items.iter().map(|i| i.plan.clone()).collect();
+    let mut v = Vec::new();
     gguf_file::write(path, meta, &plan, |i, w| {
         let item = &items[i];
-        let v = item.values(src)?;
+        item.values(src, &mut v)?;
         w.encode(item.plan.ty, &v)
     })
 }

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
 use super::quant::{self, BLOCK};
 use crate::{Error, Result};
@@ -104,12 +105,16 @@ pub const PAR_VALUES: usize = 32 * 1024;
 /// at once, whatever the tensor's size.
 const SLAB_VALUES: usize = 1 << 22;
 
-/// The data of one tensor, as [`write`]'s callback writes it: encoded a slab at a time straight
-/// into the (buffered) output file.
+/// Encoded slabs queued for the writing thread (each at most [`SLAB_VALUES`] values encoded).
+const QUEUED_SLABS: usize = 2;
+
+/// Where encoded tensor data goes: a thread that writes it to the file (buffered) while the
+/// caller reads and encodes the next slab, so the kernel's copy into the page cache overlaps the
+/// quantization instead of following it. Write errors end the thread and are returned by
+/// [`write_through`].
 pub struct TensorWriter<'a> {
-    w: &'a mut BufWriter<File>,
-    path: &'a Path,
-    buf: &'a mut Vec<u8>,
+    tx: &'a SyncSender<Vec<u8>>,
+    free: &'a Receiver<Vec<u8>>,
     written: usize,
 }
 
@@ -118,16 +123,66 @@ impl TensorWriter<'_> {
     /// and writes it.
     pub fn encode(&mut self, ty: GgmlType, x: &[f32]) -> Result<()> {
         for slab in x.chunks(SLAB_VALUES) {
-            self.buf.clear();
-            self.buf.resize(ty.bytes(slab.len()), 0);
-            ty.encode_par(slab, self.buf);
-            self.w
-                .write_all(self.buf)
-                .map_err(|e| Error::io(self.path, e))?;
-            self.written += self.buf.len();
+            // A buffer the writer is done with, so pages are reused rather than faulted in anew;
+            // not cleared, so no bytes are zeroed that are about to be overwritten.
+            let mut buf = self.free.try_recv().unwrap_or_default();
+            buf.resize(ty.bytes(slab.len()), 0);
+            ty.encode_par(slab, &mut buf);
+            self.put(buf)?;
         }
         Ok(())
     }
+
+    /// Writes `bytes` as they are.
+    pub fn put(&mut self, bytes: Vec<u8>) -> Result<()> {
+        self.written += bytes.len();
+        self.tx
+            .send(bytes)
+            .map_err(|_| Error::Unsupported("the file writer stopped".into()))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> usize {
+        self.written
+    }
+}
+
+/// Runs `produce` with a [`TensorWriter`] whose bytes a second thread writes to `file` (the file
+/// at `path`, for error messages); returns the file, flushed, once `produce` and the writes are
+/// done. A write error is reported in preference to the producer's error it caused.
+pub fn write_through(
+    file: File,
+    path: &Path,
+    produce: impl FnOnce(&mut TensorWriter) -> Result<()>,
+) -> Result<File> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUED_SLABS);
+        let (free_tx, free_rx) = channel::<Vec<u8>>();
+        let writer = scope.spawn(move || -> std::io::Result<File> {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            for buf in rx {
+                w.write_all(&buf)?;
+                let _ = free_tx.send(buf);
+            }
+            w.flush()?;
+            w.into_inner().map_err(|e| e.into_error())
+        });
+        let mut tw = TensorWriter {
+            tx: &tx,
+            free: &free_rx,
+            written: 0,
+        };
+        let produced = produce(&mut tw);
+        drop(tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        match (produced, written) {
+            (_, Err(e)) => Err(Error::io(path, e)),
+            (Err(e), Ok(_)) => Err(e),
+            (Ok(()), Ok(file)) => Ok(file),
+        }
+    })
 }
 
 /// One tensor of the file: its GGUF name, its shape in row-major (PyTorch) order and its type.
@@ -157,7 +212,6 @@ pub fn write(
     let tmp = crate::fs::tmp_name(path);
     let result = (|| -> Result<()> {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
         let io = |e: std::io::Error| Error::io(&tmp, e);
         let mut head = Vec::new();
         head.extend_from_slice(b"GGUF");
@@ -185,31 +239,26 @@ pub fn write(
             offset += pad_to(t.ty.bytes(t.elems()));
         }
         head.resize(pad_to(head.len()), 0);
-        w.write_all(&head).map_err(io)?;
-        let mut buf = Vec::new();
-        for (i, t) in plan.iter().enumerate() {
-            let mut tw = TensorWriter {
-                w: &mut w,
-                path: &tmp,
-                buf: &mut buf,
-                written: 0,
-            };
-            data(i, &mut tw)?;
-            let written = tw.written;
-            let want = t.ty.bytes(t.elems());
-            if written != want {
-                return Err(Error::Unsupported(format!(
-                    "GGUF writer: tensor {} encoded to {written} bytes, expected {want} (a bug in afinar's export)",
-                    t.name
-                )));
+        let head_len = head.len();
+        let mut file = write_through(file, &tmp, |w| {
+            w.put(head)?;
+            for (i, t) in plan.iter().enumerate() {
+                let start = w.written();
+                data(i, w)?;
+                let written = w.written() - start;
+                let want = t.ty.bytes(t.elems());
+                if written != want {
+                    return Err(Error::Unsupported(format!(
+                        "GGUF writer: tensor {} encoded to {written} bytes, expected {want} (a bug in afinar's export)",
+                        t.name
+                    )));
+                }
+                w.put(vec![0u8; pad_to(want) - want])?;
             }
-            w.write_all(&[0u8; ALIGNMENT][..pad_to(want) - want])
-                .map_err(io)?;
-        }
-        w.flush().map_err(io)?;
-        let mut file = w.into_inner().map_err(|e| io(e.into_error()))?;
+            Ok(())
+        })?;
         let len = file.stream_position().map_err(io)?;
-        debug_assert_eq!(len as usize, pad_to(head.len()) + offset);
+        debug_assert_eq!(len as usize, head_len + offset);
         file.sync_all().map_err(io)?;
         Ok(())
     })();

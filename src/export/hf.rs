@@ -4,13 +4,12 @@
 //! `afinar export --to hf`, loadable by transformers, vLLM and afinar itself.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
-use super::gguf_file::GgmlType;
+use super::gguf_file::{self, GgmlType};
 use super::tensors::{Loaded, ModelInfo, TensorSource};
 use crate::model::config::Architecture;
 use crate::model::Model;
@@ -264,28 +263,23 @@ fn write_safetensors(
     }
     let mut head = serde_json::to_vec(&header)?;
     head.resize(head.len().div_ceil(8) * 8, b' ');
-    let io = |e: std::io::Error| Error::io(path, e);
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(head.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&head).map_err(io)?;
-    let mut buf = Vec::new();
-    for (n, shape) in tensors {
-        let v = src.read(n)?;
-        if v.len() != shape.iter().product::<usize>() {
-            return Err(Error::Unsupported(format!(
-                "hf writer: tensor {n} has {} values for shape {shape:?} (a bug in afinar's export)",
-                v.len()
-            )));
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    gguf_file::write_through(file, path, |w| {
+        let mut prefix = (head.len() as u64).to_le_bytes().to_vec();
+        prefix.extend_from_slice(&head);
+        w.put(prefix)?;
+        let mut v = Vec::new();
+        for (n, shape) in tensors {
+            src.read_into(n, &mut v)?;
+            if v.len() != shape.iter().product::<usize>() {
+                return Err(Error::Unsupported(format!(
+                    "hf writer: tensor {n} has {} values for shape {shape:?} (a bug in afinar's export)",
+                    v.len()
+                )));
+            }
+            w.encode(ty, &v)?;
         }
-        for slab in v.chunks(1 << 22) {
-            buf.clear();
-            buf.resize(ty.bytes(slab.len()), 0);
-            ty.encode_par(slab, &mut buf);
-            w.write_all(&buf).map_err(io)?;
-        }
-    }
-    w.flush().map_err(io)?;
+        Ok(())
+    })?;
     Ok(())
 }

@@ -57,8 +57,15 @@ pub trait TensorSource {
     fn tensors(&self) -> Vec<(String, Vec<usize>)>;
     /// The shape of tensor `name`, or None when the model has no such tensor.
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
-    /// Tensor `name` in f32, row-major, with any adapter merged (W + s·B·A).
-    fn read(&self, name: &str) -> Result<Vec<f32>>;
+    /// Tensor `name` in f32, row-major, with any adapter merged (W + s·B·A), into `out`
+    /// (resized to fit; its allocation is reused from one tensor to the next).
+    fn read_into(&self, name: &str, out: &mut Vec<f32>) -> Result<()>;
+    /// [`TensorSource::read_into`] a new vector.
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        self.read_into(name, &mut v)?;
+        Ok(v)
+    }
     /// llama.cpp's `rope_freqs.weight` carried by a GGUF source, if any.
     fn rope_freqs(&self) -> Result<Option<Vec<f32>>>;
 }
@@ -214,12 +221,12 @@ impl TensorSource for Streamed {
             .map(|(_, s)| s.clone())
     }
 
-    fn read(&self, name: &str) -> Result<Vec<f32>> {
-        let mut w = self.stream.read(name)?;
+    fn read_into(&self, name: &str, out: &mut Vec<f32>) -> Result<()> {
+        self.stream.read_into(name, out)?;
         if let Some(d) = self.lora.get(name) {
-            super::merge::add_delta(&mut w, &d.b, &d.a, d.scale)?;
+            super::merge::add_delta(out, &d.b, &d.a, d.scale)?;
         }
-        Ok(w)
+        Ok(())
     }
 
     fn rope_freqs(&self) -> Result<Option<Vec<f32>>> {
@@ -302,7 +309,7 @@ impl TensorSource for Loaded<'_> {
         })
     }
 
-    fn read(&self, name: &str) -> Result<Vec<f32>> {
+    fn read_into(&self, name: &str, out: &mut Vec<f32>) -> Result<()> {
         let held = self.held.get(name).ok_or_else(|| {
             Error::bad_file(self.model.source.path(), format!("missing tensor '{name}'"))
         })?;
@@ -316,10 +323,12 @@ impl TensorSource for Loaded<'_> {
                 }
             },
         };
-        Ok(t.to_device(&Device::Cpu)?
+        *out = t
+            .to_device(&Device::Cpu)?
             .to_dtype(DType::F32)?
             .flatten_all()?
-            .to_vec1::<f32>()?)
+            .to_vec1::<f32>()?;
+        Ok(())
     }
 
     fn rope_freqs(&self) -> Result<Option<Vec<f32>>> {

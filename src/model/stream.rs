@@ -185,6 +185,14 @@ impl ModelStream {
     /// Tensor `name` in f32, row-major, in Hugging Face layout (Q/K rows of a llama GGUF
     /// un-permuted, as the loader gives them).
     pub fn read(&self, name: &str) -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        self.read_into(name, &mut v)?;
+        Ok(v)
+    }
+
+    /// [`ModelStream::read`] into `out` (resized to the tensor; its allocation is reused, so a
+    /// stream of tensors does not fault fresh pages in for each).
+    pub fn read_into(&self, name: &str, out: &mut Vec<f32>) -> Result<()> {
         let t = self.tensors.get(name).ok_or_else(|| {
             Error::bad_file(self.source.path(), format!("missing tensor '{name}'"))
         })?;
@@ -193,8 +201,11 @@ impl ModelStream {
                 file,
                 offset,
                 dtype,
-            } => read_safetensors(&self.files[*file], *offset, *dtype, t.elems()),
-            Loc::Gguf { name: gguf_name } => self.read_gguf(gguf_name, t.elems()),
+            } => read_safetensors(&self.files[*file], *offset, *dtype, t.elems(), out),
+            Loc::Gguf { name: gguf_name } => {
+                *out = self.read_gguf(gguf_name, t.elems())?;
+                Ok(())
+            }
         }
     }
 
@@ -325,11 +336,18 @@ fn safetensors_table(path: &Path, file: usize) -> Result<Vec<(String, StreamTens
     Ok(out)
 }
 
-/// Reads `elems` values of type `dtype` from byte `offset` of `path` into f32, in parallel
-/// chunks (positioned reads are independent, so two threads read and convert at once).
-fn read_safetensors(path: &Path, offset: u64, dtype: Stored, elems: usize) -> Result<Vec<f32>> {
+/// Reads `elems` values of type `dtype` from byte `offset` of `path` into `out` as f32, in
+/// parallel chunks (positioned reads are independent, so two threads read and convert at once).
+fn read_safetensors(
+    path: &Path,
+    offset: u64,
+    dtype: Stored,
+    elems: usize,
+    out: &mut Vec<f32>,
+) -> Result<()> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut out = vec![0f32; elems];
+    // Not cleared first: every value is overwritten below.
+    out.resize(elems, 0.0);
     let size = dtype.size();
     out.par_chunks_mut(READ_CHUNK)
         .enumerate()
@@ -369,8 +387,7 @@ fn read_safetensors(path: &Path, offset: u64, dtype: Stored, elems: usize) -> Re
                 }
             }
             Ok(())
-        })?;
-    Ok(out)
+        })
 }
 
 #[cfg(test)]

@@ -51,6 +51,19 @@ pub fn bf16_into(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// `max |x|` of a block (0 for zeros; NaN ignored, as `f32::max` does), in eight independent
+/// lanes so the compiler keeps it in vector registers.
+#[inline(always)]
+pub(crate) fn abs_max(block: &[f32; BLOCK]) -> f32 {
+    let mut m = [0f32; 8];
+    for chunk in block.chunks_exact(8) {
+        for k in 0..8 {
+            m[k] = m[k].max(chunk[k].abs());
+        }
+    }
+    m.into_iter().fold(0f32, f32::max)
+}
+
 #[cfg(test)]
 pub(crate) mod golden {
     //! The golden cases of `tests/golden/ggml_quants.json`.

@@ -19,8 +19,8 @@ pub fn quantize_into(x: &[f32], out: &mut [u8]) {
     debug_assert_eq!(x.len() % BLOCK, 0);
     debug_assert_eq!(out.len(), x.len() / BLOCK * BLOCK_BYTES);
     for (block, o) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
+        let block: &[f32; BLOCK] = block.try_into().expect("chunks_exact");
+        let d = super::abs_max(block) / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         o[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
         for (q, v) in o[2..].iter_mut().zip(block) {

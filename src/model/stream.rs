@@ -336,6 +336,12 @@ fn safetensors_table(path: &Path, file: usize) -> Result<Vec<(String, StreamTens
     Ok(out)
 }
 
+thread_local! {
+    /// Each reading thread's buffer for 16-bit values on their way to f32 (reused, so reading a
+    /// model does not allocate and fault in fresh pages per chunk).
+    static RAW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Reads `elems` values of type `dtype` from byte `offset` of `path` into `out` as f32, in
 /// parallel chunks (positioned reads are independent, so two threads read and convert at once).
 fn read_safetensors(
@@ -368,10 +374,9 @@ fn read_safetensors(
                         }
                     }
                 }
-                Stored::F16 | Stored::Bf16 => {
-                    let mut raw = vec![0u8; dst.len() * 2];
-                    f.read_exact_at(&mut raw, at)
-                        .map_err(|e| Error::io(path, e))?;
+                Stored::F16 | Stored::Bf16 => RAW.with_borrow_mut(|raw| -> Result<()> {
+                    raw.resize(dst.len() * 2, 0);
+                    f.read_exact_at(raw, at).map_err(|e| Error::io(path, e))?;
                     let halves = raw
                         .chunks_exact(2)
                         .map(|b| u16::from_le_bytes([b[0], b[1]]));
@@ -384,7 +389,8 @@ fn read_safetensors(
                             *d = half::f16::from_bits(h).to_f32();
                         }
                     }
-                }
+                    Ok(())
+                })?,
             }
             Ok(())
         })

@@ -25,14 +25,24 @@ pub fn quantize_into(x: &[f32], out: &mut [u8]) {
         let d = signed_abs_max(block) / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         o[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
-        // `as u8` then `min(15)` of the reference, as an i32 clamp (the same for every input,
-        // NaN included: both give 0), which vectorizes.
-        let nibble = |v: f32| (((v * id + 8.5) as i32).clamp(0, 15)) as u8;
+        let nibble = |v: f32| nibble(v * id + 8.5);
         let (lo, hi) = block.split_at(BLOCK / 2);
         for ((q, &a), &b) in o[2..].iter_mut().zip(lo).zip(hi) {
             *q = nibble(a) | (nibble(b) << 4);
         }
     }
+}
+
+/// The reference's `min(15, (int8_t)x)` as `(x as u8).min(15)` does it, for every f32: clamped to
+/// [0, 15] in floating point (NaN to 0, as the saturating cast gives), then truncated. The
+/// saturating float-to-int cast compiles to scalar code with fix-ups per value; this vectorizes.
+#[inline(always)]
+fn nibble(x: f32) -> u8 {
+    // `>`/`<` select as maxps/minps do: a NaN fails the first test and becomes 0.
+    let x = if x > 0.0 { x } else { 0.0 };
+    let x = if x < 15.0 { x } else { 15.0 };
+    // SAFETY: x is in [0, 15] (not NaN, not infinite), so its truncation fits an i32.
+    unsafe { x.to_int_unchecked::<i32>() as u8 }
 }
 
 /// The first value of largest magnitude, sign kept, as ggml's strict `amax < fabsf(v)` scan
@@ -75,6 +85,27 @@ fn scan(block: &[f32; BLOCK]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    /// The vectorizable nibble equals the reference's saturating cast on a sweep of floats.
+    #[test]
+    fn nibble_equals_the_saturating_cast() {
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            15.0,
+            16.0,
+            15.999,
+            -0.5,
+        ];
+        for x in (0..u32::MAX)
+            .step_by(4093)
+            .map(f32::from_bits)
+            .chain(specials)
+        {
+            assert_eq!(super::nibble(x), (x as u8).min(15), "{x:e}");
+        }
+    }
+
     /// The vectorized search for the signed maximum equals ggml's scan on blocks built to hit
     /// its cases: ties of +m and -m in either order, zeros, negative zeros, NaN, infinities.
     #[test]

@@ -29,14 +29,19 @@ pub fn quantize_into(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// `x.round() as i8` — C's `roundf` (half away from zero), saturated — without the libm call
-/// `f32::round` becomes on baseline x86-64, so the loop vectorizes: adding the largest float below
-/// one half, with `x`'s sign, then truncating is exact for every f32 (it is how LLVM itself lowers
-/// `round` where SSE4.1 is available); `as i8` truncates toward zero and saturates as before.
+/// `x.round() as i8` — C's `roundf` (half away from zero), saturated, NaN to 0 — for every f32,
+/// in a form that vectorizes: `f32::round` is a libm call on baseline x86-64 and the saturating
+/// cast scalar code with fix-ups. Adding the largest float below one half with `x`'s sign, then
+/// truncating, rounds exactly (it is how LLVM lowers `round` where SSE4.1 is available).
 #[inline(always)]
 fn round_half_away(x: f32) -> i8 {
     const BELOW_HALF: f32 = 0.499_999_97; // 0.5 - 2^-25
-    (x + BELOW_HALF.copysign(x)) as i8
+    let t = x + BELOW_HALF.copysign(x);
+    let t = if t.is_nan() { 0.0 } else { t };
+    let t = if t > -128.0 { t } else { -128.0 };
+    let t = if t < 127.0 { t } else { 127.0 };
+    // SAFETY: t is in [-128, 127] (not NaN, not infinite), so its truncation fits an i32.
+    unsafe { t.to_int_unchecked::<i32>() as i8 }
 }
 
 #[cfg(test)]

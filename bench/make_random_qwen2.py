@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Writes a Qwen2-shaped checkpoint with random weights (bf16 safetensors, config.json and the
 tiny fixture's tokenizer) for export benchmarks: `make_random_qwen2.py OUT_DIR [--size 1.5b]`.
-Not committed: 3 GB at 1.5B. Needs torch + safetensors (../shared/bench's venv has them)."""
+Not committed: 3 GB at 1.5B. Uses torch + safetensors when installed (../shared/bench's venv has
+them), else numpy alone (other random values, same shapes and format), written tensor by tensor."""
 import json, os, shutil, sys
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
+try:
+    import torch
+    from safetensors.torch import save_file
+except ImportError:
+    torch = None
 
 SIZES = {
     # DeepSeek-R1-Distill-Qwen-1.5B / Qwen2.5-1.5B shapes.
@@ -29,10 +34,12 @@ def main():
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(fixture, f), out)
-    g = torch.Generator().manual_seed(0)
     h, i, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
     hd = h // s["num_attention_heads"]
     kv = hd * s["num_key_value_heads"]
+    if torch is None:
+        return numpy_checkpoint(out, s, h, i, v, kv)
+    g = torch.Generator().manual_seed(0)
     def r(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
     t = {"model.embed_tokens.weight": r(v, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
@@ -51,5 +58,44 @@ def main():
     save_file(t, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     n = sum(x.numel() for x in t.values())
     print(f"wrote {out}: {n / 1e9:.2f} B parameters")
+
+def shapes(s, h, i, v, kv):
+    """Every tensor's (name, shape, random?) in the checkpoint, in name order."""
+    t = [("model.embed_tokens.weight", (v, h), True), ("model.norm.weight", (h,), False)]
+    for l in range(s["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        t += [(p + "self_attn.q_proj.weight", (h, h), True), (p + "self_attn.q_proj.bias", (h,), True),
+              (p + "self_attn.k_proj.weight", (kv, h), True), (p + "self_attn.k_proj.bias", (kv,), True),
+              (p + "self_attn.v_proj.weight", (kv, h), True), (p + "self_attn.v_proj.bias", (kv,), True),
+              (p + "self_attn.o_proj.weight", (h, h), True),
+              (p + "mlp.gate_proj.weight", (i, h), True), (p + "mlp.up_proj.weight", (i, h), True),
+              (p + "mlp.down_proj.weight", (h, i), True),
+              (p + "input_layernorm.weight", (h,), False),
+              (p + "post_attention_layernorm.weight", (h,), False)]
+    return sorted(t)
+
+def numpy_checkpoint(out, s, h, i, v, kv):
+    """The checkpoint without torch: N(0, 0.02²) values rounded to bf16 (nearest even), the
+    safetensors header written first, then each tensor."""
+    rng = np.random.default_rng(0)
+    t = shapes(s, h, i, v, kv)
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in t:
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(os.path.join(out, "model.safetensors"), "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name, shape, random in t:
+            if not random:
+                f.write(np.full(shape, 0x3F80, dtype=np.uint16).tobytes())
+                continue
+            x = (rng.standard_normal(shape, dtype=np.float32) * 0.02).view(np.uint32)
+            f.write(((x + 0x7FFF + ((x >> 16) & 1)) >> 16).astype(np.uint16).tobytes())
+    n = sum(int(np.prod(shape)) for _, shape, _ in t)
+    print(f"wrote {out}: {n / 1e9:.2f} B parameters (numpy)")
 
 main()

@@ -1,4 +1,5 @@
-//! GGUF export: a loaded model as a llama.cpp model file (`write_model`) and a PEFT LoRA adapter
+//! GGUF export: a model as a llama.cpp model file (`write_from`, streamed tensor by tensor;
+//! `write_model` for a model in memory) and a PEFT LoRA adapter
 //! as a llama.cpp LoRA file (`write_lora`), with the metadata llama.cpp's own converters
 //! (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`) write, so llama.cpp, Ollama and LM
 //! Studio run the file as they would a converted one, and afinar loads it back unchanged.
@@ -11,8 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::gguf_file::{self, GgmlType, MetaValue, TensorPlan};
-use crate::model::transformer::Linear;
-use crate::model::{Architecture, ChatTemplate, Message, Model, ModelSource, TextTokenizer};
+use super::tensors::{Loaded, ModelInfo, TensorSource};
+use crate::model::{
+    Architecture, ChatTemplate, Message, Model, ModelConfig, ModelSource, TextTokenizer,
+};
 use crate::{Error, Result};
 
 /// Tensor storage type of a GGUF export.
@@ -93,15 +96,27 @@ impl fmt::Display for GgufDtype {
     }
 }
 
-/// Writes `model` (its transformer as loaded — the caller merges any adapter into the weights
-/// first; an adapter still attached is merged here, W + s·BA in f32) as a GGUF v3 file.
+/// Writes `model` (its transformer as loaded — an adapter still attached is merged, W + s·BA in
+/// f32) as a GGUF v3 file.
 pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
-    let c = model.config();
+    write_from(&ModelInfo::of(model), &Loaded::new(model), dtype, path)
+}
+
+/// Writes the model described by `info` with the weights of `src` as a GGUF v3 file: the header
+/// and tensor table from the shapes alone, then each tensor read, permuted (llama's Q/K),
+/// quantized and written in turn, so one tensor is in memory at a time.
+pub fn write_from(
+    info: &ModelInfo,
+    src: &dyn TensorSource,
+    dtype: GgufDtype,
+    path: &Path,
+) -> Result<()> {
+    let c = info.config;
     let arch = gguf_arch(c.architecture);
     let mut meta = vec![
         kv("general.architecture", MetaValue::Str(arch.into())),
         kv("general.type", MetaValue::Str("model".into())),
-        kv("general.name", MetaValue::Str(model_name(model))),
+        kv("general.name", MetaValue::Str(model_name(info.source))),
         kv("general.file_type", MetaValue::U32(dtype.file_type())),
     ];
     if dtype.quantized() {
@@ -140,80 +155,106 @@ pub fn write_model(model: &Model, dtype: GgufDtype, path: &Path) -> Result<()> {
         meta.push(kv(&format!("{arch}.attention.value_length"), u(c.head_dim)));
     }
     meta.extend(tokenizer_meta(
-        &model.tokenizer,
-        model.chat_template.as_ref(),
+        info.tokenizer,
+        info.chat_template,
         c.vocab_size,
     )?);
 
-    let t = &model.transformer;
+    let shape = |hf: &str| {
+        src.shape(hf)
+            .ok_or_else(|| Error::bad_file(info.source.path(), format!("missing tensor '{hf}'")))
+    };
     let mut items: Vec<Item> = Vec::new();
-    let tied = t.lm_head.is_none();
+    let tied = src.shape("lm_head.weight").is_none();
     items.push(Item::new(
         "token_embd.weight",
-        Src::Weight(&t.embed_tokens),
+        Src::Hf("model.embed_tokens.weight".into()),
+        shape("model.embed_tokens.weight")?,
         weight_type(dtype, "token_embd.weight", c.hidden_size, tied),
-    )?);
-    if let Some(factors) = rope_freq_factors(model)? {
+    ));
+    if let Some(factors) = rope_freq_factors(c, src)? {
+        let n = factors.len();
         items.push(Item::new(
             "rope_freqs.weight",
             Src::Data(factors),
+            vec![n],
             GgmlType::F32,
-        )?);
+        ));
     }
-    for (i, layer) in t.layers.iter().enumerate() {
-        let norm = |name: &str, w| {
-            Item::new(
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let norm = |name: &str, hf: &str| -> Result<Item> {
+            let hf = format!("{p}.{hf}.weight");
+            Ok(Item::new(
                 &format!("blk.{i}.{name}.weight"),
-                Src::Tensor(w),
+                Src::Hf(hf.clone()),
+                shape(&hf)?,
                 GgmlType::F32,
-            )
+            ))
         };
-        items.push(norm("attn_norm", &layer.input_layernorm)?);
-        for (module, lin) in layer_linears(layer) {
+        items.push(norm("attn_norm", "input_layernorm")?);
+        for module in MODULES {
             let name = format!("blk.{i}.{module}.weight");
-            let cols = lin.weight.dims2()?.1;
+            let hf = format!("{p}.{}", hf_module(module));
+            let w_shape = shape(&format!("{hf}.weight"))?;
+            let cols = w_shape.get(1).copied().unwrap_or(0);
             let mut item = Item::new(
                 &name,
-                Src::Linear(lin),
+                Src::Hf(format!("{hf}.weight")),
+                w_shape,
                 weight_type(dtype, &name, cols, tied),
-            )?;
+            );
             item.permute = qk_heads(c, module);
             items.push(item);
-            if let Some(b) = &lin.bias {
+            if let Some(b_shape) = src.shape(&format!("{hf}.bias")) {
                 let mut bias = Item::new(
                     &format!("blk.{i}.{module}.bias"),
-                    Src::Tensor(b),
+                    Src::Hf(format!("{hf}.bias")),
+                    b_shape,
                     GgmlType::F32,
-                )?;
+                );
                 bias.permute = qk_heads(c, module);
                 items.push(bias);
             }
             if module == "attn_output" {
-                items.push(norm("ffn_norm", &layer.post_attention_layernorm)?);
+                items.push(norm("ffn_norm", "post_attention_layernorm")?);
             }
         }
     }
     items.push(Item::new(
         "output_norm.weight",
-        Src::Tensor(&t.norm),
+        Src::Hf("model.norm.weight".into()),
+        shape("model.norm.weight")?,
         GgmlType::F32,
-    )?);
-    if let Some(head) = &t.lm_head {
+    ));
+    if let Some(head) = src.shape("lm_head.weight") {
         items.push(Item::new(
             "output.weight",
-            Src::Weight(head),
+            Src::Hf("lm_head.weight".into()),
+            head,
             weight_type(dtype, "output.weight", c.hidden_size, false),
-        )?);
+        ));
     }
-    write_items(path, &meta, items)
+    write_items(path, &meta, items, Some(src))
 }
 
 /// Writes a PEFT LoRA adapter directory as a llama.cpp LoRA GGUF for `base` (the model it was
 /// trained on): `blk.N.attn_q.weight.lora_a` (r × in) and `.lora_b` (out × r) in f32, the
 /// Q/K row permutation applied to `lora_b` for llama, as `convert_lora_to_gguf.py` writes them.
 pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
+    write_lora_for(&ModelInfo::of(base), &Loaded::new(base), adapter_dir, path)
+}
+
+/// [`write_lora`] for a base described by `info` whose weight shapes `base` gives (no weight is
+/// read).
+pub fn write_lora_for(
+    info: &ModelInfo,
+    base: &dyn TensorSource,
+    adapter_dir: &Path,
+    path: &Path,
+) -> Result<()> {
     let (cfg, mut tensors) = super::peft::read(adapter_dir, &Device::Cpu)?;
-    let base_name = model_name(base);
+    let base_name = model_name(info.source);
     let trained_on = cfg
         .base_model_name_or_path
         .clone()
@@ -224,11 +265,11 @@ pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
             format!("adapter does not fit the model {base_name}: {what} (the adapter was trained on {trained_on})"),
         )
     };
-    let c = base.config();
+    let c = info.config;
     let mut items = Vec::new();
     let mut lora = Vec::new();
-    for (i, layer) in base.transformer.layers.iter().enumerate() {
-        for (module, lin) in layer_linears(layer) {
+    for i in 0..c.num_layers {
+        for module in MODULES {
             let hf = format!("base_model.model.model.layers.{i}.{}", hf_module(module));
             let a = tensors.remove(&format!("{hf}.lora_A.weight"));
             let b = tensors.remove(&format!("{hf}.lora_B.weight"));
@@ -237,7 +278,11 @@ pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
                 (None, None) => continue,
                 _ => return Err(misfit(format!("{hf} has only one of lora_A and lora_B"))),
             };
-            let (out, inp) = lin.weight.dims2()?;
+            let w = format!("model.layers.{i}.{}.weight", hf_module(module));
+            let (out, inp) = match base.shape(&w).as_deref() {
+                Some(&[out, inp]) => (out, inp),
+                _ => return Err(misfit(format!("the model has no 2-D {w}"))),
+            };
             if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
                 return Err(misfit(format!(
                     "{hf} is {out}×{inp} but the adapter has A {:?} and B {:?} (r = {})",
@@ -257,13 +302,20 @@ pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
     if lora.is_empty() {
         return Err(misfit("the adapter holds no LoRA tensors".into()));
     }
-    for (name, module, a, b) in &lora {
+    for (name, module, a, b) in lora {
+        let (a_shape, b_shape) = (a.dims().to_vec(), b.dims().to_vec());
         items.push(Item::new(
             &format!("{name}.lora_a"),
             Src::Tensor(a),
+            a_shape,
             GgmlType::F32,
-        )?);
-        let mut ib = Item::new(&format!("{name}.lora_b"), Src::Tensor(b), GgmlType::F32)?;
+        ));
+        let mut ib = Item::new(
+            &format!("{name}.lora_b"),
+            Src::Tensor(b),
+            b_shape,
+            GgmlType::F32,
+        );
         ib.permute = qk_heads(c, module);
         items.push(ib);
     }
@@ -292,42 +344,29 @@ pub fn write_lora(base: &Model, adapter_dir: &Path, path: &Path) -> Result<()> {
         kv("adapter.type", MetaValue::Str("lora".into())),
         kv("adapter.lora.alpha", MetaValue::F32(alpha as f32)),
     ];
-    write_items(path, &meta, items)
+    write_items(path, &meta, items, None)
 }
 
 /// Where a tensor's values come from.
-enum Src<'a> {
-    Tensor(&'a Tensor),
-    /// A matrix as the model holds it (f32 or packed), written from its f32 values.
-    Weight(&'a crate::model::weights::Weight),
-    /// A projection, with its attached adapter (if any) merged in.
-    Linear(&'a Linear),
+enum Src {
+    /// The model's tensor of this Hugging Face name.
+    Hf(String),
+    /// A small tensor held here (an adapter matrix).
+    Tensor(Tensor),
     Data(Vec<f32>),
 }
 
 /// One tensor to write: what and how; `permute` = heads for llama's Q/K row order.
-struct Item<'a> {
+struct Item {
     plan: TensorPlan,
-    src: Src<'a>,
+    src: Src,
     permute: Option<usize>,
 }
 
-impl<'a> Item<'a> {
-    fn new(name: &str, src: Src<'a>, ty: GgmlType) -> Result<Self> {
-        let shape = match &src {
-            Src::Tensor(t) => t.dims().to_vec(),
-            Src::Weight(w) => {
-                let (r, c) = w.dims2()?;
-                vec![r, c]
-            }
-            Src::Linear(l) => {
-                let (r, c) = l.weight.dims2()?;
-                vec![r, c]
-            }
-            Src::Data(v) => vec![v.len()],
-        };
+impl Item {
+    fn new(name: &str, src: Src, shape: Vec<usize>, ty: GgmlType) -> Self {
         let ty = if shape.len() < 2 { GgmlType::F32 } else { ty };
-        Ok(Self {
+        Self {
             plan: TensorPlan {
                 name: name.to_string(),
                 shape,
@@ -335,41 +374,65 @@ impl<'a> Item<'a> {
             },
             src,
             permute: None,
-        })
+        }
     }
 
-    /// The values in row-major order (one f32 copy of this tensor).
-    fn values(&self) -> Result<Vec<f32>> {
-        let t = match &self.src {
-            Src::Data(v) => return Ok(permuted(v.clone(), self.permute, &self.plan.shape)),
-            Src::Tensor(t) => (*t).clone(),
-            Src::Weight(w) => w.to_f32()?,
-            Src::Linear(l) => match &l.lora {
-                None => l.weight.to_f32()?,
-                Some(ad) => {
-                    let ba = ad.b.as_tensor().matmul(ad.a.as_tensor())?;
-                    (l.weight.to_f32()? + (ba * ad.scale)?)?
-                }
-            },
-        };
-        let v = t
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(permuted(v, self.permute, &self.plan.shape))
+    /// The values in row-major order into `v` (one f32 copy of this tensor, in a buffer reused
+    /// from tensor to tensor).
+    fn values(&self, src: Option<&dyn TensorSource>, v: &mut Vec<f32>) -> Result<()> {
+        match &self.src {
+            Src::Data(d) => d.clone_into(v),
+            Src::Hf(name) => src
+                .expect("model tensors are written with their source")
+                .read_into(name, v)?,
+            Src::Tensor(t) => {
+                *v = t
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+            }
+        }
+        if v.len() != self.plan.elems() {
+            return Err(Error::Unsupported(format!(
+                "GGUF writer: tensor {} has {} values for shape {:?} (a bug in afinar's export)",
+                self.plan.name,
+                v.len(),
+                self.plan.shape
+            )));
+        }
+        if self.permute.is_some() {
+            *v = permuted(std::mem::take(v), self.permute, &self.plan.shape);
+        }
+        Ok(())
     }
 }
 
-fn write_items(path: &Path, meta: &[(String, MetaValue)], items: Vec<Item>) -> Result<()> {
+fn write_items(
+    path: &Path,
+    meta: &[(String, MetaValue)],
+    items: Vec<Item>,
+    src: Option<&dyn TensorSource>,
+) -> Result<()> {
     let plan: Vec<TensorPlan> = items.iter().map(|i| i.plan.clone()).collect();
-    gguf_file::write(path, meta, &plan, |i, buf| {
+    let mut v = Vec::new();
+    gguf_file::write(path, meta, &plan, |i, w| {
         let item = &items[i];
-        let v = item.values()?;
-        item.plan.ty.encode(&v, buf);
-        Ok(())
+        item.values(src, &mut v)?;
+        w.encode(item.plan.ty, &v)
     })
 }
+
+/// The seven projections of a layer by their GGUF module names, in the converter's order.
+const MODULES: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
 
 /// llama.cpp's `permute(w, n_head)` on rows: (n_head, 2, d/2, …) → (n_head, d/2, 2, …), so its
 /// interleaved RoPE sees Hugging Face's half-split layout. `src/model/gguf.rs` undoes it.
@@ -411,19 +474,6 @@ fn gguf_arch(a: Architecture) -> &'static str {
     }
 }
 
-/// A layer's projections with their GGUF module names, in the converter's order.
-fn layer_linears(l: &crate::model::transformer::Block) -> [(&'static str, &Linear); 7] {
-    [
-        ("attn_q", &l.self_attn.q_proj),
-        ("attn_k", &l.self_attn.k_proj),
-        ("attn_v", &l.self_attn.v_proj),
-        ("attn_output", &l.self_attn.o_proj),
-        ("ffn_gate", &l.mlp.gate_proj),
-        ("ffn_up", &l.mlp.up_proj),
-        ("ffn_down", &l.mlp.down_proj),
-    ]
-}
-
 fn hf_module(gguf: &str) -> &'static str {
     match gguf {
         "attn_q" => "self_attn.q_proj",
@@ -456,8 +506,7 @@ fn weight_type(dtype: GgufDtype, name: &str, cols: usize, tied: bool) -> GgmlTyp
 
 /// Llama 3 RoPE scaling as the per-frequency divisors llama.cpp reads from `rope_freqs.weight`
 /// (computed as `convert_hf_to_gguf.py` does), or the ones the source GGUF carried.
-fn rope_freq_factors(model: &Model) -> Result<Option<Vec<f32>>> {
-    let c = model.config();
+fn rope_freq_factors(c: &ModelConfig, src: &dyn TensorSource) -> Result<Option<Vec<f32>>> {
     if let Some(s) = &c.rope_scaling {
         let d = c.head_dim;
         let old = s.original_max_position_embeddings as f64;
@@ -480,17 +529,7 @@ fn rope_freq_factors(model: &Model) -> Result<Option<Vec<f32>>> {
             .collect();
         return Ok(Some(factors));
     }
-    if let ModelSource::Gguf(path) = &model.source {
-        let content = crate::model::gguf::read_header(path)?;
-        if content.tensor_infos.contains_key("rope_freqs.weight") {
-            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-            let t = content
-                .tensor(&mut f, "rope_freqs.weight", &Device::Cpu)?
-                .dequantize(&Device::Cpu)?;
-            return Ok(Some(t.to_vec1::<f32>()?));
-        }
-    }
-    Ok(None)
+    src.rope_freqs()
 }
 
 fn kv(key: &str, v: MetaValue) -> (String, MetaValue) {
@@ -498,13 +537,13 @@ fn kv(key: &str, v: MetaValue) -> (String, MetaValue) {
 }
 
 /// `general.name`: the source file or folder name without extension or quantization suffix.
-fn model_name(model: &Model) -> String {
-    let p = model.source.path();
+fn model_name(source: &ModelSource) -> String {
+    let p = source.path();
     let name = p
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    match &model.source {
+    match source {
         ModelSource::Gguf(_) => name.split('.').next().unwrap_or(&name).to_string(),
         ModelSource::HfDir(_) => name,
     }

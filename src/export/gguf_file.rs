@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
 use super::quant::{self, BLOCK};
 use crate::{Error, Result};
@@ -69,14 +70,119 @@ impl GgmlType {
 
     /// Appends `x` (row-major, rows a multiple of the block size) encoded in this type.
     pub fn encode(self, x: &[f32], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + self.bytes(x.len()), 0);
+        self.encode_par(x, &mut out[start..]);
+    }
+
+    /// Writes `x` encoded in this type into `out` (exactly [`GgmlType::bytes`] long), in
+    /// parallel over runs of [`PAR_VALUES`] values (whole blocks, so the bytes are those of the
+    /// sequential encoding).
+    pub fn encode_par(self, x: &[f32], out: &mut [u8]) {
+        use rayon::prelude::*;
+        let out_chunk = self.bytes(PAR_VALUES);
+        x.par_chunks(PAR_VALUES)
+            .zip(out.par_chunks_mut(out_chunk))
+            .for_each(|(x, o)| self.encode_into(x, o));
+    }
+
+    /// Writes `x` encoded in this type into `out` (exactly [`GgmlType::bytes`] long).
+    pub fn encode_into(self, x: &[f32], out: &mut [u8]) {
         match self {
-            GgmlType::F32 => quant::f32_bytes(x, out),
-            GgmlType::F16 => quant::f16_bytes(x, out),
-            GgmlType::Bf16 => quant::bf16_bytes(x, out),
-            GgmlType::Q8_0 => quant::q8_0::quantize(x, out),
-            GgmlType::Q4_0 => quant::q4_0::quantize(x, out),
+            GgmlType::F32 => quant::f32_into(x, out),
+            GgmlType::F16 => quant::f16_into(x, out),
+            GgmlType::Bf16 => quant::bf16_into(x, out),
+            GgmlType::Q8_0 => quant::q8_0::quantize_into(x, out),
+            GgmlType::Q4_0 => quant::q4_0::quantize_into(x, out),
         }
     }
+}
+
+/// Values encoded per parallel task (a multiple of the block size).
+pub const PAR_VALUES: usize = 32 * 1024;
+
+/// Values encoded and written per slab by [`TensorWriter::encode`]: bounds the encoded bytes held
+/// at once, whatever the tensor's size.
+const SLAB_VALUES: usize = 1 << 22;
+
+/// Encoded slabs queued for the writing thread (each at most [`SLAB_VALUES`] values encoded).
+const QUEUED_SLABS: usize = 2;
+
+/// Where encoded tensor data goes: a thread that writes it to the file (buffered) while the
+/// caller reads and encodes the next slab, so the kernel's copy into the page cache overlaps the
+/// quantization instead of following it. Write errors end the thread and are returned by
+/// [`write_through`].
+pub struct TensorWriter<'a> {
+    tx: &'a SyncSender<Vec<u8>>,
+    free: &'a Receiver<Vec<u8>>,
+    written: usize,
+}
+
+impl TensorWriter<'_> {
+    /// Encodes `x` (row-major; rows a multiple of the block size for the block types) as `ty`
+    /// and writes it.
+    pub fn encode(&mut self, ty: GgmlType, x: &[f32]) -> Result<()> {
+        for slab in x.chunks(SLAB_VALUES) {
+            // A buffer the writer is done with, so pages are reused rather than faulted in anew;
+            // not cleared, so no bytes are zeroed that are about to be overwritten.
+            let mut buf = self.free.try_recv().unwrap_or_default();
+            buf.resize(ty.bytes(slab.len()), 0);
+            ty.encode_par(slab, &mut buf);
+            self.put(buf)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` as they are.
+    pub fn put(&mut self, bytes: Vec<u8>) -> Result<()> {
+        self.written += bytes.len();
+        self.tx
+            .send(bytes)
+            .map_err(|_| Error::Unsupported("the file writer stopped".into()))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> usize {
+        self.written
+    }
+}
+
+/// Runs `produce` with a [`TensorWriter`] whose bytes a second thread writes to `file` (the file
+/// at `path`, for error messages); returns the file, flushed, once `produce` and the writes are
+/// done. A write error is reported in preference to the producer's error it caused.
+pub fn write_through(
+    file: File,
+    path: &Path,
+    produce: impl FnOnce(&mut TensorWriter) -> Result<()>,
+) -> Result<File> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUED_SLABS);
+        let (free_tx, free_rx) = channel::<Vec<u8>>();
+        let writer = scope.spawn(move || -> std::io::Result<File> {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            for buf in rx {
+                w.write_all(&buf)?;
+                let _ = free_tx.send(buf);
+            }
+            w.flush()?;
+            w.into_inner().map_err(|e| e.into_error())
+        });
+        let mut tw = TensorWriter {
+            tx: &tx,
+            free: &free_rx,
+            written: 0,
+        };
+        let produced = produce(&mut tw);
+        drop(tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        match (produced, written) {
+            (_, Err(e)) => Err(Error::io(path, e)),
+            (Err(e), Ok(_)) => Err(e),
+            (Ok(()), Ok(file)) => Ok(file),
+        }
+    })
 }
 
 /// One tensor of the file: its GGUF name, its shape in row-major (PyTorch) order and its type.
@@ -88,23 +194,24 @@ pub struct TensorPlan {
 }
 
 impl TensorPlan {
-    fn elems(&self) -> usize {
+    /// Number of values.
+    pub fn elems(&self) -> usize {
         self.shape.iter().product()
     }
 }
 
-/// Writes a GGUF file at `path`: `meta` in order, then the tensors of `plan`, whose encoded
-/// bytes `data(i, buf)` appends for tensor `i` (called once per tensor, in order).
+/// Writes a GGUF file at `path`: `meta` in order, the tensor table of `plan` (offsets computed
+/// from the shapes alone), then the tensors' data, which `data(i, writer)` writes for tensor `i`
+/// (called once per tensor, in order), so only one tensor need be in memory at a time.
 pub fn write(
     path: &Path,
     meta: &[(String, MetaValue)],
     plan: &[TensorPlan],
-    mut data: impl FnMut(usize, &mut Vec<u8>) -> Result<()>,
+    mut data: impl FnMut(usize, &mut TensorWriter) -> Result<()>,
 ) -> Result<()> {
     let tmp = crate::fs::tmp_name(path);
     let result = (|| -> Result<()> {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
         let io = |e: std::io::Error| Error::io(&tmp, e);
         let mut head = Vec::new();
         head.extend_from_slice(b"GGUF");
@@ -132,26 +239,26 @@ pub fn write(
             offset += pad_to(t.ty.bytes(t.elems()));
         }
         head.resize(pad_to(head.len()), 0);
-        w.write_all(&head).map_err(io)?;
-        let mut buf = Vec::new();
-        for (i, t) in plan.iter().enumerate() {
-            buf.clear();
-            data(i, &mut buf)?;
-            let want = t.ty.bytes(t.elems());
-            if buf.len() != want {
-                return Err(Error::Unsupported(format!(
-                    "GGUF writer: tensor {} encoded to {} bytes, expected {want} (a bug in afinar's export)",
-                    t.name,
-                    buf.len()
-                )));
+        let head_len = head.len();
+        let mut file = write_through(file, &tmp, |w| {
+            w.put(head)?;
+            for (i, t) in plan.iter().enumerate() {
+                let start = w.written();
+                data(i, w)?;
+                let written = w.written() - start;
+                let want = t.ty.bytes(t.elems());
+                if written != want {
+                    return Err(Error::Unsupported(format!(
+                        "GGUF writer: tensor {} encoded to {written} bytes, expected {want} (a bug in afinar's export)",
+                        t.name
+                    )));
+                }
+                w.put(vec![0u8; pad_to(want) - want])?;
             }
-            buf.resize(pad_to(want), 0);
-            w.write_all(&buf).map_err(io)?;
-        }
-        w.flush().map_err(io)?;
-        let mut file = w.into_inner().map_err(|e| io(e.into_error()))?;
+            Ok(())
+        })?;
         let len = file.stream_position().map_err(io)?;
-        debug_assert_eq!(len as usize, pad_to(head.len()) + offset);
+        debug_assert_eq!(len as usize, head_len + offset);
         file.sync_all().map_err(io)?;
         Ok(())
     })();
@@ -272,13 +379,10 @@ mod tests {
                 ty: GgmlType::F16,
             },
         ];
-        write(&path, &meta, &plan, |i, buf| {
-            match i {
-                0 => GgmlType::Q8_0.encode(&x, buf),
-                1 => GgmlType::F32.encode(&[1.0, 2.0, 3.0], buf),
-                _ => GgmlType::F16.encode(&x, buf),
-            }
-            Ok(())
+        write(&path, &meta, &plan, |i, w| match i {
+            0 => w.encode(GgmlType::Q8_0, &x),
+            1 => w.encode(GgmlType::F32, &[1.0, 2.0, 3.0]),
+            _ => w.encode(GgmlType::F16, &x),
         })
         .unwrap();
         assert_eq!(
@@ -317,6 +421,29 @@ mod tests {
         for (a, b) in w.iter().zip(&x) {
             // Half a step, plus the f16 rounding of the scale.
             assert!((a - b).abs() <= 4.3 / 127.0 * 0.6, "{a} vs {b}");
+        }
+    }
+
+    /// The parallel, slab-wise encoding gives the bytes of the sequential one, on a tensor of
+    /// several slabs and a ragged last task.
+    #[test]
+    fn parallel_encoding_equals_sequential() {
+        let n = SLAB_VALUES + PAR_VALUES * 3 + 32 * 5;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i as f32 * 0.37).sin() * 3.0) * if i % 97 == 0 { 40.0 } else { 1.0 })
+            .collect();
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Bf16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+        ] {
+            let mut seq = vec![0u8; ty.bytes(n)];
+            ty.encode_into(&x, &mut seq);
+            let mut par = Vec::new();
+            ty.encode(&x, &mut par);
+            assert!(seq == par, "{ty:?}");
         }
     }
 

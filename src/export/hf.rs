@@ -4,12 +4,13 @@
 //! `afinar export --to hf`, loadable by transformers, vLLM and afinar itself.
 
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
+use super::gguf_file::{self, GgmlType};
+use super::tensors::{Loaded, ModelInfo, TensorSource};
 use crate::model::config::Architecture;
 use crate::model::Model;
 use crate::{Error, Result};
@@ -49,8 +50,7 @@ pub fn save(dir: &Path, model: &Model) -> Result<()> {
 }
 
 /// The tensors of `model` under their Hugging Face names. Adapters still attached are ignored:
-/// merge them first ([`super::merge::merge_lora`]).
-/// Packed (bf16, GGUF-quantized) matrices come out dequantized to f32.
+/// merge them first ([`super::merge::merge_lora`]). Packed matrices come out in f32.
 pub fn named_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>> {
     let m = &model.transformer;
     let mut tensors = BTreeMap::new();
@@ -82,6 +82,17 @@ pub fn named_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>> {
 /// Writes `model` to `dir` as `opts` asks. Each file is written under a temporary name and
 /// renamed, so an interrupted export never leaves a torn file under its final name.
 pub fn save_with(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
+    save_from(dir, &ModelInfo::of(model), &Loaded::new(model), opts)
+}
+
+/// Writes the model described by `info` with the weights of `src` to `dir` as `opts` asks,
+/// streaming the weights one tensor at a time.
+pub fn save_from(
+    dir: &Path,
+    info: &ModelInfo,
+    src: &dyn TensorSource,
+    opts: &HfOptions,
+) -> Result<()> {
     if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(Error::InvalidArgument(format!(
             "hf export writes f32, f16 or bf16 weights, not {:?}",
@@ -89,14 +100,14 @@ pub fn save_with(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_weights(dir, model, opts)?;
-    let c = model.config();
+    write_weights(dir, src, opts)?;
+    let c = info.config;
     let arch = match c.architecture {
         Architecture::Llama => ("llama", "LlamaForCausalLM"),
         Architecture::Mistral => ("mistral", "MistralForCausalLM"),
         Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
     };
-    let tok = &model.tokenizer;
+    let tok = info.tokenizer;
     let id_of = |t: &Option<String>| t.as_deref().and_then(|t| tok.inner.token_to_id(t));
     let eos_token = opts.end_of_turn.clone().or_else(|| tok.eos_token.clone());
     // The end-of-turn id first, then every other id that ended a generation in afinar.
@@ -135,7 +146,7 @@ pub fn save_with(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": tok.bos_token, "eos_token": eos_token,
             "model_max_length": c.max_position_embeddings,
-            "chat_template": model.chat_template.as_ref().map(|t| t.source.clone()),
+            "chat_template": info.chat_template.map(|t| t.source.clone()),
         }),
     )?;
     write_json(
@@ -174,22 +185,22 @@ fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
 }
 
 /// `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` with an index when the
-/// weights pass `opts.shard_bytes`. Tensors are cast one shard at a time, so the f32 model is
-/// never held twice.
-fn write_weights(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
-    let tensors = named_tensors(model)?;
+/// weights pass `opts.shard_bytes`. Each file's header is written from the shapes, then its
+/// tensors are read, cast and written one at a time.
+fn write_weights(dir: &Path, src: &dyn TensorSource, opts: &HfOptions) -> Result<()> {
+    let tensors = src.tensors();
     let elem = opts.dtype.size_in_bytes();
-    let mut shards: Vec<Vec<String>> = vec![vec![]];
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![vec![]];
     let mut sizes = vec![0usize];
-    for (name, t) in &tensors {
-        let bytes = t.elem_count() * elem;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * elem;
         let last = sizes.len() - 1;
         if sizes[last] > 0 && sizes[last] + bytes > opts.shard_bytes {
             shards.push(vec![]);
             sizes.push(0);
         }
         let last = sizes.len() - 1;
-        shards[last].push(name.clone());
+        shards[last].push((name, shape));
         sizes[last] += bytes;
     }
     let n = shards.len();
@@ -201,19 +212,18 @@ fn write_weights(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
         }
     };
     let mut weight_map = serde_json::Map::new();
-    for (i, names) in shards.iter().enumerate() {
-        let mut part: HashMap<String, Tensor> = HashMap::new();
-        for name in names {
-            part.insert(name.clone(), tensors[name].to_dtype(opts.dtype)?);
+    for (i, part) in shards.iter().enumerate() {
+        for (name, _) in part {
             weight_map.insert(name.clone(), json!(file_name(i)));
         }
         let path = dir.join(file_name(i));
         let tmp = crate::fs::tmp_name(&path);
-        candle_core::safetensors::save(&part, &tmp).map_err(|e| {
+        let written =
+            write_safetensors(&tmp, part, src, opts.dtype).and_then(|()| readable_by_all(&tmp));
+        if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
-            Error::bad_file(&path, crate::error::candle_message(&e))
-        })?;
-        readable_by_all(&tmp)?;
+            return Err(e);
+        }
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     }
     if n > 1 {
@@ -223,5 +233,53 @@ fn write_weights(dir: &Path, model: &Model, opts: &HfOptions) -> Result<()> {
         });
         write_json(dir, "model.safetensors.index.json", &index)?;
     }
+    Ok(())
+}
+
+/// One safetensors file at `path` holding `tensors` (read from `src`) as `dtype`: the JSON header
+/// (offsets from the shapes, padded with spaces to 8 bytes as the format's writer pads it), then
+/// each tensor's little-endian values in header order.
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    src: &dyn TensorSource,
+    dtype: DType,
+) -> Result<()> {
+    let (ty, name) = match dtype {
+        DType::F16 => (GgmlType::F16, "F16"),
+        DType::BF16 => (GgmlType::Bf16, "BF16"),
+        _ => (GgmlType::F32, "F32"),
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (n, shape) in tensors {
+        let bytes = ty.bytes(shape.iter().product());
+        header.insert(
+            n.clone(),
+            json!({"dtype": name, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    gguf_file::write_through(file, path, |w| {
+        let mut prefix = (head.len() as u64).to_le_bytes().to_vec();
+        prefix.extend_from_slice(&head);
+        w.put(prefix)?;
+        let mut v = Vec::new();
+        for (n, shape) in tensors {
+            src.read_into(n, &mut v)?;
+            if v.len() != shape.iter().product::<usize>() {
+                return Err(Error::Unsupported(format!(
+                    "hf writer: tensor {n} has {} values for shape {shape:?} (a bug in afinar's export)",
+                    v.len()
+                )));
+            }
+            w.encode(ty, &v)?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }

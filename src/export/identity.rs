@@ -5,7 +5,7 @@
 //! chat's end-of-turn, doubled BOS), caught before the file leaves the machine.
 
 use crate::infer::{generate, GenerateOptions, SamplingParams};
-use crate::model::{Message, Model};
+use crate::model::{ChatTemplate, Message, Model, TextTokenizer};
 use crate::{Error, Result};
 
 /// Conversations probed when the run gives none.
@@ -31,7 +31,15 @@ pub fn builtin_probes(system: Option<&str>) -> Vec<Vec<Message>> {
 /// `<|eot_id|>`, `</s>`): what a deployed chat model must stop at. None without a template or
 /// when the template writes nothing after the answer.
 pub fn end_of_turn(model: &Model) -> Result<Option<(u32, String)>> {
-    let Some(t) = &model.chat_template else {
+    end_of_turn_of(&model.tokenizer, model.chat_template.as_ref())
+}
+
+/// [`end_of_turn`] from a tokenizer and template alone (no weights needed).
+pub fn end_of_turn_of(
+    tokenizer: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<Option<(u32, String)>> {
+    let Some(t) = template else {
         return Ok(None);
     };
     let marker = "\u{2063}ANSWER\u{2063}";
@@ -46,14 +54,10 @@ pub fn end_of_turn(model: &Model) -> Result<Option<(u32, String)>> {
         return Ok(None);
     };
     let rest = &text[pos + marker.len()..];
-    let ids = model.tokenizer.encode(rest, false)?;
+    let ids = tokenizer.encode(rest, false)?;
     Ok(ids.first().and_then(|&id| {
-        let tok = model.tokenizer.inner.id_to_token(id)?;
-        model
-            .tokenizer
-            .end_token_ids
-            .contains(&id)
-            .then_some((id, tok))
+        let tok = tokenizer.inner.id_to_token(id)?;
+        tokenizer.end_token_ids.contains(&id).then_some((id, tok))
     }))
 }
 

@@ -12,14 +12,17 @@ pub mod merge;
 pub mod ollama;
 pub mod peft;
 pub mod quant;
+pub mod tensors;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::model::Model;
+use crate::model::stream::ModelStream;
+use crate::model::{Model, TextSide};
 use crate::{Error, Result};
 use gguf::GgufDtype;
+use tensors::ModelInfo;
 
 /// What `afinar export --to` can write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +96,12 @@ pub struct ExportRequest {
 
 /// Writes every target of `req`, calling `report` with one line per finished target (where it
 /// went and its identity verdict) as soon as it is in place.
+///
+/// The weights are streamed from the checkpoint one tensor at a time, the adapter merged into
+/// each projection as it is read ([`tensors::Streamed`]): the model is never loaded whole for
+/// writing. Every target is written under a temporary name first; then, unless
+/// `--check-prompts 0`, the source model (base + adapter) is loaded once and each written file
+/// is loaded back and checked ([`identity`]) before it is renamed into place.
 pub fn export(req: &ExportRequest, device: &Device, mut report: impl FnMut(&str)) -> Result<()> {
     if req.targets.is_empty() {
         return Err(Error::InvalidArgument(
@@ -106,9 +115,11 @@ pub fn export(req: &ExportRequest, device: &Device, mut report: impl FnMut(&str)
         ));
     }
     refuse_existing(&req.out, req.overwrite)?;
-    let mut source = Model::load(&req.model, device)?;
-    if let Some(dir) = &req.adapter {
-        let cfg = peft::load(dir, &mut source.transformer, &req.model)?;
+    let text = TextSide::load(&req.model)?;
+    let stream = ModelStream::open(&text.source)?;
+    let (merged, adapter_cfg) =
+        tensors::Streamed::open(stream, req.adapter.as_deref(), &req.model)?;
+    if let (Some(dir), Some(cfg)) = (&req.adapter, &adapter_cfg) {
         if let Some(base) = &cfg.base_model_name_or_path {
             if !same_model(base, &req.model) && !req.force {
                 return Err(Error::InvalidArgument(format!(
@@ -119,8 +130,13 @@ pub fn export(req: &ExportRequest, device: &Device, mut report: impl FnMut(&str)
             }
         }
     }
-    let mut merged = source.clone();
-    merge::merge_lora(&mut merged.transformer)?;
+    let config = merged.stream.config.clone();
+    let info = ModelInfo {
+        source: &text.source,
+        config: &config,
+        tokenizer: &text.tokenizer,
+        chat_template: text.chat_template.as_ref(),
+    };
     let run = card::RunInfo::find(req.adapter.as_deref(), &req.model);
     let (probes, probe_source) = match run.as_ref().and_then(|r| r.test_probes(req.check_prompts)) {
         Some(p) => (p, "the run's test split"),
@@ -133,97 +149,121 @@ pub fn export(req: &ExportRequest, device: &Device, mut report: impl FnMut(&str)
     if multi {
         std::fs::create_dir_all(&req.out).map_err(|e| Error::io(&req.out, e))?;
     }
-    for &target in &req.targets {
-        let dest = if multi {
-            req.out.join(target.file_name(gguf_dtype))
-        } else {
-            req.out.clone()
-        };
-        if multi {
-            refuse_existing(&dest, req.overwrite)?;
-        }
-        let tmp = crate::fs::tmp_name(&dest);
-        remove_any(&tmp)?;
-        let written = write_target(
-            target,
-            req,
-            &source,
-            &merged,
-            run.as_ref(),
-            &probes,
-            gguf_dtype,
-            &tmp,
-        );
-        let line = match written {
-            Ok(line) => line,
-            Err(e) => {
-                let _ = remove_any(&tmp);
-                return Err(e);
+    let mut written: Vec<(Target, PathBuf, PathBuf)> = Vec::new();
+    let result = (|| -> Result<()> {
+        for &target in &req.targets {
+            let dest = if multi {
+                req.out.join(target.file_name(gguf_dtype))
+            } else {
+                req.out.clone()
+            };
+            if multi {
+                refuse_existing(&dest, req.overwrite)?;
             }
+            let tmp = crate::fs::tmp_name(&dest);
+            remove_any(&tmp)?;
+            written.push((target, dest, tmp.clone()));
+            write_target(target, req, &info, &merged, run.as_ref(), gguf_dtype, &tmp)?;
+        }
+        // The writers' buffers are gone; only the check's models are held from here on.
+        drop(merged);
+        let source = match req.check_prompts {
+            0 => None,
+            _ => Some(load_source(req, device)?),
         };
-        remove_any(&dest)?;
-        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
-        report(&format!(
-            "{} → {}: {line} (prompts: {probe_source})",
-            target.name(),
-            dest.display()
-        ));
+        for (target, dest, tmp) in &written {
+            let line = match &source {
+                None if *target == Target::GgufLora => LORA_LINE.to_string(),
+                None => SKIPPED.to_string(),
+                Some(source) => check_target(*target, req, source, &probes, gguf_dtype, tmp)?,
+            };
+            remove_any(dest)?;
+            std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
+            report(&format!(
+                "{} → {}: {line} (prompts: {probe_source})",
+                target.name(),
+                dest.display()
+            ));
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        for (_, _, tmp) in &written {
+            let _ = remove_any(tmp);
+        }
     }
-    Ok(())
+    result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The source model for the identity check: the base with the adapter attached (not merged).
+fn load_source(req: &ExportRequest, device: &Device) -> Result<Model> {
+    let mut source = Model::load(&req.model, device)?;
+    if let Some(dir) = &req.adapter {
+        peft::load(dir, &mut source.transformer, &req.model)?;
+    }
+    Ok(source)
+}
+
+/// Writes `target` at `tmp` from the streamed, merged weights.
 fn write_target(
     target: Target,
     req: &ExportRequest,
-    source: &Model,
-    merged: &Model,
+    info: &ModelInfo,
+    merged: &tensors::Streamed,
     run: Option<&card::RunInfo>,
+    gguf_dtype: GgufDtype,
+    tmp: &Path,
+) -> Result<()> {
+    match target {
+        Target::Hf => {
+            let opts = hf::HfOptions {
+                dtype: hf_dtype(hf_flag(req), &merged.stream.file_dtype)?,
+                end_of_turn: identity::end_of_turn_of(info.tokenizer, info.chat_template)?
+                    .map(|e| e.1),
+                card: Some(card::model_card(req, run)),
+                ..hf::HfOptions::default()
+            };
+            hf::save_from(tmp, info, merged, &opts)
+        }
+        Target::Gguf => gguf::write_from(info, merged, gguf_dtype, tmp),
+        Target::GgufLora => {
+            let adapter = req.adapter.as_deref().expect("checked in export");
+            gguf::write_lora_for(info, merged, adapter, tmp)
+        }
+        Target::Ollama => {
+            let system = run.and_then(|r| r.system.as_deref());
+            let mf = ollama::modelfile_for(*info, "model.gguf", system, req.force)?;
+            std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
+            crate::fs::write_atomic(&tmp.join("Modelfile"), mf.text.as_bytes())?;
+            gguf::write_from(info, merged, gguf_dtype, &tmp.join("model.gguf"))
+        }
+    }
+}
+
+/// The identity verdict of the target written at `tmp`.
+fn check_target(
+    target: Target,
+    req: &ExportRequest,
+    source: &Model,
     probes: &[Vec<crate::model::Message>],
     gguf_dtype: GgufDtype,
     tmp: &Path,
 ) -> Result<String> {
     match target {
         Target::Hf => {
-            let opts = hf::HfOptions {
-                dtype: hf_dtype(hf_flag(req), &source.file_dtype)?,
-                end_of_turn: identity::end_of_turn(source)?.map(|e| e.1),
-                card: Some(card::model_card(req, run)),
-                ..hf::HfOptions::default()
-            };
-            hf::save_with(tmp, merged, &opts)?;
-            if req.check_prompts == 0 {
-                return Ok(SKIPPED.into());
-            }
             let back = Model::load(&tmp.display().to_string(), source.transformer.device())?;
             let v = identity::check("hf", source, &back, probes, req.check_tokens, true)?;
             identity::enforce(&v, req.force)?;
             Ok(v.line)
         }
-        Target::Gguf => {
-            gguf::write_model(merged, gguf_dtype, tmp)?;
-            gguf_identity(req, source, tmp, probes, gguf_dtype)
-        }
-        Target::GgufLora => {
-            let adapter = req.adapter.as_deref().expect("checked in export");
-            let mut base = source.clone();
-            for (_, lin) in base.transformer.linears_mut() {
-                lin.lora = None;
-            }
-            gguf::write_lora(&base, adapter, tmp)?;
-            Ok("LoRA GGUF written (load it over the base GGUF with llama-server --lora)".into())
-        }
-        Target::Ollama => {
-            let system = run.and_then(|r| r.system.as_deref());
-            let mf = ollama::modelfile(source, "model.gguf", system, req.force)?;
-            std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
-            crate::fs::write_atomic(&tmp.join("Modelfile"), mf.text.as_bytes())?;
-            let gguf_path = tmp.join("model.gguf");
-            gguf::write_model(merged, gguf_dtype, &gguf_path)?;
-            gguf_identity(req, source, &gguf_path, probes, gguf_dtype)
-        }
+        Target::Gguf => gguf_identity(req, source, tmp, probes, gguf_dtype),
+        Target::GgufLora => Ok(LORA_LINE.into()),
+        Target::Ollama => gguf_identity(req, source, &tmp.join("model.gguf"), probes, gguf_dtype),
     }
 }
+
+/// The line of a written LoRA GGUF (it has no check of its own: llama.cpp applies it).
+const LORA_LINE: &str = "LoRA GGUF written (load it over the base GGUF with llama-server --lora)";
 
 /// Loads a written GGUF back and runs the identity check: exact for f32/f16/bf16, a report of
 /// the first divergence for quantized files.
@@ -234,9 +274,6 @@ fn gguf_identity(
     probes: &[Vec<crate::model::Message>],
     dtype: GgufDtype,
 ) -> Result<String> {
-    if req.check_prompts == 0 {
-        return Ok(SKIPPED.into());
-    }
     let back = Model::load(&path.display().to_string(), source.transformer.device())?;
     let exact = !matches!(dtype, GgufDtype::Q8_0 | GgufDtype::Q4_0);
     let v = identity::check("gguf", source, &back, probes, req.check_tokens, exact)?;

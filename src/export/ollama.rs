@@ -6,6 +6,7 @@
 //! `PARAMETER stop`, and the system message training used (or the template's own default)
 //! becomes `SYSTEM`, so the deployed model sees the prompt it was trained on.
 
+use super::tensors::ModelInfo;
 use crate::model::{Message, Model};
 use crate::{Error, Result};
 
@@ -136,7 +137,7 @@ impl Turns {
 /// llama.cpp and Ollama add from the GGUF's `add_bos_token` (Llama 3, Mistral). ChatML models
 /// have no BOS of their own; some (SmolLM2) name `<|im_start|>` as theirs, which must stay.
 struct Probe<'a> {
-    model: &'a Model,
+    model: ModelInfo<'a>,
     strip_bos: bool,
 }
 
@@ -176,7 +177,17 @@ pub fn modelfile(
     system: Option<&str>,
     force: bool,
 ) -> Result<Modelfile> {
-    let source = model.chat_template.as_ref().map(|t| t.source.as_str());
+    modelfile_for(ModelInfo::of(model), gguf_name, system, force)
+}
+
+/// [`modelfile`] for a model known by its description alone (tokenizer and template).
+pub fn modelfile_for(
+    model: ModelInfo,
+    gguf_name: &str,
+    system: Option<&str>,
+    force: bool,
+) -> Result<Modelfile> {
+    let source = model.chat_template.map(|t| t.source.as_str());
     let family = source.and_then(Family::detect);
     let probe = Probe {
         model,

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::model::transformer::{LoraAdapter, Transformer};
 use crate::{Error, Result};
 
-const PREFIX: &str = "base_model.model.";
+/// What PEFT puts before a module's name in adapter tensor keys.
+pub(crate) const PREFIX: &str = "base_model.model.";
 
 /// The fields of PEFT's `adapter_config.json` that afinar writes and reads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +35,17 @@ pub struct AdapterConfig {
     pub base_model_name_or_path: Option<String>,
     #[serde(default)]
     pub inference_mode: bool,
+}
+
+impl AdapterConfig {
+    /// The factor the delta B·A is scaled by: `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
 }
 
 fn none() -> String {
@@ -89,11 +101,7 @@ pub fn read(
 /// fit.
 pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<AdapterConfig> {
     let (cfg, mut tensors) = read(dir, model.device())?;
-    let scale = if cfg.use_rslora {
-        cfg.lora_alpha / (cfg.r as f64).sqrt()
-    } else {
-        cfg.lora_alpha / cfg.r as f64
-    };
+    let scale = cfg.scale();
     let trained_on = cfg
         .base_model_name_or_path
         .clone()

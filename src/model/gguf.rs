@@ -203,7 +203,7 @@ pub fn load(path: &Path, device: &Device, base: BaseDtype) -> Result<GgufModel> 
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`: (n_head, d/2, 2, in) → (n_head, 2, d/2, in).
-fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+pub(crate) fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     Ok(w.reshape((n_head, out / n_head / 2, 2, inp))?
         .transpose(1, 2)?
@@ -226,7 +226,7 @@ fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
 }
 
 /// GGUF tensor name → Hugging Face name (`None` for tensors afinar does not use).
-fn hf_name(name: &str) -> Option<String> {
+pub(crate) fn hf_name(name: &str) -> Option<String> {
     let fixed = match name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),

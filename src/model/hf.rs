@@ -142,7 +142,7 @@ fn chat_template(dir: &Path, tok_config: Option<&Value>) -> Result<Option<String
 
 /// The weight files: those listed in `model.safetensors.index.json`, else `model.safetensors`,
 /// else every `*.safetensors` in the directory.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if let Some(idx) = read_json_opt(&index)? {
         let map = idx

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod hf;
 pub mod ops;
 pub mod source;
+pub mod stream;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

@@ -11,26 +11,57 @@ pub const BLOCK: usize = 32;
 
 /// Appends `x` as little-endian f32.
 pub fn f32_bytes(x: &[f32], out: &mut Vec<u8>) {
-    out.reserve(x.len() * 4);
-    for v in x {
-        out.extend_from_slice(&v.to_le_bytes());
+    let start = out.len();
+    out.resize(start + x.len() * 4, 0);
+    f32_into(x, &mut out[start..]);
+}
+
+/// Writes `x` as little-endian f32 into `out` (exactly 4 bytes a value).
+pub fn f32_into(x: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(4).zip(x) {
+        o.copy_from_slice(&v.to_le_bytes());
     }
 }
 
 /// Appends `x` as IEEE half precision, rounded to nearest even as ggml's `GGML_FP32_TO_FP16`.
 pub fn f16_bytes(x: &[f32], out: &mut Vec<u8>) {
-    out.reserve(x.len() * 2);
-    for v in x {
-        out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+    let start = out.len();
+    out.resize(start + x.len() * 2, 0);
+    f16_into(x, &mut out[start..]);
+}
+
+/// [`f16_bytes`] into `out` (exactly 2 bytes a value).
+pub fn f16_into(x: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(x) {
+        o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
     }
 }
 
 /// Appends `x` as bfloat16, rounded to nearest even as ggml's `GGML_FP32_TO_BF16`.
 pub fn bf16_bytes(x: &[f32], out: &mut Vec<u8>) {
-    out.reserve(x.len() * 2);
-    for v in x {
-        out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+    let start = out.len();
+    out.resize(start + x.len() * 2, 0);
+    bf16_into(x, &mut out[start..]);
+}
+
+/// [`bf16_bytes`] into `out` (exactly 2 bytes a value).
+pub fn bf16_into(x: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(x) {
+        o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
     }
+}
+
+/// `max |x|` of a block (0 for zeros; NaN ignored, as `f32::max` does), in eight independent
+/// lanes so the compiler keeps it in vector registers.
+#[inline(always)]
+pub(crate) fn abs_max(block: &[f32; BLOCK]) -> f32 {
+    let mut m = [0f32; 8];
+    for chunk in block.chunks_exact(8) {
+        for k in 0..8 {
+            m[k] = m[k].max(chunk[k].abs());
+        }
+    }
+    m.into_iter().fold(0f32, f32::max)
 }
 
 #[cfg(test)]

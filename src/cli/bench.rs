@@ -80,6 +80,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let r = afinar::infer::bench::run(
                 &BenchInfer {
                     base_dtype: a.model.base_dtype,
+                    int8_dot: a.model.int8_dot,
                     model: a.model.model,
                     runs: a.runs,
                     verbose: true,

@@ -24,6 +24,8 @@ pub struct BenchInfer {
     pub verbose: bool,
     /// How the base's matrices are held.
     pub base_dtype: crate::model::BaseDtype,
+    /// 8-bit integer dot products for decoding.
+    pub int8_dot: bool,
 }
 
 const PREFILL_TOKENS: usize = 512;
@@ -33,7 +35,8 @@ const DECODE_NEW: usize = 128;
 /// Runs the benchmark on `device` and returns its `RESULT` object.
 pub fn run(b: &BenchInfer, device: &Device) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let model = Model::load_with(&b.model, device, b.base_dtype)?;
+    let mut model = Model::load_with(&b.model, device, b.base_dtype)?;
+    model.transformer.quantized_dot = b.int8_dot;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size;
     let runs = b.runs.max(1);
@@ -102,8 +105,10 @@ pub fn run(b: &BenchInfer, device: &Device) -> Result<serde_json::Value> {
     Ok(json!({
         "mode": "infer",
         "model": model.source.path().display().to_string(),
-        "threads": candle_core::utils::get_num_threads(),
+        "threads": rayon::current_num_threads(),
         "malloc": std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "default".into()),
+        "held": model.transformer.held_formats(),
+        "int8_dot": b.int8_dot,
         "load_s": load_s,
         "prefill": {"prompt_tokens": PREFILL_TOKENS, "tokens_per_s": n / median(all_s),
                     "last_logits": {"tokens_per_s": n / median(last_s)}},

@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub device: crate::device::DeviceSpec,
     /// How the base's matrices are held (see [`crate::model::BaseDtype`]).
     pub base_dtype: crate::model::BaseDtype,
+    /// 8-bit integer dot products for decoding (see [`crate::model::Transformer::quantized_dot`]).
+    pub int8_dot: bool,
     /// (name, PEFT adapter directory) pairs, each served as its own model id.
     pub adapters: Vec<(String, PathBuf)>,
     pub host: String,
@@ -79,6 +81,7 @@ impl ServeOptions {
             name: None,
             device: crate::device::DeviceSpec::Cpu,
             base_dtype: crate::model::BaseDtype::Auto,
+            int8_dot: false,
             adapters: vec![],
             host: "127.0.0.1".into(),
             port: 0,
@@ -199,7 +202,8 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
         )));
     }
     let device = opts.device.open()?;
-    let base = Model::load_with(&opts.model, &device, opts.base_dtype)?;
+    let mut base = Model::load_with(&opts.model, &device, opts.base_dtype)?;
+    base.transformer.quantized_dot = opts.int8_dot;
     let mut models = Vec::new();
     for (name, dir) in &opts.adapters {
         if name.is_empty()

@@ -4,6 +4,7 @@
 //! at every step.
 
 pub mod attention;
+pub mod block_dot;
 pub mod cpu;
 pub mod cross_entropy;
 pub mod frozen_matmul;

@@ -185,6 +185,67 @@ mod tests {
         Ok(())
     }
 
+    /// Every block format against ggml's reference dequantization (the `gguf` Python
+    /// package's, golden values from tests/golden/make_dequant_golden.py) on random blocks.
+    #[test]
+    fn dequantization_equals_ggml_reference() -> Result<()> {
+        use base64::Engine;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/ggml_dequant.json"
+        );
+        let g: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let b64 = |v: &serde_json::Value| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap()
+        };
+        let mut seen = Vec::new();
+        for case in g["cases"].as_array().unwrap() {
+            let name = case["format"].as_str().unwrap();
+            let dtype = match name {
+                "Q4_0" => GgmlDType::Q4_0,
+                "Q4_1" => GgmlDType::Q4_1,
+                "Q5_0" => GgmlDType::Q5_0,
+                "Q5_1" => GgmlDType::Q5_1,
+                "Q8_0" => GgmlDType::Q8_0,
+                "Q2_K" => GgmlDType::Q2K,
+                "Q3_K" => GgmlDType::Q3K,
+                "Q4_K" => GgmlDType::Q4K,
+                "Q5_K" => GgmlDType::Q5K,
+                "Q6_K" => GgmlDType::Q6K,
+                other => panic!("unknown format {other}"),
+            };
+            let (rows, cols) = (
+                case["rows"].as_u64().unwrap() as usize,
+                case["cols"].as_u64().unwrap() as usize,
+            );
+            let bytes = b64(&case["bytes_b64"]);
+            let want: Vec<f32> = b64(&case["values_f32_b64"])
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(bytes),
+                &Device::Cpu,
+                dtype,
+            )?;
+            let q = QTensor::new(storage, (rows, cols))?;
+            let mut got = vec![0f32; rows * cols];
+            packed_ref(&q)?.dequantize_rows(0, rows, &mut got)?;
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                    "{name} element {i}: {g} vs ggml {w}"
+                );
+            }
+            seen.push(name.to_string());
+        }
+        assert_eq!(seen.len(), 10, "every format checked: {seen:?}");
+        Ok(())
+    }
+
     #[test]
     fn permuting_rows_moves_them_whole() -> Result<()> {
         let x = Tensor::randn(0f32, 1., (4, 64), &Device::Cpu)?;

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::cpu::{gemm, gemm_shared, mat, view, F32View, SharedMut};
 use super::packed::{packed_ref, PackedRef};
-use super::quant_dot;
+use super::{block_dot, quant_dot};
 use crate::model::weights::Weight;
 
 /// A weight matrix (n × k, PyTorch's (out, in) layout) as the kernels read it.
@@ -58,9 +58,10 @@ pub struct MatmulMode {
 }
 
 impl Default for MatmulMode {
+    /// Exact (see [`crate::model::Transformer::quantized_dot`]).
     fn default() -> Self {
         Self {
-            quantized_dot: true,
+            quantized_dot: false,
         }
     }
 }
@@ -106,13 +107,18 @@ pub fn matmul_wt(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if mode.quantized_dot && m <= DOT_ROWS && quant_dot::supported(p.dtype, k) {
-        if !accumulate {
-            return quant_dot::matmul_wt(x, p, (m, n, k), y);
+    if m <= DOT_ROWS {
+        let int8 = mode.quantized_dot && quant_dot::supported(p.dtype, k);
+        let mut t = vec![0f32; if accumulate { m * n } else { 0 }];
+        let out = if accumulate { &mut t[..] } else { &mut y[..] };
+        if int8 {
+            quant_dot::matmul_wt(x, p, (m, n, k), out)?;
+        } else {
+            block_dot::matmul_wt(x, p, (m, n, k), out)?;
         }
-        let mut t = vec![0f32; m * n];
-        quant_dot::matmul_wt(x, p, (m, n, k), &mut t)?;
-        y.iter_mut().zip(&t).for_each(|(y, t)| *y += t);
+        if accumulate {
+            y.iter_mut().zip(&t).for_each(|(y, t)| *y += t);
+        }
         return Ok(());
     }
     let nb = panel_rows(k);
@@ -316,7 +322,10 @@ mod tests {
                 // The quantized-dot path for decoding stays close to the exact one.
                 if m <= DOT_ROWS && quant_dot::supported(dtype, k) {
                     let mut yq = vec![0f32; m * n];
-                    matmul_wt(&x, p, (m, n, k), &mut yq, false, MatmulMode::default())?;
+                    let int8 = MatmulMode {
+                        quantized_dot: true,
+                    };
+                    matmul_wt(&x, p, (m, n, k), &mut yq, false, int8)?;
                     let want = reference(&x, &wd, (m, n, k));
                     assert!(max_rel(&yq, &want) < 2e-2, "{dtype:?} quantized dot");
                 }

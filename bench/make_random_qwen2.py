@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes a Qwen2-shaped checkpoint with random weights (bf16 safetensors, config.json and the
-tiny fixture's tokenizer) for export benchmarks: `make_random_qwen2.py OUT_DIR [--size 1.5b]`.
+tiny fixture's tokenizer) for export and base-weight benchmarks:
+`make_random_qwen2.py OUT_DIR [--size 1.5b|0.5b|mistral-7b]` (mistral-7b: Mistral-7B's shape,
+Llama layout without biases, untied head, the tiny Mistral fixture's tokenizer; always numpy).
 Not committed: 3 GB at 1.5B. Uses torch + safetensors when installed (../shared/bench's venv has
 them), else numpy alone (other random values, same shapes and format), written tensor by tensor."""
 import json, os, shutil, sys
@@ -18,6 +20,9 @@ SIZES = {
                  num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    # Mistral-7B-v0.1 shapes.
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
 }
 
 def main():
@@ -25,11 +30,14 @@ def main():
     size = sys.argv[sys.argv.index("--size") + 1] if "--size" in sys.argv else "1.5b"
     s = SIZES[size]
     here = os.path.dirname(os.path.abspath(__file__))
-    fixture = os.path.join(here, "..", "tests", "fixtures", "tiny-qwen2")
+    mistral = size.startswith("mistral")
+    fixture = os.path.join(here, "..", "tests", "fixtures", "tiny-mistral" if mistral else "tiny-qwen2")
     os.makedirs(out, exist_ok=True)
     cfg = json.load(open(os.path.join(fixture, "config.json")))
-    cfg.update(s, max_position_embeddings=4096, tie_word_embeddings=True, torch_dtype="bfloat16")
+    cfg.update(s, max_position_embeddings=4096, tie_word_embeddings=not mistral, torch_dtype="bfloat16")
     cfg.pop("dtype", None)
+    if mistral:
+        cfg["head_dim"] = s["hidden_size"] // s["num_attention_heads"]
     cfg["layer_types"] = ["full_attention"] * s["num_hidden_layers"]
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -37,8 +45,8 @@ def main():
     h, i, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
     hd = h // s["num_attention_heads"]
     kv = hd * s["num_key_value_heads"]
-    if torch is None:
-        return numpy_checkpoint(out, s, h, i, v, kv)
+    if torch is None or mistral:
+        return numpy_checkpoint(out, s, h, i, v, kv, bias=not mistral, tied=not mistral)
     g = torch.Generator().manual_seed(0)
     def r(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
@@ -59,9 +67,11 @@ def main():
     n = sum(x.numel() for x in t.values())
     print(f"wrote {out}: {n / 1e9:.2f} B parameters")
 
-def shapes(s, h, i, v, kv):
+def shapes(s, h, i, v, kv, bias=True, tied=True):
     """Every tensor's (name, shape, random?) in the checkpoint, in name order."""
     t = [("model.embed_tokens.weight", (v, h), True), ("model.norm.weight", (h,), False)]
+    if not tied:
+        t.append(("lm_head.weight", (v, h), True))
     for l in range(s["num_hidden_layers"]):
         p = f"model.layers.{l}."
         t += [(p + "self_attn.q_proj.weight", (h, h), True), (p + "self_attn.q_proj.bias", (h,), True),
@@ -72,13 +82,15 @@ def shapes(s, h, i, v, kv):
               (p + "mlp.down_proj.weight", (h, i), True),
               (p + "input_layernorm.weight", (h,), False),
               (p + "post_attention_layernorm.weight", (h,), False)]
+    if not bias:
+        t = [x for x in t if not x[0].endswith(".bias")]
     return sorted(t)
 
-def numpy_checkpoint(out, s, h, i, v, kv):
+def numpy_checkpoint(out, s, h, i, v, kv, bias=True, tied=True):
     """The checkpoint without torch: N(0, 0.02²) values rounded to bf16 (nearest even), the
     safetensors header written first, then each tensor."""
     rng = np.random.default_rng(0)
-    t = shapes(s, h, i, v, kv)
+    t = shapes(s, h, i, v, kv, bias, tied)
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, _ in t:
         n = int(np.prod(shape)) * 2

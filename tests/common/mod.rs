@@ -233,3 +233,66 @@ pub fn cap_memory(bytes: u64) {
         unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) };
     }
 }
+
+/// A packed batch as `train::batch::make_batch` builds it: each row holds whole examples side
+/// by side (positions restart, attention stays inside an example), padded to the longest row;
+/// every next token inside an example is a target.
+pub fn packed_batch(rows: &[Vec<Vec<u32>>]) -> afinar::train::batch::Batch {
+    let dev = Device::Cpu;
+    let t = rows
+        .iter()
+        .map(|r| r.iter().map(Vec::len).sum::<usize>())
+        .max()
+        .unwrap();
+    let b = rows.len();
+    let (mut ids, mut pos) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+    let (mut target_positions, mut targets, mut n_tokens) = (vec![], vec![], 0);
+    for (bi, row) in rows.iter().enumerate() {
+        let mut start = 0;
+        for ex in row {
+            for (p, &id) in ex.iter().enumerate() {
+                let at = bi * t + start + p;
+                ids[at] = id;
+                pos[at] = p as u32;
+                for j in 0..=p {
+                    mask[at * t + start + j] = 0.0;
+                }
+                if p + 1 < ex.len() {
+                    target_positions.push(at as u32);
+                    targets.push(ex[p + 1]);
+                }
+            }
+            start += ex.len();
+            n_tokens += ex.len();
+        }
+        // Padding attends to itself only, so no row of the softmax is empty.
+        for p in start..t {
+            mask[(bi * t + p) * t + p] = 0.0;
+        }
+    }
+    let n_targets = targets.len();
+    afinar::train::batch::Batch {
+        ids: candle_core::Tensor::from_vec(ids, (b, t), &dev).unwrap(),
+        positions: candle_core::Tensor::from_vec(pos, (b, t), &dev).unwrap(),
+        mask: candle_core::Tensor::from_vec(mask, (b, 1, 1, t, t), &dev).unwrap(),
+        target_positions: candle_core::Tensor::from_vec(target_positions, n_targets, &dev).unwrap(),
+        targets: candle_core::Tensor::from_vec(targets, n_targets, &dev).unwrap(),
+        n_targets,
+        n_tokens,
+    }
+}
+
+/// Token ids below `vocab` from a fixed pattern.
+pub fn example(seed: u32, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (seed.wrapping_mul(2_654_435_761) ^ i.wrapping_mul(40_503)) % vocab as u32)
+        .collect()
+}
+
+/// Largest |a − b| relative to the larger of 1e-2 and the reference's largest magnitude.
+pub fn rel_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-2)
+}

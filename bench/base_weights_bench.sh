@@ -25,7 +25,7 @@ lscpu | grep -E "Model name|^CPU\(s\)|Flags" | sed 's/Flags:.*\(avx512_bf16\).*/
 # One line from a `RESULT {json}` of afinar bench train.
 train_line() { # NAME MODEL [FLAGS…]
     local name=$1 model=$2; shift 2
-    "$BIN" bench train --model "$model" --warmup 1 --steps "$STEPS" "$@" 2> "$W/train.err" \
+    "$BIN" bench train --model "$model" --warmup "${WARMUP:-1}" --steps "$STEPS" "$@" 2> "$W/train.err" \
         | grep '^RESULT' | sed 's/^RESULT //' > "$W/r.json" || { tail -5 "$W/train.err"; return 1; }
     "$PY" - "$name" "$W/r.json" <<'EOF'
 import json, sys
@@ -61,7 +61,7 @@ train7b)
         "$BIN" export --model "$W/mistral-7b" --to gguf --dtype q4_0 --out "$W/mistral-7b.q4_0.gguf" --check-prompts 0
     fi
     echo "== Mistral-7B shape, Q4_0 GGUF, LoRA r=16 all-linear, batch 4 × 256, one step"
-    STEPS=1 train_line "afinar Q4_0 GGUF (7B)" "$W/mistral-7b.q4_0.gguf" --warmup 0
+    STEPS=1 WARMUP=0 train_line "afinar Q4_0 GGUF (7B)" "$W/mistral-7b.q4_0.gguf"
     ;;
 decode)
     Q41=$("$BIN" info --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['source'])")

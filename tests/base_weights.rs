@@ -180,3 +180,54 @@ fn base_dtype_names_parse_and_bad_ones_list_the_choices() {
     let err = "q5_k".parse::<BaseDtype>().unwrap_err().to_string();
     assert!(err.contains("q4_0") && err.contains("auto"), "{err}");
 }
+
+/// Activation checkpointing (what makes a 7B step fit): the loss and every LoRA gradient equal
+/// the plain backward's, with dropout on, over a packed base.
+#[test]
+fn checkpointed_gradients_equal_the_plain_ones() {
+    for path in MODELS {
+        let mut model = load(path, BaseDtype::Q8_0);
+        let vocab = model.config().vocab_size;
+        let spec = LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            targets: afinar::train::lora::ALL_LINEAR.map(String::from).to_vec(),
+            dropout: 0.1,
+        };
+        let vars = attach(&mut model.transformer, &spec, kaiming_a(5)).unwrap();
+        for (i, (_, v)) in vars.iter().enumerate() {
+            if i % 2 == 1 {
+                let n = v.elem_count();
+                let vals: Vec<f32> = (0..n).map(|k| 0.05 * ((k * 3 + i) as f32).cos()).collect();
+                v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        model
+            .transformer
+            .lora_dropout_key
+            .store(11, std::sync::atomic::Ordering::Relaxed);
+        let batch = packed_batch(&[
+            vec![example(6, 12, vocab), example(7, 9, vocab)],
+            vec![example(8, 19, vocab)],
+        ]);
+        let t = &model.transformer;
+        let plain = (afinar::train::batch_nll(t, &batch, true).unwrap() / 7.0).unwrap();
+        let store = plain.backward().unwrap();
+        let refs: Vec<&candle_core::Var> = vars.iter().map(|(_, v)| v).collect();
+        let (loss, grads) = afinar::train::checkpointed_gradients(t, &batch, 7, &refs).unwrap();
+        let want = plain.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (loss - want).abs() <= 1e-6 * want.abs(),
+            "{path}: loss {loss} vs {want}"
+        );
+        for ((name, v), g) in vars.iter().zip(&grads) {
+            let g = g
+                .as_ref()
+                .unwrap_or_else(|| panic!("{path}: no gradient for {name}"));
+            let d = rel_diff(g, store.get(v.as_tensor()).unwrap());
+            assert!(d <= 1e-5, "{path}: {name} differs by {d}");
+        }
+    }
+}

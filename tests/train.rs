@@ -97,7 +97,7 @@ fn lora_gradients_match_peft() {
     let file = token_file(dir.path(), &seqs, None);
     let opt = optimizer(vars);
     let (grads, loss, _) =
-        step_gradients(&model.transformer, &opt, &file, &[vec![0, 1]], 0).unwrap();
+        step_gradients(&model.transformer, &opt, &file, &[vec![0, 1]], 0, false).unwrap();
     let want_loss = g["loss"].as_f64().unwrap();
     assert!(
         (loss - want_loss).abs() / want_loss < 1e-4,
@@ -171,7 +171,7 @@ fn tiny_batch(dir: &Path) -> TokenFile {
 
 /// Checks that every parameter of `opt` gets a non-zero gradient on the tiny batch.
 fn assert_all_gradients_nonzero(model: &Transformer, opt: &AdamW, file: &TokenFile) {
-    let (grads, _, _) = step_gradients(model, opt, file, &[vec![0, 1, 2, 3]], 0).unwrap();
+    let (grads, _, _) = step_gradients(model, opt, file, &[vec![0, 1, 2, 3]], 0, false).unwrap();
     for (p, g) in opt.params.iter().zip(grads.unwrap()) {
         let n = g
             .abs()
@@ -216,13 +216,14 @@ fn accumulated_micro_batches_equal_one_big_batch() {
             .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
             .collect()
     };
-    let (big, big_loss, _) = step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0).unwrap();
+    let (big, big_loss, _) =
+        step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], 0, false).unwrap();
     let big = norm(&big.unwrap());
     for split in [
         vec![vec![0, 1], vec![2, 3]],
         vec![vec![0], vec![1], vec![2], vec![3]],
     ] {
-        let (g, loss, _) = step_gradients(&model, &opt, &file, &split, 0).unwrap();
+        let (g, loss, _) = step_gradients(&model, &opt, &file, &split, 0, false).unwrap();
         assert!(
             (loss - big_loss).abs() < 1e-5 * big_loss,
             "loss {loss} vs {big_loss}"
@@ -488,7 +489,7 @@ fn lora_dropout_is_deterministic_per_key_and_off_without_one() {
     let (model, vars) = tiny_with_lora(0.3);
     let opt = optimizer(vars);
     let loss = |key: u64| {
-        step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], key)
+        step_gradients(&model, &opt, &file, &[vec![0, 1, 2, 3]], key, false)
             .unwrap()
             .1
     };

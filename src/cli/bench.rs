@@ -47,6 +47,9 @@ pub struct TrainBenchArgs {
     /// Only the RESULT line, no per-step timings (for ab.py).
     #[arg(long)]
     pub json: bool,
+    /// Activation checkpointing: recompute each layer in the backward (LoRA only).
+    #[arg(long)]
+    pub checkpointing: bool,
 }
 
 #[derive(Args)]
@@ -65,6 +68,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let result = match args.what {
         BenchCommand::Train(a) => afinar::train::bench::run(&BenchTrain {
             base_dtype: a.model.base_dtype,
+            checkpointing: a.checkpointing,
             model: a.model.model,
             batch: a.batch,
             seq: a.seq,

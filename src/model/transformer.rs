@@ -279,6 +279,14 @@ impl Cache {
     }
 }
 
+/// RoPE tables, attention mask and kernels shared by every block of one pass.
+pub struct LayerContext {
+    batch: usize,
+    rope: (Tensor, Tensor),
+    mask: Option<AttentionMask>,
+    kern: Kernels,
+}
+
 /// A Llama/Mistral/Qwen2 decoder with its language-model head.
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -506,18 +514,67 @@ impl Transformer {
         let rope = self.rope_tables(positions)?;
         let mask = mask.map(AttentionMask::new).transpose()?;
         let (eps, fused, kern) = (self.config.rms_norm_eps, self.fused, self.kernels());
-        for (i, layer) in self.layers.iter().enumerate() {
+        let ctx = LayerContext {
+            batch: b,
+            rope,
+            mask,
+            kern,
+        };
+        for i in 0..self.layers.len() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = rms_norm(&x, &layer.input_layernorm, eps, fused)?;
-            x = (x + layer
-                .self_attn
-                .forward(&h, b, &rope, mask.as_ref(), kv, kern)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, eps, fused)?;
-            x = (x + layer.mlp.forward(&h, kern)?)?;
+            x = self.block(i, &x, &ctx, kv)?;
         }
         rms_norm(&x, &self.norm, eps, fused)?
             .reshape((b, t, self.config.hidden_size))
             .map_err(Into::into)
+    }
+
+    /// Decoder block `i` on `x` (b·t, hidden): attention and MLP, each with its residual.
+    fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        kv: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (layer, eps, fused) = (&self.layers[i], self.config.rms_norm_eps, ctx.kern.fused);
+        let h = rms_norm(x, &layer.input_layernorm, eps, fused)?;
+        let attn =
+            layer
+                .self_attn
+                .forward(&h, ctx.batch, &ctx.rope, ctx.mask.as_ref(), kv, ctx.kern)?;
+        let x = (x + attn)?;
+        let h = rms_norm(&x, &layer.post_attention_layernorm, eps, fused)?;
+        Ok((x + layer.mlp.forward(&h, ctx.kern)?)?)
+    }
+
+    /// What a training pass over the layers needs besides the hidden states, for running them
+    /// one at a time (activation checkpointing): the embedded `ids` (b·t, hidden) and the
+    /// context every block takes.
+    pub fn layer_inputs(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+    ) -> Result<(Tensor, LayerContext)> {
+        let x = self.embed_tokens.embedding(&ids.flatten_all()?)?;
+        let ctx = LayerContext {
+            batch: ids.dim(0)?,
+            rope: self.rope_tables(positions)?,
+            mask: Some(AttentionMask::new(mask)?),
+            kern: self.kernels(),
+        };
+        Ok((x, ctx))
+    }
+
+    /// Decoder block `i` without a cache (see [`Transformer::layer_inputs`]).
+    pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        self.block(i, x, ctx, None)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps, self.fused)
     }
 
     /// Projects hidden states (..., hidden) to vocabulary logits (..., vocab).

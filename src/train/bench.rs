@@ -32,6 +32,8 @@ pub struct BenchTrain {
     pub verbose: bool,
     /// How the base's matrices are held (full fine-tuning always takes f32).
     pub base_dtype: crate::model::BaseDtype,
+    /// Activation checkpointing (LoRA only).
+    pub checkpointing: bool,
 }
 
 /// Runs the benchmark and returns its `RESULT` object.
@@ -103,6 +105,7 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
             &file,
             std::slice::from_ref(&batch),
             0,
+            b.checkpointing,
         )?;
         let t_fb = t.elapsed().as_secs_f64();
         if let Some(g) = grads {

@@ -64,6 +64,59 @@ pub fn batch_nll(model: &Transformer, b: &batch::Batch, with_grad: bool) -> Resu
     Ok(nll.sum_all()?)
 }
 
+/// The loss of batch `b` divided by `denom`, and the gradient of each of `vars` (LoRA
+/// matrices; `None` for a variable outside the layers), computed with activation
+/// checkpointing: a forward pass without a graph keeps each layer's input; the head's loss is
+/// differentiated with respect to the last one; then, from the top, each layer is run again
+/// from its saved input with a graph and differentiated against the gradient arriving from
+/// above (the gradient of Σ layer(x) ⊙ g), which gives its variables' gradients and the
+/// gradient passed down. LoRA dropout masks are a function of (key, adapter), so the rerun
+/// draws the same ones.
+pub fn checkpointed_gradients(
+    model: &Transformer,
+    b: &batch::Batch,
+    denom: usize,
+    vars: &[&Var],
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let (mut x, ctx) = model.layer_inputs(&b.ids, &b.positions, &b.mask)?;
+    x = x.detach();
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    for i in 0..model.layers.len() {
+        let next = model.layer(i, &x, &ctx)?.detach();
+        inputs.push(std::mem::replace(&mut x, next));
+    }
+    let mut found: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut collect = |store: &candle_core::backprop::GradStore| {
+        for (slot, v) in found.iter_mut().zip(vars) {
+            if let Some(g) = store.get(v.as_tensor()) {
+                *slot = Some(g.clone());
+            }
+        }
+    };
+    // The head: loss of the final hidden states, differentiated with respect to them.
+    let top = Var::from_tensor(&x)?;
+    let picked = model
+        .final_norm(top.as_tensor())?
+        .index_select(&b.target_positions, 0)?;
+    let loss = (model.head_nll(&picked, &b.targets, true)?.sum_all()? / denom as f64)?;
+    let store = loss.backward()?;
+    collect(&store);
+    let mut g = store
+        .get(top.as_tensor())
+        .cloned()
+        .ok_or_else(|| Error::Training("checkpointing: no gradient reached the head".into()))?;
+    for (i, input) in inputs.iter().enumerate().rev() {
+        let xv = Var::from_tensor(input)?;
+        let y = model.layer(i, xv.as_tensor(), &ctx)?;
+        let store = (y * &g)?.sum_all()?.backward()?;
+        collect(&store);
+        g = store.get(xv.as_tensor()).cloned().ok_or_else(|| {
+            Error::Training(format!("checkpointing: no gradient reached layer {i}"))
+        })?;
+    }
+    Ok((loss.to_scalar::<f32>()? as f64, found))
+}
+
 /// Mean loss per target token over the first `max_batches` batches of a split (0 = all).
 pub fn split_loss(
     model: &Transformer,
@@ -109,6 +162,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
             &run.train_file,
             &micro,
             run::dropout_key(&run),
+            run.cfg.gradient_checkpointing,
         )?;
         run::check_loss(&run, loss)?;
         let lr = run::learning_rate(&run);
@@ -184,12 +238,16 @@ fn optimiser_step(
 /// batch — so N micro-batches give exactly the gradient of one batch N times larger. Returns
 /// (gradients, loss, tokens); gradients are `None` when no micro-batch has a target.
 /// `dropout_key` seeds this step's LoRA dropout masks (0 = no dropout).
+/// With `checkpointing`, each micro-batch keeps only the layers' inputs and recomputes one
+/// layer at a time in the backward ([`checkpointed_gradients`]): the same gradients for a
+/// third more compute and one layer's activations instead of all of them.
 pub fn step_gradients(
     model: &Transformer,
     opt: &AdamW,
     file: &TokenFile,
     micro: &[Vec<usize>],
     dropout_key: u64,
+    checkpointing: bool,
 ) -> Result<(Option<Vec<Tensor>>, f64, usize)> {
     let denom: usize = micro.iter().map(|s| batch::count_targets(file, s)).sum();
     let mut grads: Option<Vec<Tensor>> = None;
@@ -209,14 +267,24 @@ pub fn step_gradients(
         if b.n_targets == 0 {
             continue;
         }
-        let loss = (batch_nll(model, &b, true)? / denom as f64)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        let store = loss.backward()?;
-        let g: Vec<Tensor> = opt
-            .params
-            .iter()
-            .map(|p| {
-                store.get(p.var.as_tensor()).cloned().ok_or_else(|| {
+        let vars: Vec<&Var> = opt.params.iter().map(|p| &p.var).collect();
+        let (loss, found) = if checkpointing {
+            checkpointed_gradients(model, &b, denom, &vars)?
+        } else {
+            let loss = (batch_nll(model, &b, true)? / denom as f64)?;
+            let store = loss.backward()?;
+            let found = vars
+                .iter()
+                .map(|v| store.get(v.as_tensor()).cloned())
+                .collect();
+            (loss.to_scalar::<f32>()? as f64, found)
+        };
+        loss_sum += loss;
+        let g: Vec<Tensor> = found
+            .into_iter()
+            .zip(&opt.params)
+            .map(|(g, p)| {
+                g.ok_or_else(|| {
                     Error::Training(format!(
                         "parameter {} received no gradient (a detached op?)",
                         p.name

@@ -61,7 +61,7 @@ train7b)
         "$BIN" export --model "$W/mistral-7b" --to gguf --dtype q4_0 --out "$W/mistral-7b.q4_0.gguf" --check-prompts 0
     fi
     echo "== Mistral-7B shape, Q4_0 GGUF, LoRA r=16 all-linear, batch 4 × 256, one step"
-    STEPS=1 WARMUP=0 train_line "afinar Q4_0 GGUF (7B)" "$W/mistral-7b.q4_0.gguf"
+    STEPS=1 WARMUP=0 train_line "afinar Q4_0 GGUF (7B), checkpointing" "$W/mistral-7b.q4_0.gguf" --checkpointing
     ;;
 decode)
     Q41=$("$BIN" info --json | "$PY" -c "import json,sys; print(json.load(sys.stdin)['source'])")

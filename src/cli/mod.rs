@@ -12,6 +12,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;
+pub mod plan;
 pub mod quickstart;
 pub mod score;
 pub mod serve;
@@ -43,6 +44,9 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Fine-tune a model (LoRA by default) from a TOML config, flags and --set overrides.
     Train(train::TrainArgs),
+    /// Before training: the memory (part by part) and time per epoch a run will need on this
+    /// machine, calibrated by real steps, and the settings that make it fit when it does not.
+    Plan(plan::PlanArgs),
     /// Evaluate a model or adapter: a data file whole, or a split of the adapter's run, for
     /// loss, perplexity and generation metrics; with --compare-base side by side with the base
     /// model.

@@ -53,7 +53,7 @@ pub struct PlanOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
     /// Program, tokenizer, allocator and everything else the process holds besides the parts
-    /// below (measured: RSS after loading and attaching LoRA, minus those parts).
+    /// below (measured: RSS after loading, minus the weights).
     pub runtime: u64,
     /// The base model's weights as held (matrices in their format, norms and biases f32).
     pub weights: u64,
@@ -402,14 +402,16 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
         },
     )?;
     let rss_ready = rss_bytes();
-    let runtime = rss_ready.saturating_sub(weights_held + 3 * trainable);
+    // Zeroed buffers (LoRA B, the moments) are not resident until written, so the parts that
+    // train are counted from their shapes, over the RSS of the loaded model.
+    let runtime = rss_loaded.saturating_sub(weights_held);
 
     // Calibration shape: the configured one unless a first guess says it would not fit.
     let lm_head_block = lm_head_block_bytes(&config);
     let (cal_batch, cal_seq) = opts.calibrate_at.unwrap_or_else(|| {
         let guess = |b: usize, s: usize| {
-            rss_ready
-                + trainable
+            rss_loaded
+                + 4 * trainable
                 + lm_head_block
                 + (prior_bytes_per_token(&config) * (b * s) as f64) as u64
                 + attention_bytes(&config, b, s)
@@ -460,7 +462,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
     // activations are counted from what is resident now, a lower bound.
     let step_peak_used = if peak_reset { step_peak } else { rss_bytes() };
     let cal_tokens = (cal_batch * cal_seq) as f64;
-    let act_measured = step_peak_used.saturating_sub(rss_ready + trainable + lm_head_block)
+    let act_measured = step_peak_used.saturating_sub(rss_loaded + 4 * trainable + lm_head_block)
         as f64
         - attention_bytes(&config, cal_batch, cal_seq) as f64;
     let act_per_token = act_measured.max(0.0) / cal_tokens;

@@ -172,8 +172,18 @@ fn render(p: &Plan) -> String {
             p.calibration.activation_bytes_per_token / 1e6
         ),
     );
-    row(&mut o, "LM-head block", m.lm_head_block, "256 rows × vocab f32 logits".into());
-    row(&mut o, "runtime", m.runtime, "program, tokenizer, allocator".into());
+    row(
+        &mut o,
+        "LM-head block",
+        m.lm_head_block,
+        "256 rows × vocab f32 logits".into(),
+    );
+    row(
+        &mut o,
+        "runtime",
+        m.runtime,
+        "program, tokenizer, allocator".into(),
+    );
     row(
         &mut o,
         "peak",
@@ -188,7 +198,10 @@ fn render(p: &Plan) -> String {
         &mut o,
         "eval KV cache",
         m.eval_kv_cache,
-        format!("per generation in `afinar eval` ({} + 256 tokens)", p.max_seq_len),
+        format!(
+            "per generation in `afinar eval` ({} + 256 tokens)",
+            p.max_seq_len
+        ),
     );
     let t = &p.time;
     let c = &p.calibration;
@@ -215,7 +228,11 @@ fn render(p: &Plan) -> String {
                 t.tokens.unwrap_or(0)
             );
             if let (Some(n), Some(s)) = (t.total_steps, t.total_s) {
-                let _ = writeln!(o, "  whole run     {} ({n} steps, validation excluded)", duration(s));
+                let _ = writeln!(
+                    o,
+                    "  whole run     {} ({n} steps, validation excluded)",
+                    duration(s)
+                );
             }
         }
         _ => {

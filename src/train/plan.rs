@@ -436,8 +436,13 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
     let (mut steps_s, mut fwd_bwd, mut opt_s) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..3 {
         let t = Instant::now();
-        let (grads, _, _) =
-            step_gradients(&model.transformer, &opt, &file, std::slice::from_ref(&batch), 0)?;
+        let (grads, _, _) = step_gradients(
+            &model.transformer,
+            &opt,
+            &file,
+            std::slice::from_ref(&batch),
+            0,
+        )?;
         let t_fb = t.elapsed().as_secs_f64();
         if let Some(mut g) = grads {
             optim::clip_grad_norm(&mut g, cfg.max_grad_norm)?;
@@ -573,7 +578,8 @@ fn data_size(opts: &PlanOptions) -> Result<(Option<u64>, Option<u64>)> {
                 true,
             )
         };
-        let prepared = crate::data::prepare_cached(&cfg.prepare_options()?, &cfg.model, &text, &dir);
+        let prepared =
+            crate::data::prepare_cached(&cfg.prepare_options()?, &cfg.model, &text, &dir);
         let sizes = prepared.and_then(|p| {
             let train = p.split("train")?;
             Ok((train.sequences() as u64, train.ids().len() as u64))
@@ -663,19 +669,20 @@ fn suggest(
 ) -> Vec<Suggestion> {
     let (b0, s0, ga0) = (cfg.batch_size, cfg.max_seq_len, cfg.grad_accum);
     let mut out = Vec::new();
-    let candidate = |set: Vec<String>, b: usize, s: usize, ga: usize, d: BaseDtype, note: String| {
-        let mem = m.memory(b, s, d);
-        (mem.peak <= available).then(|| {
-            let t = time_of(m, cfg, b, s, ga, sequences, tokens);
-            Suggestion {
-                set,
-                peak: mem.peak,
-                step_s: t.step_s,
-                epoch_s: t.epoch_s,
-                note,
-            }
-        })
-    };
+    let candidate =
+        |set: Vec<String>, b: usize, s: usize, ga: usize, d: BaseDtype, note: String| {
+            let mem = m.memory(b, s, d);
+            (mem.peak <= available).then(|| {
+                let t = time_of(m, cfg, b, s, ga, sequences, tokens);
+                Suggestion {
+                    set,
+                    peak: mem.peak,
+                    step_s: t.step_s,
+                    epoch_s: t.epoch_s,
+                    note,
+                }
+            })
+        };
     let lora = cfg.method == Method::Lora;
     // A packed base: Q8_0 first (closer to the original), then Q4_0.
     let mut smaller_bases = Vec::new();
@@ -764,14 +771,7 @@ fn suggest(
             if s != s0 {
                 set.push(format!("max_seq_len={s}"));
             }
-            out.extend(candidate(
-                set,
-                1,
-                s,
-                ga,
-                d,
-                "all of them together".into(),
-            ));
+            out.extend(candidate(set, 1, s, ga, d, "all of them together".into()));
         }
     }
     out
@@ -796,7 +796,11 @@ pub fn duration(s: f64) -> String {
     } else if s < 3600.0 {
         format!("{} min {} s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
-        format!("{} h {} min", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+        format!(
+            "{} h {} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
     }
 }
 
@@ -843,7 +847,10 @@ mod tests {
         let c = smollm2_shapes();
         let all: Vec<String> = lora::ALL_LINEAR.iter().map(|s| s.to_string()).collect();
         // Per layer: q 576+576, k 576+192, v 576+192, o 576+576, gate/up/down 3 × (576+1536).
-        assert_eq!(lora_params(&c, &all, 16), 30 * 16 * (1152 + 768 * 2 + 1152 + 3 * 2112));
+        assert_eq!(
+            lora_params(&c, &all, 16),
+            30 * 16 * (1152 + 768 * 2 + 1152 + 3 * 2112)
+        );
         assert_eq!(lora_params(&c, &["q_proj".into()], 8), 30 * 8 * 1152);
     }
 

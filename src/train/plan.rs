@@ -760,7 +760,7 @@ fn suggest(
             set.push(format!("base_dtype={d}"));
         }
         if b0 > 1 {
-            set.extend([format!("batch_size=1"), format!("grad_accum={ga}")]);
+            set.extend(["batch_size=1".to_string(), format!("grad_accum={ga}")]);
         }
         let s = if m.memory(1, s0, d).peak <= available {
             s0

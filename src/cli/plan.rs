@@ -143,7 +143,8 @@ fn render(p: &Plan) -> String {
     );
     let _ = writeln!(o, "\nmemory (peak RSS of training)");
     let row = |o: &mut String, name: &str, b: u64, note: String| {
-        let _ = writeln!(o, "  {name:<24}{:>10}  {note}", human(b));
+        let line = format!("  {name:<24}{:>10}  {note}", human(b));
+        let _ = writeln!(o, "{}", line.trim_end());
     };
     row(
         &mut o,
@@ -166,10 +167,11 @@ fn render(p: &Plan) -> String {
         "activations",
         m.activations,
         format!(
-            "{} × {} tokens, {:.2} MB a token + attention",
+            "{} × {} tokens × {:.2} MB + attention probabilities {}",
             p.batch_size,
             p.max_seq_len,
-            p.calibration.activation_bytes_per_token / 1e6
+            p.calibration.activation_bytes_per_token / 1e6,
+            human(m.attention)
         ),
     );
     row(

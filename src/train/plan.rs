@@ -66,6 +66,8 @@ pub struct Memory {
     /// Activations kept for the backward: calibrated bytes per token × batch × sequence length
     /// plus the attention probabilities (layers × heads × batch × seq² f32).
     pub activations: u64,
+    /// Of which the attention probabilities.
+    pub attention: u64,
     /// The fused LM-head + cross-entropy op's logits block (256 rows × vocab f32).
     pub lm_head_block: u64,
     /// Sum of the above: the expected peak RSS of training (or the load's own peak when higher).
@@ -309,8 +311,8 @@ impl Model2 {
     fn memory(&self, batch: usize, seq: usize, d: BaseDtype) -> Memory {
         let c = &self.config;
         let weights = self.weights(d);
-        let activations = (self.act_per_token * (batch * seq) as f64).round() as u64
-            + attention_bytes(c, batch, seq);
+        let attention = attention_bytes(c, batch, seq);
+        let activations = (self.act_per_token * (batch * seq) as f64).round() as u64 + attention;
         let lm_head_block = lm_head_block_bytes(c);
         let (trainable, gradients, optimizer) =
             (self.trainable, self.trainable, 2 * self.trainable);
@@ -330,6 +332,7 @@ impl Model2 {
             gradients,
             optimizer,
             activations,
+            attention,
             lm_head_block,
             peak: sum.max(load_peak),
             eval_kv_cache: kv_cache_bytes(c, seq + EVAL_NEW_TOKENS),
@@ -417,7 +420,9 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
                 + attention_bytes(&config, b, s)
         };
         let (mut b, mut s) = (cfg.batch_size, cfg.max_seq_len);
-        while guess(b, s) > available * 9 / 10 && (b > 1 || s > 64) {
+        // The steps run here, whatever machine `--memory` plans for.
+        let room = mem_available().unwrap_or(available).min(available) * 9 / 10;
+        while guess(b, s) > room && (b > 1 || s > 64) {
             if b > 1 {
                 b = b.div_ceil(2);
             } else {
@@ -748,7 +753,7 @@ fn suggest(
             s,
             ga0,
             m.held,
-            format!("sequences of {s} tokens (examples longer than that are truncated)"),
+            format!("sequences of {s} tokens; longer examples are truncated"),
         ));
     }
     if out.is_empty() {

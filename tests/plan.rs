@@ -128,7 +128,7 @@ fn plan_suggests_settings_that_fit() {
         "--max-seq-len",
         "256",
         "--calibrate-at",
-        "1x64",
+        "2x128",
         "--data",
         data,
         "--json",

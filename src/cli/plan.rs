@@ -186,6 +186,16 @@ fn render(p: &Plan) -> String {
         m.runtime,
         "program, tokenizer, allocator".into(),
     );
+    let _ = writeln!(o, "  {:<24}{:>10}", "", "-------");
+    row(&mut o, "training", m.training, String::new());
+    if m.load_peak > m.training {
+        row(
+            &mut o,
+            "loading",
+            m.load_peak,
+            "measured: converting at load passes through more than training holds".into(),
+        );
+    }
     row(
         &mut o,
         "peak",
@@ -240,6 +250,16 @@ fn render(p: &Plan) -> String {
         _ => {
             let _ = writeln!(o, "  per epoch     give --data or --tokens N");
         }
+    }
+    if !p.fits && p.base_dtype != "auto" && m.load_peak > p.available {
+        let _ = writeln!(
+            o,
+            "\nloading is the peak: convert once ahead, then plan and train over the file:\n  \
+             afinar export --model {} --to gguf --dtype {} --out model.{}.gguf",
+            super::args::shell_word(&p.model),
+            p.base_dtype,
+            p.base_dtype
+        );
     }
     if !p.fits {
         if p.suggestions.is_empty() {

@@ -70,7 +70,12 @@ pub struct Memory {
     pub attention: u64,
     /// The fused LM-head + cross-entropy op's logits block (256 rows × vocab f32).
     pub lm_head_block: u64,
-    /// Sum of the above: the expected peak RSS of training (or the load's own peak when higher).
+    /// Sum of the above: what training holds at its peak.
+    pub training: u64,
+    /// Peak RSS while loading (a conversion at load can pass through more than the model
+    /// holds afterwards); measured for the held format, 0 (unknown) for the others.
+    pub load_peak: u64,
+    /// The expected peak RSS of the run: the larger of `training` and `load_peak`.
     pub peak: u64,
     /// KV cache of one evaluation generation (prompt up to `max_seq_len` + 256 new tokens), on
     /// top of runtime + weights in `afinar eval`; not part of the training peak.
@@ -137,7 +142,7 @@ pub struct Time {
 pub struct Suggestion {
     /// The changes as `--set` arguments (`key=value`).
     pub set: Vec<String>,
-    /// Expected peak RSS with them.
+    /// Expected peak RSS of training with them (a load peak above it is reported apart).
     pub peak: u64,
     /// Expected seconds per optimizer step with them.
     pub step_s: f64,
@@ -269,6 +274,15 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Returns the allocator's free memory to the OS (glibc's `malloc_trim`; nothing elsewhere).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// `MemAvailable` from /proc/meminfo, in bytes.
 pub fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -334,6 +348,8 @@ impl Model2 {
             activations,
             attention,
             lm_head_block,
+            training: sum,
+            load_peak,
             peak: sum.max(load_peak),
             eval_kv_cache: kv_cache_bytes(c, seq + EVAL_NEW_TOKENS),
         }
@@ -371,8 +387,12 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
     let device = cfg.device.open()?;
     reset_peak_rss();
     let mut model = Model::load_with(&cfg.model, &device, held)?;
-    let rss_loaded = rss_bytes();
     let load_peak = peak_rss_bytes();
+    // Conversions at load free large buffers that the tuned allocator keeps resident; a run
+    // reuses them for activations. Handing them back here lets the RSS below measure what the
+    // model really holds (the load's own peak stays in the estimate as a floor).
+    release_free_memory();
+    let rss_loaded = rss_bytes();
     let config = model.config().clone();
     let weights_held = model.transformer.weight_bytes() as u64;
     let held_formats = model.transformer.held_formats();
@@ -421,7 +441,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
         };
         let (mut b, mut s) = (cfg.batch_size, cfg.max_seq_len);
         // The steps run here, whatever machine `--memory` plans for.
-        let room = mem_available().unwrap_or(available).min(available) * 9 / 10;
+        let room = mem_available().unwrap_or(available) * 9 / 10;
         while guess(b, s) > room && (b > 1 || s > 64) {
             if b > 1 {
                 b = b.div_ceil(2);
@@ -676,12 +696,13 @@ fn suggest(
     let mut out = Vec::new();
     let candidate =
         |set: Vec<String>, b: usize, s: usize, ga: usize, d: BaseDtype, note: String| {
+            // Training's own peak: a load peaking higher is solved apart (convert ahead).
             let mem = m.memory(b, s, d);
-            (mem.peak <= available).then(|| {
+            (mem.training <= available).then(|| {
                 let t = time_of(m, cfg, b, s, ga, sequences, tokens);
                 Suggestion {
                     set,
-                    peak: mem.peak,
+                    peak: mem.training,
                     step_s: t.step_s,
                     epoch_s: t.epoch_s,
                     note,
@@ -715,7 +736,7 @@ fn suggest(
         let mut b = b0;
         while b > 1 {
             b = b.div_ceil(2);
-            if m.memory(b, s, d).peak <= available {
+            if m.memory(b, s, d).training <= available {
                 return Some(b);
             }
         }
@@ -740,7 +761,7 @@ fn suggest(
         let mut s = s0;
         while s > 64 {
             s = (s / 2).max(64);
-            if m.memory(b, s, d).peak <= available {
+            if m.memory(b, s, d).training <= available {
                 return Some(s);
             }
         }
@@ -767,7 +788,7 @@ fn suggest(
         if b0 > 1 {
             set.extend(["batch_size=1".to_string(), format!("grad_accum={ga}")]);
         }
-        let s = if m.memory(1, s0, d).peak <= available {
+        let s = if m.memory(1, s0, d).training <= available {
             s0
         } else {
             fit_seq(d, 1).unwrap_or(0)

@@ -188,7 +188,7 @@ fn render(p: &Plan) -> String {
     );
     let _ = writeln!(o, "  {:<24}{:>10}", "", "-------");
     row(&mut o, "training", m.training, String::new());
-    if m.load_peak > m.training {
+    if m.load_peak > m.training || m.load_peak > p.available {
         row(
             &mut o,
             "loading",
@@ -254,8 +254,10 @@ fn render(p: &Plan) -> String {
     if !p.fits && p.base_dtype != "auto" && m.load_peak > p.available {
         let _ = writeln!(
             o,
-            "\nloading is the peak: convert once ahead, then plan and train over the file:\n  \
+            "\nloading peaks at {} (converting as it loads): convert once ahead, then plan and train \
+             over the file:\n  \
              afinar export --model {} --to gguf --dtype {} --out model.{}.gguf",
+            human(m.load_peak),
             super::args::shell_word(&p.model),
             p.base_dtype,
             p.base_dtype

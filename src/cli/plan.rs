@@ -10,17 +10,6 @@ use afinar::train::plan::{self, duration, human, Plan, PlanOptions};
 use afinar::train::TrainConfig;
 
 #[derive(Args)]
-#[command(
-    long_about = "Print what training will need before anything is trained: memory part by part \
-(base weights as held and in the other formats, LoRA parameters, gradients and AdamW moments, \
-activations at batch × sequence length, the LM-head logits block, the KV cache of evaluation) and \
-the time per optimizer step and per epoch on this machine, calibrated by loading the model and \
-timing real training steps (one warm-up, two timed) on random tokens. When the run does not fit \
-in the available memory (MemAvailable, or --memory), it prints --set settings that do: \
-base_dtype=q8_0/q4_0, a smaller batch_size with grad_accum keeping the sequences per step, a \
-shorter max_seq_len.\n\nTakes the same --config, --set and flags as `afinar train`.\n\n\
-Example: afinar plan --data data/conjugation/conjugation.jsonl --set batch_size=8"
-)]
 pub struct PlanArgs {
     /// TOML config file, as for `afinar train`.
     #[arg(long)]

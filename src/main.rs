@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         Command::Data(args) => cli::data::run(args),
         Command::Score(args) => cli::score::run(args),
         Command::Train(args) => cli::train::run(args),
+        Command::Plan(args) => cli::plan::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Quickstart(args) => cli::quickstart::run(args),
         Command::Export(args) => cli::export::run(args),

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;
+pub mod plan;
 pub mod quickstart;
 pub mod score;
 pub mod serve;
@@ -43,6 +44,21 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Fine-tune a model (LoRA by default) from a TOML config, flags and --set overrides.
     Train(train::TrainArgs),
+    /// Before training: the memory (part by part) and time per epoch a run will need on this
+    /// machine, calibrated by real steps, and the settings that make it fit when it does not.
+    ///
+    /// Loads the model as training would, attaches LoRA and times real optimizer steps (one
+    /// warm-up, two timed) on random tokens at the configured batch × sequence length, measuring
+    /// its own peak RSS. Prints the base weights as held and in the other formats, LoRA
+    /// parameters, gradients and AdamW moments, activations, the LM-head logits block, the KV
+    /// cache of evaluation, and the time per step and per epoch (from --data, prepared as
+    /// training prepares it, or --tokens N). When the run does not fit in the available memory
+    /// (MemAvailable, or --memory GB), prints --set settings that do: base_dtype=q8_0/q4_0, a
+    /// smaller batch_size with grad_accum keeping the sequences per step, a shorter
+    /// max_seq_len. Takes the --config, --set and flags of `afinar train`.
+    ///
+    /// Example: afinar plan --data data/conjugation/conjugation.jsonl --set batch_size=8
+    Plan(plan::PlanArgs),
     /// Evaluate a model or adapter: a data file whole, or a split of the adapter's run, for
     /// loss, perplexity and generation metrics; with --compare-base side by side with the base
     /// model.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod lock;
 pub mod lora;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod progress;
 pub mod run;

@@ -192,9 +192,13 @@ fn every_trainable_parameter_receives_a_nonzero_gradient() {
     assert_all_gradients_nonzero(&model, &optimizer(vars), &file);
     // Full fine-tuning (what `method = "full"` trains): every weight, norm and embedding too.
     let mdir = root().join("tests/fixtures/tiny-qwen2");
-    let mut model = Model::load_with(mdir.to_str().unwrap(), &Device::Cpu, afinar::model::BaseDtype::F32)
-        .unwrap()
-        .transformer;
+    let mut model = Model::load_with(
+        mdir.to_str().unwrap(),
+        &Device::Cpu,
+        afinar::model::BaseDtype::F32,
+    )
+    .unwrap()
+    .transformer;
     let vars: Vec<(String, Var)> = afinar::train::unfreeze_all(&mut model)
         .unwrap()
         .into_iter()

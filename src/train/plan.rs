@@ -467,6 +467,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
             &file,
             std::slice::from_ref(&batch),
             0,
+            false,
         )?;
         let t_fb = t.elapsed().as_secs_f64();
         if let Some(mut g) = grads {

@@ -37,31 +37,44 @@ pub fn matmul_wt(
         vec![Vec::new(); m]
     };
     let rb = w.row_bytes();
+    by_output_rows(y, m, n, |j, out, row| {
+        let wr = &w.bytes[j * rb..(j + 1) * rb];
+        match kernel {
+            Some(kern) => {
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o = kern.dot(wr, &x[r * k..(r + 1) * k], &sums[r]);
+                }
+            }
+            None => {
+                row.resize(k, 0f32);
+                w.dequantize_rows(j, j + 1, row)?;
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o = dot(row, &x[r * k..(r + 1) * k]);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Calls `f(j, outputs, scratch)` for every output column j (a row of W) with its m outputs
+/// (and a buffer reused within a task), split over rayon's pool, then scatters them into
+/// y (m × n). Shared by the exact and the 8-bit decoding products.
+pub(super) fn by_output_rows(
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    f: impl Fn(usize, &mut [f32], &mut Vec<f32>) -> Result<()> + Sync,
+) -> Result<()> {
     // Column-major scratch: each W row's m outputs are contiguous, so tasks own disjoint
     // chunks; 64 rows per task keeps scheduling cost far below the work.
     let mut t = vec![0f32; n * m];
     t.par_chunks_mut(64 * m)
         .enumerate()
         .try_for_each(|(c, chunk)| -> Result<()> {
-            let mut row = Vec::new();
+            let mut scratch = Vec::new();
             for (i, out) in chunk.chunks_mut(m).enumerate() {
-                let j = c * 64 + i;
-                let wr = &w.bytes[j * rb..(j + 1) * rb];
-                match kernel {
-                    Some(kern) => {
-                        for (r, o) in out.iter_mut().enumerate() {
-                            let xs = &x[r * k..(r + 1) * k];
-                            *o = kern.dot(wr, xs, &sums[r]);
-                        }
-                    }
-                    None => {
-                        row.resize(k, 0f32);
-                        w.dequantize_rows(j, j + 1, &mut row)?;
-                        for (r, o) in out.iter_mut().enumerate() {
-                            *o = dot(&row, &x[r * k..(r + 1) * k]);
-                        }
-                    }
-                }
+                f(c * 64 + i, out, &mut scratch)?;
             }
             Ok(())
         })?;
@@ -239,12 +252,12 @@ mod avx2 {
         assert!(w.len() >= blocks * 20 && sums.len() >= blocks);
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
-        for b in 0..blocks {
+        for (b, sum) in sums[..blocks].iter().enumerate() {
             // Nibbles are 0..15: as signed bytes they are the same values.
             let (lo, hi) = nibbles(w.as_ptr().add(b * 20 + 4));
             let s = dot32(lo, hi, x.as_ptr().add(b * QK));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w, b * 20)), s, acc);
-            mins += half(w, b * 20 + 2) * sums[b];
+            mins += half(w, b * 20 + 2) * sum;
         }
         hsum(acc) + mins
     }

@@ -15,8 +15,8 @@ use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::GgmlDType;
 use candle_core::Result;
 use half::f16;
-use rayon::prelude::*;
 
+use super::block_dot::by_output_rows;
 use super::packed::{with_block_type, PackedRef};
 
 /// Elements per activation block (all three formats use 32).
@@ -57,9 +57,9 @@ pub fn quantize_row(x: &[f32]) -> QuantRow {
 /// Whether [`matmul_wt`] takes this format at `k` columns.
 pub fn supported(d: GgmlDType, k: usize) -> bool {
     match d {
-        GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 => k % QK == 0,
+        GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 => k.is_multiple_of(QK),
         GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
-            k % 256 == 0
+            k.is_multiple_of(256)
         }
         _ => false,
     }
@@ -78,33 +78,15 @@ pub fn matmul_wt(
             let rows: Vec<QuantRow> = x.chunks_exact(k).map(quantize_row).collect();
             let kernel = Kernel::pick(w.dtype);
             let rb = w.row_bytes();
-            by_output_rows(y, m, n, |j, out| {
+            by_output_rows(y, m, n, |j, out, _| {
                 let wr = &w.bytes[j * rb..(j + 1) * rb];
                 for (o, r) in out.iter_mut().zip(&rows) {
                     *o = kernel.dot(wr, r);
                 }
-            });
-            Ok(())
+                Ok(())
+            })
         }
         d => with_block_type!(d, candle_rows(x, w, (m, n, k), y)),
-    }
-}
-
-/// Calls `f(j, outputs)` for every output column j (a row of W) with its m outputs, then
-/// scatters them into y (m × n).
-fn by_output_rows(y: &mut [f32], m: usize, n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    // Column-major scratch: each W row's m outputs are contiguous, so tasks own disjoint
-    // chunks; 64 rows per task keeps scheduling cost far below the work.
-    let mut t = vec![0f32; n * m];
-    t.par_chunks_mut(64 * m).enumerate().for_each(|(c, chunk)| {
-        for (i, out) in chunk.chunks_mut(m).enumerate() {
-            f(c * 64 + i, out);
-        }
-    });
-    for j in 0..n {
-        for i in 0..m {
-            y[i * n + j] = t[j * m + i];
-        }
     }
 }
 
@@ -121,13 +103,13 @@ fn candle_rows<T: GgmlType>(
         T::VecDotType::from_float(xr, ar);
     }
     let blocks: &[T] = w.blocks();
-    by_output_rows(y, m, n, |j, out| {
+    by_output_rows(y, m, n, |j, out, _| {
         let wr = &blocks[j * bpr..(j + 1) * bpr];
         for (o, a) in out.iter_mut().zip(acts.chunks_exact(bpr)) {
             *o = T::vec_dot(k, wr, a);
         }
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 /// A row dot product for one format, the SIMD version when the CPU has it.

@@ -255,16 +255,7 @@ pub fn write_lora_for(
 ) -> Result<()> {
     let (cfg, mut tensors) = super::peft::read(adapter_dir, &Device::Cpu)?;
     let base_name = model_name(info.source);
-    let trained_on = cfg
-        .base_model_name_or_path
-        .clone()
-        .unwrap_or_else(|| "an unrecorded base model".into());
-    let misfit = |what: String| {
-        Error::bad_file(
-            adapter_dir,
-            format!("adapter does not fit the model {base_name}: {what} (the adapter was trained on {trained_on})"),
-        )
-    };
+    let misfit = super::peft::misfit(adapter_dir, &cfg, &base_name);
     let c = info.config;
     let mut items = Vec::new();
     let mut lora = Vec::new();

@@ -102,18 +102,7 @@ pub fn read(
 pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<AdapterConfig> {
     let (cfg, mut tensors) = read(dir, model.device())?;
     let scale = cfg.scale();
-    let trained_on = cfg
-        .base_model_name_or_path
-        .clone()
-        .unwrap_or_else(|| "an unrecorded base model".into());
-    let misfit = |what: String| {
-        Error::bad_file(
-            dir,
-            format!(
-                "adapter does not fit the model {model_name}: {what} (the adapter was trained on {trained_on})"
-            ),
-        )
-    };
+    let misfit = misfit(dir, &cfg, model_name);
     let mut attached = 0;
     for (name, lin) in model.linears_mut() {
         let a = tensors.remove(&format!("{PREFIX}{name}.lora_A.weight"));
@@ -144,4 +133,25 @@ pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<Ada
         return Err(misfit(format!("tensor {extra} has no matching module")));
     }
     Ok(cfg)
+}
+
+/// The error for an adapter at `dir` that does not fit `model_name`: what does not fit, and the
+/// base the adapter was trained on (shared by loading, streaming and the LoRA GGUF writer).
+pub(crate) fn misfit<'a>(
+    dir: &'a Path,
+    cfg: &AdapterConfig,
+    model_name: &'a str,
+) -> impl Fn(String) -> Error + 'a {
+    let trained_on = cfg
+        .base_model_name_or_path
+        .clone()
+        .unwrap_or_else(|| "an unrecorded base model".into());
+    move |what: String| {
+        Error::bad_file(
+            dir,
+            format!(
+                "adapter does not fit the model {model_name}: {what} (the adapter was trained on {trained_on})"
+            ),
+        )
+    }
 }

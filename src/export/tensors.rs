@@ -154,18 +154,7 @@ impl Streamed {
             None => None,
             Some(dir) => {
                 let (cfg, mut t) = peft::read(dir, &Device::Cpu)?;
-                let trained_on = cfg
-                    .base_model_name_or_path
-                    .clone()
-                    .unwrap_or_else(|| "an unrecorded base model".into());
-                let misfit = |what: String| {
-                    Error::bad_file(
-                        dir,
-                        format!(
-                            "adapter does not fit the model {model_name}: {what} (the adapter was trained on {trained_on})"
-                        ),
-                    )
-                };
+                let misfit = peft::misfit(dir, &cfg, model_name);
                 for i in 0..c.num_layers {
                     for (module, out, inp) in linear_shapes(c) {
                         let name = format!("model.layers.{i}.{module}");

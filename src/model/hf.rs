@@ -25,14 +25,7 @@ pub struct HfModel {
 
 /// Loads a model directory onto `device`, its matrices held as `base` says.
 pub fn load(dir: &Path, device: &Device, base: BaseDtype) -> Result<HfModel> {
-    let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(Error::bad_file(
-            dir,
-            "not a model directory: config.json is missing (expected config.json, tokenizer.json and *.safetensors)",
-        ));
-    }
-    let config = ModelConfig::from_hf_json(&config_path)?;
+    let config = read_config(dir)?;
     let (tokenizer, chat_template) = load_text_side(dir)?;
     let files = safetensors_files(dir)?;
     let mut tensors = HashMap::new();
@@ -69,6 +62,18 @@ pub fn load(dir: &Path, device: &Device, base: BaseDtype) -> Result<HfModel> {
         chat_template,
         file_dtype,
     })
+}
+
+/// The configuration of a model directory, or an error saying it is not one.
+pub(crate) fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::bad_file(
+            dir,
+            "not a model directory: config.json is missing (expected config.json, tokenizer.json and *.safetensors)",
+        ));
+    }
+    ModelConfig::from_hf_json(&config_path)
 }
 
 /// Reads only the tokenizer (with special tokens) and the chat template of a model directory.

@@ -99,14 +99,7 @@ impl ModelStream {
     }
 
     fn open_hf(dir: &Path) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        if !config_path.is_file() {
-            return Err(Error::bad_file(
-                dir,
-                "not a model directory: config.json is missing (expected config.json, tokenizer.json and *.safetensors)",
-            ));
-        }
-        let config = ModelConfig::from_hf_json(&config_path)?;
+        let config = super::hf::read_config(dir)?;
         let files = super::hf::safetensors_files(dir)?;
         let mut tensors = BTreeMap::new();
         let mut file_dtype = String::new();

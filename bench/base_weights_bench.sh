@@ -47,12 +47,19 @@ train15)
     train_line "afinar bf16 held" "$W/qwen2-1.5b"
     train_line "afinar Q8_0 GGUF" "$W/qwen2-1.5b.q8_0.gguf"
     train_line "afinar Q4_0 GGUF" "$W/qwen2-1.5b.q4_0.gguf"
+    train_line "afinar Q8_0 GGUF, checkpointing" "$W/qwen2-1.5b.q8_0.gguf" --checkpointing
+    train_line "afinar Q4_0 GGUF, checkpointing" "$W/qwen2-1.5b.q4_0.gguf" --checkpointing
+    # transformers reads a GGUF (dequantized to f32 at load), not the bf16 directory here: the
+    # Q8_0 export is the same weights to within its rounding.
     if "$PY" -c "import torch, peft" 2> /dev/null; then
-        "$PY" ../shared/bench/peft_baseline.py lora --model "$W/qwen2-1.5b" --warmup 1 --steps "$STEPS" \
-            2> /dev/null | grep '^RESULT' | sed 's/^RESULT //' > "$W/p.json"
-        "$PY" -c "import json; r=json.load(open('$W/p.json')); print(f\"{'PyTorch + PEFT f32':<34} {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_rss_mib']:8.0f} MiB\")"
+        for ac in f32 bf16; do
+            flag=(); [ $ac = bf16 ] && flag=(--autocast bf16)
+            "$PY" ../shared/bench/peft_baseline.py lora --model "$W/qwen2-1.5b.q8_0.gguf" --warmup 1 \
+                --steps "$STEPS" "${flag[@]}" 2> /dev/null | grep '^RESULT' | sed 's/^RESULT //' > "$W/p.json"
+            "$PY" -c "import json; r=json.load(open('$W/p.json')); print(f\"{'PyTorch + PEFT $ac':<34} {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_rss_mib']:8.0f} MiB\")"
+        done
     else
-        echo "PyTorch + PEFT f32: not measured (no torch in $PY)"
+        echo "PyTorch + PEFT: not measured (no torch in $PY)"
     fi
     ;;
 train7b)

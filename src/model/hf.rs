@@ -9,6 +9,8 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use super::config::ModelConfig;
+use super::source::ModelSource;
+use super::stream::ModelStream;
 use super::tokenizer::TextTokenizer;
 use super::weights::{hold, BaseDtype, Weight, Weights};
 use crate::{Error, Result};
@@ -25,42 +27,29 @@ pub struct HfModel {
 
 /// Loads a model directory onto `device`, its matrices held as `base` says.
 pub fn load(dir: &Path, device: &Device, base: BaseDtype) -> Result<HfModel> {
-    let config = read_config(dir)?;
+    let stream = ModelStream::open(&ModelSource::HfDir(dir.to_path_buf()))?;
     let (tokenizer, chat_template) = load_text_side(dir)?;
-    let files = safetensors_files(dir)?;
     let mut tensors = HashMap::new();
-    let mut file_dtype = String::new();
-    for file in &files {
-        let loaded = candle_core::safetensors::load(file, device).map_err(|e| {
-            Error::bad_file(
-                file,
-                format!(
-                    "not a readable safetensors file: {}",
-                    crate::error::candle_message(&e)
-                ),
-            )
-        })?;
-        for (name, t) in loaded {
-            if file_dtype.is_empty() && t.rank() > 1 {
-                file_dtype = format!("{:?}", t.dtype()).to_uppercase();
-            }
-            let w = if t.rank() == 2 {
-                hold(t, base)?
-            } else {
-                Weight::Dense(t.to_dtype(DType::F32)?)
-            };
-            tensors.insert(name, w);
-        }
+    // One tensor read at a time and held at once, so the peak is the held model plus one
+    // tensor (and its f32 copy while it is quantized), never the file beside the model.
+    for (name, t) in stream.tensors() {
+        let x = stream.read_stored(name, device)?;
+        let w = if t.shape.len() == 2 {
+            hold(x, base)?
+        } else {
+            Weight::Dense(x.to_dtype(DType::F32)?)
+        };
+        tensors.insert(name.to_string(), w);
     }
     Ok(HfModel {
-        config,
+        config: stream.config.clone(),
         weights: Weights {
             tensors,
             origin: dir.to_path_buf(),
         },
         tokenizer,
         chat_template,
-        file_dtype,
+        file_dtype: stream.file_dtype.clone(),
     })
 }
 

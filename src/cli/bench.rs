@@ -50,6 +50,9 @@ pub struct TrainBenchArgs {
     /// Activation checkpointing: recompute each layer in the backward (LoRA only).
     #[arg(long)]
     pub checkpointing: bool,
+    /// Arithmetic of the base's products: auto (bf16 where the CPU has AVX512-BF16), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub compute: afinar::train::Compute,
 }
 
 #[derive(Args)]
@@ -69,6 +72,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Train(a) => afinar::train::bench::run(&BenchTrain {
             base_dtype: a.model.base_dtype,
             checkpointing: a.checkpointing,
+            compute: a.compute,
             model: a.model.model,
             batch: a.batch,
             seq: a.seq,

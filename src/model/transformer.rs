@@ -310,6 +310,10 @@ pub struct Transformer {
     /// exact in f32 against the dequantized weights (blocks unpacked in registers), so
     /// generation equals transformers' on the same weights.
     pub quantized_dot: bool,
+    /// Multiply the frozen base's matrices in bf16 with f32 accumulation (AVX512-BF16) for
+    /// products of more than a few rows: training's `compute = "bf16"`. Off by default (exact
+    /// f32); ignored on CPUs without the instructions.
+    pub bf16_compute: bool,
 }
 
 impl Transformer {
@@ -390,6 +394,7 @@ impl Transformer {
             lora_dropout_key: Default::default(),
             fused: true,
             quantized_dot: false,
+            bf16_compute: false,
         })
     }
 
@@ -475,6 +480,7 @@ impl Transformer {
             fused: self.fused,
             mode: MatmulMode {
                 quantized_dot: self.quantized_dot,
+                bf16: self.bf16_compute,
             },
         }
     }
@@ -599,7 +605,13 @@ impl Transformer {
         Ok(if !self.fused {
             ops::cross_entropy::cross_entropy_reference(&self.logits(hidden)?, targets)?
         } else if !head.is_variable() {
-            ops::linear_cross_entropy::linear_cross_entropy(hidden, head, targets, with_grad)?
+            ops::linear_cross_entropy::linear_cross_entropy(
+                hidden,
+                head,
+                targets,
+                with_grad,
+                self.bf16_compute,
+            )?
         } else {
             ops::cross_entropy::cross_entropy(&self.logits(hidden)?, targets)?
         })

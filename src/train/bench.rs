@@ -34,6 +34,8 @@ pub struct BenchTrain {
     pub base_dtype: crate::model::BaseDtype,
     /// Activation checkpointing (LoRA only).
     pub checkpointing: bool,
+    /// Arithmetic of the base's products.
+    pub compute: super::Compute,
 }
 
 /// Runs the benchmark and returns its `RESULT` object.
@@ -46,6 +48,7 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
         b.base_dtype
     };
     let mut model = Model::load_with(&b.model, &device, base)?;
+    model.transformer.bf16_compute = b.compute.bf16();
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size as u64;
     let mut rng = Rng::new(1);
@@ -134,6 +137,9 @@ pub fn run(b: &BenchTrain) -> Result<serde_json::Value> {
         "config": {"model": model.source.path().display().to_string(), "batch": b.batch, "seq": b.seq, "rank": b.rank,
                    "alpha": 2 * b.rank, "targets": b.targets, "warmup": b.warmup, "steps": b.steps},
         "threads": candle_core::utils::get_num_threads(),
+        "compute": b.compute.resolved(),
+        "kernel": crate::model::ops::matmul_kernel(b.compute.bf16()),
+        "cpu": crate::model::ops::cpu_description(),
         "malloc": std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| "default".into()),
         "tokens_per_s": tokens / step,
         "tokens_per_sec": tokens / step,

@@ -32,6 +32,61 @@ impl std::str::FromStr for Method {
     }
 }
 
+/// Arithmetic of the frozen base's products (`compute`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compute {
+    /// bf16 where the CPU has bf16 dot-product instructions, f32 elsewhere.
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl Compute {
+    /// Whether the base's products run in bf16 on this machine (`bf16` on a CPU without the
+    /// instructions runs f32: the kernels fall back).
+    pub fn bf16(self) -> bool {
+        match self {
+            Compute::F32 => false,
+            Compute::Auto | Compute::Bf16 => {
+                crate::model::ops::bf16_gemm::available()
+            }
+        }
+    }
+
+    /// "bf16" or "f32": what [`Compute::bf16`] picks here.
+    pub fn resolved(self) -> &'static str {
+        if self.bf16() {
+            "bf16"
+        } else {
+            "f32"
+        }
+    }
+}
+
+impl std::str::FromStr for Compute {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Compute::Auto),
+            "f32" => Ok(Compute::F32),
+            "bf16" => Ok(Compute::Bf16),
+            _ => Err(Error::Config(format!(
+                "compute = '{s}': use \"auto\" (bf16 where the CPU has bf16 instructions), \"f32\" or \"bf16\""
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compute::Auto => "auto",
+            Compute::F32 => "f32",
+            Compute::Bf16 => "bf16",
+        })
+    }
+}
+
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -183,6 +238,12 @@ pub struct TrainConfig {
     /// backward (LoRA only): about a third more compute, and activation memory of one layer
     /// instead of all (a 7B model at 4 × 256 tokens: ~10 GB less).
     pub gradient_checkpointing: bool,
+    /// Arithmetic of the frozen base's products: "auto" (bf16 where the CPU has AVX512-BF16,
+    /// f32 elsewhere), "f32" or "bf16". bf16 rounds activations and base weights to bf16 and
+    /// accumulates in f32, as PyTorch's bf16 autocast does; LoRA weights, their gradients and
+    /// the optimizer stay f32.
+    #[serde(with = "as_text")]
+    pub compute: Compute,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     /// Dropout on the LoRA input, in [0, 1).
@@ -249,6 +310,7 @@ impl Default for TrainConfig {
             method: Method::Lora,
             base_dtype: BaseDtype::Auto,
             gradient_checkpointing: false,
+            compute: Compute::Auto,
             lora_rank: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.0,

@@ -26,7 +26,7 @@ use crate::data::cache::TokenFile;
 use crate::model::Transformer;
 use crate::model::Weight;
 use crate::{Error, Result};
-pub use config::{LoraTargets, Method, TrainConfig};
+pub use config::{Compute, LoraTargets, Method, TrainConfig};
 use optim::AdamW;
 use progress::Progress;
 

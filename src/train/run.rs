@@ -141,6 +141,7 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
     }
 
     let mut model = Model::load_with(&cfg.model, &device, cfg.held_base()?)?;
+    model.transformer.bf16_compute = cfg.compute.bf16();
     let base_model = model.source.path().display().to_string();
     let adam = AdamWConfig {
         beta1: cfg.adam_beta1,

@@ -161,6 +161,23 @@ impl<'a> SharedMut<'a> {
     }
 }
 
+impl SharedMut<'_> {
+    /// A pointer to element `start`, for kernels that write a strided region reaching at most
+    /// `extent` elements from it.
+    ///
+    /// # Safety
+    /// No other task reads or writes the elements written through the pointer while it is used.
+    pub unsafe fn ptr_at(&self, start: usize, extent: usize) -> *mut f32 {
+        assert!(
+            start + extent <= self.len,
+            "shared buffer: {start}+{extent} past its {} elements",
+            self.len
+        );
+        // SAFETY: in bounds (asserted above); the buffer outlives every copy of `self`.
+        unsafe { self.ptr.add(start) }
+    }
+}
+
 /// Elements a (rows × cols) operand with these strides needs: one past its largest index.
 fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> usize {
     if rows == 0 || cols == 0 {

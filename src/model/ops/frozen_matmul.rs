@@ -41,7 +41,7 @@ impl CustomOp1 for FrozenMatmul {
         let n = dy.dim(1)?;
         let w = weight_view(&self.weight)?;
         let mut dx = vec![0f32; m * k];
-        matmul_w(&view(dy)?, w.get(), (m, n, k), &mut dx, false)?;
+        matmul_w(&view(dy)?, w.get(), (m, n, k), &mut dx, false, self.mode)?;
         Ok(Some(Tensor::from_vec(dx, (m, k), x.device())?))
     }
 }

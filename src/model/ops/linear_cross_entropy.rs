@@ -27,6 +27,8 @@ struct LinearCrossEntropy {
     weight: Weight,
     /// Compute dh in the forward pass (training); off for evaluation.
     with_grad: bool,
+    /// Products in bf16 (see [`MatmulMode::bf16`]); never quantized dot products.
+    mode: MatmulMode,
     /// dh (rows × hidden), unscaled, for the backward.
     dh: Mutex<Option<Vec<f32>>>,
 }
@@ -44,17 +46,14 @@ impl LinearCrossEntropy {
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);
             let z = &mut logits[..m * vocab];
-            // z = h Wᵀ (exact: no quantized dot products for losses)
-            let exact = MatmulMode {
-                quantized_dot: false,
-            };
+            // z = h Wᵀ
             matmul_wt(
                 &h[r0 * hs..(r0 + m) * hs],
                 w,
                 (m, vocab, hs),
                 z,
                 false,
-                exact,
+                self.mode,
             )?;
             let with_grad = self.with_grad;
             z.par_chunks_mut(vocab)
@@ -70,7 +69,14 @@ impl LinearCrossEntropy {
                 });
             if with_grad {
                 // dh = (softmax − onehot) W
-                matmul_w(z, w, (m, vocab, hs), &mut dh[r0 * hs..(r0 + m) * hs], false)?;
+                matmul_w(
+                    z,
+                    w,
+                    (m, vocab, hs),
+                    &mut dh[r0 * hs..(r0 + m) * hs],
+                    false,
+                    self.mode,
+                )?;
             }
         }
         if self.with_grad {
@@ -128,13 +134,14 @@ impl CustomOp2 for LinearCrossEntropy {
 
 /// Negative log-likelihood of `targets` (n, u32) under the logits `hidden · weightᵀ`, one value
 /// per row, for `hidden` (n, hs) and a frozen head `weight` (vocab, hs); differentiable in
-/// `hidden` when `with_grad` (training). Off the CPU (or not f32),
-/// [`linear_cross_entropy_reference`].
+/// `hidden` when `with_grad` (training); the head's products in bf16 when `bf16` (training's
+/// `compute = "bf16"`). Off the CPU (or not f32), [`linear_cross_entropy_reference`].
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Weight,
     targets: &Tensor,
     with_grad: bool,
+    bf16: bool,
 ) -> Result<Tensor> {
     if !super::fusable(hidden) {
         return linear_cross_entropy_reference(hidden, weight, targets);
@@ -144,6 +151,10 @@ pub fn linear_cross_entropy(
         LinearCrossEntropy {
             weight: detached(weight),
             with_grad,
+            mode: MatmulMode {
+                quantized_dot: false,
+                bf16,
+            },
             dh: Mutex::new(None),
         },
     )
@@ -179,18 +190,18 @@ mod tests {
         let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % vocab as u32).collect();
         let t = Tensor::from_vec(t, n, &dev)?;
         let want = cross_entropy(&h.matmul(&wt.t()?)?, &t)?;
-        let got = linear_cross_entropy(&h, &w, &t, true)?;
+        let got = linear_cross_entropy(&h, &w, &t, true, false)?;
         let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
-        let eval_only = linear_cross_entropy(&h, &w, &t, false)?;
+        let eval_only = linear_cross_entropy(&h, &w, &t, false, false)?;
         assert!((eval_only - want)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
         let small = h.narrow(0, 0, 4)?;
         let ts = t.narrow(0, 0, 4)?;
         fd_check(&Var::from_tensor(&small)?, |x| {
-            linear_cross_entropy(x, &w, &ts, true)
+            linear_cross_entropy(x, &w, &ts, true, false)
         })?;
         let bad = Tensor::from_vec(vec![vocab as u32; n], n, &dev)?;
-        assert!(linear_cross_entropy(&h, &w, &bad, true).is_err());
+        assert!(linear_cross_entropy(&h, &w, &bad, true, false).is_err());
         Ok(())
     }
 }

@@ -103,7 +103,7 @@ impl LoraLinear {
         let mut da = vec![0f32; d.rank * d.inp];
         let mut db = vec![0f32; d.out * d.rank];
         // dx = dy W
-        matmul_w(dy, w, (d.rows, d.out, d.inp), &mut dx, false)?;
+        matmul_w(dy, w, (d.rows, d.out, d.inp), &mut dx, false, self.mode)?;
         // v = dy B
         gemm(
             (d.rows, d.rank, d.out),

@@ -4,6 +4,7 @@
 //! at every step.
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod block_dot;
 pub mod cpu;
 pub mod cross_entropy;
@@ -16,6 +17,46 @@ pub mod quant_dot;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
+
+/// This CPU as the benchmarks report it: model name and the instruction sets the kernels
+/// dispatch on (decided at run time, so one binary runs everywhere).
+pub fn cpu_description() -> serde_json::Value {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = Some(&info)
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    #[allow(unused_mut)]
+    let mut features: Vec<&str> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => {$(if is_x86_feature_detected!($f) { features.push($f); })*};
+        }
+        probe!("avx2", "fma", "avxvnni", "avx512f", "avx512bw", "avx512vnni", "avx512bf16");
+        // AMX detection is not stable in std; the kernel's flag list says it.
+        if info.split_whitespace().any(|f| f == "amx_bf16") {
+            features.push("amx-bf16");
+        }
+    }
+    serde_json::json!({"model": model, "features": features})
+}
+
+/// The kernel the frozen base's training products take: `avx512bf16` (`bf16_gemm.rs`) when
+/// `bf16` compute is asked for and available, else the `gemm` crate's f32 kernels.
+pub fn matmul_kernel(bf16: bool) -> &'static str {
+    if bf16 && bf16_gemm::available() {
+        "avx512bf16"
+    } else if cfg!(target_arch = "x86_64") {
+        "f32 (gemm crate, avx2/avx512f)"
+    } else {
+        "f32 (gemm crate)"
+    }
+}
 
 /// Whether the fused CPU kernels can take `t`: f32 data in CPU memory. Anything else (a CUDA
 /// tensor, another dtype) takes each op's `*_reference` composition of candle ops, which all

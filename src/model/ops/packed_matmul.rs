@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::cpu::{gemm, gemm_shared, mat, view, F32View, SharedMut};
 use super::packed::{packed_ref, PackedRef};
-use super::{block_dot, quant_dot};
+use super::{bf16_gemm, block_dot, quant_dot};
 use crate::model::weights::Weight;
 
 /// A weight matrix (n × k, PyTorch's (out, in) layout) as the kernels read it.
@@ -55,6 +55,10 @@ pub struct MatmulMode {
     /// use integer dot products (faster decoding; results differ from the f32 path by the
     /// activations' rounding). False keeps every product exact in f32.
     pub quantized_dot: bool,
+    /// For more than [`DOT_ROWS`] rows of x, round x and W to bf16 and multiply them with
+    /// AVX512-BF16's pair dot products, accumulating in f32 (`bf16_gemm.rs`; training's
+    /// `compute = "bf16"`). Ignored where the CPU lacks the instructions.
+    pub bf16: bool,
 }
 
 impl Default for MatmulMode {
@@ -62,7 +66,15 @@ impl Default for MatmulMode {
     fn default() -> Self {
         Self {
             quantized_dot: false,
+            bf16: false,
         }
+    }
+}
+
+impl MatmulMode {
+    /// Whether a product over `m` rows of x takes the bf16 kernels.
+    fn takes_bf16(&self, m: usize) -> bool {
+        self.bf16 && m > DOT_ROWS && bf16_gemm::available()
     }
 }
 
@@ -88,6 +100,9 @@ pub fn matmul_wt(
 ) -> Result<()> {
     assert_eq!(x.len(), m * k, "matmul_wt: x is not {m}×{k}");
     assert_eq!(y.len(), m * n, "matmul_wt: y is not {m}×{n}");
+    if mode.takes_bf16(m) {
+        return bf16_wt(x, w, (m, n, k), y, accumulate);
+    }
     let p = match w {
         WeightRef::F32(w) => {
             gemm(
@@ -175,9 +190,13 @@ pub fn matmul_w(
     (m, n, k): (usize, usize, usize),
     dx: &mut [f32],
     accumulate: bool,
+    mode: MatmulMode,
 ) -> Result<()> {
     assert_eq!(dy.len(), m * n, "matmul_w: dy is not {m}×{n}");
     assert_eq!(dx.len(), m * k, "matmul_w: dx is not {m}×{k}");
+    if mode.takes_bf16(m) {
+        return bf16_w(dy, w, (m, n, k), dx, accumulate);
+    }
     let p = match w {
         WeightRef::F32(w) => {
             gemm(
@@ -230,6 +249,131 @@ pub fn matmul_w(
         })
 }
 
+/// Rows of W per bf16 panel: [`panel_rows`] rounded down to the micro-kernel's width (so no
+/// packed column is padding) and kept even (pairs of rows in the input gradient).
+fn bf16_panel_rows(k: usize) -> usize {
+    (panel_rows(k) / bf16_gemm::NR * bf16_gemm::NR).max(bf16_gemm::NR)
+}
+
+/// W's rows r0..r1 in f32: a slice of an f32 weight, or dequantized into `panel`.
+fn rows_f32<'a>(w: WeightRef<'a>, (r0, r1): (usize, usize), k: usize, panel: &'a mut [f32]) -> Result<&'a [f32]> {
+    Ok(match w {
+        WeightRef::F32(w) => &w[r0 * k..r1 * k],
+        WeightRef::Packed(p) => {
+            let panel = &mut panel[..(r1 - r0) * k];
+            p.dequantize_rows(r0, r1, panel)?;
+            panel
+        }
+    })
+}
+
+/// Each thread's packed-pair buffer for the bf16 kernels (reused, as [`with_panel`]).
+fn with_pairs<R>(f: impl FnOnce(&mut Vec<u32>) -> R) -> R {
+    thread_local! {
+        static PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PAIRS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// x (m × k) as bf16 pairs, rows converted in parallel.
+fn pack_rows(x: &[f32], (m, k): (usize, usize)) -> Vec<u32> {
+    let k2 = bf16_gemm::pairs(k);
+    let mut a = vec![0u32; m * k2];
+    let rows = super::cpu::rows_per_task(k).max(1);
+    a.par_chunks_mut(rows * k2)
+        .zip(x.par_chunks(rows * k))
+        .for_each(|(dst, src)| {
+            let mut buf = Vec::new();
+            bf16_gemm::pack_a(src, (src.len() / k, k), &mut buf);
+            dst.copy_from_slice(&buf);
+        });
+    a
+}
+
+/// [`matmul_wt`] in bf16: tiles of W's rows in parallel, each converted to packed pairs and
+/// multiplied by all of x's rows into its columns of y.
+fn bf16_wt(x: &[f32], w: WeightRef, (m, n, k): (usize, usize, usize), y: &mut [f32], accumulate: bool) -> Result<()> {
+    if let WeightRef::Packed(p) = &w {
+        check(p, n, k);
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let a = pack_rows(x, (m, k));
+    let k2 = bf16_gemm::pairs(k);
+    let nb = bf16_panel_rows(k);
+    let shared = SharedMut::new(y);
+    (0..n.div_ceil(nb)).into_par_iter().try_for_each(|t| -> Result<()> {
+        let (r0, r1) = (t * nb, ((t + 1) * nb).min(n));
+        with_panel(nb * k, |panel| {
+            let rows = rows_f32(w, (r0, r1), k, panel)?;
+            with_pairs(|b| {
+                bf16_gemm::pack_bt(rows, (r1 - r0, k), b);
+                // SAFETY: this task writes only columns r0..r1 of y (m rows, stride n), which no
+                // other tile touches; the region's extent from element r0 is asserted by
+                // `ptr_at`.
+                unsafe {
+                    let c = shared.ptr_at(r0, (m - 1) * n + (r1 - r0));
+                    bf16_gemm::gemm((&a, k2), (b, bf16_gemm::packed_cols(r1 - r0)), (m, r1 - r0, k2), c, n, accumulate);
+                }
+            });
+            Ok(())
+        })
+    })
+}
+
+/// [`matmul_w`] in bf16: dx's rows split between tasks; each walks W's row tiles (pairs of
+/// rows interleaved) and accumulates their products.
+fn bf16_w(dy: &[f32], w: WeightRef, (m, n, k): (usize, usize, usize), dx: &mut [f32], accumulate: bool) -> Result<()> {
+    if let WeightRef::Packed(p) = &w {
+        check(p, n, k);
+    }
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    if n == 0 {
+        if !accumulate {
+            dx.fill(0.0);
+        }
+        return Ok(());
+    }
+    let a = pack_rows(dy, (m, n));
+    let n2 = bf16_gemm::pairs(n);
+    let nb = bf16_panel_rows(k);
+    let tasks = rayon::current_num_threads().clamp(1, m);
+    let chunk = m.div_ceil(tasks);
+    dx.par_chunks_mut(chunk * k)
+        .zip(a.par_chunks(chunk * n2))
+        .try_for_each(|(dx, a)| -> Result<()> {
+            let rows = dx.len() / k;
+            with_panel(nb * k, |panel| {
+                with_pairs(|b| {
+                    for r0 in (0..n).step_by(nb) {
+                        let r1 = (r0 + nb).min(n);
+                        let wr = rows_f32(w, (r0, r1), k, panel)?;
+                        bf16_gemm::pack_b(wr, (r1 - r0, k), b);
+                        // SAFETY: dx is this task's exclusive rows × k chunk; r0 is even (nb
+                        // is), so pair r0/2 of each dy row starts W's row r0.
+                        unsafe {
+                            bf16_gemm::gemm(
+                                (&a[r0 / 2..], n2),
+                                (b, bf16_gemm::packed_cols(k)),
+                                (rows, k, bf16_gemm::pairs(r1 - r0)),
+                                dx.as_mut_ptr(),
+                                k,
+                                accumulate || r0 > 0,
+                            )
+                        };
+                    }
+                    Ok(())
+                })
+            })
+        })
+}
+
 fn check(p: &PackedRef, n: usize, k: usize) {
     assert!(
         p.rows == n && p.cols == k,
@@ -275,9 +419,7 @@ mod tests {
     #[test]
     fn tiled_products_equal_dense_ones_over_odd_shapes() -> Result<()> {
         let dev = Device::Cpu;
-        let exact = MatmulMode {
-            quantized_dot: false,
-        };
+        let exact = MatmulMode::default();
         for (m, n, k) in [(1, 7, 32), (3, 33, 64), (37, 1000, 256), (5, 17, 576)] {
             for dtype in [
                 GgmlDType::BF16,
@@ -317,13 +459,14 @@ mod tests {
                 }
                 let want = reference(&dy, &wt_t, (m, k, n));
                 let mut dx = vec![1f32; m * k];
-                matmul_w(&dy, p, (m, n, k), &mut dx, false)?;
+                matmul_w(&dy, p, (m, n, k), &mut dx, false, MatmulMode::default())?;
                 assert!(max_rel(&dx, &want) < 1e-5, "{dtype:?} {m}×{n}×{k} backward");
                 // The quantized-dot path for decoding stays close to the exact one.
                 if m <= DOT_ROWS && quant_dot::supported(dtype, k) {
                     let mut yq = vec![0f32; m * n];
                     let int8 = MatmulMode {
                         quantized_dot: true,
+                        bf16: false,
                     };
                     matmul_wt(&x, p, (m, n, k), &mut yq, false, int8)?;
                     let want = reference(&x, &wd, (m, n, k));

@@ -22,6 +22,21 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// Prefill (512-token prompt) and greedy decode (32-token prompt + 128 new tokens).
     Infer(InferBenchArgs),
+    /// The frozen-base products of a training step, f32 against bf16, in GFLOP/s, and the
+    /// bf16 micro-kernel's in-cache peak.
+    Gemm(GemmBenchArgs),
+}
+
+#[derive(Args)]
+pub struct GemmBenchArgs {
+    /// Rows of x (batch × sequence).
+    #[arg(long, default_value_t = 1024)]
+    pub rows: usize,
+    /// Weight shapes as OUTxIN, comma-separated (default: SmolLM2-135M's projections and head).
+    #[arg(long, default_value = "576x576,192x576,1536x576,576x1536,49152x576")]
+    pub shapes: String,
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
 }
 
 #[derive(Args)]
@@ -83,6 +98,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             targets: a.targets,
             verbose: !a.json,
         })?,
+        BenchCommand::Gemm(a) => {
+            let shapes = a
+                .shapes
+                .split(',')
+                .map(|s| {
+                    let (n, k) = s
+                        .trim()
+                        .split_once('x')
+                        .context("a shape is OUTxIN, e.g. 576x1536")?;
+                    Ok((n.parse()?, k.parse()?))
+                })
+                .collect::<Result<Vec<(usize, usize)>>>()?;
+            afinar::model::ops::gemm_bench::run(a.rows, &shapes, a.runs)
+        }
         BenchCommand::Infer(a) => {
             let device = a.model.device.open()?;
             let r = afinar::infer::bench::run(

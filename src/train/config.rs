@@ -47,9 +47,7 @@ impl Compute {
     pub fn bf16(self) -> bool {
         match self {
             Compute::F32 => false,
-            Compute::Auto | Compute::Bf16 => {
-                crate::model::ops::bf16_gemm::available()
-            }
+            Compute::Auto | Compute::Bf16 => crate::model::ops::bf16_gemm::available(),
         }
     }
 

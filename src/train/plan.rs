@@ -387,6 +387,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
     let device = cfg.device.open()?;
     reset_peak_rss();
     let mut model = Model::load_with(&cfg.model, &device, held)?;
+    model.transformer.bf16_compute = cfg.compute.bf16();
     let load_peak = peak_rss_bytes();
     // Conversions at load free large buffers that the tuned allocator keeps resident; a run
     // reuses them for activations. Handing them back here lets the RSS below measure what the

@@ -18,8 +18,9 @@
 const MR: usize = 8;
 /// Columns of C per micro-tile (two zmm of f32).
 pub const NR: usize = 32;
-/// Pairs of k per cache block (B's strip: 256 · 32 · 4 = 32 KiB, in L1).
-const KC: usize = 256;
+/// Most pairs of k per cache block (B's strip: 384 · 32 · 4 = 48 KiB, about L1); k is split
+/// into equal blocks so that no block is a short remainder (each block re-reads C's tile).
+const KC: usize = 384;
 /// Rows of A per cache block (128 · 256 · 4 = 128 KiB, in L2).
 const MC: usize = 128;
 
@@ -62,7 +63,10 @@ pub fn pack_a(a: &[f32], (m, k): (usize, usize), out: &mut Vec<u32>) {
     assert_eq!(a.len(), m * k, "pack_a: A is not {m}×{k}");
     let k2 = pairs(k);
     out.resize(m * k2, 0);
-    for (row, dst) in a.chunks_exact(k.max(1)).zip(out.chunks_exact_mut(k2.max(1))) {
+    for (row, dst) in a
+        .chunks_exact(k.max(1))
+        .zip(out.chunks_exact_mut(k2.max(1)))
+    {
         convert_pairs(row, dst);
     }
 }
@@ -180,8 +184,15 @@ pub unsafe fn gemm(
         "bf16 gemm: A holds {} < {m} rows of {lda}",
         a.len()
     );
-    assert!(ldb % NR == 0 && ldb >= n, "bf16 gemm: ldb {ldb} for {n} columns");
-    assert!(b.len() >= k2 * ldb, "bf16 gemm: B holds {} < {k2}×{ldb}", b.len());
+    assert!(
+        ldb % NR == 0 && ldb >= n,
+        "bf16 gemm: ldb {ldb} for {n} columns"
+    );
+    assert!(
+        b.len() >= k2 * ldb,
+        "bf16 gemm: B holds {} < {k2}×{ldb}",
+        b.len()
+    );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: features asserted above; operand extents asserted above; the caller guarantees
     // C's region.
@@ -203,7 +214,11 @@ mod x86 {
         let mut i = 0;
         while i < n {
             let left = n - i;
-            let lo_mask: __mmask16 = if left >= 16 { 0xffff } else { (1u32 << left) as u16 - 1 };
+            let lo_mask: __mmask16 = if left >= 16 {
+                0xffff
+            } else {
+                (1u32 << left) as u16 - 1
+            };
             let hi_left = left.saturating_sub(16);
             let hi_mask: __mmask16 = if hi_left >= 16 {
                 0xffff
@@ -220,7 +235,11 @@ mod x86 {
             // 32 bf16: the first 16 from `lo` in the low half.
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             let words = left.min(32).div_ceil(2);
-            let m: __mmask16 = if words >= 16 { 0xffff } else { ((1u32 << words) - 1) as u16 };
+            let m: __mmask16 = if words >= 16 {
+                0xffff
+            } else {
+                ((1u32 << words) - 1) as u16
+            };
             // SAFETY: writes dst[i/2 .. i/2 + words], in bounds (dst has ceil(n/2) words).
             unsafe { _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i / 2).cast(), m, v) };
             i += 32;
@@ -258,8 +277,9 @@ mod x86 {
             }
             return;
         }
-        for p0 in (0..k2).step_by(KC) {
-            let kc = KC.min(k2 - p0);
+        let block = k2.div_ceil(k2.div_ceil(KC).max(1)).max(1);
+        for p0 in (0..k2).step_by(block) {
+            let kc = block.min(k2 - p0);
             let add = accumulate || p0 > 0;
             for i0 in (0..m).step_by(MC) {
                 let mc = MC.min(m - i0);
@@ -321,9 +341,17 @@ mod x86 {
                 }
             }
         }
-        let m0: __mmask16 = if nr >= 16 { 0xffff } else { ((1u32 << nr) - 1) as u16 };
+        let m0: __mmask16 = if nr >= 16 {
+            0xffff
+        } else {
+            ((1u32 << nr) - 1) as u16
+        };
         let r1 = nr.saturating_sub(16);
-        let m1: __mmask16 = if r1 >= 16 { 0xffff } else { ((1u32 << r1) - 1) as u16 };
+        let m1: __mmask16 = if r1 >= 16 {
+            0xffff
+        } else {
+            ((1u32 << r1) - 1) as u16
+        };
         for r in 0..mr {
             // SAFETY: row r < mr, columns < nr of C (masked), in the caller's region.
             unsafe {
@@ -381,7 +409,9 @@ mod tests {
                 src.get(i)
                     .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32)
             };
-            let want: Vec<u32> = (0..pairs(n)).map(|p| h(2 * p) | h(2 * p + 1) << 16).collect();
+            let want: Vec<u32> = (0..pairs(n))
+                .map(|p| h(2 * p) | h(2 * p + 1) << 16)
+                .collect();
             assert_eq!(got, want, "n = {n}");
         }
     }
@@ -417,11 +447,27 @@ mod tests {
             let mut y = vec![0.5f32; m * n];
             // SAFETY: y is m × n with row stride n, exclusively borrowed.
             unsafe {
-                gemm((&a, pairs(k)), (&b, packed_cols(n)), (m, n, pairs(k)), y.as_mut_ptr(), n, false)
+                gemm(
+                    (&a, pairs(k)),
+                    (&b, packed_cols(n)),
+                    (m, n, pairs(k)),
+                    y.as_mut_ptr(),
+                    n,
+                    false,
+                )
             };
             close(&y, &want, k, "forward");
             // SAFETY: as above.
-            unsafe { gemm((&a, pairs(k)), (&b, packed_cols(n)), (m, n, pairs(k)), y.as_mut_ptr(), n, true) };
+            unsafe {
+                gemm(
+                    (&a, pairs(k)),
+                    (&b, packed_cols(n)),
+                    (m, n, pairs(k)),
+                    y.as_mut_ptr(),
+                    n,
+                    true,
+                )
+            };
             let twice: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();
             close(&y, &twice, k, "accumulate");
             // Input gradient: dx (m × k) = dy (m × n) W (n × k).
@@ -438,7 +484,14 @@ mod tests {
             let mut dx = vec![-1f32; m * k];
             // SAFETY: dx is m × k with row stride k, exclusively borrowed.
             unsafe {
-                gemm((&a, pairs(n)), (&b, packed_cols(k)), (m, k, pairs(n)), dx.as_mut_ptr(), k, false)
+                gemm(
+                    (&a, pairs(n)),
+                    (&b, packed_cols(k)),
+                    (m, k, pairs(n)),
+                    dx.as_mut_ptr(),
+                    k,
+                    false,
+                )
             };
             close(&dx, &want, n, "backward");
         }

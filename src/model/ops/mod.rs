@@ -9,6 +9,7 @@ pub mod block_dot;
 pub mod cpu;
 pub mod cross_entropy;
 pub mod frozen_matmul;
+pub mod gemm_bench;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod packed;
@@ -37,7 +38,15 @@ pub fn cpu_description() -> serde_json::Value {
         macro_rules! probe {
             ($($f:tt),*) => {$(if is_x86_feature_detected!($f) { features.push($f); })*};
         }
-        probe!("avx2", "fma", "avxvnni", "avx512f", "avx512bw", "avx512vnni", "avx512bf16");
+        probe!(
+            "avx2",
+            "fma",
+            "avxvnni",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avx512bf16"
+        );
         // AMX detection is not stable in std; the kernel's flag list says it.
         if info.split_whitespace().any(|f| f == "amx_bf16") {
             features.push("amx-bf16");

@@ -256,7 +256,12 @@ fn bf16_panel_rows(k: usize) -> usize {
 }
 
 /// W's rows r0..r1 in f32: a slice of an f32 weight, or dequantized into `panel`.
-fn rows_f32<'a>(w: WeightRef<'a>, (r0, r1): (usize, usize), k: usize, panel: &'a mut [f32]) -> Result<&'a [f32]> {
+fn rows_f32<'a>(
+    w: WeightRef<'a>,
+    (r0, r1): (usize, usize),
+    k: usize,
+    panel: &'a mut [f32],
+) -> Result<&'a [f32]> {
     Ok(match w {
         WeightRef::F32(w) => &w[r0 * k..r1 * k],
         WeightRef::Packed(p) => {
@@ -295,7 +300,13 @@ fn pack_rows(x: &[f32], (m, k): (usize, usize)) -> Vec<u32> {
 
 /// [`matmul_wt`] in bf16: tiles of W's rows in parallel, each converted to packed pairs and
 /// multiplied by all of x's rows into its columns of y.
-fn bf16_wt(x: &[f32], w: WeightRef, (m, n, k): (usize, usize, usize), y: &mut [f32], accumulate: bool) -> Result<()> {
+fn bf16_wt(
+    x: &[f32],
+    w: WeightRef,
+    (m, n, k): (usize, usize, usize),
+    y: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
     if let WeightRef::Packed(p) = &w {
         check(p, n, k);
     }
@@ -306,28 +317,43 @@ fn bf16_wt(x: &[f32], w: WeightRef, (m, n, k): (usize, usize, usize), y: &mut [f
     let k2 = bf16_gemm::pairs(k);
     let nb = bf16_panel_rows(k);
     let shared = SharedMut::new(y);
-    (0..n.div_ceil(nb)).into_par_iter().try_for_each(|t| -> Result<()> {
-        let (r0, r1) = (t * nb, ((t + 1) * nb).min(n));
-        with_panel(nb * k, |panel| {
-            let rows = rows_f32(w, (r0, r1), k, panel)?;
-            with_pairs(|b| {
-                bf16_gemm::pack_bt(rows, (r1 - r0, k), b);
-                // SAFETY: this task writes only columns r0..r1 of y (m rows, stride n), which no
-                // other tile touches; the region's extent from element r0 is asserted by
-                // `ptr_at`.
-                unsafe {
-                    let c = shared.ptr_at(r0, (m - 1) * n + (r1 - r0));
-                    bf16_gemm::gemm((&a, k2), (b, bf16_gemm::packed_cols(r1 - r0)), (m, r1 - r0, k2), c, n, accumulate);
-                }
-            });
-            Ok(())
+    (0..n.div_ceil(nb))
+        .into_par_iter()
+        .try_for_each(|t| -> Result<()> {
+            let (r0, r1) = (t * nb, ((t + 1) * nb).min(n));
+            with_panel(nb * k, |panel| {
+                let rows = rows_f32(w, (r0, r1), k, panel)?;
+                with_pairs(|b| {
+                    bf16_gemm::pack_bt(rows, (r1 - r0, k), b);
+                    // SAFETY: this task writes only columns r0..r1 of y (m rows, stride n), which no
+                    // other tile touches; the region's extent from element r0 is asserted by
+                    // `ptr_at`.
+                    unsafe {
+                        let c = shared.ptr_at(r0, (m - 1) * n + (r1 - r0));
+                        bf16_gemm::gemm(
+                            (&a, k2),
+                            (b, bf16_gemm::packed_cols(r1 - r0)),
+                            (m, r1 - r0, k2),
+                            c,
+                            n,
+                            accumulate,
+                        );
+                    }
+                });
+                Ok(())
+            })
         })
-    })
 }
 
 /// [`matmul_w`] in bf16: dx's rows split between tasks; each walks W's row tiles (pairs of
 /// rows interleaved) and accumulates their products.
-fn bf16_w(dy: &[f32], w: WeightRef, (m, n, k): (usize, usize, usize), dx: &mut [f32], accumulate: bool) -> Result<()> {
+fn bf16_w(
+    dy: &[f32],
+    w: WeightRef,
+    (m, n, k): (usize, usize, usize),
+    dx: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
     if let WeightRef::Packed(p) = &w {
         check(p, n, k);
     }

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Base weights as they come (issue 13), measured in one session on this machine:
 #   1. LoRA r=16 all-linear, 4 × 256, on a random 1.5B Qwen2-shaped checkpoint: the bf16
-#      safetensors held as f32 (--base-dtype f32) and as bf16, and its Q8_0 / Q4_0 GGUF exports;
-#      PyTorch + PEFT (f32) on the same bf16 checkpoint when ../shared/bench's venv has torch.
+#      safetensors held as f32 (--base-dtype f32) and as bf16, and its Q8_0 / Q4_0 GGUF exports,
+#      in f32 and bf16 compute, with and without checkpointing; PyTorch + PEFT (f32 and
+#      --autocast bf16) on the Q8_0 export when ../shared/bench's venv has torch.
 #   2. One LoRA step on a random Mistral-7B-shaped Q4_0 GGUF (peak RSS is the point).
+# Results: bench/base_weights_results.md.
 #   3. Decoding (32-token prompt, 128 greedy tokens) on SmolLM2's Q4_1 GGUF and its Q8_0
 #      export: `afinar bench infer` (exact and --int8-dot) against llama.cpp's own prebuilt
 #      binary (tests/llamacpp/decode_bench.mjs, node-llama-cpp), 1 and 2 threads, alternated.
@@ -43,12 +45,15 @@ train15)
             --out "$W/qwen2-1.5b.$d.gguf" --check-prompts 0
     done
     echo "== 1.5B Qwen2 shape, LoRA r=16 all-linear, batch 4 × 256, median of $STEPS steps"
-    train_line "afinar f32 (bf16 file → f32)" "$W/qwen2-1.5b" --base-dtype f32
-    train_line "afinar bf16 held" "$W/qwen2-1.5b"
-    train_line "afinar Q8_0 GGUF" "$W/qwen2-1.5b.q8_0.gguf"
-    train_line "afinar Q4_0 GGUF" "$W/qwen2-1.5b.q4_0.gguf"
-    train_line "afinar Q8_0 GGUF, checkpointing" "$W/qwen2-1.5b.q8_0.gguf" --checkpointing
-    train_line "afinar Q4_0 GGUF, checkpointing" "$W/qwen2-1.5b.q4_0.gguf" --checkpointing
+    train_line "afinar f32 held, compute f32" "$W/qwen2-1.5b" --base-dtype f32 --compute f32
+    train_line "afinar bf16 held, compute f32" "$W/qwen2-1.5b" --compute f32
+    train_line "afinar Q8_0 GGUF, compute f32" "$W/qwen2-1.5b.q8_0.gguf" --compute f32
+    train_line "afinar Q4_0 GGUF, compute f32" "$W/qwen2-1.5b.q4_0.gguf" --compute f32
+    train_line "afinar Q8_0 GGUF, ckpt, compute f32" "$W/qwen2-1.5b.q8_0.gguf" --checkpointing --compute f32
+    train_line "afinar Q4_0 GGUF, ckpt, compute f32" "$W/qwen2-1.5b.q4_0.gguf" --checkpointing --compute f32
+    train_line "afinar f32 held, compute bf16" "$W/qwen2-1.5b" --base-dtype f32 --compute bf16
+    train_line "afinar Q8_0 GGUF, compute bf16" "$W/qwen2-1.5b.q8_0.gguf" --compute bf16
+    train_line "afinar Q4_0 GGUF, ckpt, compute bf16" "$W/qwen2-1.5b.q4_0.gguf" --checkpointing --compute bf16
     # transformers reads a GGUF (dequantized to f32 at load), not the bf16 directory here: the
     # Q8_0 export is the same weights to within its rounding.
     if "$PY" -c "import torch, peft" 2> /dev/null; then

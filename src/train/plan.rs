@@ -311,6 +311,8 @@ struct Model2 {
     /// Seconds of forward + backward per token of a micro-batch (at the calibration shape).
     fwd_bwd_per_token: f64,
     optimizer_s: f64,
+    /// Calibrated with gradient checkpointing (only one layer's attention probabilities live).
+    checkpointed: bool,
 }
 
 impl Model2 {
@@ -322,10 +324,36 @@ impl Model2 {
         }
     }
 
+    /// The attention probabilities alive at once: every layer's, or one with checkpointing.
+    fn attention(&self, batch: usize, seq: usize) -> u64 {
+        let all = attention_bytes(&self.config, batch, seq);
+        if self.checkpointed {
+            all / self.config.num_layers.max(1) as u64
+        } else {
+            all
+        }
+    }
+
+    /// This model with gradient checkpointing on, estimated from a calibration without it:
+    /// each layer's input kept (hidden f32 per token per layer) plus one layer's activations,
+    /// and the forward computed twice (a third more time; the forward is about a third of a
+    /// step).
+    fn with_checkpointing(&self) -> Model2 {
+        let c = &self.config;
+        let layers = c.num_layers.max(1) as f64;
+        Model2 {
+            config: c.clone(),
+            act_per_token: 4.0 * (c.hidden_size as f64) * layers + self.act_per_token / layers,
+            fwd_bwd_per_token: self.fwd_bwd_per_token * 4.0 / 3.0,
+            checkpointed: true,
+            ..*self
+        }
+    }
+
     fn memory(&self, batch: usize, seq: usize, d: BaseDtype) -> Memory {
         let c = &self.config;
         let weights = self.weights(d);
-        let attention = attention_bytes(c, batch, seq);
+        let attention = self.attention(batch, seq);
         let activations = (self.act_per_token * (batch * seq) as f64).round() as u64 + attention;
         let lm_head_block = lm_head_block_bytes(c);
         let (trainable, gradients, optimizer) =
@@ -455,6 +483,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
     log(format!(
         "plan: calibrating with 1 warm-up + 2 timed steps of {cal_batch} × {cal_seq} tokens"
     ));
+    let checkpointing = cfg.gradient_checkpointing && cfg.method == Method::Lora;
     let dir = std::env::temp_dir().join(format!("afinar-plan-{}", std::process::id()));
     let file = random_batch(&dir, cal_batch, cal_seq, config.vocab_size)?;
     let batch: Vec<usize> = (0..cal_batch).collect();
@@ -468,7 +497,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
             &file,
             std::slice::from_ref(&batch),
             0,
-            false,
+            checkpointing,
         )?;
         let t_fb = t.elapsed().as_secs_f64();
         if let Some(mut g) = grads {
@@ -494,9 +523,15 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
     // activations are counted from what is resident now, a lower bound.
     let step_peak_used = if peak_reset { step_peak } else { rss_bytes() };
     let cal_tokens = (cal_batch * cal_seq) as f64;
+    let attention_kept = attention_bytes(&config, cal_batch, cal_seq)
+        / if checkpointing {
+            config.num_layers.max(1) as u64
+        } else {
+            1
+        };
     let act_measured = step_peak_used.saturating_sub(rss_loaded + 4 * trainable + lm_head_block)
         as f64
-        - attention_bytes(&config, cal_batch, cal_seq) as f64;
+        - attention_kept as f64;
     let act_per_token = act_measured.max(0.0) / cal_tokens;
     let (fwd_bwd_s, optimizer_s) = (median(fwd_bwd), median(opt_s));
 
@@ -510,6 +545,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
         act_per_token,
         fwd_bwd_per_token: fwd_bwd_s / cal_tokens,
         optimizer_s,
+        checkpointed: checkpointing,
     };
     let (b, s, ga) = (cfg.batch_size, cfg.max_seq_len, cfg.grad_accum);
     let memory = m.memory(b, s, m.held);
@@ -733,6 +769,21 @@ fn suggest(
             }
         }
     }
+    // Gradient checkpointing: the same batch, a layer's activations instead of all of them.
+    if lora && !m.checkpointed {
+        let ck = m.with_checkpointing();
+        let mem = ck.memory(b0, s0, m.held);
+        if mem.training <= available {
+            let t = time_of(&ck, cfg, b0, s0, ga0, sequences, tokens);
+            out.push(Suggestion {
+                set: vec!["gradient_checkpointing=true".into()],
+                peak: mem.training,
+                step_s: t.step_s,
+                epoch_s: t.epoch_s,
+                note: "recompute each layer in the backward: activations of one layer, about a third more time".into(),
+            });
+        }
+    }
     // A smaller micro-batch, the same tokens per optimizer step.
     let fit_batch = |d: BaseDtype, s: usize| {
         let mut b = b0;
@@ -894,6 +945,7 @@ mod tests {
             act_per_token: 2e6,
             fwd_bwd_per_token: 1e-3,
             optimizer_s: 0.01,
+            checkpointed: false,
             config: c,
         };
         let cfg = TrainConfig {
@@ -922,6 +974,14 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(get("batch_size=") * get("grad_accum="), 8);
+        // Checkpointing keeps the batch: a third more time, far fewer activations.
+        let ck = s
+            .iter()
+            .find(|x| x.set == ["gradient_checkpointing=true"])
+            .expect("a checkpointing suggestion");
+        let plain = m.step_s(8, 1024, 1);
+        assert!((ck.step_s - (plain - 0.01) * 4.0 / 3.0 - 0.01).abs() < 1e-9);
+        assert!(ck.peak < need / 4, "{ck:?}");
         // Nothing to suggest when it fits.
         assert!(m.memory(8, 1024, BaseDtype::F32).peak <= need);
     }

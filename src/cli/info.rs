@@ -66,6 +66,19 @@ fn print_info(i: &ModelInfo) {
         "chat template   {}",
         if i.chat_template { "yes" } else { "no" }
     );
+    let features: Vec<&str> = i.cpu["features"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "cpu             {} ({})",
+        i.cpu["model"].as_str().unwrap_or("?"),
+        features.join(" ")
+    );
+    println!(
+        "training        base products in {} (compute = \"auto\")",
+        i.training_kernel
+    );
     for n in &i.notes {
         println!("note            {n}");
     }

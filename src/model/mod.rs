@@ -279,6 +279,8 @@ impl Model {
             eos_token: tok.eos_token.clone(),
             end_tokens: tok.end_token_ids.iter().map(|&i| name(i)).collect(),
             chat_template: self.chat_template.is_some(),
+            cpu: ops::cpu_description(),
+            training_kernel: ops::matmul_kernel(ops::bf16_gemm::available()).to_string(),
             notes: match c.sliding_window {
                 Some(w) => vec![format!(
                     "Mistral sliding window ({w} tokens) is not applied: attention spans the whole context, \
@@ -317,5 +319,9 @@ pub struct ModelInfo {
     pub eos_token: Option<String>,
     pub end_tokens: Vec<String>,
     pub chat_template: bool,
+    /// This CPU (model name, the instruction sets the kernels dispatch on at run time).
+    pub cpu: serde_json::Value,
+    /// The kernel training's frozen-base products take with `compute = "auto"`.
+    pub training_kernel: String,
     pub notes: Vec<String>,
 }

@@ -60,9 +60,15 @@ pub fn pairs(k: usize) -> usize {
 
 /// A (m × k, row-major f32) as bf16 pairs, `m × pairs(k)` u32 into `out`.
 pub fn pack_a(a: &[f32], (m, k): (usize, usize), out: &mut Vec<u32>) {
+    out.resize(m * pairs(k), 0);
+    pack_a_into(a, (m, k), out);
+}
+
+/// [`pack_a`] into a slice of exactly `m × pairs(k)` words.
+pub fn pack_a_into(a: &[f32], (m, k): (usize, usize), out: &mut [u32]) {
     assert_eq!(a.len(), m * k, "pack_a: A is not {m}×{k}");
     let k2 = pairs(k);
-    out.resize(m * k2, 0);
+    assert_eq!(out.len(), m * k2, "pack_a: out is not {m}×{k2}");
     for (row, dst) in a
         .chunks_exact(k.max(1))
         .zip(out.chunks_exact_mut(k2.max(1)))

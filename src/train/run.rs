@@ -142,6 +142,24 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
 
     let mut model = Model::load_with(&cfg.model, &device, cfg.held_base()?)?;
     model.transformer.bf16_compute = cfg.compute.bf16();
+    // One line saying what runs, so a log tells which arithmetic produced its losses.
+    let held: Vec<String> = model
+        .transformer
+        .held_formats()
+        .iter()
+        .map(|(f, n)| format!("{n} × {f}"))
+        .collect();
+    eprintln!(
+        "base held as {}; its products in {} (compute = \"{}\"){}",
+        held.join(", "),
+        crate::model::ops::matmul_kernel(model.transformer.bf16_compute),
+        cfg.compute,
+        if cfg.gradient_checkpointing {
+            "; gradient checkpointing"
+        } else {
+            ""
+        }
+    );
     let base_model = model.source.path().display().to_string();
     let adam = AdamWConfig {
         beta1: cfg.adam_beta1,

@@ -37,10 +37,9 @@ fn print_info(i: &ModelInfo) {
         "file dtype      {} (computed in {})",
         i.file_dtype, i.compute_dtype
     );
-    let held: Vec<String> = i.held.iter().map(|(f, n)| format!("{n} × {f}")).collect();
     println!(
         "held as         {} matrices ({:.0} MB of weights in memory)",
-        held.join(", "),
+        afinar::model::weights::held_summary(&i.held),
         i.weight_bytes as f64 / 1e6
     );
     println!(

@@ -1,6 +1,7 @@
 //! Hugging Face model directories: `config.json`, `tokenizer.json`, optional
 //! `tokenizer_config.json` / `chat_template.jinja` / `generation_config.json`, and one or several
-//! `*.safetensors` files (f32, f16 or bf16; converted to f32 on load).
+//! `*.safetensors` files (f32, f16 or bf16; read one tensor at a time and held as `BaseDtype`
+//! says).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

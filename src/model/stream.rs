@@ -226,33 +226,27 @@ impl ModelStream {
         let shape = t.shape.as_slice();
         let n = t.elems();
         let tensor = match dtype {
-            Stored::F32 => {
-                let mut v = vec![0f32; n];
-                read_pod(&f, path, *offset, &mut v)?;
-                if cfg!(target_endian = "big") {
-                    v.iter_mut()
-                        .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
-                }
-                Tensor::from_vec(v, shape, device)?
-            }
-            Stored::Bf16 => {
-                let mut v = vec![half::bf16::ZERO; n];
-                read_pod(&f, path, *offset, &mut v)?;
-                if cfg!(target_endian = "big") {
-                    v.iter_mut()
-                        .for_each(|x| *x = half::bf16::from_bits(u16::from_le(x.to_bits())));
-                }
-                Tensor::from_vec(v, shape, device)?
-            }
-            Stored::F16 => {
-                let mut v = vec![half::f16::ZERO; n];
-                read_pod(&f, path, *offset, &mut v)?;
-                if cfg!(target_endian = "big") {
-                    v.iter_mut()
-                        .for_each(|x| *x = half::f16::from_bits(u16::from_le(x.to_bits())));
-                }
-                Tensor::from_vec(v, shape, device)?
-            }
+            Stored::F32 => Tensor::from_vec(
+                read_le(&f, path, *offset, n, 0f32, |x| {
+                    f32::from_bits(u32::from_le(x.to_bits()))
+                })?,
+                shape,
+                device,
+            )?,
+            Stored::Bf16 => Tensor::from_vec(
+                read_le(&f, path, *offset, n, half::bf16::ZERO, |x| {
+                    half::bf16::from_bits(u16::from_le(x.to_bits()))
+                })?,
+                shape,
+                device,
+            )?,
+            Stored::F16 => Tensor::from_vec(
+                read_le(&f, path, *offset, n, half::f16::ZERO, |x| {
+                    half::f16::from_bits(u16::from_le(x.to_bits()))
+                })?,
+                shape,
+                device,
+            )?,
         };
         Ok(tensor)
     }
@@ -396,6 +390,24 @@ fn read_pod<T: Copy>(f: &File, path: &Path, offset: u64, dst: &mut [T]) -> Resul
         .map_err(|e| Error::io(path, e))
 }
 
+/// `n` values stored little-endian from `offset` of `path`; `from_le` fixes one value's byte
+/// order on a big-endian machine (never called on a little-endian one).
+fn read_le<T: Copy>(
+    f: &File,
+    path: &Path,
+    offset: u64,
+    n: usize,
+    zero: T,
+    from_le: impl Fn(T) -> T,
+) -> Result<Vec<T>> {
+    let mut v = vec![zero; n];
+    read_pod(f, path, offset, &mut v)?;
+    if cfg!(target_endian = "big") {
+        v.iter_mut().for_each(|x| *x = from_le(*x));
+    }
+    Ok(v)
+}
+
 thread_local! {
     /// Each reading thread's buffer for 16-bit values on their way to f32 (reused, so reading a
     /// model does not allocate and fault in fresh pages per chunk).
@@ -421,13 +433,7 @@ fn read_safetensors(
             let at = offset + (i * READ_CHUNK * size) as u64;
             match dtype {
                 Stored::F32 => {
-                    // SAFETY: `dst` is a live, exclusively borrowed slice of f32; viewing its
-                    // memory as `4 * len` bytes is in bounds, u8 has alignment 1, and every bit
-                    // pattern written into it is a valid f32.
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), dst.len() * 4)
-                    };
-                    f.read_exact_at(bytes, at).map_err(|e| Error::io(path, e))?;
+                    read_pod(&f, path, at, dst)?;
                     if cfg!(target_endian = "big") {
                         for v in dst.iter_mut() {
                             *v = f32::from_bits(u32::from_le(v.to_bits()));

@@ -175,6 +175,15 @@ pub fn hold(t: Tensor, base: BaseDtype) -> Result<Weight> {
     Ok(Weight::Packed(Arc::new(QTensor::quantize(&t, target)?)))
 }
 
+/// How matrices are held, as `afinar info` and training's opening line say it:
+/// "210 × Q4_1, 1 × Q8_0" from [`crate::model::Transformer::held_formats`].
+pub fn held_summary(held: &std::collections::BTreeMap<String, usize>) -> String {
+    held.iter()
+        .map(|(f, n)| format!("{n} × {f}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// GGUF's name of a format (`Q4_K` rather than candle's `Q4K`).
 pub fn format_name(d: GgmlDType) -> String {
     let s = format!("{d:?}").to_uppercase();

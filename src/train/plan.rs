@@ -235,6 +235,17 @@ pub fn attention_bytes(c: &ModelConfig, batch: usize, seq: usize) -> u64 {
     (c.num_layers * c.num_heads * batch * seq * seq * 4) as u64
 }
 
+/// The attention probabilities alive at once: every layer's, or one layer's with gradient
+/// checkpointing (each layer is recomputed, and its probabilities freed, in turn).
+fn attention_alive(c: &ModelConfig, batch: usize, seq: usize, checkpointed: bool) -> u64 {
+    let all = attention_bytes(c, batch, seq);
+    if checkpointed {
+        all / c.num_layers.max(1) as u64
+    } else {
+        all
+    }
+}
+
 /// The fused LM-head + cross-entropy op's logits block.
 pub fn lm_head_block_bytes(c: &ModelConfig) -> u64 {
     (LM_HEAD_ROWS * c.vocab_size * 4) as u64
@@ -324,14 +335,8 @@ impl Model2 {
         }
     }
 
-    /// The attention probabilities alive at once: every layer's, or one with checkpointing.
     fn attention(&self, batch: usize, seq: usize) -> u64 {
-        let all = attention_bytes(&self.config, batch, seq);
-        if self.checkpointed {
-            all / self.config.num_layers.max(1) as u64
-        } else {
-            all
-        }
+        attention_alive(&self.config, batch, seq, self.checkpointed)
     }
 
     /// This model with gradient checkpointing on, estimated from a calibration without it:
@@ -523,15 +528,9 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
     // activations are counted from what is resident now, a lower bound.
     let step_peak_used = if peak_reset { step_peak } else { rss_bytes() };
     let cal_tokens = (cal_batch * cal_seq) as f64;
-    let attention_kept = attention_bytes(&config, cal_batch, cal_seq)
-        / if checkpointing {
-            config.num_layers.max(1) as u64
-        } else {
-            1
-        };
     let act_measured = step_peak_used.saturating_sub(rss_loaded + 4 * trainable + lm_head_block)
         as f64
-        - attention_kept as f64;
+        - attention_alive(&config, cal_batch, cal_seq, checkpointing) as f64;
     let act_per_token = act_measured.max(0.0) / cal_tokens;
     let (fwd_bwd_s, optimizer_s) = (median(fwd_bwd), median(opt_s));
 

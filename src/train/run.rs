@@ -143,15 +143,9 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
     let mut model = Model::load_with(&cfg.model, &device, cfg.held_base()?)?;
     model.transformer.bf16_compute = cfg.compute.bf16();
     // One line saying what runs, so a log tells which arithmetic produced its losses.
-    let held: Vec<String> = model
-        .transformer
-        .held_formats()
-        .iter()
-        .map(|(f, n)| format!("{n} × {f}"))
-        .collect();
     eprintln!(
         "base held as {}; its products in {} (compute = \"{}\"){}",
-        held.join(", "),
+        crate::model::weights::held_summary(&model.transformer.held_formats()),
         crate::model::ops::matmul_kernel(model.transformer.bf16_compute),
         cfg.compute,
         if cfg.gradient_checkpointing {

@@ -100,6 +100,9 @@ pub fn matmul_wt(
 ) -> Result<()> {
     assert_eq!(x.len(), m * k, "matmul_wt: x is not {m}×{k}");
     assert_eq!(y.len(), m * n, "matmul_wt: y is not {m}×{n}");
+    if let WeightRef::Packed(p) = &w {
+        check(p, n, k);
+    }
     if mode.takes_bf16(m) {
         return bf16_wt(x, w, (m, n, k), y, accumulate);
     }
@@ -118,7 +121,6 @@ pub fn matmul_wt(
         }
         WeightRef::Packed(p) => p,
     };
-    check(&p, n, k);
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -194,6 +196,9 @@ pub fn matmul_w(
 ) -> Result<()> {
     assert_eq!(dy.len(), m * n, "matmul_w: dy is not {m}×{n}");
     assert_eq!(dx.len(), m * k, "matmul_w: dx is not {m}×{k}");
+    if let WeightRef::Packed(p) = &w {
+        check(p, n, k);
+    }
     if mode.takes_bf16(m) {
         return bf16_w(dy, w, (m, n, k), dx, accumulate);
     }
@@ -212,7 +217,6 @@ pub fn matmul_w(
         }
         WeightRef::Packed(p) => p,
     };
-    check(&p, n, k);
     if !accumulate {
         dx.fill(0.0);
     }
@@ -297,7 +301,7 @@ fn pack_rows(x: &[f32], (m, k): (usize, usize)) -> Vec<u32> {
     a
 }
 
-/// [`matmul_wt`] in bf16: tiles of W's rows in parallel, each converted to packed pairs and
+/// [`matmul_wt`] in bf16 (W's shape already checked): tiles of W's rows in parallel, each converted to packed pairs and
 /// multiplied by all of x's rows into its columns of y.
 fn bf16_wt(
     x: &[f32],
@@ -306,9 +310,6 @@ fn bf16_wt(
     y: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
-    if let WeightRef::Packed(p) = &w {
-        check(p, n, k);
-    }
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -344,7 +345,7 @@ fn bf16_wt(
         })
 }
 
-/// [`matmul_w`] in bf16: dx's rows split between tasks; each walks W's row tiles (pairs of
+/// [`matmul_w`] in bf16 (W's shape already checked): dx's rows split between tasks; each walks W's row tiles (pairs of
 /// rows interleaved) and accumulates their products.
 fn bf16_w(
     dy: &[f32],
@@ -353,9 +354,6 @@ fn bf16_w(
     dx: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
-    if let WeightRef::Packed(p) = &w {
-        check(p, n, k);
-    }
     if m == 0 || k == 0 {
         return Ok(());
     }

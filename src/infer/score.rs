@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::ops::cpu::log_sum_exp;
+use crate::model::ops::softmax::log_sum_exp;
 use crate::model::Model;
 use crate::{Error, Result};
 

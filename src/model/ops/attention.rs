@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, gemm, gemm_shared, mat, view, SharedMut};
+use super::cpu::{f32_slice, gemm, gemm_shared, mat, view, SharedMut};
+use super::softmax::softmax_lse;
 
 /// An additive attention mask (b or 1, t, T) shared by every head, read once per forward pass.
 #[derive(Debug, Clone)]
@@ -313,23 +314,7 @@ fn masked_softmax(row: &mut [f32], mask: Option<&[f32]>) {
     if let Some(m) = mask {
         row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
     }
-    softmax_in_place(row);
-}
-
-/// Softmax of one row in place (a row of only −∞ gives zeros, not NaN).
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        row.iter_mut().for_each(|x| *x = 0.0);
-        return;
-    }
-    let mut sum = 0f64;
-    for x in row.iter_mut() {
-        *x = exp(*x - max);
-        sum += *x as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    row.iter_mut().for_each(|x| *x *= inv);
+    softmax_lse(row);
 }
 
 impl CustomOp3 for Attention {

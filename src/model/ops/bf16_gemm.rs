@@ -102,10 +102,17 @@ pub fn packed_cols(n: usize) -> usize {
 /// B = Wᵀ for `w` (rows × k, row-major: a tile of a weight's output rows), packed as
 /// `pairs(k) × packed_cols(rows)` into `out` (the forward product y = x Wᵀ).
 pub fn pack_bt(w: &[f32], (rows, k): (usize, usize), out: &mut Vec<u32>) {
+    out.clear();
+    out.resize(pairs(k) * packed_cols(rows), 0);
+    pack_bt_into(w, (rows, k), out);
+}
+
+/// [`pack_bt`] into a buffer of exactly `pairs(k) × packed_cols(rows)` words whose padding
+/// columns are already zero (a fresh buffer).
+pub fn pack_bt_into(w: &[f32], (rows, k): (usize, usize), out: &mut [u32]) {
     assert_eq!(w.len(), rows * k, "pack_bt: W is not {rows}×{k}");
     let (k2, ldb) = (pairs(k), packed_cols(rows));
-    out.clear();
-    out.resize(k2 * ldb, 0);
+    assert_eq!(out.len(), k2 * ldb, "pack_bt: output is not {k2}×{ldb}");
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has AVX512F/BW (checked by `available`).
@@ -134,10 +141,17 @@ fn pack_bt_scalar(w: &[f32], (rows, k): (usize, usize), out: &mut [u32], ldb: us
 /// B = W for `w` (rows × k, row-major: a tile of a weight's rows, reduced over in the input
 /// gradient dx = dy W), packed as `pairs(rows) × packed_cols(k)` into `out`.
 pub fn pack_b(w: &[f32], (rows, k): (usize, usize), out: &mut Vec<u32>) {
+    out.clear();
+    out.resize(pairs(rows) * packed_cols(k), 0);
+    pack_b_into(w, (rows, k), out);
+}
+
+/// [`pack_b`] into a buffer of exactly `pairs(rows) × packed_cols(k)` words whose padding
+/// columns are already zero (a fresh buffer).
+pub fn pack_b_into(w: &[f32], (rows, k): (usize, usize), out: &mut [u32]) {
     assert_eq!(w.len(), rows * k, "pack_b: W is not {rows}×{k}");
     let ldb = packed_cols(k);
-    out.clear();
-    out.resize(pairs(rows) * ldb, 0);
+    assert_eq!(out.len(), pairs(rows) * ldb, "pack_b: output size");
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has AVX512F/BW (checked by `available`).

@@ -297,55 +297,6 @@ pub unsafe fn gemm_shared(
     }
 }
 
-/// e^x in f32 for the kernels' hot loops (softmax, cross-entropy, SiLU).
-///
-/// Why our own: libm's `expf` is an opaque call, so a loop over 50 million logits runs it one
-/// value at a time; this inlines and vectorises. Range reduction x = n·ln2 + r, |r| ≤ ln2/2,
-/// then a degree-6 Taylor polynomial for e^r (relative error < 2e-7, as `expf`'s rounding), and
-/// 2^n built in the exponent bits. Below −87.3 it returns 0 (so −∞ masks give exact zeros), and
-/// above 88 it saturates at e^88 rather than +∞.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = x.clamp(-87.3, 88.0);
-    // Round to nearest by adding and subtracting 1.5·2²³ (f32::round is a libm call without
-    // SSE4.1, which the baseline x86-64 target lacks).
-    const SHIFT: f32 = 12_582_912.0;
-    let n = (xc * LOG2E + SHIFT) - SHIFT;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        p * scale
-    }
-}
-
-/// log Σ exp over a row (the max subtracted first), summed in lanes of 8 so the loop vectorises,
-/// then in f64.
-pub fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += exp(v - max);
-        }
-    }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| exp(v - max) as f64)
-        .sum();
-    max + ((acc.iter().map(|&a| a as f64).sum::<f64>() + tail).ln() as f32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::{gemm, mat};
@@ -399,19 +350,5 @@ mod tests {
             1.0,
             false,
         );
-    }
-
-    #[test]
-    fn exp_matches_libm() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let (a, b) = (super::exp(x) as f64, (x as f64).exp());
-            worst = worst.max((a - b).abs() / b);
-            x += 0.0137;
-        }
-        assert!(worst < 4e-7, "relative error {worst}");
-        assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(super::exp(0.0), 1.0);
     }
 }

@@ -7,7 +7,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, from_vec, log_sum_exp, targets, view};
+use super::cpu::{f32_slice, from_vec, targets, view};
+use super::softmax::{exp, log_sum_exp};
 
 /// Keeps each row's log-sum-exp from the forward pass, so the backward makes one pass.
 #[derive(Default)]

@@ -13,13 +13,22 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, log_sum_exp, targets, view};
+use super::cpu::{f32_slice, targets, view};
 use super::frozen_matmul::detached;
-use super::packed_matmul::{matmul_w, matmul_wt, weight_view, MatmulMode, WeightRef};
+use super::packed_matmul::{
+    bf16_panels_bytes, matmul_w, matmul_w_panels, matmul_wt, matmul_wt_panels, takes_bf16,
+    weight_view, Bf16Panels, MatmulMode, WeightRef,
+};
+use super::softmax::{log_sum_exp, softmax_lse};
 use crate::model::weights::Weight;
 
 /// Rows whose logits are held at once.
 const ROWS: usize = 256;
+
+/// Largest head whose bf16 conversion (both packings) is kept for a whole pass: 256 MiB, a
+/// 49,152 × 576 head takes 108 MiB; a 151,936 × 1,536 one would take 890 MiB and is converted
+/// per block instead.
+const PANEL_CACHE_BYTES: usize = 256 << 20;
 
 struct LinearCrossEntropy {
     /// (vocab, hidden), frozen; f32 or packed (a tile of vocabulary rows is dequantized at a
@@ -43,40 +52,49 @@ impl LinearCrossEntropy {
             Vec::new()
         };
         let mut logits = vec![0f32; ROWS.min(n) * vocab];
+        // In bf16 every block of rows would convert the whole head again, forward and backward:
+        // convert it once per pass where that copy is small.
+        let cache = n > ROWS
+            && takes_bf16(self.mode, ROWS)
+            && bf16_panels_bytes((vocab, hs)) <= PANEL_CACHE_BYTES;
+        let fwd = match cache {
+            true => Some(Bf16Panels::build(w, (vocab, hs), false)?),
+            false => None,
+        };
+        let bwd = match cache && self.with_grad {
+            true => Some(Bf16Panels::build(w, (vocab, hs), true)?),
+            false => None,
+        };
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);
             let z = &mut logits[..m * vocab];
+            let hr = &h[r0 * hs..(r0 + m) * hs];
             // z = h Wᵀ
-            matmul_wt(
-                &h[r0 * hs..(r0 + m) * hs],
-                w,
-                (m, vocab, hs),
-                z,
-                false,
-                self.mode,
-            )?;
+            match &fwd {
+                Some(p) if takes_bf16(self.mode, m) => matmul_wt_panels(hr, p, m, z, false),
+                _ => matmul_wt(hr, w, (m, vocab, hs), z, false, self.mode)?,
+            }
             let with_grad = self.with_grad;
             z.par_chunks_mut(vocab)
                 .zip(nll[r0..r0 + m].par_iter_mut())
                 .zip(t[r0..r0 + m].par_iter())
                 .for_each(|((row, out), &ti)| {
-                    let l = log_sum_exp(row);
-                    *out = l - row[ti as usize];
+                    let zt = row[ti as usize];
                     if with_grad {
-                        row.iter_mut().for_each(|x| *x = exp(*x - l));
+                        // One exponential per logit: the row becomes softmax − onehot.
+                        *out = softmax_lse(row) - zt;
                         row[ti as usize] -= 1.0;
+                    } else {
+                        *out = log_sum_exp(row) - zt;
                     }
                 });
             if with_grad {
                 // dh = (softmax − onehot) W
-                matmul_w(
-                    z,
-                    w,
-                    (m, vocab, hs),
-                    &mut dh[r0 * hs..(r0 + m) * hs],
-                    false,
-                    self.mode,
-                )?;
+                let dhr = &mut dh[r0 * hs..(r0 + m) * hs];
+                match &bwd {
+                    Some(p) if takes_bf16(self.mode, m) => matmul_w_panels(z, p, m, dhr, false),
+                    _ => matmul_w(z, w, (m, vocab, hs), dhr, false, self.mode)?,
+                }
             }
         }
         if self.with_grad {

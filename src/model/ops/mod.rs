@@ -17,6 +17,7 @@ pub mod packed_matmul;
 pub mod quant_dot;
 pub mod rms_norm;
 pub mod rope;
+pub mod softmax;
 pub mod swiglu;
 
 /// This CPU as the benchmarks report it: model name and the instruction sets the kernels

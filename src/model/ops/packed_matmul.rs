@@ -301,8 +301,128 @@ fn pack_rows(x: &[f32], (m, k): (usize, usize)) -> Vec<u32> {
     a
 }
 
-/// [`matmul_wt`] in bf16 (W's shape already checked): tiles of W's rows in parallel, each converted to packed pairs and
-/// multiplied by all of x's rows into its columns of y.
+/// W converted once into the bf16 kernels' packed pairs, tile by tile, for products that would
+/// otherwise convert it again: every task of an input gradient walks all of W's tiles, and the
+/// LM head meets the same W in each block of rows.
+pub struct Bf16Panels {
+    /// W's shape (out × in).
+    n: usize,
+    k: usize,
+    /// Rows of W per tile ([`bf16_panel_rows`]).
+    nb: usize,
+    /// Packed for the input gradient dx = dy W ([`bf16_gemm::pack_b`]); else for the forward
+    /// product y = x Wᵀ ([`bf16_gemm::pack_bt`]).
+    for_dx: bool,
+    /// Start of each tile in `data`, and the end.
+    offsets: Vec<usize>,
+    data: Vec<u32>,
+}
+
+impl Bf16Panels {
+    /// Converts W (n × k) tile by tile in parallel.
+    pub fn build(w: WeightRef, (n, k): (usize, usize), for_dx: bool) -> Result<Self> {
+        if let WeightRef::Packed(p) = &w {
+            check(p, n, k);
+        }
+        let nb = bf16_panel_rows(k);
+        let size = |r0: usize| {
+            let rows = nb.min(n - r0);
+            if for_dx {
+                bf16_gemm::pairs(rows) * bf16_gemm::packed_cols(k)
+            } else {
+                bf16_gemm::pairs(k) * bf16_gemm::packed_cols(rows)
+            }
+        };
+        let mut offsets = vec![0];
+        for r0 in (0..n).step_by(nb.max(1)) {
+            offsets.push(offsets.last().unwrap() + size(r0));
+        }
+        let mut data = vec![0u32; *offsets.last().unwrap()];
+        let mut tiles = Vec::with_capacity(offsets.len());
+        let mut rest = &mut data[..];
+        for (t, win) in offsets.windows(2).enumerate() {
+            let (tile, tail) = rest.split_at_mut(win[1] - win[0]);
+            tiles.push((t * nb, tile));
+            rest = tail;
+        }
+        tiles
+            .into_par_iter()
+            .try_for_each(|(r0, out)| -> Result<()> {
+                let r1 = (r0 + nb).min(n);
+                with_panel(nb * k, |panel| {
+                    let rows = rows_f32(w, (r0, r1), k, panel)?;
+                    if for_dx {
+                        bf16_gemm::pack_b_into(rows, (r1 - r0, k), out);
+                    } else {
+                        bf16_gemm::pack_bt_into(rows, (r1 - r0, k), out);
+                    }
+                    Ok(())
+                })
+            })?;
+        Ok(Self {
+            n,
+            k,
+            nb,
+            for_dx,
+            offsets,
+            data,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// The packed tile starting at W's row `r0` (a multiple of `nb`).
+    fn tile(&self, r0: usize) -> &[u32] {
+        let t = r0 / self.nb;
+        &self.data[self.offsets[t]..self.offsets[t + 1]]
+    }
+}
+
+/// Bytes of both [`Bf16Panels`] of an n × k weight: 2 bytes per element each, plus padding.
+pub fn bf16_panels_bytes((n, k): (usize, usize)) -> usize {
+    2 * 2 * n * k
+}
+
+/// Whether a product over `m` rows of x in `mode` takes the bf16 kernels (and so can use
+/// [`Bf16Panels`]).
+pub fn takes_bf16(mode: MatmulMode, m: usize) -> bool {
+    mode.takes_bf16(m)
+}
+
+/// One tile's product: columns r0..r1 of y (m × n) [+]= A (x's packed pairs) · tile.
+///
+/// # Safety
+/// No other thread touches columns r0..r1 of y meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn wt_tile(
+    (a, k2): (&[u32], usize),
+    b: &[u32],
+    (r0, r1): (usize, usize),
+    (m, n): (usize, usize),
+    shared: &SharedMut,
+    accumulate: bool,
+) {
+    // SAFETY: this task writes only columns r0..r1 of y (m rows, stride n), which no other
+    // tile touches (caller's contract); the region's extent from element r0 is asserted by
+    // `ptr_at`.
+    unsafe {
+        let c = shared.ptr_at(r0, (m - 1) * n + (r1 - r0));
+        bf16_gemm::gemm(
+            (a, k2),
+            (b, bf16_gemm::packed_cols(r1 - r0)),
+            (m, r1 - r0, k2),
+            c,
+            n,
+            accumulate,
+        );
+    }
+}
+
+/// [`matmul_wt`] in bf16 (W's shape already checked): tiles of W's rows in parallel, each
+/// converted to packed pairs and multiplied by all of x's rows into its columns of y.
 fn bf16_wt(
     x: &[f32],
     w: WeightRef,
@@ -325,28 +445,39 @@ fn bf16_wt(
                 let rows = rows_f32(w, (r0, r1), k, panel)?;
                 with_pairs(|b| {
                     bf16_gemm::pack_bt(rows, (r1 - r0, k), b);
-                    // SAFETY: this task writes only columns r0..r1 of y (m rows, stride n), which no
-                    // other tile touches; the region's extent from element r0 is asserted by
-                    // `ptr_at`.
-                    unsafe {
-                        let c = shared.ptr_at(r0, (m - 1) * n + (r1 - r0));
-                        bf16_gemm::gemm(
-                            (&a, k2),
-                            (b, bf16_gemm::packed_cols(r1 - r0)),
-                            (m, r1 - r0, k2),
-                            c,
-                            n,
-                            accumulate,
-                        );
-                    }
+                    // SAFETY: tile t owns columns r0..r1 of y.
+                    unsafe { wt_tile((&a, k2), b, (r0, r1), (m, n), &shared, accumulate) };
                 });
                 Ok(())
             })
         })
 }
 
-/// [`matmul_w`] in bf16 (W's shape already checked): dx's rows split between tasks; each walks W's row tiles (pairs of
-/// rows interleaved) and accumulates their products.
+/// `y (m × n) [+]= x (m × k) · Wᵀ` over W's panels packed once ([`Bf16Panels`] for the forward
+/// product).
+pub fn matmul_wt_panels(x: &[f32], w: &Bf16Panels, m: usize, y: &mut [f32], accumulate: bool) {
+    let (n, k) = (w.n, w.k);
+    assert!(
+        !w.for_dx,
+        "matmul_wt_panels: panels packed for the input gradient"
+    );
+    assert_eq!(x.len(), m * k, "matmul_wt_panels: x is not {m}×{k}");
+    assert_eq!(y.len(), m * n, "matmul_wt_panels: y is not {m}×{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let a = pack_rows(x, (m, k));
+    let k2 = bf16_gemm::pairs(k);
+    let shared = SharedMut::new(y);
+    (0..n).into_par_iter().step_by(w.nb).for_each(|r0| {
+        let r1 = (r0 + w.nb).min(n);
+        // SAFETY: the tile at r0 owns columns r0..r1 of y.
+        unsafe { wt_tile((&a, k2), w.tile(r0), (r0, r1), (m, n), &shared, accumulate) };
+    });
+}
+
+/// [`matmul_w`] in bf16 (W's shape already checked): W packed once, then dx's rows split
+/// between tasks, each accumulating every tile's product.
 fn bf16_w(
     dy: &[f32],
     w: WeightRef,
@@ -363,38 +494,48 @@ fn bf16_w(
         }
         return Ok(());
     }
+    let panels = Bf16Panels::build(w, (n, k), true)?;
+    matmul_w_panels(dy, &panels, m, dx, accumulate);
+    Ok(())
+}
+
+/// `dx (m × k) [+]= dy (m × n) · W` over W's panels packed once ([`Bf16Panels`] for the input
+/// gradient).
+pub fn matmul_w_panels(dy: &[f32], w: &Bf16Panels, m: usize, dx: &mut [f32], accumulate: bool) {
+    let (n, k) = (w.n, w.k);
+    assert!(
+        w.for_dx,
+        "matmul_w_panels: panels packed for the forward product"
+    );
+    assert_eq!(dy.len(), m * n, "matmul_w_panels: dy is not {m}×{n}");
+    assert_eq!(dx.len(), m * k, "matmul_w_panels: dx is not {m}×{k}");
+    if m == 0 || k == 0 {
+        return;
+    }
     let a = pack_rows(dy, (m, n));
     let n2 = bf16_gemm::pairs(n);
-    let nb = bf16_panel_rows(k);
     let tasks = rayon::current_num_threads().clamp(1, m);
     let chunk = m.div_ceil(tasks);
     dx.par_chunks_mut(chunk * k)
         .zip(a.par_chunks(chunk * n2))
-        .try_for_each(|(dx, a)| -> Result<()> {
+        .for_each(|(dx, a)| {
             let rows = dx.len() / k;
-            with_panel(nb * k, |panel| {
-                with_pairs(|b| {
-                    for r0 in (0..n).step_by(nb) {
-                        let r1 = (r0 + nb).min(n);
-                        let wr = rows_f32(w, (r0, r1), k, panel)?;
-                        bf16_gemm::pack_b(wr, (r1 - r0, k), b);
-                        // SAFETY: dx is this task's exclusive rows × k chunk; r0 is even (nb
-                        // is), so pair r0/2 of each dy row starts W's row r0.
-                        unsafe {
-                            bf16_gemm::gemm(
-                                (&a[r0 / 2..], n2),
-                                (b, bf16_gemm::packed_cols(k)),
-                                (rows, k, bf16_gemm::pairs(r1 - r0)),
-                                dx.as_mut_ptr(),
-                                k,
-                                accumulate || r0 > 0,
-                            )
-                        };
-                    }
-                    Ok(())
-                })
-            })
-        })
+            for r0 in (0..n).step_by(w.nb) {
+                let r1 = (r0 + w.nb).min(n);
+                // SAFETY: dx is this task's exclusive rows × k chunk; r0 is even (nb is), so
+                // pair r0/2 of each dy row starts W's row r0.
+                unsafe {
+                    bf16_gemm::gemm(
+                        (&a[r0 / 2..], n2),
+                        (w.tile(r0), bf16_gemm::packed_cols(k)),
+                        (rows, k, bf16_gemm::pairs(r1 - r0)),
+                        dx.as_mut_ptr(),
+                        k,
+                        accumulate || r0 > 0,
+                    )
+                };
+            }
+        });
 }
 
 fn check(p: &PackedRef, n: usize, k: usize) {
@@ -539,6 +680,16 @@ mod tests {
                 assert!(max_rel(&dx, &want_dx) < 2e-2, "{m}×{n}×{k} backward");
                 // Not the exact path: bf16 rounding shows.
                 assert!(max_rel(&y, &want_y) > 1e-6);
+                // Panels packed once give the same products, bit for bit.
+                let fwd = Bf16Panels::build(w, (n, k), false)?;
+                let mut yp = vec![1f32; m * n];
+                matmul_wt_panels(&x, &fwd, m, &mut yp, false);
+                assert_eq!(yp, y, "{m}×{n}×{k} forward over panels");
+                let bwd = Bf16Panels::build(w, (n, k), true)?;
+                let mut dxp = vec![0.5f32; m * k];
+                matmul_w_panels(&dy, &bwd, m, &mut dxp, true);
+                dx.iter_mut().for_each(|v| *v += 0.5);
+                assert!(max_rel(&dxp, &dx.iter().map(|&v| v as f64).collect::<Vec<_>>()) < 1e-6);
             }
         }
         Ok(())

@@ -7,7 +7,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{exp, f32_slice, from_vec, view};
+use super::cpu::{f32_slice, from_vec, view};
+use super::softmax::{exp, wide_fn};
 
 struct SwiGlu;
 
@@ -32,11 +33,7 @@ impl CustomOp2 for SwiGlu {
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| {
-                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = a / (1.0 + exp(-a)) * b;
-                }
-            });
+            .for_each(|(yc, (gc, uc))| silu_mul(yc, gc, uc));
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
@@ -57,18 +54,33 @@ impl CustomOp2 for SwiGlu {
                     .zip(uv.par_chunks(CHUNK))
                     .zip(dv.par_chunks(CHUNK)),
             )
-            .for_each(|((dgc, duc), ((gc, uc), dc))| {
-                for i in 0..gc.len() {
-                    let s = 1.0 / (1.0 + exp(-gc[i]));
-                    dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
-                    duc[i] = dc[i] * gc[i] * s;
-                }
-            });
+            .for_each(|((dgc, duc), ((gc, uc), dc))| silu_mul_backward(dgc, duc, gc, uc, dc));
         Ok((
             Some(from_vec(dg, g.shape(), g)?),
             Some(from_vec(du, u.shape(), u)?),
         ))
     }
+}
+
+wide_fn! {
+/// y = silu(g) ⊙ u over one chunk.
+fn silu_mul(y: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &a), &b) in y.iter_mut().zip(g).zip(u) {
+        *o = a / (1.0 + exp(-a)) * b;
+    }
+}
+}
+
+wide_fn! {
+/// dg = dy ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))) and du = dy ⊙ silu(g) over one chunk.
+fn silu_mul_backward(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    let ins = g.iter().zip(u).zip(dy);
+    for ((dg, du), ((&g, &u), &d)) in dg.iter_mut().zip(du.iter_mut()).zip(ins) {
+        let s = 1.0 / (1.0 + exp(-g));
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+        *du = d * g * s;
+    }
+}
 }
 
 /// `silu(gate) ⊙ up`, differentiable in both. Off the CPU, candle's ops.

@@ -6,11 +6,11 @@
 //! the LoRA branch writes three output-sized tensors (the product, its scaled copy, the sum) in
 //! the forward and as many again in the backward, plus candle's zero-filled gradient buffers.
 //! Here the branch is accumulated into the base product inside the GEMM, and the backward
-//! writes only dx, dA and dB. The small (rows × rank) product u is recomputed in the backward
-//! rather than kept.
+//! writes only dx, dA and dB. The small (rows × rank) product u is kept for the backward
+//! (rank/out of y's size).
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -36,6 +36,8 @@ struct LoraLinear {
     scale: f32,
     /// Dropout mask over x (rows × in), already scaled by 1/(1 − p).
     mask: Option<Arc<Vec<f32>>>,
+    /// u from the forward pass, for the backward.
+    u: Mutex<Option<Vec<f32>>>,
 }
 
 impl LoraLinear {
@@ -77,6 +79,7 @@ impl LoraLinear {
             self.scale,
             true,
         );
+        *self.u.lock().unwrap() = Some(u);
         if let Some(bias) = &self.bias {
             for row in y.chunks_mut(d.out) {
                 row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
@@ -97,7 +100,10 @@ impl LoraLinear {
         d: Dims,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let xd = self.dropped(x);
-        let u = self.down(&xd, a, d);
+        let u = match self.u.lock().unwrap().take() {
+            Some(u) if u.len() == d.rows * d.rank => u,
+            _ => self.down(&xd, a, d),
+        };
         let mut v = vec![0f32; d.rows * d.rank];
         let mut dx = vec![0f32; d.rows * d.inp];
         let mut da = vec![0f32; d.rank * d.inp];
@@ -248,6 +254,7 @@ pub fn lora_linear(
         bias: bias.map(|t| t.to_vec1::<f32>()).transpose()?,
         scale: scale as f32,
         mask,
+        u: Mutex::new(None),
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use super::cpu::{f32_slice, targets, view};
 use super::frozen_matmul::detached;
 use super::packed_matmul::{
-    bf16_panels_bytes, matmul_w, matmul_w_panels, matmul_wt, matmul_wt_panels, takes_bf16,
-    weight_view, Bf16Panels, MatmulMode, WeightRef,
+    bf16_panels_bytes, dequantize_all, matmul_w, matmul_w_panels, matmul_wt, matmul_wt_panels,
+    takes_bf16, weight_view, Bf16Panels, MatmulMode, WeightRef,
 };
 use super::softmax::{log_sum_exp, softmax_lse};
 use crate::model::weights::Weight;
@@ -25,9 +25,9 @@ use crate::model::weights::Weight;
 /// Rows whose logits are held at once.
 const ROWS: usize = 256;
 
-/// Largest head whose bf16 conversion (both packings) is kept for a whole pass: 256 MiB, a
-/// 49,152 × 576 head takes 108 MiB; a 151,936 × 1,536 one would take 890 MiB and is converted
-/// per block instead.
+/// Largest head whose bf16 conversion (both packings) or f32 dequantization is kept for a
+/// whole pass: 256 MiB. A 49,152 × 576 head takes 108 MiB; a 151,936 × 1,536 one would take
+/// 890 MiB and is converted per block instead.
 const PANEL_CACHE_BYTES: usize = 256 << 20;
 
 struct LinearCrossEntropy {
@@ -64,6 +64,17 @@ impl LinearCrossEntropy {
         let bwd = match cache && self.with_grad {
             true => Some(Bf16Panels::build(w, (vocab, hs), true)?),
             false => None,
+        };
+        // In f32 a packed head is likewise dequantized once per pass, not once per block.
+        let dense = match w {
+            WeightRef::Packed(p) if !cache && n > ROWS && vocab * hs * 4 <= PANEL_CACHE_BYTES => {
+                Some(dequantize_all(p, (vocab, hs))?)
+            }
+            _ => None,
+        };
+        let w = match &dense {
+            Some(d) => WeightRef::F32(d),
+            None => w,
         };
         for r0 in (0..n).step_by(ROWS) {
             let m = ROWS.min(n - r0);

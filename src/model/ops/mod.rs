@@ -62,7 +62,11 @@ pub fn matmul_kernel(bf16: bool) -> &'static str {
     if bf16 && bf16_gemm::available() {
         "avx512bf16"
     } else if cfg!(target_arch = "x86_64") {
-        "f32 (gemm crate, avx2/avx512f)"
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            return "avx512f (f32, gemm crate)";
+        }
+        "avx2 (f32, gemm crate)"
     } else {
         "f32 (gemm crate)"
     }

@@ -93,10 +93,23 @@ fn panel_rows(k: usize) -> usize {
 pub fn matmul_wt(
     x: &[f32],
     w: WeightRef,
+    dims: (usize, usize, usize),
+    y: &mut [f32],
+    accumulate: bool,
+    mode: MatmulMode,
+) -> Result<()> {
+    matmul_wt_dense_below(x, w, dims, y, accumulate, mode, DENSE_BYTES)
+}
+
+/// [`matmul_wt`], dequantizing W whole when it takes at most `dense_bytes` in f32.
+fn matmul_wt_dense_below(
+    x: &[f32],
+    w: WeightRef,
     (m, n, k): (usize, usize, usize),
     y: &mut [f32],
     accumulate: bool,
     mode: MatmulMode,
+    dense_bytes: usize,
 ) -> Result<()> {
     assert_eq!(x.len(), m * k, "matmul_wt: x is not {m}×{k}");
     assert_eq!(y.len(), m * n, "matmul_wt: y is not {m}×{n}");
@@ -138,6 +151,10 @@ pub fn matmul_wt(
         }
         return Ok(());
     }
+    if n * k * 4 <= dense_bytes {
+        let w = dequantize_all(p, (n, k))?;
+        return matmul_wt(x, WeightRef::F32(&w), (m, n, k), y, accumulate, mode);
+    }
     let nb = panel_rows(k);
     let tiles = n.div_ceil(nb);
     let shared = SharedMut::new(y);
@@ -165,6 +182,23 @@ pub fn matmul_wt(
     })
 }
 
+/// Largest packed weight that an f32 product over many rows dequantizes whole (64 MiB of f32):
+/// one GEMM over all of W then packs x once and splits the work as it likes, where tiles of W
+/// cost one GEMM call each, every call packing x again (0.7× the speed of an f32 base in a
+/// profile of a Q8_0 1.5B). A transformer's projections fit; larger weights (a 7B's MLP, most
+/// LM heads) go tile by tile.
+const DENSE_BYTES: usize = 64 << 20;
+
+/// All of a packed W (n × k) in f32, its row tiles dequantized in parallel.
+pub fn dequantize_all(p: PackedRef, (n, k): (usize, usize)) -> Result<Vec<f32>> {
+    let mut w = vec![0f32; n * k];
+    let nb = panel_rows(k);
+    w.par_chunks_mut(nb * k)
+        .enumerate()
+        .try_for_each(|(t, out)| p.dequantize_rows(t * nb, t * nb + out.len() / k, out))?;
+    Ok(w)
+}
+
 /// Runs `f` on this thread's panel buffer of at least `len` f32s. A training step makes
 /// hundreds of products; reusing one panel per thread instead of allocating one per task keeps
 /// the allocator out of the loop (with the trim threshold `main` sets, freed panels of every
@@ -189,10 +223,23 @@ fn with_panel<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 pub fn matmul_w(
     dy: &[f32],
     w: WeightRef,
+    dims: (usize, usize, usize),
+    dx: &mut [f32],
+    accumulate: bool,
+    mode: MatmulMode,
+) -> Result<()> {
+    matmul_w_dense_below(dy, w, dims, dx, accumulate, mode, DENSE_BYTES)
+}
+
+/// [`matmul_w`], dequantizing W whole when it takes at most `dense_bytes` in f32.
+fn matmul_w_dense_below(
+    dy: &[f32],
+    w: WeightRef,
     (m, n, k): (usize, usize, usize),
     dx: &mut [f32],
     accumulate: bool,
     mode: MatmulMode,
+    dense_bytes: usize,
 ) -> Result<()> {
     assert_eq!(dy.len(), m * n, "matmul_w: dy is not {m}×{n}");
     assert_eq!(dx.len(), m * k, "matmul_w: dx is not {m}×{k}");
@@ -217,6 +264,10 @@ pub fn matmul_w(
         }
         WeightRef::Packed(p) => p,
     };
+    if n * k * 4 <= dense_bytes {
+        let w = dequantize_all(p, (n, k))?;
+        return matmul_w(dy, WeightRef::F32(&w), (m, n, k), dx, accumulate, mode);
+    }
     if !accumulate {
         dx.fill(0.0);
     }
@@ -584,7 +635,16 @@ mod tests {
     fn tiled_products_equal_dense_ones_over_odd_shapes() -> Result<()> {
         let dev = Device::Cpu;
         let exact = MatmulMode::default();
-        for (m, n, k) in [(1, 7, 32), (3, 33, 64), (37, 1000, 256), (5, 17, 576)] {
+        // The last field: W is dequantized whole up to this many f32 bytes, else tile by tile.
+        let whole = usize::MAX;
+        for (m, n, k, limit) in [
+            (1, 7, 32, 0),
+            (3, 33, 64, 0),
+            (37, 1000, 256, 0),
+            (37, 1000, 256, whole),
+            (5, 17, 576, 0),
+            (5, 17, 576, whole),
+        ] {
             for dtype in [
                 GgmlDType::BF16,
                 GgmlDType::F16,
@@ -606,9 +666,9 @@ mod tests {
                 // Forward, written then accumulated.
                 let want = reference(&x, &wd, (m, n, k));
                 let mut y = vec![0f32; m * n];
-                matmul_wt(&x, p, (m, n, k), &mut y, false, exact)?;
+                matmul_wt_dense_below(&x, p, (m, n, k), &mut y, false, exact, limit)?;
                 assert!(max_rel(&y, &want) < 1e-5, "{dtype:?} {m}×{n}×{k} forward");
-                matmul_wt(&x, p, (m, n, k), &mut y, true, exact)?;
+                matmul_wt_dense_below(&x, p, (m, n, k), &mut y, true, exact, limit)?;
                 let twice: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();
                 assert!(max_rel(&y, &twice) < 1e-5, "{dtype:?} accumulate");
                 // Backward: dx = dy W, i.e. dy (m×n) against Wᵀ (n×k) as a dense reference.
@@ -623,7 +683,15 @@ mod tests {
                 }
                 let want = reference(&dy, &wt_t, (m, k, n));
                 let mut dx = vec![1f32; m * k];
-                matmul_w(&dy, p, (m, n, k), &mut dx, false, MatmulMode::default())?;
+                matmul_w_dense_below(
+                    &dy,
+                    p,
+                    (m, n, k),
+                    &mut dx,
+                    false,
+                    MatmulMode::default(),
+                    limit,
+                )?;
                 assert!(max_rel(&dx, &want) < 1e-5, "{dtype:?} {m}×{n}×{k} backward");
                 // The quantized-dot path for decoding stays close to the exact one.
                 if m <= DOT_ROWS && quant_dot::supported(dtype, k) {

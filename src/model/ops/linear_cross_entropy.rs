@@ -17,7 +17,7 @@ use super::cpu::{f32_slice, targets, view};
 use super::frozen_matmul::detached;
 use super::packed_matmul::{
     bf16_panels_bytes, dequantize_all, matmul_w, matmul_w_panels, matmul_wt, matmul_wt_panels,
-    takes_bf16, weight_view, Bf16Panels, MatmulMode, WeightRef,
+    weight_view, Bf16Panels, MatmulMode, WeightRef,
 };
 use super::softmax::{log_sum_exp, softmax_lse};
 use crate::model::weights::Weight;
@@ -55,7 +55,7 @@ impl LinearCrossEntropy {
         // In bf16 every block of rows would convert the whole head again, forward and backward:
         // convert it once per pass where that copy is small.
         let cache = n > ROWS
-            && takes_bf16(self.mode, ROWS)
+            && self.mode.takes_bf16(ROWS)
             && bf16_panels_bytes((vocab, hs)) <= PANEL_CACHE_BYTES;
         let fwd = match cache {
             true => Some(Bf16Panels::build(w, (vocab, hs), false)?),
@@ -82,7 +82,7 @@ impl LinearCrossEntropy {
             let hr = &h[r0 * hs..(r0 + m) * hs];
             // z = h Wᵀ
             match &fwd {
-                Some(p) if takes_bf16(self.mode, m) => matmul_wt_panels(hr, p, m, z, false),
+                Some(p) if self.mode.takes_bf16(m) => matmul_wt_panels(hr, p, m, z, false),
                 _ => matmul_wt(hr, w, (m, vocab, hs), z, false, self.mode)?,
             }
             let with_grad = self.with_grad;
@@ -103,7 +103,7 @@ impl LinearCrossEntropy {
                 // dh = (softmax − onehot) W
                 let dhr = &mut dh[r0 * hs..(r0 + m) * hs];
                 match &bwd {
-                    Some(p) if takes_bf16(self.mode, m) => matmul_w_panels(z, p, m, dhr, false),
+                    Some(p) if self.mode.takes_bf16(m) => matmul_w_panels(z, p, m, dhr, false),
                     _ => matmul_w(z, w, (m, vocab, hs), dhr, false, self.mode)?,
                 }
             }

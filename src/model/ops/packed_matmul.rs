@@ -72,8 +72,9 @@ impl Default for MatmulMode {
 }
 
 impl MatmulMode {
-    /// Whether a product over `m` rows of x takes the bf16 kernels.
-    fn takes_bf16(&self, m: usize) -> bool {
+    /// Whether a product over `m` rows of x takes the bf16 kernels (and so can use
+    /// [`Bf16Panels`]).
+    pub fn takes_bf16(&self, m: usize) -> bool {
         self.bf16 && m > DOT_ROWS && bf16_gemm::available()
     }
 }
@@ -420,11 +421,6 @@ impl Bf16Panels {
         })
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
-    }
-
     /// The packed tile starting at W's row `r0` (a multiple of `nb`).
     fn tile(&self, r0: usize) -> &[u32] {
         let t = r0 / self.nb;
@@ -435,12 +431,6 @@ impl Bf16Panels {
 /// Bytes of both [`Bf16Panels`] of an n × k weight: 2 bytes per element each, plus padding.
 pub fn bf16_panels_bytes((n, k): (usize, usize)) -> usize {
     2 * 2 * n * k
-}
-
-/// Whether a product over `m` rows of x in `mode` takes the bf16 kernels (and so can use
-/// [`Bf16Panels`]).
-pub fn takes_bf16(mode: MatmulMode, m: usize) -> bool {
-    mode.takes_bf16(m)
 }
 
 /// One tile's product: columns r0..r1 of y (m × n) [+]= A (x's packed pairs) · tile.

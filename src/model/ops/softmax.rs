@@ -94,27 +94,23 @@ fn max_of(row: &[f32]) -> f32 {
     acc.iter().copied().fold(tail, f32::max)
 }
 
-/// Σ e^(x − max) over a row, in lanes, then in f64. With `store`, each e^(x − max) is written
-/// back into the row.
+/// Σ e^(x − max) over a row, in lanes, then in f64; each e^(x − max) is written back into the
+/// row.
 #[inline(always)]
-fn sum_exp(row: &mut [f32], max: f32, store: bool) -> f64 {
+fn sum_exp(row: &mut [f32], max: f32) -> f64 {
     let mut acc = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
             let e = exp(*v - max);
-            if store {
-                *v = e;
-            }
+            *v = e;
             *a += e;
         }
     }
     let mut tail = 0f64;
     for v in chunks.into_remainder() {
         let e = exp(*v - max);
-        if store {
-            *v = e;
-        }
+        *v = e;
         tail += e as f64;
     }
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail
@@ -149,7 +145,7 @@ pub fn softmax_lse(row: &mut [f32]) -> f32 {
             row.iter_mut().for_each(|x| *x = 0.0);
             return f32::NEG_INFINITY;
         }
-        let sum = sum_exp(row, max, true);
+        let sum = sum_exp(row, max);
         let inv = (1.0 / sum) as f32;
         row.iter_mut().for_each(|x| *x *= inv);
         max + sum.ln() as f32

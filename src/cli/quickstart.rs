@@ -12,7 +12,7 @@ use afinar::train::TrainConfig;
 
 #[derive(Args)]
 pub struct QuickstartArgs {
-    /// Training time budget in minutes (the step count that fits, at most one epoch).
+    /// Training time budget in minutes (the step count that fits, at most what `epochs` gives).
     #[arg(long, conflicts_with = "steps")]
     pub minutes: Option<f64>,
     /// Train exactly this many steps instead of a time budget.

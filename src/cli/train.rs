@@ -26,10 +26,12 @@ pub struct TrainArgs {
     /// Run directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Passes over the data, or "auto" (enough for 150 optimizer steps, at most 3).
     #[arg(long)]
-    pub epochs: Option<usize>,
+    pub epochs: Option<afinar::train::config::Auto<usize>>,
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Peak learning rate (default "auto": by method and model size).
     #[arg(long)]
     pub lr: Option<f64>,
     #[arg(long)]
@@ -87,13 +89,15 @@ impl TrainArgs {
                 *field = v;
             }
         };
-        set(&mut cfg.epochs, self.epochs);
+        if let Some(v) = self.epochs {
+            cfg.epochs = v;
+        }
         set(&mut cfg.max_steps, self.max_steps);
         set(&mut cfg.batch_size, self.batch_size);
         set(&mut cfg.max_seq_len, self.max_seq_len);
         set(&mut cfg.lora_rank, self.lora_rank);
         if let Some(v) = self.lr {
-            cfg.lr = v;
+            cfg.lr = afinar::train::config::Auto::Set(v);
         }
         if let Some(v) = self.seed {
             cfg.seed = v;

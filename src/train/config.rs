@@ -94,6 +94,82 @@ impl std::fmt::Display for Method {
     }
 }
 
+/// A key that is a value the user chose or `"auto"`: afinar picks it when the run starts, from
+/// the model and the data (the log says what it picked). TOML spells it `lr = "auto"` or
+/// `lr = 2e-4`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Auto<T> {
+    Auto,
+    Set(T),
+}
+
+impl<T: Copy> Auto<T> {
+    /// The value the user set, or what `pick` chooses for "auto".
+    pub fn or_else(self, pick: impl FnOnce() -> T) -> T {
+        match self {
+            Auto::Auto => pick(),
+            Auto::Set(v) => v,
+        }
+    }
+
+    /// The value the user set, if any.
+    pub fn set(self) -> Option<T> {
+        match self {
+            Auto::Auto => None,
+            Auto::Set(v) => Some(v),
+        }
+    }
+}
+
+impl<T: std::fmt::Display> std::fmt::Display for Auto<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auto::Auto => f.write_str("auto"),
+            Auto::Set(v) => v.fmt(f),
+        }
+    }
+}
+
+impl<T: std::str::FromStr> std::str::FromStr for Auto<T> {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s.trim() == "auto" {
+            return Ok(Auto::Auto);
+        }
+        s.trim()
+            .parse()
+            .map(Auto::Set)
+            .map_err(|_| format!("'{s}': give a number or \"auto\""))
+    }
+}
+
+impl<T: Serialize> Serialize for Auto<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Auto::Auto => s.serialize_str("auto"),
+            Auto::Set(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned + std::str::FromStr> Deserialize<'de> for Auto<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => s.parse().map_err(D::Error::custom),
+            v => T::deserialize(v.clone())
+                .map(Auto::Set)
+                .map_err(|_| D::Error::custom(format!("{v}: give a number or \"auto\""))),
+        }
+    }
+}
+
+/// `epochs = "auto"`: passes over the data until the run has at least this many optimizer
+/// steps (chosen by the recipe study in `bench/recipes/`)…
+pub const AUTO_MIN_STEPS: usize = 150;
+/// …but never more passes than this: past it a small dataset is memorised, not learnt.
+pub const AUTO_MAX_EPOCHS: usize = 3;
+
 /// The linear layers that get LoRA adapters: `all-linear` or a list of module names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoraTargets {
@@ -251,19 +327,24 @@ pub struct TrainConfig {
     pub lora_targets: LoraTargets,
     /// Scale by alpha/sqrt(rank) instead of alpha/rank.
     pub rslora: bool,
-    /// Passes over the training split (ignored when max_steps > 0).
-    pub epochs: usize,
+    /// Passes over the training split (ignored when max_steps > 0). "auto": enough passes for
+    /// [`AUTO_MIN_STEPS`] optimizer steps, at most [`AUTO_MAX_EPOCHS`] (a small dataset is seen
+    /// several times, a large one once).
+    pub epochs: Auto<usize>,
     /// Optimiser steps; 0 = as many as `epochs` take.
     pub max_steps: usize,
     /// Time budget in minutes (0 = none): after the first steps, the step count becomes what
     /// fits in it (never more than epochs/max_steps give) and is saved as max_steps, so the
     /// schedule is known and a resume is exact.
     pub max_minutes: f64,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch. The default, 2 × 512 tokens, came from the recipe study
+    /// (`bench/recipes/`): with packing, a step of 4 × 512 holds ~35 short examples, too few
+    /// steps per epoch.
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
     pub grad_accum: usize,
-    pub lr: f64,
+    /// Peak learning rate. "auto": by method and model size (see [`TrainConfig::auto_lr`]).
+    pub lr: Auto<f64>,
     pub min_lr: f64,
     pub warmup_steps: usize,
     /// cosine, linear or constant (after warm-up).
@@ -314,12 +395,12 @@ impl Default for TrainConfig {
             lora_dropout: 0.0,
             lora_targets: LoraTargets::AllLinear,
             rslora: false,
-            epochs: 1,
+            epochs: Auto::Auto,
             max_steps: 0,
             max_minutes: 0.0,
-            batch_size: 4,
+            batch_size: 2,
             grad_accum: 1,
-            lr: 2e-4,
+            lr: Auto::Auto,
             min_lr: 0.0,
             warmup_steps: 10,
             schedule: Schedule::Cosine,
@@ -490,10 +571,13 @@ impl TrainConfig {
                 self.lora_dropout
             ));
         }
-        if !(self.lr > 0.0 && self.lr < 1.0) {
-            return bad(format!("lr = {} is out of range (0, 1)", self.lr));
+        if let Some(lr) = self.lr.set() {
+            if !(lr > 0.0 && lr < 1.0) {
+                return bad(format!("lr = {lr} is out of range (0, 1)"));
+            }
         }
-        if self.min_lr < 0.0 || self.min_lr > self.lr {
+        // Under an "auto" lr, min_lr is capped at the lr picked when the run starts.
+        if self.min_lr < 0.0 || self.min_lr > self.lr.set().unwrap_or(1.0) {
             return bad(format!("min_lr = {} must be in [0, lr]", self.min_lr));
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
@@ -505,8 +589,8 @@ impl TrainConfig {
                 self.max_seq_len
             ));
         }
-        if self.epochs == 0 && self.max_steps == 0 {
-            return bad("set epochs ≥ 1 or max_steps ≥ 1".into());
+        if self.epochs == Auto::Set(0) && self.max_steps == 0 {
+            return bad("set epochs ≥ 1 (or \"auto\") or max_steps ≥ 1".into());
         }
         for (name, v) in [
             ("adam_beta1", self.adam_beta1),
@@ -526,6 +610,34 @@ impl TrainConfig {
             return bad("no training data: set data = [\"file.jsonl\"] or --data".into());
         }
         Ok(())
+    }
+
+    /// The peak learning rate of this run on a model of `params` parameters: `lr`, or for
+    /// "auto" what [`TrainConfig::auto_lr`] picks.
+    pub fn learning_rate(&self, params: usize) -> f64 {
+        self.lr.or_else(|| Self::auto_lr(self.method, params))
+    }
+
+    /// The "auto" learning rate. LoRA: 1e-3 below 1B parameters (the recipe study in
+    /// `bench/recipes/` measured it on SmolLM2-135M: 2e-4 leaves a packed run under-trained),
+    /// 2e-4 from 1B up (the value LoRA recipes for 1–8B models use; not measured here). Full
+    /// fine-tuning: 2e-5, TRL's default (every weight moves; LoRA's rates would wreck the model).
+    pub fn auto_lr(method: Method, params: usize) -> f64 {
+        match method {
+            Method::Full => 2e-5,
+            Method::Lora if params < 1_000_000_000 => 1e-3,
+            Method::Lora => 2e-4,
+        }
+    }
+
+    /// Passes over a training split of `steps_per_epoch` optimizer steps: `epochs`, or for
+    /// "auto" enough for [`AUTO_MIN_STEPS`] steps, between 1 and [`AUTO_MAX_EPOCHS`].
+    pub fn passes(&self, steps_per_epoch: usize) -> usize {
+        self.epochs.or_else(|| {
+            AUTO_MIN_STEPS
+                .div_ceil(steps_per_epoch.max(1))
+                .clamp(1, AUTO_MAX_EPOCHS)
+        })
     }
 
     /// The LoRA target module names.
@@ -571,7 +683,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.lr, 1e-3);
+        assert_eq!(c.lr, Auto::Set(1e-3));
         assert_eq!(c.lora_rank, 8);
         assert_eq!(c.schedule, Schedule::Linear);
         assert_eq!(c.data, vec![PathBuf::from("x.jsonl")]);
@@ -594,6 +706,78 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_minutes = -1 must be ≥ 0"), "{err}");
+    }
+
+    #[test]
+    fn auto_keys_read_as_auto_or_a_number_and_resolve_by_model_and_data() {
+        let d = TrainConfig::load(None, &["data=x".into()]).unwrap();
+        assert_eq!((d.lr, d.epochs), (Auto::Auto, Auto::Auto));
+        let text = d.to_toml();
+        assert!(text.contains("lr = \"auto\"") && text.contains("epochs = \"auto\""));
+        assert_eq!(toml::from_str::<TrainConfig>(&text).unwrap(), d);
+        // LoRA: 1e-3 under 1B parameters, 2e-4 from 1B; full fine-tuning 2e-5.
+        assert_eq!(d.learning_rate(134_515_008), 1e-3);
+        assert_eq!(d.learning_rate(1_543_714_304), 2e-4);
+        let full = TrainConfig::load(None, &["data=x".into(), "method=full".into()]).unwrap();
+        assert_eq!(full.learning_rate(134_515_008), 2e-5);
+        // Passes: enough for AUTO_MIN_STEPS steps, within [1, AUTO_MAX_EPOCHS].
+        assert_eq!(d.passes(10), AUTO_MAX_EPOCHS);
+        assert_eq!(d.passes(AUTO_MIN_STEPS / 2), 2);
+        assert_eq!(d.passes(AUTO_MIN_STEPS), 1);
+        assert_eq!(d.passes(0), AUTO_MAX_EPOCHS);
+
+        let set = TrainConfig::load(
+            None,
+            &["data=x".into(), "lr=5e-4".into(), "epochs=2".into()],
+        )
+        .unwrap();
+        assert_eq!((set.lr, set.epochs), (Auto::Set(5e-4), Auto::Set(2)));
+        assert_eq!((set.learning_rate(1), set.passes(10)), (5e-4, 2));
+        let text = set.to_toml();
+        assert!(
+            text.contains("lr = 0.0005") && text.contains("epochs = 2"),
+            "{text}"
+        );
+        assert_eq!(toml::from_str::<TrainConfig>(&text).unwrap(), set);
+        // A number given as text (the CLI's --epochs) and "auto" in a file both read.
+        let quoted = TrainConfig::load_text(
+            Some((
+                "data = \"x\"\nepochs = \"3\"\nlr = \"auto\"\n",
+                "t.toml".into(),
+            )),
+            &[],
+        )
+        .unwrap();
+        assert_eq!((quoted.epochs, quoted.lr), (Auto::Set(3), Auto::Auto));
+        assert_eq!("auto".parse::<Auto<usize>>(), Ok(Auto::Auto));
+        assert_eq!(" 4 ".parse::<Auto<usize>>(), Ok(Auto::Set(4)));
+
+        let err = |set: &str| {
+            TrainConfig::load(None, &["data=x".into(), set.into()])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("epochs=many").contains("give a number or \"auto\""),
+            "{}",
+            err("epochs=many")
+        );
+        assert!(
+            err("epochs=-1").contains("give a number or \"auto\""),
+            "{}",
+            err("epochs=-1")
+        );
+        assert!(err("epochs=0").contains("set epochs ≥ 1"));
+        assert!(err("lr=2").contains("lr = 2 is out of range"));
+        assert!(err("min_lr=-1").contains("min_lr = -1 must be in [0, lr]"));
+        let e = TrainConfig::load(
+            None,
+            &["data=x".into(), "lr=1e-4".into(), "min_lr=2e-4".into()],
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("min_lr = 0.0002 must be in [0, lr]"));
     }
 
     #[test]

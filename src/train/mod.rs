@@ -188,6 +188,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, show_progress: bool) -> Result<Tra
         };
         let after = run::after_step(&mut run, &outcome)?;
         progress.step(run.state.step, loss, lr, tokens_per_sec, run.last_val);
+        if let Some(w) = after.warning {
+            progress.println(w);
+        }
         if after.stop {
             stopped_early = true;
             progress.println(format!(

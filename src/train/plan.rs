@@ -507,7 +507,7 @@ pub fn plan(opts: &PlanOptions) -> Result<Plan> {
         let t_fb = t.elapsed().as_secs_f64();
         if let Some(mut g) = grads {
             optim::clip_grad_norm(&mut g, cfg.max_grad_norm)?;
-            opt.step(&g, cfg.lr)?;
+            opt.step(&g, cfg.learning_rate(config.parameter_count()))?;
         }
         let total = t.elapsed().as_secs_f64();
         log(format!(
@@ -705,7 +705,7 @@ fn time_of(
     let total_steps = if cfg.max_steps > 0 {
         Some(cfg.max_steps as u64)
     } else {
-        steps_per_epoch.map(|s| s * cfg.epochs as u64)
+        steps_per_epoch.map(|s| s * cfg.passes(s as usize) as u64)
     };
     Time {
         step_s,

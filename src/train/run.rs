@@ -56,6 +56,10 @@ pub struct Run {
     /// Step, data position, best validation loss: what a checkpoint restores.
     pub state: TrainState,
     pub total_steps: usize,
+    /// The peak learning rate (`lr`, or what "auto" picked for this model).
+    pub peak_lr: f64,
+    /// Whether the over-fitting warning has been printed (once per run).
+    pub warned_overfit: bool,
     /// This epoch's sequence order.
     pub order: Vec<usize>,
     pub metrics: MetricsLog,
@@ -166,11 +170,20 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
     let steps_per_epoch = train_file
         .sequences()
         .div_ceil(cfg.batch_size * cfg.grad_accum);
+    let passes = cfg.passes(steps_per_epoch);
     let total_steps = if cfg.max_steps > 0 {
         cfg.max_steps
     } else {
-        cfg.epochs * steps_per_epoch
+        passes * steps_per_epoch
     };
+    let peak_lr = cfg.learning_rate(model.config().parameter_count());
+    eprintln!(
+        "{}",
+        schedule_line(&cfg, steps_per_epoch, passes, total_steps, model.config())
+    );
+    if let Some(w) = undertraining_warning(&cfg, train_file.sequences(), total_steps) {
+        eprintln!("{w}");
+    }
 
     let metrics_path = cfg.out.join("metrics.jsonl");
     let (state, history) = if resume {
@@ -193,6 +206,103 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
         val_file,
         state,
         total_steps,
+        peak_lr,
+        warned_overfit: false,
+    })
+}
+
+/// The run's length and learning rate, saying which were picked by "auto", e.g. "schedule: 3
+/// passes (auto: at least 150 steps) × 47 steps = 141 optimizer steps of 4 × 512 tokens; lr
+/// 1e-3 (auto: LoRA, model under 1B), cosine, 10 warm-up steps".
+fn schedule_line(
+    cfg: &TrainConfig,
+    steps_per_epoch: usize,
+    passes: usize,
+    total_steps: usize,
+    model: &crate::model::ModelConfig,
+) -> String {
+    let params = model.parameter_count();
+    let lr = cfg.learning_rate(params);
+    use super::config::{AUTO_MAX_EPOCHS, AUTO_MIN_STEPS};
+    let length = if cfg.max_steps > 0 {
+        format!("{total_steps} optimizer steps (max_steps; an epoch is {steps_per_epoch})")
+    } else {
+        let why = match cfg.epochs.set() {
+            Some(_) => String::new(),
+            None => format!(" (auto: ≥ {AUTO_MIN_STEPS} steps, ≤ {AUTO_MAX_EPOCHS} passes)"),
+        };
+        format!(
+            "{passes} pass{}{why} × {steps_per_epoch} steps = {total_steps} optimizer steps",
+            if passes == 1 { "" } else { "es" }
+        )
+    };
+    let lr_why = match (cfg.lr.set(), cfg.method) {
+        (Some(_), _) => "",
+        (None, Method::Full) => " (auto: full fine-tuning)",
+        (None, Method::Lora) if params < 1_000_000_000 => {
+            " (auto: LoRA, model under 1B parameters)"
+        }
+        (None, Method::Lora) => " (auto: LoRA, model of 1B parameters or more)",
+    };
+    format!(
+        "schedule: {length} of {} × {} tokens; lr {lr:e}{lr_why}, {}, {} warm-up steps",
+        cfg.batch_size * cfg.grad_accum,
+        cfg.max_seq_len,
+        format!("{:?}", cfg.schedule).to_lowercase(),
+        cfg.warmup_steps
+    )
+}
+
+/// Below this many optimizer steps a run is likely to learn little (the recipe study in
+/// `bench/recipes/`: a packed epoch of a few thousand short examples is only ~75 steps).
+pub const FEW_STEPS: usize = 100;
+
+/// A warning, with the change to make, when the run is likely under-trained: its epochs come to
+/// fewer than [`FEW_STEPS`] optimizer steps.
+pub fn undertraining_warning(
+    cfg: &TrainConfig,
+    sequences: usize,
+    total_steps: usize,
+) -> Option<String> {
+    // An explicit max_steps or time budget is the user's own choice of length.
+    if total_steps >= FEW_STEPS || cfg.max_steps > 0 || cfg.max_minutes > 0.0 {
+        return None;
+    }
+    let per_step = cfg.batch_size * cfg.grad_accum;
+    let fix = if sequences.div_ceil(per_step) * 3 >= FEW_STEPS && cfg.epochs.set().is_some() {
+        "set epochs = \"auto\" (more passes over this small dataset)".to_string()
+    } else {
+        format!(
+            "lower batch_size (now {}) or max_seq_len (now {}) for more, smaller steps, or add data",
+            cfg.batch_size, cfg.max_seq_len
+        )
+    };
+    Some(format!(
+        "warning: only {total_steps} optimizer steps ({sequences} packed sequences, {per_step} per \
+         step): the model may learn little; {fix}"
+    ))
+}
+
+/// A warning when validation loss has risen above its best for two evaluations in a row: the
+/// model is memorising the training data. Says which step was best and how to stop there.
+pub fn overfitting_warning(history: &[Metrics]) -> Option<String> {
+    let vals: Vec<(usize, f64)> = history
+        .iter()
+        .filter_map(|m| m.val_loss.map(|v| (m.step, v)))
+        .collect();
+    let (best_step, best) = vals.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
+    let n = vals.len();
+    if n < 3 || best_step >= vals[n - 2].0 {
+        return None;
+    }
+    let (last_step, last) = vals[n - 1];
+    let rising = vals[n - 1].1 > vals[n - 2].1 && vals[n - 2].1 > best;
+    (rising && last > best * 1.01).then(|| {
+        format!(
+            "warning: validation loss rose from {best:.4} (step {best_step}) to {last:.4} (step \
+             {last_step}): the model is over-fitting; train for about {best_step} steps \
+             (max_steps = {best_step}), fewer epochs, or set early_stopping_patience = 2"
+        )
     })
 }
 
@@ -363,8 +473,8 @@ pub fn learning_rate(run: &Run) -> f64 {
         run.state.step,
         run.total_steps,
         c.warmup_steps,
-        c.lr,
-        c.min_lr,
+        run.peak_lr,
+        c.min_lr.min(run.peak_lr),
         c.schedule,
     )
 }
@@ -426,6 +536,8 @@ pub struct AfterStep {
     pub val_loss: Option<f64>,
     /// Early stopping: validation has not improved for `early_stopping_patience` evaluations.
     pub stop: bool,
+    /// A warning to print (over-fitting), at most once per run.
+    pub warning: Option<String>,
 }
 
 /// Phase 5: bookkeeping after a step — validation (every `eval_every` steps and at the end),
@@ -436,6 +548,7 @@ pub fn after_step(run: &mut Run, step: &StepOutcome) -> Result<AfterStep> {
     run.last_loss = step.loss;
     let is_last = state.step == run.total_steps;
     let mut val_loss = None;
+    let mut warning = None;
     if (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) || is_last {
         val_loss = split_loss(
             &run.model.transformer,
@@ -465,13 +578,23 @@ pub fn after_step(run: &mut Run, step: &StepOutcome) -> Result<AfterStep> {
     })?;
     if val_loss.is_some() {
         let _ = plot::loss_curve(&cfg.out.join("loss.png"), &run.metrics.history);
+        if !run.warned_overfit {
+            if let Some(w) = overfitting_warning(&run.metrics.history) {
+                run.warned_overfit = true;
+                warning = Some(w);
+            }
+        }
     }
     let stop = cfg.early_stopping_patience > 0
         && state.evals_without_improvement >= cfg.early_stopping_patience;
     if (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)) || is_last || stop {
         checkpoint::save(&cfg.out, &run.opt, state, cfg.keep_checkpoints)?;
     }
-    Ok(AfterStep { val_loss, stop })
+    Ok(AfterStep {
+        val_loss,
+        stop,
+        warning,
+    })
 }
 
 /// Phase 6: the result — a PEFT adapter in `out/adapter`, or a full Hugging Face model
@@ -508,5 +631,70 @@ pub fn write_output(run: &Run) -> Result<PathBuf> {
             crate::export::hf::save(&dir, &run.model)?;
             Ok(dir)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(step: usize, val_loss: Option<f64>) -> Metrics {
+        Metrics {
+            step,
+            loss: 1.0,
+            val_loss,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_sec: 1.0,
+            elapsed_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn few_steps_warn_with_the_change_to_make() {
+        let cfg = TrainConfig::load(None, &["data=x".into(), "epochs=1".into()]).unwrap();
+        // 3,000 short examples packed into 150 sequences of 512: 75 steps at batch 2.
+        let w = undertraining_warning(&cfg, 150, 75).unwrap();
+        assert!(w.contains("only 75 optimizer steps"), "{w}");
+        assert!(w.contains("epochs = \"auto\""), "{w}");
+        // Tiny data even three passes cannot lift: smaller steps or more data.
+        let w = undertraining_warning(&cfg, 20, 10).unwrap();
+        assert!(w.contains("lower batch_size (now 2)"), "{w}");
+        assert_eq!(undertraining_warning(&cfg, 1000, FEW_STEPS), None);
+        // max_steps or a time budget set the length on purpose: no warning.
+        let steps = TrainConfig::load(None, &["data=x".into(), "max_steps=20".into()]).unwrap();
+        assert_eq!(undertraining_warning(&steps, 1000, 20), None);
+        let budget = TrainConfig::load(None, &["data=x".into(), "max_minutes=5".into()]).unwrap();
+        assert_eq!(undertraining_warning(&budget, 20, 10), None);
+    }
+
+    #[test]
+    fn validation_loss_rising_twice_past_its_best_warns_once_it_happens() {
+        let h = |vals: &[(usize, f64)]| -> Vec<Metrics> {
+            vals.iter().map(|&(s, v)| metrics(s, Some(v))).collect()
+        };
+        // Falling, or one noisy rise: nothing.
+        assert_eq!(
+            overfitting_warning(&h(&[(50, 2.0), (100, 1.5), (150, 1.2)])),
+            None
+        );
+        assert_eq!(
+            overfitting_warning(&h(&[(50, 2.0), (100, 1.5), (150, 1.6)])),
+            None
+        );
+        // Two rises in a row past the best, by more than 1 %.
+        let mut hist = h(&[(50, 2.0), (100, 1.5), (150, 1.6), (200, 1.8)]);
+        hist.insert(1, metrics(75, None));
+        let w = overfitting_warning(&hist).unwrap();
+        assert!(
+            w.contains("from 1.5000 (step 100) to 1.8000 (step 200)"),
+            "{w}"
+        );
+        assert!(w.contains("max_steps = 100"), "{w}");
+        // Rising, but still within 1 % of the best: noise.
+        assert_eq!(
+            overfitting_warning(&h(&[(50, 1.5), (100, 1.502), (150, 1.505)])),
+            None
+        );
     }
 }

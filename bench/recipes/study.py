@@ -94,7 +94,7 @@ def table(tasks):
     num = lambda v, f: "–" if v is None else f.format(v)
     for r in rows:
         print(f"| {r['task']} | {r['tool']} {r['tag']} | {' '.join(r['args']) or 'defaults'} | {r.get('steps', '')} | "
-              f"{r['train_wall_s']:.0f} | {num(r['exact_match'], '{:.1f}')} | {num(r['chrf'], '{:.1f}')} | "
+              f"{r['train_wall_s']:.0f} | {num(r['exact_match'] and 100 * r['exact_match'], '{:.1f} %')} | {num(r['chrf'], '{:.1f}')} | "
               f"{num(r['test_loss'], '{:.3f}')} |")
 
 

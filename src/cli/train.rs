@@ -26,7 +26,7 @@ pub struct TrainArgs {
     /// Run directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Passes over the data, or "auto" (enough for 150 optimizer steps, at most 3).
+    /// Passes over the data, or "auto" (enough for 150 optimizer steps, at most 5).
     #[arg(long)]
     pub epochs: Option<afinar::train::config::Auto<usize>>,
     #[arg(long)]

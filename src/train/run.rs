@@ -269,12 +269,19 @@ pub fn undertraining_warning(
         return None;
     }
     let per_step = cfg.batch_size * cfg.grad_accum;
-    let fix = if sequences.div_ceil(per_step) * 3 >= FEW_STEPS && cfg.epochs.set().is_some() {
+    let fix = if sequences.div_ceil(per_step) * super::config::AUTO_MAX_EPOCHS >= FEW_STEPS
+        && cfg.epochs.set().is_some()
+    {
         "set epochs = \"auto\" (more passes over this small dataset)".to_string()
+    } else if cfg.batch_size > 1 {
+        format!(
+            "lower batch_size (now {}) for more, smaller steps, or add data",
+            cfg.batch_size
+        )
     } else {
         format!(
-            "lower batch_size (now {}) or max_seq_len (now {}) for more, smaller steps, or add data",
-            cfg.batch_size, cfg.max_seq_len
+            "lower max_seq_len (now {}) for more, smaller steps, or add data",
+            cfg.max_seq_len
         )
     };
     Some(format!(
@@ -653,13 +660,16 @@ mod tests {
     #[test]
     fn few_steps_warn_with_the_change_to_make() {
         let cfg = TrainConfig::load(None, &["data=x".into(), "epochs=1".into()]).unwrap();
-        // 3,000 short examples packed into 150 sequences of 512: 75 steps at batch 2.
-        let w = undertraining_warning(&cfg, 150, 75).unwrap();
+        // 3,000 short examples packed into 75 sequences of 512: 75 steps at batch 1.
+        let w = undertraining_warning(&cfg, 75, 75).unwrap();
         assert!(w.contains("only 75 optimizer steps"), "{w}");
         assert!(w.contains("epochs = \"auto\""), "{w}");
         // Tiny data even three passes cannot lift: smaller steps or more data.
-        let w = undertraining_warning(&cfg, 20, 10).unwrap();
-        assert!(w.contains("lower batch_size (now 2)"), "{w}");
+        let w = undertraining_warning(&cfg, 15, 15).unwrap();
+        assert!(w.contains("lower max_seq_len (now 512)"), "{w}");
+        let b4 = TrainConfig::load(None, &["data=x".into(), "batch_size=4".into()]).unwrap();
+        let w = undertraining_warning(&b4, 40, 10).unwrap();
+        assert!(w.contains("lower batch_size (now 4)"), "{w}");
         assert_eq!(undertraining_warning(&cfg, 1000, FEW_STEPS), None);
         // max_steps or a time budget set the length on purpose: no warning.
         let steps = TrainConfig::load(None, &["data=x".into(), "max_steps=20".into()]).unwrap();

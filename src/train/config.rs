@@ -617,18 +617,19 @@ impl TrainConfig {
     /// The peak learning rate of this run on a model of `params` parameters: `lr`, or for
     /// "auto" what [`TrainConfig::auto_lr`] picks.
     pub fn learning_rate(&self, params: usize) -> f64 {
-        self.lr.or_else(|| Self::auto_lr(self.method, params))
+        self.lr.or_else(|| Self::auto_lr(self.method, params).0)
     }
 
     /// The "auto" learning rate. LoRA: 1e-3 below 1B parameters (the recipe study in
     /// `bench/recipes/` measured it on SmolLM2-135M: 2e-4 leaves a packed run under-trained),
     /// 2e-4 from 1B up (the value LoRA recipes for 1–8B models use; not measured here). Full
     /// fine-tuning: 2e-5, TRL's default (every weight moves; LoRA's rates would wreck the model).
-    pub fn auto_lr(method: Method, params: usize) -> f64 {
+    /// Returns the rate and the rule that picked it, for the run's log.
+    pub fn auto_lr(method: Method, params: usize) -> (f64, &'static str) {
         match method {
-            Method::Full => 2e-5,
-            Method::Lora if params < 1_000_000_000 => 1e-3,
-            Method::Lora => 2e-4,
+            Method::Full => (2e-5, "full fine-tuning"),
+            Method::Lora if params < 1_000_000_000 => (1e-3, "LoRA, model under 1B parameters"),
+            Method::Lora => (2e-4, "LoRA, model of 1B parameters or more"),
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::Var;
 
 use super::checkpoint::{self, TrainState};
-use super::config::{Method, TrainConfig};
+use super::config::{Method, TrainConfig, AUTO_MAX_EPOCHS, AUTO_MIN_STEPS};
 use super::optim::{self, AdamW, AdamWConfig};
 use super::{lora, plot, split_loss, unfreeze_all, Metrics};
 use crate::data;
@@ -179,7 +179,14 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
     let peak_lr = cfg.learning_rate(model.config().parameter_count());
     eprintln!(
         "{}",
-        schedule_line(&cfg, steps_per_epoch, passes, total_steps, model.config())
+        schedule_line(
+            &cfg,
+            steps_per_epoch,
+            passes,
+            total_steps,
+            peak_lr,
+            model.config()
+        )
     );
     if let Some(w) = undertraining_warning(&cfg, train_file.sequences(), total_steps) {
         eprintln!("{w}");
@@ -211,19 +218,17 @@ pub fn open(cfg: &TrainConfig, resume: bool) -> Result<Run> {
     })
 }
 
-/// The run's length and learning rate, saying which were picked by "auto", e.g. "schedule: 3
-/// passes (auto: at least 150 steps) × 47 steps = 141 optimizer steps of 4 × 512 tokens; lr
-/// 1e-3 (auto: LoRA, model under 1B), cosine, 10 warm-up steps".
+/// The run's length and learning rate, saying which were picked by "auto", e.g. "schedule: 5
+/// passes (auto: ≥ 150 steps, ≤ 5 passes) × 34 steps = 170 optimizer steps of 1 × 512 tokens;
+/// lr 1e-3 (auto: LoRA, model under 1B parameters), cosine, 10 warm-up steps".
 fn schedule_line(
     cfg: &TrainConfig,
     steps_per_epoch: usize,
     passes: usize,
     total_steps: usize,
+    lr: f64,
     model: &crate::model::ModelConfig,
 ) -> String {
-    let params = model.parameter_count();
-    let lr = cfg.learning_rate(params);
-    use super::config::{AUTO_MAX_EPOCHS, AUTO_MIN_STEPS};
     let length = if cfg.max_steps > 0 {
         format!("{total_steps} optimizer steps (max_steps; an epoch is {steps_per_epoch})")
     } else {
@@ -236,13 +241,12 @@ fn schedule_line(
             if passes == 1 { "" } else { "es" }
         )
     };
-    let lr_why = match (cfg.lr.set(), cfg.method) {
-        (Some(_), _) => "",
-        (None, Method::Full) => " (auto: full fine-tuning)",
-        (None, Method::Lora) if params < 1_000_000_000 => {
-            " (auto: LoRA, model under 1B parameters)"
-        }
-        (None, Method::Lora) => " (auto: LoRA, model of 1B parameters or more)",
+    let lr_why = match cfg.lr.set() {
+        Some(_) => String::new(),
+        None => format!(
+            " (auto: {})",
+            TrainConfig::auto_lr(cfg.method, model.parameter_count()).1
+        ),
     };
     format!(
         "schedule: {length} of {} × {} tokens; lr {lr:e}{lr_why}, {}, {} warm-up steps",
@@ -269,7 +273,7 @@ pub fn undertraining_warning(
         return None;
     }
     let per_step = cfg.batch_size * cfg.grad_accum;
-    let fix = if sequences.div_ceil(per_step) * super::config::AUTO_MAX_EPOCHS >= FEW_STEPS
+    let fix = if sequences.div_ceil(per_step) * AUTO_MAX_EPOCHS >= FEW_STEPS
         && cfg.epochs.set().is_some()
     {
         "set epochs = \"auto\" (more passes over this small dataset)".to_string()
@@ -664,7 +668,7 @@ mod tests {
         let w = undertraining_warning(&cfg, 75, 75).unwrap();
         assert!(w.contains("only 75 optimizer steps"), "{w}");
         assert!(w.contains("epochs = \"auto\""), "{w}");
-        // Tiny data even three passes cannot lift: smaller steps or more data.
+        // Data so small that AUTO_MAX_EPOCHS passes stay short: smaller steps or more data.
         let w = undertraining_warning(&cfg, 15, 15).unwrap();
         assert!(w.contains("lower max_seq_len (now 512)"), "{w}");
         let b4 = TrainConfig::load(None, &["data=x".into(), "batch_size=4".into()]).unwrap();

@@ -372,6 +372,73 @@ fn several_clients_at_once() {
     }
 }
 
+/// Continuous batching: requests of different lengths, on the base model and on the adapter,
+/// sent all at once get token for token the answers each gets alone; `/metrics` shows that they
+/// were decoded together (steps of more than one sequence) and counts every token.
+#[test]
+fn batched_answers_equal_each_alone_and_metrics_count_them() {
+    let s = shared();
+    let asks: Vec<(&str, &str, u64)> = vec![
+        ("smollm2", "What is the capital of France?", 24),
+        ("rand", "Name three colours.", 16),
+        (
+            "smollm2",
+            "Write one sentence about the sea, please, in plain words.",
+            32,
+        ),
+        ("rand", "What is the capital of France?", 24),
+        ("smollm2", "Count to five.", 20),
+        ("smollm2", "Name three colours.", 12),
+    ];
+    let ask = |(model, q, n): (&str, &str, u64)| {
+        let body = json!({"model": model, "temperature": 0, "max_tokens": n,
+                          "messages": [{"role": "user", "content": q}]})
+        .to_string();
+        let (st, v) = call("POST", &s.url("/v1/chat/completions"), None, Some(&body));
+        assert_eq!(st, 200, "{v}");
+        (
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    let alone: Vec<(String, u64)> = asks.iter().map(|a| ask(*a)).collect();
+    let before = metric(&s.url("/metrics"), "afinar_completion_tokens_total");
+    let together: Vec<(String, u64)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = asks.iter().map(|a| sc.spawn(move || ask(*a))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    let text = ureq::get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let after = metric(&s.url("/metrics"), "afinar_completion_tokens_total");
+    let sent: u64 = together.iter().map(|(_, n)| n).sum();
+    assert!(
+        after - before >= sent,
+        "{before} → {after}, {sent} sent\n{text}"
+    );
+    // Steps that decoded one sequence are fewer than all steps: some decoded several at once.
+    let ones = metric(&s.url("/metrics"), "afinar_batch_size_bucket{le=\"1\"}");
+    let all = metric(&s.url("/metrics"), "afinar_batch_size_count");
+    assert!(ones < all, "no batched step:\n{text}");
+    assert!(text.contains("# TYPE afinar_time_to_first_token_seconds histogram"));
+}
+
+/// A sample's value from the Prometheus text at `url`.
+fn metric(url: &str, name: &str) -> u64 {
+    let text = ureq::get(url).call().unwrap().into_string().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+        .parse::<f64>()
+        .unwrap() as u64
+}
+
 /// A streaming client that leaves after the first chunk stops its generation.
 #[test]
 fn a_client_leaving_mid_stream_stops_its_generation() {

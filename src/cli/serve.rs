@@ -35,8 +35,8 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every endpoint but /health and the page.
     #[arg(long, env = "AFINAR_API_KEY")]
     pub api_key: Option<String>,
-    /// Generations running at once; later requests wait in arrival order.
-    #[arg(long, default_value_t = 2)]
+    /// Requests decoded together (continuous batching); later ones wait in arrival order.
+    #[arg(long, default_value_t = 8)]
     pub max_concurrent: usize,
     /// Cap (and default) for max_tokens.
     #[arg(long, default_value_t = 512)]

@@ -176,9 +176,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Attention {
@@ -255,7 +255,7 @@ pub struct Block {
 
 /// Per-layer key/value cache for incremental decoding.
 pub struct Cache {
-    layers: Vec<KvCache>,
+    pub(crate) layers: Vec<KvCache>,
 }
 
 impl Cache {
@@ -486,7 +486,7 @@ impl Transformer {
     }
 
     /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, t, 1, head_dim).
-    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;

@@ -2,11 +2,12 @@
 //! Server-Sent Events or whole, the base model and each LoRA adapter by name — and the web chat
 //! page at `/`, embedded in the binary.
 //!
-//! Requests are parsed and validated on the async runtime; each generation runs on a blocking
-//! thread once a permit of a FIFO semaphore (`--max-concurrent`) is free, so requests are served
-//! in arrival order and `/health` answers while the CPU is busy. Text reaches the handler through
-//! a channel; when the client goes away the channel closes and the generation stops at its next
-//! token.
+//! Requests are parsed and validated on the async runtime, then handed to the [`scheduler`]
+//! thread, which owns the decoding: continuous batching of up to `--max-concurrent` requests
+//! (base and adapters together), later ones waiting in arrival order, so `/health` answers while
+//! the CPU is busy. Text reaches the handler through a channel; when the client goes away the
+//! channel closes and the request leaves the batch at the next step. `/metrics` reports the
+//! counters in Prometheus' format.
 //!
 //! Clients are untrusted: [`conn`] bounds connections and header read time, `read_body` the
 //! body's, [`guard`] checks `Host`, CORS origins, the body type and the API key, and message
@@ -15,6 +16,8 @@
 pub mod api;
 pub mod conn;
 pub mod guard;
+pub mod metrics;
+pub mod scheduler;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,15 +32,16 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use unicode_script::Script;
 
-use crate::infer::generate::generate_until;
 use crate::infer::scripts::ScriptFilter;
 use crate::infer::{FinishReason, GenerateOptions, SamplingParams};
 use crate::model::Model;
 use crate::{Error, Result};
 use api::{ApiError, ChatChunk, ChatCompletion, Header, Settings, TextCompletion, Usage};
+use metrics::Metrics;
+use scheduler::{Job, Piece, Served};
 
 /// How to serve.
 #[derive(Debug, Clone)]
@@ -58,7 +62,7 @@ pub struct ServeOptions {
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
-    /// Generations running at once; later requests wait in arrival order.
+    /// Requests decoded together (continuous batching); later ones wait in arrival order.
     pub max_concurrent: usize,
     /// Upper bound on `max_tokens` (and its default).
     pub max_tokens: usize,
@@ -86,7 +90,7 @@ impl ServeOptions {
             host: "127.0.0.1".into(),
             port: 0,
             api_key: None,
-            max_concurrent: 2,
+            max_concurrent: 8,
             max_tokens: 512,
             max_body_bytes: 1 << 20,
             allowed_scripts: vec![],
@@ -105,19 +109,15 @@ impl ServeOptions {
     }
 }
 
-/// One servable model id.
-struct Served {
-    id: String,
-    model: Model,
-}
-
 struct AppState {
     /// The base model first, then the adapters.
-    models: Vec<Served>,
+    models: Arc<Vec<Served>>,
     /// The base model's `--model` spec, which requests may name instead of its id.
     base_spec: String,
     api_key: Option<String>,
-    permits: Arc<Semaphore>,
+    /// Where requests go: the scheduler thread, which owns the decoding.
+    jobs: std::sync::mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
     max_tokens: usize,
     filter: Option<Arc<ScriptFilter>>,
     created: u64,
@@ -237,11 +237,16 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
             model: base,
         },
     );
+    let models = Arc::new(models);
+    let metrics = Arc::new(Metrics::default());
+    let jobs = scheduler::spawn(models.clone(), opts.max_concurrent, metrics.clone())
+        .map_err(|e| Error::Server(format!("cannot start the scheduler thread: {e}")))?;
     let state = Arc::new(AppState {
         models,
         base_spec: opts.model.clone(),
         api_key: opts.api_key.clone(),
-        permits: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
+        jobs,
+        metrics,
         max_tokens: opts.max_tokens.max(1),
         filter,
         created: SystemTime::now()
@@ -255,12 +260,13 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
         .route("/", get(page))
         .route("/health", get(|| async { Json(api::Health { status: "ok" }) }))
         .route("/v1/models", get(list_models))
+        .route("/metrics", get(metrics_text))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .fallback(|| async {
             ApiError {
                 status: 404,
-                message: "no such endpoint; see /v1/models, /v1/chat/completions, /v1/completions, /health".into(),
+                message: "no such endpoint; see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics".into(),
                 kind: "invalid_request_error",
                 param: None,
                 code: None,
@@ -320,59 +326,29 @@ async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
     .into_response()
 }
 
-/// What the generation thread sends.
-enum Piece {
-    Text(String),
-    Done(FinishReason, Usage),
-    Failed(String),
-}
-
-/// Holds back text that could be the start of a stop sequence, and ends at the first match.
-struct StopMatcher {
-    stops: Vec<String>,
-    held: String,
-}
-
-impl StopMatcher {
-    /// Text that can be sent now, and whether a stop sequence was reached.
-    fn push(&mut self, piece: &str) -> (String, bool) {
-        self.held.push_str(piece);
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
-            let out = self.held[..at].to_string();
-            self.held.clear();
-            return (out, true);
-        }
-        // Keep the longest tail that is a prefix of some stop sequence.
-        let keep = self
-            .stops
-            .iter()
-            .flat_map(|s| {
-                (1..s.len())
-                    .filter(|&k| s.is_char_boundary(k) && self.held.ends_with(&s[..k]))
-                    .max()
-            })
-            .max()
-            .unwrap_or(0);
-        let cut = self.held.len() - keep;
-        let out = self.held[..cut].to_string();
-        self.held.drain(..cut);
-        (out, false)
+/// The counters in Prometheus' text format.
+async fn metrics_text(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !st.authorized(&headers) {
+        return ApiError::unauthorized().into_response();
     }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
 }
 
-/// Starts a generation for `prompt` on `served` after taking a permit; returns the receiver
-/// of its pieces.
+/// Queues a generation of `prompt` on model `model_index` with the scheduler; returns the
+/// receiver of its pieces.
 async fn start(
     st: &Arc<AppState>,
     model_index: usize,
     prompt: Vec<u32>,
     s: &Settings,
-) -> std::result::Result<mpsc::Receiver<Piece>, ApiError> {
+) -> std::result::Result<mpsc::UnboundedReceiver<Piece>, ApiError> {
     let served = &st.models[model_index];
     let ctx = served.model.config().max_position_embeddings;
     if prompt.len() >= ctx {
@@ -412,62 +388,18 @@ async fn start(
     opts.sampling
         .validate()
         .map_err(|e| ApiError::invalid(None, e.to_string()))?;
-    let permit = st
-        .permits
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let (tx, rx) = mpsc::channel(256);
-    let st = st.clone();
-    let stops = s.stop.clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let model = &st.models[model_index].model;
-        let mut matcher = StopMatcher {
-            stops,
-            held: String::new(),
-        };
-        let mut hit_stop = false;
-        let mut gone = false;
-        let result = generate_until(model, &prompt, &opts, |piece| {
-            let (out, stop) = matcher.push(piece);
-            hit_stop |= stop;
-            gone = !(out.is_empty() || tx.blocking_send(Piece::Text(out)).is_ok());
-            !gone && !stop
-        });
-        if gone {
-            if let Ok(g) = &result {
-                eprintln!(
-                    "afinar: client went away; generation stopped after {} tokens",
-                    g.generated_tokens
-                );
-            }
-            return;
-        }
-        let last = match result {
-            Ok(g) => {
-                if !hit_stop && !matcher.held.is_empty() {
-                    let _ = tx.blocking_send(Piece::Text(std::mem::take(&mut matcher.held)));
-                }
-                let reason = if hit_stop {
-                    FinishReason::Stop
-                } else {
-                    g.finish_reason
-                };
-                Piece::Done(
-                    reason,
-                    Usage {
-                        prompt_tokens: g.prompt_tokens,
-                        completion_tokens: g.generated_tokens,
-                        total_tokens: g.prompt_tokens + g.generated_tokens,
-                    },
-                )
-            }
-            Err(e) => Piece::Failed(e.to_string()),
-        };
-        let _ = tx.blocking_send(last);
-    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let job = Job {
+        model: model_index,
+        prompt,
+        opts,
+        stops: s.stop.clone(),
+        tx,
+        arrived: std::time::Instant::now(),
+    };
+    st.jobs
+        .send(job)
+        .map_err(|_| ApiError::internal("the scheduler has stopped; restart the server"))?;
     Ok(rx)
 }
 
@@ -499,7 +431,7 @@ fn new_id(prefix: &str) -> String {
 
 /// Collects a whole generation (non-streaming requests).
 async fn collect(
-    mut rx: mpsc::Receiver<Piece>,
+    mut rx: mpsc::UnboundedReceiver<Piece>,
 ) -> std::result::Result<(String, FinishReason, Usage), ApiError> {
     let mut text = String::new();
     while let Some(p) = rx.recv().await {
@@ -520,7 +452,7 @@ fn to_json(v: &impl serde::Serialize) -> String {
 /// SSE stream of chunks, each the JSON text `chunk(delta text, finish reason, usage)` returns,
 /// after `first` if given, then `[DONE]`.
 fn sse(
-    rx: mpsc::Receiver<Piece>,
+    rx: mpsc::UnboundedReceiver<Piece>,
     first: Option<String>,
     chunk: impl Fn(Option<&str>, Option<FinishReason>, Option<Usage>) -> String + Send + Sync + 'static,
     include_usage: bool,
@@ -719,26 +651,4 @@ async fn completions_inner(
     let (text, reason, usage) = collect(rx).await?;
     let body = TextCompletion::new(&h, &text, Some(reason_str(reason)), Some(usage));
     Ok(Json(body).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::StopMatcher;
-
-    #[test]
-    fn stop_sequences_are_held_back_and_cut() {
-        let mut m = StopMatcher {
-            stops: vec!["END".into()],
-            held: String::new(),
-        };
-        assert_eq!(m.push("hello E"), ("hello ".to_string(), false));
-        assert_eq!(m.push("N"), (String::new(), false));
-        assert_eq!(m.push("D and more"), (String::new(), true));
-        let mut m = StopMatcher {
-            stops: vec!["\n\n".into()],
-            held: String::new(),
-        };
-        assert_eq!(m.push("a\n"), ("a".to_string(), false));
-        assert_eq!(m.push("b"), ("\nb".to_string(), false));
-    }
 }

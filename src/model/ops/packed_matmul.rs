@@ -183,6 +183,45 @@ fn matmul_wt_dense_below(
     })
 }
 
+/// `y = x Wᵀ` with every row of x computed exactly as it would be alone, for any number of rows:
+/// the decoding products of `block_dot.rs` (or, with `mode.quantized_dot`, the 8-bit ones of
+/// `quant_dot.rs`) against a packed W, and the same row-by-row dot products against an f32 W.
+///
+/// Why: batched decoding (`model::decode`) must give a sequence the same tokens whichever
+/// others share its step, and the GEMM paths of [`matmul_wt`] sum in an order that depends on
+/// how many rows there are. W is still read once for all rows: each of its rows is loaded (and
+/// dequantized) once, then multiplied with every row of x while it is in cache.
+pub fn matmul_wt_rows(
+    x: &[f32],
+    w: WeightRef,
+    (m, n, k): (usize, usize, usize),
+    y: &mut [f32],
+    mode: MatmulMode,
+) -> Result<()> {
+    assert_eq!(x.len(), m * k, "matmul_wt_rows: x is not {m}×{k}");
+    assert_eq!(y.len(), m * n, "matmul_wt_rows: y is not {m}×{n}");
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    match w {
+        WeightRef::Packed(p) => {
+            check(&p, n, k);
+            if mode.quantized_dot && quant_dot::supported(p.dtype, k) {
+                quant_dot::matmul_wt(x, p, (m, n, k), y)
+            } else {
+                block_dot::matmul_wt(x, p, (m, n, k), y)
+            }
+        }
+        WeightRef::F32(w) => block_dot::by_output_rows(y, m, n, |j, out, _| {
+            let wr = &w[j * k..(j + 1) * k];
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = super::cpu::dot(wr, &x[r * k..(r + 1) * k]);
+            }
+            Ok(())
+        }),
+    }
+}
+
 /// Largest packed weight that an f32 product over many rows dequantizes whole (64 MiB of f32):
 /// one GEMM over all of W then packs x once and splits the work as it likes, where tiles of W
 /// cost one GEMM call each, every call packing x again (0.7× the speed of an f32 base in a
@@ -660,6 +699,54 @@ mod tests {
             .zip(want)
             .map(|(g, w)| (*g as f64 - w).abs() / scale)
             .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn row_exact_products_do_not_depend_on_the_other_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, n, k) = (7, 45, 128);
+        let wt = Tensor::randn(0f32, 1., (n, k), &dev)?;
+        let x: Vec<f32> = Tensor::randn(0f32, 1., (m, k), &dev)?
+            .flatten_all()?
+            .to_vec1()?;
+        let wf: Vec<f32> = wt.flatten_all()?.to_vec1()?;
+        for dtype in [None, Some(GgmlDType::BF16), Some(GgmlDType::Q8_0)] {
+            for int8 in [false, true] {
+                let mode = MatmulMode {
+                    quantized_dot: int8,
+                    bf16: false,
+                };
+                let q = dtype.map(|d| QTensor::quantize(&wt, d)).transpose()?;
+                let (w, wd) = match &q {
+                    Some(q) => (
+                        WeightRef::Packed(packed_ref(q)?),
+                        q.dequantize(&dev)?.flatten_all()?.to_vec1()?,
+                    ),
+                    None => (WeightRef::F32(&wf), wf.clone()),
+                };
+                let mut all = vec![0f32; m * n];
+                matmul_wt_rows(&x, w, (m, n, k), &mut all, mode)?;
+                // Each row alone: bit for bit the same.
+                for r in 0..m {
+                    let mut one = vec![0f32; n];
+                    matmul_wt_rows(&x[r * k..(r + 1) * k], w, (1, n, k), &mut one, mode)?;
+                    assert_eq!(
+                        one,
+                        all[r * n..(r + 1) * n],
+                        "{dtype:?} int8 {int8} row {r}"
+                    );
+                }
+                // And the products themselves right (the 8-bit ones within their rounding).
+                let tol = if int8 && dtype == Some(GgmlDType::Q8_0) {
+                    2e-2
+                } else {
+                    1e-5
+                };
+                let err = max_rel(&all, &reference(&x, &wd, (m, n, k)));
+                assert!(err < tol, "{dtype:?} int8 {int8}: {err}");
+            }
+        }
+        Ok(())
     }
 
     #[test]

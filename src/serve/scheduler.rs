@@ -1,0 +1,417 @@
+//! Continuous batching: one thread owns the models and, step after step, decodes one token for
+//! every running request in a single pass over the weights (`model::decode`), the base model's
+//! requests and every adapter's in the same batch. Between two decoding steps it feeds one chunk
+//! of a new request's prompt, so a long prompt delays the others by one chunk, not by its whole
+//! prefill. New requests join at the next step; finished ones, and those whose client went away,
+//! leave it. Requests beyond `--max-concurrent` wait in arrival order.
+//!
+//! Each request keeps its own KV cache, position, sampler (seeded from its `seed`) and stop
+//! strings, and every row of a step is computed as it would be alone, so a request's output does
+//! not depend on what else is running.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::api::Usage;
+use super::metrics::{Ending, Metrics};
+use crate::infer::sampling::Sampler;
+use crate::infer::{FinishReason, GenerateOptions};
+use crate::model::decode::{decode_rows, DecodeRow};
+use crate::model::tokenizer::TokenStream;
+use crate::model::transformer::Cache;
+use crate::model::Model;
+use crate::Result;
+
+/// Prompt tokens fed per prefill pass between two decoding steps.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// One servable model id: the base model, or a clone of it carrying an adapter.
+pub struct Served {
+    pub id: String,
+    pub model: Model,
+}
+
+/// What a request's generation sends back to its handler.
+pub enum Piece {
+    Text(String),
+    Done(FinishReason, Usage),
+    Failed(String),
+}
+
+/// A request for the scheduler.
+pub struct Job {
+    /// Index into the served models.
+    pub model: usize,
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    /// Stop strings (OpenAI's `stop`).
+    pub stops: Vec<String>,
+    pub tx: UnboundedSender<Piece>,
+    pub arrived: Instant,
+}
+
+/// Starts the scheduler thread for `models`, at most `max_batch` requests running at once; it
+/// ends when the returned sender (and every clone) is dropped.
+pub fn spawn(
+    models: Arc<Vec<Served>>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("afinar-scheduler".into())
+        .spawn(move || run(&models, rx, max_batch.max(1), &metrics))?;
+    Ok(tx)
+}
+
+fn run(models: &[Served], rx: Receiver<Job>, max_batch: usize, metrics: &Metrics) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut running: Vec<Seq> = Vec::new();
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
+            }
+        }
+        waiting.extend(rx.try_iter());
+        waiting.retain(|j| {
+            let gone = j.tx.is_closed();
+            if gone {
+                metrics.ended(Ending::Cancelled);
+            }
+            !gone
+        });
+        while running.len() < max_batch {
+            let Some(job) = waiting.pop_front() else {
+                break;
+            };
+            running.push(Seq::new(job, models, metrics));
+        }
+        for s in running
+            .iter_mut()
+            .filter(|s| !s.done && s.job.tx.is_closed())
+        {
+            s.cancel(metrics);
+        }
+        running.retain(|s| !s.done);
+        metrics
+            .queued
+            .store(waiting.len() as u64, Ordering::Relaxed);
+        metrics
+            .running
+            .store(running.len() as u64, Ordering::Relaxed);
+        prefill_chunk(&mut running, metrics);
+        if let Err(e) = decode_step(&models[0].model, &mut running, metrics) {
+            // A failed pass fails every request in it: their caches are no longer consistent.
+            for s in running.iter_mut().filter(|s| s.next.is_some()) {
+                s.fail(&e.to_string(), metrics);
+            }
+        }
+        running.retain(|s| !s.done);
+    }
+}
+
+/// Feeds the next chunk of the oldest request still reading its prompt; at its end, chooses
+/// the request's first token.
+fn prefill_chunk(running: &mut [Seq], metrics: &Metrics) {
+    let Some(s) = running
+        .iter_mut()
+        .find(|s| !s.done && s.fed < s.job.prompt.len())
+    else {
+        return;
+    };
+    let end = (s.fed + PREFILL_CHUNK).min(s.job.prompt.len());
+    let result = (|| -> Result<Vec<f32>> {
+        let t = &s.model.transformer;
+        let ids = Tensor::new(&s.job.prompt[s.fed..end], t.device())?.unsqueeze(0)?;
+        Ok(t.forward_last(&ids, Some(&mut s.cache))?
+            .squeeze(0)?
+            .to_vec1()?)
+    })();
+    match result {
+        Ok(mut logits) => {
+            metrics
+                .prompt_tokens
+                .fetch_add((end - s.fed) as u64, Ordering::Relaxed);
+            s.fed = end;
+            if end == s.job.prompt.len() {
+                s.choose(&mut logits, metrics);
+            }
+        }
+        Err(e) => s.fail(&e.to_string(), metrics),
+    }
+}
+
+/// One decoding step: every request with a chosen token feeds it and chooses the next.
+fn decode_step(base: &Model, running: &mut [Seq], metrics: &Metrics) -> Result<()> {
+    let mut who = Vec::new();
+    let mut rows = Vec::new();
+    for (i, s) in running.iter_mut().enumerate() {
+        if let (false, Some(token)) = (s.done, s.next) {
+            who.push(i);
+            rows.push(DecodeRow {
+                model: &s.model.transformer,
+                token,
+                cache: &mut s.cache,
+            });
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    metrics.observe_batch(rows.len());
+    let logits = decode_rows(&base.transformer, &mut rows)?;
+    drop(rows);
+    for (i, mut l) in who.into_iter().zip(logits) {
+        running[i].next = None;
+        running[i].choose(&mut l, metrics);
+    }
+    Ok(())
+}
+
+/// A running request.
+struct Seq<'m> {
+    job: Job,
+    model: &'m Model,
+    cache: Cache,
+    /// Prompt tokens already in the cache.
+    fed: usize,
+    /// The token chosen last and not yet fed.
+    next: Option<u32>,
+    /// Most tokens to generate (`max_tokens`, within the context).
+    budget: usize,
+    sampler: Sampler,
+    /// Prompt and generated tokens (the repetition penalty's history).
+    history: Vec<u32>,
+    /// Generated tokens, without the end token.
+    tokens: Vec<u32>,
+    stream: TokenStream<'m>,
+    /// Text the stream has produced so far.
+    streamed: String,
+    /// Bytes of an unfinished character (the script filter's state).
+    pending: Vec<u8>,
+    matcher: StopMatcher,
+    last_token: Option<Instant>,
+    done: bool,
+}
+
+impl<'m> Seq<'m> {
+    fn new(job: Job, models: &'m [Served], metrics: &Metrics) -> Self {
+        let model = &models[job.model].model;
+        metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let ctx = model.config().max_position_embeddings;
+        let budget = job
+            .opts
+            .max_new_tokens
+            .min(ctx.saturating_sub(job.prompt.len()));
+        let matcher = StopMatcher::new(job.stops.clone());
+        let mut s = Self {
+            cache: Cache::new(&model.transformer),
+            fed: 0,
+            next: None,
+            budget,
+            sampler: Sampler::new(job.opts.sampling.clone()),
+            history: job.prompt.clone(),
+            tokens: Vec::new(),
+            stream: TokenStream::new(&model.tokenizer),
+            streamed: String::new(),
+            pending: Vec::new(),
+            matcher,
+            last_token: None,
+            done: false,
+            model,
+            job,
+        };
+        if s.job.prompt.is_empty() {
+            s.fail("the prompt is empty", metrics);
+        } else if s.budget == 0 {
+            s.finish(FinishReason::Length, metrics);
+        }
+        s
+    }
+
+    /// Chooses the next token from `logits`, sends the text it completes, and either queues
+    /// it for the next step or ends the request.
+    fn choose(&mut self, logits: &mut [f32], metrics: &Metrics) {
+        let id = match &self.job.opts.scripts {
+            Some(f) => {
+                let (sampler, history) = (&mut self.sampler, &self.history);
+                let id = f.choose(logits, &self.pending, |l| sampler.sample(l, history));
+                self.pending = f.pending_after(&self.pending, id);
+                id
+            }
+            None => self.sampler.sample(logits, &self.history),
+        };
+        let now = Instant::now();
+        match self.last_token {
+            None => metrics.observe_ttft((now - self.job.arrived).as_secs_f64()),
+            Some(t) => metrics.observe_itl((now - t).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+        let end = self.model.tokenizer.end_token_ids.contains(&id);
+        if self.job.opts.stop_at_end_token && end {
+            return self.finish(FinishReason::Stop, metrics);
+        }
+        self.tokens.push(id);
+        self.history.push(id);
+        metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+        match self.stream.push(id) {
+            Ok(Some(piece)) => {
+                self.streamed.push_str(&piece);
+                if self.emit(&piece, metrics) {
+                    return self.finish(FinishReason::Stop, metrics);
+                }
+                if self.done {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return self.fail(&e.to_string(), metrics),
+        }
+        if self.tokens.len() >= self.budget {
+            return self.finish(FinishReason::Length, metrics);
+        }
+        self.next = Some(id);
+    }
+
+    /// Sends what of `piece` can go out now; true when a stop string was reached. A client
+    /// that is gone ends the request.
+    fn emit(&mut self, piece: &str, metrics: &Metrics) -> bool {
+        let (out, stop) = self.matcher.push(piece);
+        if !out.is_empty() && self.job.tx.send(Piece::Text(out)).is_err() {
+            self.cancel(metrics);
+            return false;
+        }
+        stop
+    }
+
+    /// Ends the request of a client that went away.
+    fn cancel(&mut self, metrics: &Metrics) {
+        eprintln!(
+            "afinar: client went away; generation stopped after {} tokens",
+            self.tokens.len()
+        );
+        self.done = true;
+        metrics.ended(Ending::Cancelled);
+    }
+
+    /// Sends the rest of the text and the end of the request.
+    fn finish(&mut self, reason: FinishReason, metrics: &Metrics) {
+        if self.done {
+            return;
+        }
+        let mut hit_stop = self.matcher.stopped;
+        if !hit_stop {
+            // What the stream held back (an incomplete character at the very end).
+            if let Ok(full) = self.model.tokenizer.decode(&self.tokens, true) {
+                if let Some(rest) = full.strip_prefix(self.streamed.as_str()) {
+                    if !rest.is_empty() {
+                        hit_stop = self.emit(&rest.to_string(), metrics);
+                    }
+                }
+            }
+            if self.done {
+                return;
+            }
+            let held = std::mem::take(&mut self.matcher.held);
+            if !hit_stop && !held.is_empty() {
+                let _ = self.job.tx.send(Piece::Text(held));
+            }
+        }
+        let reason = if hit_stop { FinishReason::Stop } else { reason };
+        let usage = Usage {
+            prompt_tokens: self.job.prompt.len(),
+            completion_tokens: self.tokens.len(),
+            total_tokens: self.job.prompt.len() + self.tokens.len(),
+        };
+        let _ = self.job.tx.send(Piece::Done(reason, usage));
+        metrics.ended(match reason {
+            FinishReason::Stop => Ending::Stop,
+            FinishReason::Length => Ending::Length,
+        });
+        self.done = true;
+    }
+
+    fn fail(&mut self, message: &str, metrics: &Metrics) {
+        if !self.done {
+            let _ = self.job.tx.send(Piece::Failed(message.to_string()));
+            metrics.ended(Ending::Error);
+            self.done = true;
+        }
+    }
+}
+
+/// Holds back text that could be the start of a stop sequence, and ends at the first match.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops,
+            held: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Text that can be sent now, and whether a stop sequence was reached.
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
+        self.held.push_str(piece);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            self.stopped = true;
+            return (out, true);
+        }
+        // Keep the longest tail that is a prefix of some stop sequence.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&k| s.is_char_boundary(k) && self.held.ends_with(&s[..k]))
+                    .max()
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_sequences_are_held_back_and_cut() {
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("hello E"), ("hello ".to_string(), false));
+        assert_eq!(m.push("N"), (String::new(), false));
+        assert_eq!(m.push("D and more"), (String::new(), true));
+        assert_eq!(m.push("after"), (String::new(), true));
+        let mut m = StopMatcher::new(vec!["\n\n".into()]);
+        assert_eq!(m.push("a\n"), ("a".to_string(), false));
+        assert_eq!(m.push("b"), ("\nb".to_string(), false));
+    }
+}

@@ -1,14 +1,18 @@
-//! Batched decoding of independent sequences: one new token for each of several sequences, each
-//! with its own KV cache, position and LoRA adapter (or none), in one pass over the weights.
+//! Batched inference over independent sequences: each row of a pass is a sequence feeding one
+//! token (decoding) or a chunk of its prompt, with its own KV cache, positions and LoRA adapter
+//! (or none), all in one pass over the weights.
 //!
 //! Decoding one token on a CPU is bound by reading the weights; with several sequences in one
 //! pass, every projection reads its weight once for all of them (the serving scheduler's
-//! continuous batching rests on this). Attention stays per sequence (each has its own keys and
-//! values), and so do the adapters' low-rank products: the base product is shared, each row adds
-//! its own adapter's `scale · B (A x)`.
+//! continuous batching rests on this), and a prompt's chunk rides along in the same pass.
+//! Attention stays per sequence (each has its own keys and values), and so do the adapters'
+//! low-rank products: the base product is shared, each token adds its own adapter's
+//! `scale · B (A x)`.
 //!
-//! Every row is computed exactly as it would be alone (row-exact products, per-row attention and
-//! adapters), so a sequence gets the same tokens whichever others share its steps.
+//! Every token is computed exactly as it would be alone: row-exact products
+//! (`packed_matmul::matmul_wt_rows`), attention one query at a time (`ops::row_attention`),
+//! per-token adapters. So a sequence gets the same tokens whichever others share its steps, and
+//! however its prompt was split into chunks or taken from a cached prefix.
 
 use candle_core::{Device, Tensor};
 
@@ -16,54 +20,73 @@ use super::ops;
 use super::ops::attention::Heads;
 use super::ops::cpu::{dot, view};
 use super::ops::packed_matmul::{matmul_wt_rows, weight_view};
+use super::ops::row_attention::{row_attention, Query};
 use super::transformer::{apply_rope, rms_norm, Block, Cache, Linear, Transformer};
 use crate::Result;
 
-/// One sequence's place in a decoding step.
-pub struct DecodeRow<'a> {
+/// One sequence's part of a pass.
+pub struct Row<'a> {
     /// The sequence's model: the base, or a clone of it carrying an adapter (the clones share
     /// the base's weights; only their `lora` differs).
     pub model: &'a Transformer,
-    /// The token to feed (the last one chosen).
-    pub token: u32,
-    /// What the sequence has seen so far; the new token's keys and values are appended.
+    /// The tokens to feed, at the positions after what `cache` holds: the last token chosen
+    /// (decoding) or the next chunk of the prompt.
+    pub tokens: &'a [u32],
+    /// What the sequence has seen so far; the new tokens' keys and values are appended.
     pub cache: &'a mut Cache,
+    /// Whether the next-token logits after the last token are wanted.
+    pub logits: bool,
 }
 
-/// Feeds each row's token at the position after what its cache holds and returns each row's
-/// next-token logits (rows × vocab). `base` supplies the shared weights; every row's model must
-/// be `base` or a clone of it.
-pub fn decode_rows(base: &Transformer, rows: &mut [DecodeRow]) -> Result<Vec<Vec<f32>>> {
+/// Runs every row's tokens through the model and returns, for each row that asked, the logits
+/// after its last token. `base` supplies the shared weights; every row's model must be `base`
+/// or a clone of it.
+pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<Vec<f32>>>> {
+    let device = base.device().clone();
     if rows.is_empty() {
         return Ok(vec![]);
     }
-    let device = base.device().clone();
+    if rows.iter().any(|r| r.tokens.is_empty()) {
+        return Err(crate::Error::InvalidArgument("a row has no tokens".into()));
+    }
     if !device.is_cpu() || !base.fused {
-        // The row-exact products are CPU kernels: elsewhere each row takes the usual pass.
+        // The row-exact kernels are CPU kernels: elsewhere each row takes the usual pass.
         return rows
             .iter_mut()
             .map(|r| {
-                let ids = Tensor::new(&[r.token], &device)?.unsqueeze(0)?;
+                let ids = Tensor::new(r.tokens, &device)?.unsqueeze(0)?;
                 let logits = r.model.forward_last(&ids, Some(r.cache))?;
-                Ok(logits.squeeze(0)?.to_vec1()?)
+                Ok(match r.logits {
+                    true => Some(logits.squeeze(0)?.to_vec1()?),
+                    false => None,
+                })
             })
             .collect();
     }
     // Entered once, as `forward_hidden` does: the kernels below then split their work without a
     // hand-over to the pool per call.
     if rayon::current_thread_index().is_none() {
-        return rayon::scope(|_| decode_rows(base, rows));
+        return rayon::scope(|_| forward_rows(base, rows));
     }
     let c = &base.config;
-    let b = rows.len();
     let (eps, kern) = (c.rms_norm_eps, base.kernels());
-    let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
-    let positions: Vec<u32> = rows.iter().map(|r| r.cache.seq_len() as u32).collect();
-    let rope = base.rope_tables(&Tensor::from_vec(positions, (b, 1), &device)?)?;
-    let models: Vec<&Transformer> = rows.iter().map(|r| r.model).collect();
+    // Token-level views: ids, positions and each token's model, rows one after another.
+    let mut ids = Vec::new();
+    let mut positions = Vec::new();
+    let mut models: Vec<&Transformer> = Vec::new();
+    let mut pasts = Vec::with_capacity(rows.len());
+    for r in rows.iter() {
+        let past = r.cache.seq_len();
+        pasts.push(past);
+        ids.extend_from_slice(r.tokens);
+        positions.extend((past..past + r.tokens.len()).map(|p| p as u32));
+        models.extend(std::iter::repeat_n(r.model, r.tokens.len()));
+    }
+    let n = ids.len();
+    let rope = base.rope_tables(&Tensor::from_vec(positions, (n, 1), &device)?)?;
     let mut x = base
         .embed_tokens
-        .embedding(&Tensor::from_vec(ids, b, &device)?)?;
+        .embedding(&Tensor::from_vec(ids, n, &device)?)?;
     for i in 0..base.layers.len() {
         let layer = &base.layers[i];
         let a = &layer.self_attn;
@@ -75,54 +98,100 @@ pub fn decode_rows(base: &Transformer, rows: &mut [DecodeRow]) -> Result<Vec<Vec
         let q = apply_rope(&lin(&hn, |l| &l.self_attn.q_proj)?, &rope.0, &rope.1, true)?;
         let k = apply_rope(&lin(&hn, |l| &l.self_attn.k_proj)?, &rope.0, &rope.1, true)?;
         let v = lin(&hn, |l| &l.self_attn.v_proj)?;
-        let heads = Heads {
-            batch: 1,
-            heads: h,
-            kv_heads: kvh,
-            head_dim: d,
-        };
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut outs = Vec::with_capacity(b);
-        for (r, row) in rows.iter_mut().enumerate() {
-            let (kc, vc) = row.cache.layers[i].append(
-                &k.narrow(0, r, 1)?.reshape((1, 1, kvh * d))?,
-                &v.narrow(0, r, 1)?.reshape((1, 1, kvh * d))?,
+        // Each sequence's new keys and values join its cache; then every token attends to its
+        // own sequence up to itself.
+        let mut kvs = Vec::with_capacity(rows.len());
+        let mut off = 0;
+        for r in rows.iter_mut() {
+            let t = r.tokens.len();
+            let (kc, vc) = r.cache.layers[i].append(
+                &k.narrow(0, off, t)?.reshape((1, t, kvh * d))?,
+                &v.narrow(0, off, t)?.reshape((1, t, kvh * d))?,
             )?;
-            let (kc, vc) = (kc.contiguous()?, vc.contiguous()?);
-            outs.push(ops::attention::attention(
-                &q.narrow(0, r, 1)?,
-                &kc,
-                &vc,
-                None,
-                scale,
-                heads,
-            )?);
+            kvs.push((kc.contiguous()?, vc.contiguous()?));
+            off += t;
         }
-        let attn = lin(&Tensor::cat(&outs, 0)?, |l| &l.self_attn.o_proj)?;
-        x = (x + attn)?;
+        let qs = view(&q)?;
+        let views = kvs
+            .iter()
+            .map(|(k, v)| Ok((view(k)?, view(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut queries = Vec::with_capacity(n);
+        let mut tok = 0;
+        for ((r, past), (kv, vv)) in rows.iter().zip(&pasts).zip(&views) {
+            for j in 0..r.tokens.len() {
+                queries.push(Query {
+                    q: &qs[tok * h * d..(tok + 1) * h * d],
+                    k: kv,
+                    v: vv,
+                    len: past + j + 1,
+                });
+                tok += 1;
+            }
+        }
+        let mut out = vec![0f32; n * h * d];
+        let scale = 1.0 / (d as f32).sqrt();
+        row_attention(
+            &queries,
+            Heads {
+                batch: 1,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+            },
+            scale,
+            &mut out,
+        );
+        drop(queries);
+        let out = Tensor::from_vec(out, (n, h * d), &device)?;
+        x = (x + lin(&out, |l| &l.self_attn.o_proj)?)?;
         let hn = rms_norm(&x, &layer.post_attention_layernorm, eps, true)?;
         let gate = lin(&hn, |l| &l.mlp.gate_proj)?;
         let up = lin(&hn, |l| &l.mlp.up_proj)?;
         let act = ops::swiglu::swiglu(&gate, &up)?;
         x = (x + lin(&act, |l| &l.mlp.down_proj)?)?;
     }
+    // The head, for the last token of each row that wants logits.
+    let mut last = Vec::new();
+    let mut off = 0;
+    for r in rows.iter() {
+        off += r.tokens.len();
+        if r.logits {
+            last.push((off - 1) as u32);
+        }
+    }
+    let mut out: Vec<Option<Vec<f32>>> = Vec::with_capacity(rows.len());
+    if last.is_empty() {
+        out.resize(rows.len(), None);
+        return Ok(out);
+    }
+    let m = last.len();
+    let x = x.index_select(&Tensor::from_vec(last, m, &device)?, 0)?;
     let x = rms_norm(&x, &base.norm, eps, true)?;
     let head = base.lm_head.as_ref().unwrap_or(&base.embed_tokens);
     let (vocab, hidden) = head.dims2()?;
-    let mut logits = vec![0f32; b * vocab];
+    let mut logits = vec![0f32; m * vocab];
     let w = weight_view(head)?;
     matmul_wt_rows(
         &view(&x)?,
         w.get(),
-        (b, vocab, hidden),
+        (m, vocab, hidden),
         &mut logits,
         kern.mode,
     )?;
-    Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect())
+    let mut each = logits.chunks(vocab);
+    for r in rows.iter() {
+        out.push(match r.logits {
+            true => each.next().map(<[f32]>::to_vec),
+            false => None,
+        });
+    }
+    Ok(out)
 }
 
-/// The projection `pick` of layer `layer` for rows `x` (b, in): the base weight's product for
-/// all rows at once, plus the bias, plus each row's own adapter.
+/// The projection `pick` of layer `layer` for token rows `x` (b, in), `models` giving each
+/// row's model: the base weight's product for all rows at once, plus the bias, plus each row's
+/// own adapter.
 fn rows_linear(
     x: &Tensor,
     models: &[&Transformer],
@@ -149,17 +218,28 @@ fn rows_linear(
             row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b);
         }
     }
-    for (r, m) in models.iter().enumerate() {
+    // Runs of tokens of the same model share one borrow of its adapter.
+    let mut r0 = 0;
+    while r0 < b {
+        let m = models[r0];
+        let r1 = r0
+            + models[r0..]
+                .iter()
+                .take_while(|o| std::ptr::eq(**o, m))
+                .count();
         if let Some(l) = &pick(&m.layers[layer]).lora {
             let (a, bm) = (view(l.a.as_tensor())?, view(l.b.as_tensor())?);
             let rank = l.a.dim(0)?;
-            let xr = &xs[r * k..(r + 1) * k];
-            let t: Vec<f32> = (0..rank).map(|j| dot(&a[j * k..(j + 1) * k], xr)).collect();
             let scale = l.scale as f32;
-            for (o, y) in y[r * n..(r + 1) * n].iter_mut().enumerate() {
-                *y += scale * dot(&bm[o * rank..(o + 1) * rank], &t);
+            for r in r0..r1 {
+                let xr = &xs[r * k..(r + 1) * k];
+                let t: Vec<f32> = (0..rank).map(|j| dot(&a[j * k..(j + 1) * k], xr)).collect();
+                for (o, y) in y[r * n..(r + 1) * n].iter_mut().enumerate() {
+                    *y += scale * dot(&bm[o * rank..(o + 1) * rank], &t);
+                }
             }
         }
+        r0 = r1;
     }
     Ok(Tensor::from_vec(y, (b, n), device)?)
 }

@@ -277,6 +277,28 @@ impl Cache {
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|c| c.reset());
     }
+
+    /// Appends copies of the keys and values of `other`'s first `n` tokens (a shared prompt
+    /// prefix); this cache must be empty. The copies are this cache's own: candle's caches
+    /// write in place, so two caches must never share a buffer.
+    pub fn copy_prefix_from(&mut self, other: &Cache, n: usize) -> Result<()> {
+        if self.seq_len() != 0 || n > other.seq_len() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "cannot copy {n} tokens of a cache holding {} into one holding {}",
+                other.seq_len(),
+                self.seq_len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            if let (Some(k), Some(v)) = (theirs.k()?, theirs.v()?) {
+                mine.append(&k.narrow(1, 0, n)?, &v.narrow(1, 0, n)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// RoPE tables, attention mask and kernels shared by every block of one pass.

@@ -13,7 +13,10 @@ pub struct Metrics {
     /// Requests that ended, by how: stop (end token or stop string), length, cancelled (the
     /// client left), error.
     pub finished: [AtomicU64; 4],
+    /// Prompt tokens computed (not taken from a cached prefix).
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens taken from a cached prefix.
+    pub prefix_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     /// Requests waiting for a slot.
     pub queued: AtomicU64,
@@ -88,6 +91,7 @@ impl Default for Metrics {
             requests: AtomicU64::new(0),
             finished: Default::default(),
             prompt_tokens: AtomicU64::new(0),
+            prefix_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             running: AtomicU64::new(0),
@@ -144,8 +148,14 @@ impl Metrics {
         one(
             "afinar_prompt_tokens_total",
             "counter",
-            "Prompt tokens processed.",
+            "Prompt tokens computed.",
             get(&self.prompt_tokens),
+        );
+        one(
+            "afinar_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens reused from a cached prefix (hit rate: cached / (cached + computed)).",
+            get(&self.prefix_tokens),
         );
         one(
             "afinar_completion_tokens_total",

@@ -3,7 +3,8 @@
 //! requests and every adapter's in the same batch. Between two decoding steps it feeds one chunk
 //! of a new request's prompt, so a long prompt delays the others by one chunk, not by its whole
 //! prefill. New requests join at the next step; finished ones, and those whose client went away,
-//! leave it. Requests beyond `--max-concurrent` wait in arrival order.
+//! leave it. Requests beyond `--max-concurrent` wait in arrival order. A prompt that starts like
+//! a recent one (the same system message and template header) reuses its keys and values.
 //!
 //! Each request keeps its own KV cache, position, sampler (seeded from its `seed`) and stop
 //! strings, and every row of a step is computed as it would be alone, so a request's output does
@@ -15,21 +16,24 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::Usage;
 use super::metrics::{Ending, Metrics};
 use crate::infer::sampling::Sampler;
 use crate::infer::{FinishReason, GenerateOptions};
-use crate::model::decode::{decode_rows, DecodeRow};
+use crate::model::decode::{forward_rows, Row};
 use crate::model::tokenizer::TokenStream;
 use crate::model::transformer::Cache;
 use crate::model::Model;
 use crate::Result;
 
-/// Prompt tokens fed per prefill pass between two decoding steps.
-pub const PREFILL_CHUNK: usize = 256;
+/// Most prompt tokens fed in one pass (beside every decoding request's one token): a long
+/// prompt delays the others' next token by one such chunk at a time.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// Recent prompts whose KV caches are kept for prefix reuse.
+const PREFIXES: usize = 8;
 
 /// One servable model id: the base model, or a clone of it carrying an adapter.
 pub struct Served {
@@ -73,6 +77,7 @@ pub fn spawn(
 fn run(models: &[Served], rx: Receiver<Job>, max_batch: usize, metrics: &Metrics) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Seq> = Vec::new();
+    let mut prefixes = PrefixCache::new(PREFIXES);
     loop {
         if running.is_empty() && waiting.is_empty() {
             match rx.recv() {
@@ -92,7 +97,17 @@ fn run(models: &[Served], rx: Receiver<Job>, max_batch: usize, metrics: &Metrics
             let Some(job) = waiting.pop_front() else {
                 break;
             };
-            running.push(Seq::new(job, models, metrics));
+            let mut s = Seq::new(job, models, metrics);
+            if !s.done {
+                match prefixes.fill(s.job.model, &s.job.prompt, &mut s.cache) {
+                    Ok(n) => {
+                        s.fed = n;
+                        metrics.prefix_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => s.fail(&e.to_string(), metrics),
+                }
+            }
+            running.push(s);
         }
         for s in running
             .iter_mut()
@@ -107,10 +122,9 @@ fn run(models: &[Served], rx: Receiver<Job>, max_batch: usize, metrics: &Metrics
         metrics
             .running
             .store(running.len() as u64, Ordering::Relaxed);
-        prefill_chunk(&mut running, metrics);
-        if let Err(e) = decode_step(&models[0].model, &mut running, metrics) {
+        if let Err(e) = step(&models[0].model, &mut running, &mut prefixes, metrics) {
             // A failed pass fails every request in it: their caches are no longer consistent.
-            for s in running.iter_mut().filter(|s| s.next.is_some()) {
+            for s in running.iter_mut() {
                 s.fail(&e.to_string(), metrics);
             }
         }
@@ -118,62 +132,168 @@ fn run(models: &[Served], rx: Receiver<Job>, max_batch: usize, metrics: &Metrics
     }
 }
 
-/// Feeds the next chunk of the oldest request still reading its prompt; at its end, chooses
-/// the request's first token.
-fn prefill_chunk(running: &mut [Seq], metrics: &Metrics) {
-    let Some(s) = running
-        .iter_mut()
-        .find(|s| !s.done && s.fed < s.job.prompt.len())
-    else {
-        return;
-    };
-    let end = (s.fed + PREFILL_CHUNK).min(s.job.prompt.len());
-    let result = (|| -> Result<Vec<f32>> {
-        let t = &s.model.transformer;
-        let ids = Tensor::new(&s.job.prompt[s.fed..end], t.device())?.unsqueeze(0)?;
-        Ok(t.forward_last(&ids, Some(&mut s.cache))?
-            .squeeze(0)?
-            .to_vec1()?)
-    })();
-    match result {
-        Ok(mut logits) => {
-            metrics
-                .prompt_tokens
-                .fetch_add((end - s.fed) as u64, Ordering::Relaxed);
-            s.fed = end;
-            if end == s.job.prompt.len() {
-                s.choose(&mut logits, metrics);
-            }
-        }
-        Err(e) => s.fail(&e.to_string(), metrics),
-    }
-}
-
-/// One decoding step: every request with a chosen token feeds it and chooses the next.
-fn decode_step(base: &Model, running: &mut [Seq], metrics: &Metrics) -> Result<()> {
+/// One pass: every request with a chosen token feeds it, and the oldest requests still
+/// reading their prompts feed up to [`PREFILL_CHUNK`] prompt tokens, all in one pass over the
+/// weights; each request whose input is complete chooses its next token.
+fn step(
+    base: &Model,
+    running: &mut [Seq],
+    prefixes: &mut PrefixCache,
+    metrics: &Metrics,
+) -> Result<()> {
     let mut who = Vec::new();
     let mut rows = Vec::new();
+    let mut budget = PREFILL_CHUNK;
+    let mut decoding = 0;
     for (i, s) in running.iter_mut().enumerate() {
-        if let (false, Some(token)) = (s.done, s.next) {
-            who.push(i);
-            rows.push(DecodeRow {
-                model: &s.model.transformer,
-                token,
-                cache: &mut s.cache,
+        let Seq {
+            job,
+            cache,
+            fed,
+            next,
+            done,
+            model,
+            ..
+        } = s;
+        if *done {
+            continue;
+        }
+        if let Some(token) = next {
+            decoding += 1;
+            who.push((i, 0));
+            rows.push(Row {
+                model: &model.transformer,
+                tokens: std::slice::from_ref(token),
+                cache,
+                logits: true,
+            });
+        } else if *fed < job.prompt.len() && budget > 0 {
+            let end = (*fed + budget).min(job.prompt.len());
+            budget -= end - *fed;
+            who.push((i, end - *fed));
+            rows.push(Row {
+                model: &model.transformer,
+                tokens: &job.prompt[*fed..end],
+                cache,
+                logits: end == job.prompt.len(),
             });
         }
     }
     if rows.is_empty() {
         return Ok(());
     }
-    metrics.observe_batch(rows.len());
-    let logits = decode_rows(&base.transformer, &mut rows)?;
+    if decoding > 0 {
+        metrics.observe_batch(decoding);
+    }
+    let logits = forward_rows(&base.transformer, &mut rows)?;
     drop(rows);
-    for (i, mut l) in who.into_iter().zip(logits) {
-        running[i].next = None;
-        running[i].choose(&mut l, metrics);
+    for ((i, prefilled), l) in who.into_iter().zip(logits) {
+        let s = &mut running[i];
+        if prefilled > 0 {
+            s.fed += prefilled;
+            metrics
+                .prompt_tokens
+                .fetch_add(prefilled as u64, Ordering::Relaxed);
+            if s.fed == s.job.prompt.len() {
+                prefixes.store(s.job.model, s.model, &s.job.prompt, &s.cache);
+            }
+        }
+        s.next = None;
+        if let Some(mut l) = l {
+            s.choose(&mut l, metrics);
+        }
     }
     Ok(())
+}
+
+/// The KV caches of recent prompts, so that a new prompt starting with the same tokens (a
+/// system message and the chat template's header, sent by every client) skips computing them:
+/// the longest common prefix with any stored prompt of the same model is copied in.
+/// Computing a token's keys and values alone or within any chunk gives the same values
+/// (`model::decode`), so reuse changes nothing in the output.
+pub struct PrefixCache {
+    /// Most recently used last.
+    entries: Vec<Prefix>,
+    capacity: usize,
+}
+
+struct Prefix {
+    model: usize,
+    tokens: Vec<u32>,
+    /// Holds exactly `tokens` (a copy: nothing else writes to it).
+    cache: Cache,
+}
+
+/// Shortest shared prefix worth copying.
+const MIN_PREFIX: usize = 4;
+/// Longest prompt stored.
+const MAX_PREFIX: usize = 2048;
+
+impl PrefixCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            capacity,
+        }
+    }
+
+    /// Fills `cache` with the longest stored prefix of `prompt` (leaving at least its last
+    /// token to compute); returns the tokens reused.
+    fn fill(&mut self, model: usize, prompt: &[u32], cache: &mut Cache) -> Result<usize> {
+        let common = |e: &Prefix| {
+            e.tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len().saturating_sub(1))
+        };
+        let Some((best, len)) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.model == model)
+            .map(|(i, e)| (i, common(e)))
+            .max_by_key(|&(_, n)| n)
+        else {
+            return Ok(0);
+        };
+        if len < MIN_PREFIX {
+            return Ok(0);
+        }
+        let e = self.entries.remove(best);
+        let copied = cache.copy_prefix_from(&e.cache, len);
+        self.entries.push(e);
+        copied.map(|_| len)
+    }
+
+    /// Keeps a copy of `cache`, which holds exactly `prompt`.
+    fn store(&mut self, model: usize, model_of: &Model, prompt: &[u32], cache: &Cache) {
+        if self.capacity == 0 || prompt.len() > MAX_PREFIX {
+            return;
+        }
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.model == model && e.tokens == prompt)
+        {
+            let e = self.entries.remove(i);
+            self.entries.push(e);
+            return;
+        }
+        let mut copy = Cache::new(&model_of.transformer);
+        if copy.copy_prefix_from(cache, prompt.len()).is_err() {
+            return;
+        }
+        if self.entries.len() >= self.capacity {
+            self.entries.remove(0);
+        }
+        self.entries.push(Prefix {
+            model,
+            tokens: prompt.to_vec(),
+            cache: copy,
+        });
+    }
 }
 
 /// A running request.

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::cpu::dot;
 use super::packed::PackedRef;
+use super::rows_dot::{dot_rows as rows_dot, WRow};
 
 const QK: usize = 32;
 
@@ -39,6 +40,11 @@ pub fn matmul_wt(
     let rb = w.row_bytes();
     by_output_rows(y, m, n, |j, out, row| {
         let wr = &w.bytes[j * rb..(j + 1) * rb];
+        if w.dtype == GgmlDType::BF16 {
+            // Each bf16 row loaded once for all rows of x (`rows_dot.rs`).
+            rows_dot(WRow::Bf16(wr), x, out);
+            return Ok(());
+        }
         match kernel {
             Some(kern) => {
                 for (r, o) in out.iter_mut().enumerate() {

@@ -17,6 +17,9 @@ pub mod packed_matmul;
 pub mod quant_dot;
 pub mod rms_norm;
 pub mod rope;
+pub mod row_attention;
+pub mod rows_dot;
+pub mod rows_quant;
 pub mod softmax;
 pub mod swiglu;
 

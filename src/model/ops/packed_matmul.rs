@@ -208,15 +208,28 @@ pub fn matmul_wt_rows(
             check(&p, n, k);
             if mode.quantized_dot && quant_dot::supported(p.dtype, k) {
                 quant_dot::matmul_wt(x, p, (m, n, k), y)
-            } else {
+            } else if p.dtype == GgmlDType::BF16 {
                 block_dot::matmul_wt(x, p, (m, n, k), y)
+            } else if super::rows_quant::supported(p.dtype) {
+                let rb = p.row_bytes();
+                block_dot::by_output_rows(y, m, n, |j, out, _| {
+                    super::rows_quant::dot_rows(p.dtype, &p.bytes[j * rb..(j + 1) * rb], x, out);
+                    Ok(())
+                })
+            } else {
+                // Each row of W dequantized once into a buffer that stays in L1, then multiplied
+                // with every row of x (the fused per-row kernels of `block_dot.rs` would unpack
+                // it again for each).
+                block_dot::by_output_rows(y, m, n, |j, out, row| {
+                    row.resize(k, 0.0);
+                    p.dequantize_rows(j, j + 1, row)?;
+                    super::rows_dot::dot_rows(super::rows_dot::WRow::F32(row), x, out);
+                    Ok(())
+                })
             }
         }
         WeightRef::F32(w) => block_dot::by_output_rows(y, m, n, |j, out, _| {
-            let wr = &w[j * k..(j + 1) * k];
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = super::cpu::dot(wr, &x[r * k..(r + 1) * k]);
-            }
+            super::rows_dot::dot_rows(super::rows_dot::WRow::F32(&w[j * k..(j + 1) * k]), x, out);
             Ok(())
         }),
     }

@@ -433,7 +433,7 @@ impl<'m> Seq<'m> {
             if let Ok(full) = self.model.tokenizer.decode(&self.tokens, true) {
                 if let Some(rest) = full.strip_prefix(self.streamed.as_str()) {
                     if !rest.is_empty() {
-                        hit_stop = self.emit(&rest.to_string(), metrics);
+                        hit_stop = self.emit(rest, metrics);
                     }
                 }
             }

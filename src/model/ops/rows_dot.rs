@@ -144,6 +144,7 @@ mod avx512 {
     /// (with a run-time count they lived on the stack, and every multiply-add waited on a
     /// store and a load).
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // a0, a1 and out indexed in lockstep
     unsafe fn dot_group_m<const M: usize>(w: WRow, xs: &[f32], k: usize, out: &mut [f32]) {
         let mut a0 = [_mm512_setzero_ps(); M];
         let mut a1 = [_mm512_setzero_ps(); M];
@@ -178,7 +179,7 @@ mod avx512 {
                 let mut xb = [0f32; LANES];
                 xb[..rest].copy_from_slice(&xs[r * k + start..r * k + k]);
                 let xv = _mm512_loadu_ps(xb.as_ptr());
-                if full % 2 == 0 {
+                if full.is_multiple_of(2) {
                     a0[r] = _mm512_fmadd_ps(wv, xv, a0[r]);
                 } else {
                     a1[r] = _mm512_fmadd_ps(wv, xv, a1[r]);

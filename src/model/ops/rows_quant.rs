@@ -216,6 +216,7 @@ mod avx2 {
 
     /// M rows at once; a constant M keeps the 2·M accumulators in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // a0, a1 and out indexed in lockstep
     unsafe fn dot_group_m<const M: usize>(
         dtype: GgmlDType,
         w: &[u8],
@@ -312,6 +313,7 @@ mod avx512 {
 
     /// M rows at once; a constant M keeps the 2·M accumulators in registers.
     #[target_feature(enable = "avx512f,f16c")]
+    #[allow(clippy::needless_range_loop)] // a0, a1 and out indexed in lockstep
     unsafe fn dot_group_m<const M: usize>(
         dtype: GgmlDType,
         w: &[u8],

@@ -4,8 +4,8 @@
 #   - afinar serve (this build; the default model as it comes, bf16),
 #   - OLD=path/to/afinar, when given: an earlier afinar binary (e.g. before continuous batching),
 #   - llama.cpp (tests/llamacpp/serve.mjs: node-llama-cpp's prebuilt CPU llama.cpp, one context
-#     with 16 parallel sequences) on the default model exported by afinar as a bf16 GGUF,
-#     when tests/llamacpp/node_modules is installed.
+#     with 16 parallel sequences) on the very GGUF file afinar serves (the default model comes as
+#     a Q4_1 GGUF), when tests/llamacpp/node_modules is installed.
 # Every server gets the same streamed, greedy 32-token chat requests; each line of the output is
 # serve_load.py's RESULT with the engine and client count added.
 #
@@ -40,7 +40,7 @@ start() { # NAME PORT: starts the server, sets PID
     case "$1" in
         afinar) "$BIN" serve --port "$2" --max-concurrent 16 --name smollm2 2>"$W/$1.log" & ;;
         afinar-old) "$OLD" serve --port "$2" --max-concurrent 16 --name smollm2 2>"$W/$1.log" & ;;
-        llama.cpp) (cd tests/llamacpp && exec node serve.mjs "$W/smollm2.bf16.gguf" "$2" 16 "$THREADS") 2>"$W/$1.log" & ;;
+        llama.cpp) (cd tests/llamacpp && exec node serve.mjs "$GGUF" "$2" 16 "$THREADS") 2>"$W/$1.log" & ;;
     esac
     PID=$!
     PIDS+=("$PID")
@@ -49,9 +49,8 @@ start() { # NAME PORT: starts the server, sets PID
 
 ENGINES=(afinar)
 [ -n "${OLD:-}" ] && ENGINES+=(afinar-old)
-if [ -d tests/llamacpp/node_modules ]; then
-    [ -f "$W/smollm2.bf16.gguf" ] || "$BIN" export --model smollm2 --to gguf --dtype bf16 \
-        --out "$W/smollm2.bf16.gguf" >&2
+GGUF=$("$BIN" info --model smollm2 | sed -n 's/^source *//p')
+if [ -d tests/llamacpp/node_modules ] && [[ "$GGUF" == *.gguf ]]; then
     ENGINES+=(llama.cpp)
 fi
 

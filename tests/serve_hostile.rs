@@ -340,7 +340,7 @@ fn unimplemented_fields_are_refused_by_name() {
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
         ("tool_choice", json!("auto")),
-        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "xml"})),
         ("best_of", json!(2)),
         ("echo", json!(true)),
         ("logit_bias", json!({"42": 100})),

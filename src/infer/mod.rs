@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod constrain;
 pub mod generate;
 pub mod sampling;
 pub mod score;

@@ -90,7 +90,7 @@ fn byte_level_decoder() -> HashMap<char, u8> {
 
 /// The raw bytes of every token: byte-level BPE characters mapped back to bytes, SentencePiece
 /// pieces with `▁` as a space and `<0xNN>` byte fallbacks. Special tokens get `None`.
-fn token_bytes(tok: &TextTokenizer) -> Vec<Option<Vec<u8>>> {
+pub(crate) fn token_bytes(tok: &TextTokenizer) -> Vec<Option<Vec<u8>>> {
     let inner = &tok.inner;
     let byte_level = matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
     let table = byte_level_decoder();

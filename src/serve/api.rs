@@ -92,6 +92,45 @@ pub struct Settings {
     pub stream: bool,
     /// Streaming: send a last chunk with `usage` (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// `response_format`: constrain the answer to JSON.
+    pub format: Option<ResponseFormat>,
+}
+
+/// What `response_format` asks for (`text` is no constraint, `None` in [`Settings`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// Any JSON object (`{"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid under the schema (`{"type": "json_schema", "json_schema": {"schema": …}}`).
+    JsonSchema(Value),
+}
+
+fn response_format(m: &Map<String, Value>) -> Result<Option<ResponseFormat>, ApiError> {
+    let key = "response_format";
+    let Some(v) = m.get(key) else {
+        return Ok(None);
+    };
+    let bad = |msg: &str| Err(ApiError::invalid(Some(key), msg.to_string()));
+    let o = match v {
+        Value::Null => return Ok(None),
+        Value::Object(o) => o,
+        _ => return bad(r#"`response_format` must be an object such as {"type": "json_object"}"#),
+    };
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => match o.get("json_schema") {
+            Some(Value::Object(js)) => match js.get("schema") {
+                None | Some(Value::Null) => Ok(Some(ResponseFormat::JsonObject)),
+                Some(schema @ Value::Object(_)) => {
+                    Ok(Some(ResponseFormat::JsonSchema(schema.clone())))
+                }
+                Some(_) => bad("`response_format.json_schema.schema` must be a JSON Schema object"),
+            },
+            _ => bad("`response_format` of type json_schema needs a `json_schema` object with a `schema`"),
+        },
+        _ => bad(r#"`response_format.type` must be "text", "json_object" or "json_schema""#),
+    }
 }
 
 /// A chat completion request.
@@ -231,20 +270,19 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         seed: integer(m, "seed", i64::MIN, i64::MAX)?.unwrap_or(0) as u64,
         stream: boolean(m, "stream")?,
         include_usage,
+        format: response_format(m)?,
     })
 }
 
 /// Refuses fields afinar does not implement yet, naming the field, rather than answering 200
 /// as if they had been applied. Values that mean "off" (`logprobs: false`, `n`/`best_of` 1,
-/// penalties 0, empty `tools`/`logit_bias`, `tool_choice: "none"`, `response_format` text,
+/// penalties 0, empty `tools`/`logit_bias`, `tool_choice: "none"`,
 /// `echo: false`) are accepted.
 fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
     let off = |key: &str, v: &Value| match v {
         Value::Null | Value::Bool(false) => true,
         Value::Array(a) => a.is_empty(),
-        Value::Object(o) => {
-            o.is_empty() || (key == "response_format" && o.get("type") == Some(&"text".into()))
-        }
+        Value::Object(o) => o.is_empty(),
         Value::String(s) => s.is_empty() || (key == "tool_choice" && s == "none"),
         Value::Number(n) => match key {
             "best_of" => n.as_f64() == Some(1.0),
@@ -260,7 +298,6 @@ fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
         "tool_choice",
         "functions",
         "function_call",
-        "response_format",
         "best_of",
         "echo",
         "suffix",

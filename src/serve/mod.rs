@@ -39,7 +39,9 @@ use crate::infer::scripts::ScriptFilter;
 use crate::infer::{FinishReason, GenerateOptions, SamplingParams};
 use crate::model::Model;
 use crate::{Error, Result};
-use api::{ApiError, ChatChunk, ChatCompletion, Header, Settings, TextCompletion, Usage};
+use api::{
+    ApiError, ChatChunk, ChatCompletion, Header, ResponseFormat, Settings, TextCompletion, Usage,
+};
 use metrics::Metrics;
 use scheduler::{Job, Piece, Served};
 
@@ -219,10 +221,7 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
         // Weights are shared: the clone holds the same tensors, plus the adapter's.
         let mut m = base.clone();
         crate::export::peft::load(dir, &mut m.transformer, &opts.model)?;
-        models.push(Served {
-            id: name.clone(),
-            model: m,
-        });
+        models.push(Served::new(name.clone(), m));
     }
     let filter = (!opts.allowed_scripts.is_empty()).then(|| {
         Arc::new(ScriptFilter::new(
@@ -230,13 +229,7 @@ pub fn app(opts: &ServeOptions) -> Result<Router> {
             opts.allowed_scripts.clone(),
         ))
     });
-    models.insert(
-        0,
-        Served {
-            id: base_id,
-            model: base,
-        },
-    );
+    models.insert(0, Served::new(base_id, base));
     let models = Arc::new(models);
     let metrics = Arc::new(Metrics::default());
     let jobs = scheduler::spawn(models.clone(), opts.max_concurrent, metrics.clone())
@@ -388,8 +381,27 @@ async fn start(
     opts.sampling
         .validate()
         .map_err(|e| ApiError::invalid(None, e.to_string()))?;
+    let constraint = match s.format.clone() {
+        None => None,
+        Some(format) => Some(
+            blocking(st, move |st| {
+                let grammars = st.models[model_index]
+                    .grammars()
+                    .map_err(|e| ApiError::invalid(Some("response_format"), e))?;
+                let schema = match &format {
+                    ResponseFormat::JsonObject => None,
+                    ResponseFormat::JsonSchema(v) => Some(v),
+                };
+                grammars
+                    .json(schema)
+                    .map_err(|e| ApiError::invalid(Some("response_format"), e.to_string()))
+            })
+            .await?,
+        ),
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let job = Job {
+        constraint,
         model: model_index,
         prompt,
         opts,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::Usage;
 use super::metrics::{Ending, Metrics};
+use crate::infer::constrain::{Constraint, Grammars};
 use crate::infer::sampling::Sampler;
 use crate::infer::{FinishReason, GenerateOptions};
 use crate::model::decode::{forward_rows, Row};
@@ -39,6 +40,30 @@ const PREFIXES: usize = 8;
 pub struct Served {
     pub id: String,
     pub model: Model,
+    /// The JSON grammar compiler for its tokenizer, built on the first request that needs it.
+    pub grammars: std::sync::OnceLock<std::result::Result<Arc<Grammars>, String>>,
+}
+
+impl Served {
+    pub fn new(id: String, model: Model) -> Self {
+        Self {
+            id,
+            model,
+            grammars: Default::default(),
+        }
+    }
+
+    /// The grammar compiler (built once; an error is kept and repeated).
+    pub fn grammars(&self) -> std::result::Result<Arc<Grammars>, String> {
+        self.grammars
+            .get_or_init(|| {
+                let vocab = self.model.config().vocab_size;
+                Grammars::new(&self.model.tokenizer, vocab)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
 }
 
 /// What a request's generation sends back to its handler.
@@ -58,6 +83,8 @@ pub struct Job {
     pub stops: Vec<String>,
     pub tx: UnboundedSender<Piece>,
     pub arrived: Instant,
+    /// Structured output: the grammar the answer must follow.
+    pub constraint: Option<Constraint>,
 }
 
 /// Starts the scheduler thread for `models`, at most `max_batch` requests running at once; it
@@ -360,6 +387,11 @@ impl<'m> Seq<'m> {
     /// Chooses the next token from `logits`, sends the text it completes, and either queues
     /// it for the next step or ends the request.
     fn choose(&mut self, logits: &mut [f32], metrics: &Metrics) {
+        if let Some(c) = &mut self.job.constraint {
+            if let Err(e) = c.mask(logits) {
+                return self.fail(&e.to_string(), metrics);
+            }
+        }
         let id = match &self.job.opts.scripts {
             Some(f) => {
                 let (sampler, history) = (&mut self.sampler, &self.history);
@@ -379,6 +411,11 @@ impl<'m> Seq<'m> {
         if self.job.opts.stop_at_end_token && end {
             return self.finish(FinishReason::Stop, metrics);
         }
+        if let Some(c) = &mut self.job.constraint {
+            if let Err(e) = c.commit(id) {
+                return self.fail(&e.to_string(), metrics);
+            }
+        }
         self.tokens.push(id);
         self.history.push(id);
         metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
@@ -394,6 +431,15 @@ impl<'m> Seq<'m> {
             }
             Ok(None) => {}
             Err(e) => return self.fail(&e.to_string(), metrics),
+        }
+        if self
+            .job
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_stopped)
+        {
+            // The document is complete: nothing else may follow.
+            return self.finish(FinishReason::Stop, metrics);
         }
         if self.tokens.len() >= self.budget {
             return self.finish(FinishReason::Length, metrics);

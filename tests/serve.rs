@@ -509,6 +509,109 @@ fn json_schema_answers_always_parse_and_validate() {
     assert_eq!(v["error"]["param"], "response_format", "{v}");
 }
 
+/// `logprobs`: a completion's token log-probabilities equal the library's own forward pass over
+/// the same tokens (log-softmax of the logits), the greedy token tops its alternatives, and chat
+/// answers carry them per token. Presence and frequency penalties change a repetitive answer.
+#[test]
+fn logprobs_equal_the_library_and_penalties_apply() {
+    let s = shared();
+    let m = common::smollm2();
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+                      "logprobs": 3})
+    .to_string();
+    let (st, v) = call("POST", &s.url("/v1/completions"), None, Some(&body));
+    assert_eq!(st, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let got: Vec<f64> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    // The library's greedy tokens and one forward pass over prompt + answer.
+    let prompt = m
+        .tokenizer
+        .encode("The capital of France is", true)
+        .unwrap();
+    let opts = afinar::infer::GenerateOptions {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let g = afinar::infer::generate(m, &prompt, &opts, |_| {}).unwrap();
+    assert_eq!(got.len(), g.tokens.len(), "{v}");
+    let ids: Vec<u32> = prompt.iter().chain(&g.tokens).copied().collect();
+    let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = m
+        .transformer
+        .forward(&input, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (i, &tok) in g.tokens.iter().enumerate() {
+        let row = &logits[prompt.len() - 1 + i];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|l| (*l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let want = row[tok as usize] as f64 - lse;
+        assert!(
+            (got[i] - want).abs() < 2e-3,
+            "token {i}: {} vs {want}",
+            got[i]
+        );
+        // Greedy: the chosen token is the most likely of the three alternatives.
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert_eq!(top.len(), 3, "{lp}");
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!((best - got[i]).abs() < 1e-6, "{lp}");
+    }
+    // Chat: one entry per token, each with its alternatives.
+    let body = json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 2})
+    .to_string();
+    let (st, v) = call("POST", &s.url("/v1/chat/completions"), None, Some(&body));
+    assert_eq!(st, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert!(
+        content
+            .iter()
+            .all(|e| e["top_logprobs"].as_array().unwrap().len() == 2
+                && e["logprob"].as_f64().unwrap() <= 0.0),
+        "{v}"
+    );
+    // Penalties: a repetitive answer changes.
+    let ask = |p: f64| {
+        let body =
+            json!({"messages": [{"role": "user", "content": "Write the word cat ten times."}],
+                          "max_tokens": 24, "temperature": 0, "presence_penalty": p,
+                          "frequency_penalty": p})
+            .to_string();
+        let (st, v) = call("POST", &s.url("/v1/chat/completions"), None, Some(&body));
+        assert_eq!(st, 200, "{v}");
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(ask(0.0), ask(1.5));
+}
+
 /// A sample's value from the Prometheus text at `url`.
 fn metric(url: &str, name: &str) -> u64 {
     let text = ureq::get(url).call().unwrap().into_string().unwrap();

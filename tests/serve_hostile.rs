@@ -333,8 +333,6 @@ fn unimplemented_fields_are_refused_by_name() {
         b
     };
     let refused = [
-        ("logprobs", json!(true)),
-        ("top_logprobs", json!(2)),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
@@ -344,8 +342,6 @@ fn unimplemented_fields_are_refused_by_name() {
         ("best_of", json!(2)),
         ("echo", json!(true)),
         ("logit_bias", json!({"42": 100})),
-        ("presence_penalty", json!(0.5)),
-        ("frequency_penalty", json!(-1)),
         ("n", json!(2)),
     ];
     for (key, v) in refused {
@@ -355,6 +351,29 @@ fn unimplemented_fields_are_refused_by_name() {
             assert_eq!(body["error"]["param"], key, "{body}");
         }
     }
+    // top_logprobs without logprobs; a completion's logprobs beyond 5.
+    let (status, body) = json_post(
+        addr,
+        "/v1/chat/completions",
+        &with(&chat, "top_logprobs", json!(2)),
+        &[],
+    );
+    assert_eq!(
+        (status, &body["error"]["param"]),
+        (400, &json!("top_logprobs")),
+        "{body}"
+    );
+    let (status, body) = json_post(
+        addr,
+        "/v1/completions",
+        &with(&text, "logprobs", json!(6)),
+        &[],
+    );
+    assert_eq!(
+        (status, &body["error"]["param"]),
+        (400, &json!("logprobs")),
+        "{body}"
+    );
     for (key, v) in [
         ("presence_penalty", json!(3)),
         ("frequency_penalty", json!(-2.5)),

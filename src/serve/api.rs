@@ -3,6 +3,8 @@
 //! expect, one struct each (fields in the order OpenAI writes them; serde_json keeps it).
 
 use serde::Serialize;
+
+use super::scheduler::TokenLogprob;
 use serde_json::{Map, Value};
 
 use crate::data::read::json_kind as type_name;
@@ -94,6 +96,11 @@ pub struct Settings {
     pub include_usage: bool,
     /// `response_format`: constrain the answer to JSON.
     pub format: Option<ResponseFormat>,
+    /// Log-probabilities asked for, with this many alternatives per token (chat: `logprobs`
+    /// true and `top_logprobs`; completions: `logprobs` N).
+    pub logprobs: Option<usize>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
 }
 
 /// What `response_format` asks for (`text` is no constraint, `None` in [`Settings`]).
@@ -271,13 +278,15 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         stream: boolean(m, "stream")?,
         include_usage,
         format: response_format(m)?,
+        logprobs: None,
+        presence_penalty: number(m, "presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+        frequency_penalty: number(m, "frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
     })
 }
 
 /// Refuses fields afinar does not implement yet, naming the field, rather than answering 200
-/// as if they had been applied. Values that mean "off" (`logprobs: false`, `n`/`best_of` 1,
-/// penalties 0, empty `tools`/`logit_bias`, `tool_choice: "none"`,
-/// `echo: false`) are accepted.
+/// as if they had been applied. Values that mean "off" (`n`/`best_of` 1, empty
+/// `tools`/`logit_bias`, `tool_choice: "none"`, `echo: false`) are accepted.
 fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
     let off = |key: &str, v: &Value| match v {
         Value::Null | Value::Bool(false) => true,
@@ -286,14 +295,11 @@ fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
         Value::String(s) => s.is_empty() || (key == "tool_choice" && s == "none"),
         Value::Number(n) => match key {
             "best_of" => n.as_f64() == Some(1.0),
-            "top_logprobs" => n.as_f64() == Some(0.0),
             _ => false,
         },
         Value::Bool(true) => false,
     };
     for key in [
-        "logprobs",
-        "top_logprobs",
         "tools",
         "tool_choice",
         "functions",
@@ -309,18 +315,6 @@ fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
                     Some(key),
                     format!(
                         "`{key}` is not implemented by this server yet; remove it from the request"
-                    ),
-                ));
-            }
-        }
-    }
-    for key in ["presence_penalty", "frequency_penalty"] {
-        if let Some(p) = number(m, key, -2.0, 2.0)? {
-            if p != 0.0 {
-                return Err(ApiError::invalid(
-                    Some(key),
-                    format!(
-                        "`{key}` is not implemented by this server yet; send 0 or leave it out"
                     ),
                 ));
             }
@@ -401,6 +395,18 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         };
         messages.push(Message::new(role, content(msg.get("content"), i)?));
     }
+    let mut settings = settings;
+    let top = integer(&m, "top_logprobs", 0, 20)?.map(|n| n as usize);
+    settings.logprobs = match (boolean(&m, "logprobs")?, top) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, Some(n)) if n > 0 => {
+            return Err(ApiError::invalid(
+                Some("top_logprobs"),
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+        (false, _) => None,
+    };
     Ok(ChatRequest { settings, messages })
 }
 
@@ -422,6 +428,11 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
                 "`prompt` must be a non-empty string",
             ))
         }
+    };
+    let mut settings = settings;
+    settings.logprobs = match m.get("logprobs") {
+        Some(Value::Bool(false)) => None,
+        _ => integer(&m, "logprobs", 0, 5)?.map(|n| n as usize),
     };
     Ok(CompletionRequest { settings, prompt })
 }
@@ -510,8 +521,8 @@ pub struct ChatChoice<'a> {
     pub index: u32,
     pub message: AssistantMessage<'a>,
     pub finish_reason: &'static str,
-    /// Always null (log-probabilities are not offered).
-    pub logprobs: (),
+    /// `{"content": [...]}` when log-probabilities were asked for, else null.
+    pub logprobs: Option<Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -522,7 +533,13 @@ pub struct AssistantMessage<'a> {
 }
 
 impl<'a> ChatCompletion<'a> {
-    pub fn new(h: &'a Header, text: &'a str, reason: &'static str, usage: Usage) -> Self {
+    pub fn new(
+        h: &'a Header,
+        text: &'a str,
+        reason: &'static str,
+        usage: Usage,
+        logprobs: Option<Value>,
+    ) -> Self {
         Self {
             id: &h.id,
             object: "chat.completion",
@@ -535,7 +552,7 @@ impl<'a> ChatCompletion<'a> {
                     content: text,
                 },
                 finish_reason: reason,
-                logprobs: (),
+                logprobs,
             }],
             usage,
         }
@@ -560,6 +577,8 @@ pub struct ChatChunk<'a> {
 pub struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -593,13 +612,21 @@ impl<'a> ChatChunk<'a> {
         Self::with(h, vec![ChunkChoice::new(delta, None)], None)
     }
 
-    /// A piece of text (`Some`), or the end with its reason (text `None`).
-    pub fn delta(h: &'a Header, text: Option<&'a str>, reason: Option<&'static str>) -> Self {
+    /// A piece of text (`Some`) with its tokens' log-probabilities if asked for, or the end
+    /// with its reason (text `None`).
+    pub fn delta(
+        h: &'a Header,
+        text: Option<&'a str>,
+        reason: Option<&'static str>,
+        logprobs: Option<Value>,
+    ) -> Self {
         let delta = Delta {
             role: None,
             content: text,
         };
-        Self::with(h, vec![ChunkChoice::new(delta, reason)], None)
+        let mut choice = ChunkChoice::new(delta, reason);
+        choice.logprobs = logprobs;
+        Self::with(h, vec![choice], None)
     }
 
     /// The usage-only last chunk (`stream_options.include_usage`).
@@ -613,6 +640,7 @@ impl<'a> ChunkChoice<'a> {
         Self {
             index: 0,
             delta,
+            logprobs: None,
             finish_reason,
         }
     }
@@ -636,8 +664,8 @@ pub struct TextCompletion<'a> {
 pub struct TextChoice<'a> {
     pub index: u32,
     pub text: &'a str,
-    /// Always null (log-probabilities are not offered).
-    pub logprobs: (),
+    /// `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` when asked for, else null.
+    pub logprobs: Option<Value>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -648,6 +676,7 @@ impl<'a> TextCompletion<'a> {
         text: &'a str,
         reason: Option<&'static str>,
         usage: Option<Usage>,
+        logprobs: Option<Value>,
     ) -> Self {
         Self {
             id: &h.id,
@@ -657,7 +686,7 @@ impl<'a> TextCompletion<'a> {
             choices: vec![TextChoice {
                 index: 0,
                 text,
-                logprobs: (),
+                logprobs,
                 finish_reason: reason,
             }],
             usage,
@@ -772,4 +801,52 @@ mod tests {
         }
         same(&Health { status: "ok" }, json!({"status": "ok"}));
     }
+}
+
+/// A token's text for log-probability entries (its raw bytes, lossily as UTF-8).
+fn token_entry(table: &[Vec<u8>], token: u32, logprob: f32) -> Value {
+    let bytes = table.get(token as usize).cloned().unwrap_or_default();
+    serde_json::json!({
+        "token": String::from_utf8_lossy(&bytes),
+        "logprob": logprob,
+        "bytes": bytes,
+    })
+}
+
+/// Chat's `logprobs`: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`.
+pub fn chat_logprobs(table: &[Vec<u8>], lps: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|t| {
+            let mut e = token_entry(table, t.token, t.logprob);
+            e["top_logprobs"] = t
+                .top
+                .iter()
+                .map(|&(tok, lp)| token_entry(table, tok, lp))
+                .collect();
+            e
+        })
+        .collect();
+    serde_json::json!({ "content": content })
+}
+
+/// Completions' `logprobs`: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`,
+/// offsets counted in characters from `offset`.
+pub fn text_logprobs(table: &[Vec<u8>], lps: &[TokenLogprob], offset: usize) -> Value {
+    let text =
+        |t: u32| String::from_utf8_lossy(table.get(t as usize).map_or(&[][..], |b| b)).into_owned();
+    let mut at = offset;
+    let mut offsets = Vec::with_capacity(lps.len());
+    for t in lps {
+        offsets.push(at);
+        at += text(t.token).chars().count();
+    }
+    serde_json::json!({
+        "tokens": lps.iter().map(|t| text(t.token)).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|t| {
+            t.top.iter().map(|&(tok, lp)| (text(tok), Value::from(lp))).collect::<Map<String, Value>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
 }

@@ -402,6 +402,9 @@ async fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let job = Job {
         constraint,
+        logprobs: s.logprobs,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
         model: model_index,
         prompt,
         opts,
@@ -441,15 +444,34 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{n:x}")
 }
 
-/// Collects a whole generation (non-streaming requests).
+/// A whole generation (non-streaming requests).
+struct Collected {
+    text: String,
+    reason: FinishReason,
+    usage: Usage,
+    logprobs: Vec<scheduler::TokenLogprob>,
+}
+
+/// Collects a whole generation.
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<Piece>,
-) -> std::result::Result<(String, FinishReason, Usage), ApiError> {
+) -> std::result::Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(p) = rx.recv().await {
         match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Done(r, u) => return Ok((text, r, u)),
+            Piece::Text(t, lps) => {
+                text.push_str(&t);
+                logprobs.extend(lps);
+            }
+            Piece::Done(reason, usage) => {
+                return Ok(Collected {
+                    text,
+                    reason,
+                    usage,
+                    logprobs,
+                })
+            }
             Piece::Failed(e) => return Err(ApiError::internal(e)),
         }
     }
@@ -461,12 +483,18 @@ fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("response structs serialize")
 }
 
-/// SSE stream of chunks, each the JSON text `chunk(delta text, finish reason, usage)` returns,
-/// after `first` if given, then `[DONE]`.
+/// What one streamed chunk carries: text and its tokens' log-probabilities, the finish reason,
+/// or the usage.
+type ChunkFn = dyn Fn(Option<&str>, &[scheduler::TokenLogprob], Option<FinishReason>, Option<Usage>) -> String
+    + Send
+    + Sync;
+
+/// SSE stream of chunks, each the JSON text `chunk(delta text, log-probabilities, finish reason,
+/// usage)` returns, after `first` if given, then `[DONE]`.
 fn sse(
     rx: mpsc::UnboundedReceiver<Piece>,
     first: Option<String>,
-    chunk: impl Fn(Option<&str>, Option<FinishReason>, Option<Usage>) -> String + Send + Sync + 'static,
+    chunk: Box<ChunkFn>,
     include_usage: bool,
 ) -> Response {
     let head: Vec<std::result::Result<Event, Infallible>> = first
@@ -481,13 +509,13 @@ fn sse(
                 return None;
             }
             let events: Vec<std::result::Result<Event, Infallible>> = match rx.recv().await {
-                Some(Piece::Text(t)) => {
-                    vec![Ok(Event::default().data(chunk(Some(&t), None, None)))]
+                Some(Piece::Text(t, lps)) => {
+                    vec![Ok(Event::default().data(chunk(Some(&t), &lps, None, None)))]
                 }
                 Some(Piece::Done(r, u)) => {
-                    let mut v = vec![Ok(Event::default().data(chunk(None, Some(r), None)))];
+                    let mut v = vec![Ok(Event::default().data(chunk(None, &[], Some(r), None)))];
                     if include_usage {
-                        v.push(Ok(Event::default().data(chunk(None, None, Some(u)))));
+                        v.push(Ok(Event::default().data(chunk(None, &[], None, Some(u)))));
                     }
                     v.push(Ok(Event::default().data("[DONE]")));
                     return Some((v, (rx, true)));
@@ -602,20 +630,33 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> std::result::Result<Respo
         created: st.created,
         model: served.id.clone(),
     };
+    let table = req.settings.logprobs.map(|_| served.token_table());
     if req.settings.stream {
         let first = to_json(&ChatChunk::role(&h));
         return Ok(sse(
             rx,
             Some(first),
-            move |text, reason, usage| match usage {
+            Box::new(move |text, lps, reason, usage| match usage {
                 Some(u) => to_json(&ChatChunk::usage(&h, u)),
-                None => to_json(&ChatChunk::delta(&h, text, reason.map(reason_str))),
-            },
+                None => {
+                    let lp = table.as_ref().map(|t| api::chat_logprobs(t, lps));
+                    let lp = lp.filter(|_| text.is_some());
+                    to_json(&ChatChunk::delta(&h, text, reason.map(reason_str), lp))
+                }
+            }),
             req.settings.include_usage,
         ));
     }
-    let (text, reason, usage) = collect(rx).await?;
-    Ok(Json(ChatCompletion::new(&h, &text, reason_str(reason), usage)).into_response())
+    let c = collect(rx).await?;
+    let lp = table.as_ref().map(|t| api::chat_logprobs(t, &c.logprobs));
+    Ok(Json(ChatCompletion::new(
+        &h,
+        &c.text,
+        reason_str(c.reason),
+        c.usage,
+        lp,
+    ))
+    .into_response())
 }
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -644,23 +685,37 @@ async fn completions_inner(
         created: st.created,
         model: served.id.clone(),
     };
+    let table = req.settings.logprobs.map(|_| served.token_table());
     if req.settings.stream {
+        let offset = std::sync::atomic::AtomicUsize::new(0);
         return Ok(sse(
             rx,
             None,
-            move |text, reason, usage| match usage {
+            Box::new(move |text, lps, reason, usage| match usage {
                 Some(u) => to_json(&TextCompletion::usage(&h, u)),
-                None => to_json(&TextCompletion::new(
-                    &h,
-                    text.unwrap_or(""),
-                    reason.map(reason_str),
-                    None,
-                )),
-            },
+                None => {
+                    let at = offset.fetch_add(
+                        text.map_or(0, |t| t.chars().count()),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    let lp = table.as_ref().map(|t| api::text_logprobs(t, lps, at));
+                    let lp = lp.filter(|_| text.is_some());
+                    to_json(&TextCompletion::new(
+                        &h,
+                        text.unwrap_or(""),
+                        reason.map(reason_str),
+                        None,
+                        lp,
+                    ))
+                }
+            }),
             req.settings.include_usage,
         ));
     }
-    let (text, reason, usage) = collect(rx).await?;
-    let body = TextCompletion::new(&h, &text, Some(reason_str(reason)), Some(usage));
+    let c = collect(rx).await?;
+    let lp = table
+        .as_ref()
+        .map(|t| api::text_logprobs(t, &c.logprobs, 0));
+    let body = TextCompletion::new(&h, &c.text, Some(reason_str(c.reason)), Some(c.usage), lp);
     Ok(Json(body).into_response())
 }

@@ -42,6 +42,8 @@ pub struct Served {
     pub model: Model,
     /// The JSON grammar compiler for its tokenizer, built on the first request that needs it.
     pub grammars: std::sync::OnceLock<std::result::Result<Arc<Grammars>, String>>,
+    /// Every token's bytes (special tokens: their names), for log-probability entries.
+    pub token_table: std::sync::OnceLock<Arc<Vec<Vec<u8>>>>,
 }
 
 impl Served {
@@ -50,7 +52,30 @@ impl Served {
             id,
             model,
             grammars: Default::default(),
+            token_table: Default::default(),
         }
+    }
+
+    /// The token table (built once).
+    pub fn token_table(&self) -> Arc<Vec<Vec<u8>>> {
+        self.token_table
+            .get_or_init(|| {
+                let tok = &self.model.tokenizer;
+                let table = crate::infer::scripts::token_bytes(tok)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(id, b)| {
+                        b.unwrap_or_else(|| {
+                            tok.inner
+                                .id_to_token(id as u32)
+                                .unwrap_or_default()
+                                .into_bytes()
+                        })
+                    })
+                    .collect();
+                Arc::new(table)
+            })
+            .clone()
     }
 
     /// The grammar compiler (built once; an error is kept and repeated).
@@ -68,9 +93,20 @@ impl Served {
 
 /// What a request's generation sends back to its handler.
 pub enum Piece {
-    Text(String),
+    /// Text, and the log-probabilities of the tokens that made it (when asked for).
+    Text(String, Vec<TokenLogprob>),
     Done(FinishReason, Usage),
     Failed(String),
+}
+
+/// A generated token's log-probability under the model (its raw logits: before penalties,
+/// temperature and constraints), with the most likely alternatives.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// (token, log-probability), most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// A request for the scheduler.
@@ -85,6 +121,11 @@ pub struct Job {
     pub arrived: Instant,
     /// Structured output: the grammar the answer must follow.
     pub constraint: Option<Constraint>,
+    /// Report each token's log-probability and this many alternatives (`logprobs`).
+    pub logprobs: Option<usize>,
+    /// OpenAI's `presence_penalty` and `frequency_penalty`, over the generated tokens.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
 }
 
 /// Starts the scheduler thread for `models`, at most `max_batch` requests running at once; it
@@ -345,6 +386,8 @@ struct Seq<'m> {
     /// Bytes of an unfinished character (the script filter's state).
     pending: Vec<u8>,
     matcher: StopMatcher,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    unsent: Vec<TokenLogprob>,
     last_token: Option<Instant>,
     done: bool,
 }
@@ -371,6 +414,7 @@ impl<'m> Seq<'m> {
             streamed: String::new(),
             pending: Vec::new(),
             matcher,
+            unsent: Vec::new(),
             last_token: None,
             done: false,
             model,
@@ -387,6 +431,8 @@ impl<'m> Seq<'m> {
     /// Chooses the next token from `logits`, sends the text it completes, and either queues
     /// it for the next step or ends the request.
     fn choose(&mut self, logits: &mut [f32], metrics: &Metrics) {
+        let raw = self.job.logprobs.map(|_| logits.to_vec());
+        self.penalize(logits);
         if let Some(c) = &mut self.job.constraint {
             if let Err(e) = c.mask(logits) {
                 return self.fail(&e.to_string(), metrics);
@@ -407,6 +453,9 @@ impl<'m> Seq<'m> {
             Some(t) => metrics.observe_itl((now - t).as_secs_f64()),
         }
         self.last_token = Some(now);
+        if let (Some(raw), Some(top)) = (&raw, self.job.logprobs) {
+            self.unsent.push(logprob_of(raw, id, top));
+        }
         let end = self.model.tokenizer.end_token_ids.contains(&id);
         if self.job.opts.stop_at_end_token && end {
             return self.finish(FinishReason::Stop, metrics);
@@ -447,11 +496,35 @@ impl<'m> Seq<'m> {
         self.next = Some(id);
     }
 
+    /// OpenAI's presence and frequency penalties: each token already generated loses
+    /// `presence_penalty` once and `frequency_penalty` per occurrence.
+    fn penalize(&self, logits: &mut [f32]) {
+        let (p, f) = (self.job.presence_penalty, self.job.frequency_penalty);
+        if (p == 0.0 && f == 0.0) || self.tokens.is_empty() {
+            return;
+        }
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in &self.tokens {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, n) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p + f * n as f32;
+            }
+        }
+    }
+
     /// Sends what of `piece` can go out now; true when a stop string was reached. A client
     /// that is gone ends the request.
     fn emit(&mut self, piece: &str, metrics: &Metrics) -> bool {
         let (out, stop) = self.matcher.push(piece);
-        if !out.is_empty() && self.job.tx.send(Piece::Text(out)).is_err() {
+        if !out.is_empty()
+            && self
+                .job
+                .tx
+                .send(Piece::Text(out, std::mem::take(&mut self.unsent)))
+                .is_err()
+        {
             self.cancel(metrics);
             return false;
         }
@@ -488,8 +561,16 @@ impl<'m> Seq<'m> {
             }
             let held = std::mem::take(&mut self.matcher.held);
             if !hit_stop && !held.is_empty() {
-                let _ = self.job.tx.send(Piece::Text(held));
+                let _ = self
+                    .job
+                    .tx
+                    .send(Piece::Text(held, std::mem::take(&mut self.unsent)));
             }
+        }
+        if !self.unsent.is_empty() {
+            // Tokens without text of their own (the end token, text cut by a stop string).
+            let lps = std::mem::take(&mut self.unsent);
+            let _ = self.job.tx.send(Piece::Text(String::new(), lps));
         }
         let reason = if hit_stop { FinishReason::Stop } else { reason };
         let usage = Usage {
@@ -511,6 +592,38 @@ impl<'m> Seq<'m> {
             metrics.ended(Ending::Error);
             self.done = true;
         }
+    }
+}
+
+/// `token`'s log-probability under `logits`, and the `top` most likely tokens'.
+fn logprob_of(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max
+        + logits
+            .iter()
+            .map(|l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    let mut best: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(best.len());
+    if top > 0 {
+        best.select_nth_unstable_by(top - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
+    }
+    best.truncate(top);
+    best.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    TokenLogprob {
+        token,
+        logprob: logits[token as usize] - lse,
+        top: best
+            .into_iter()
+            .map(|t| (t, logits[t as usize] - lse))
+            .collect(),
     }
 }
 

@@ -1,10 +1,12 @@
 """The official `openai` Python package against `afinar serve`: models list, chat completion
-(whole and streamed, which must agree), text completion, and an unknown model's 404.
+(whole and streamed, which must agree), text completion, structured output (`response_format`
+with a JSON schema), log-probabilities, and an unknown model's 404.
 
     python3 tests/clients/openai_client.py http://127.0.0.1:PORT
 
 Run by tests/serve.rs (`cargo test`); exits non-zero with a message on any mismatch.
 """
+import json
 import sys
 
 import openai
@@ -41,6 +43,23 @@ assert usage is not None and usage.completion_tokens == whole.usage.completion_t
 
 comp = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=8, temperature=0)
 assert comp.choices[0].text, comp
+
+schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}},
+          "required": ["colour"], "additionalProperties": False}
+js = client.chat.completions.create(
+    model="smollm2", messages=messages, temperature=1, seed=7, max_tokens=32,
+    response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}},
+)
+obj = json.loads(js.choices[0].message.content)
+assert set(obj) == {"colour"} and isinstance(obj["colour"], str), obj
+
+lp = client.chat.completions.create(
+    model="smollm2", messages=messages, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2,
+)
+tokens = lp.choices[0].logprobs.content
+assert len(tokens) == lp.usage.completion_tokens, (len(tokens), lp.usage)
+assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens), tokens
+assert "".join(t.token for t in tokens).startswith(lp.choices[0].message.content[:1]), tokens
 
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)

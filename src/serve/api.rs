@@ -713,96 +713,6 @@ pub struct Health {
     pub status: &'static str,
 }
 
-#[cfg(test)]
-mod tests {
-    //! Each response struct serializes to exactly the bytes of the `json!` literal it replaced
-    //! (serde_json keeps insertion order, so field order is part of the check).
-    use super::*;
-    use serde_json::json;
-
-    fn same(typed: &impl Serialize, literal: Value) {
-        assert_eq!(
-            serde_json::to_string(typed).unwrap(),
-            literal.to_string(),
-            "typed response differs from the OpenAI shape"
-        );
-    }
-
-    #[test]
-    fn response_structs_match_the_openai_shapes() {
-        let h = Header {
-            id: "chatcmpl-1f".into(),
-            created: 1_700_000_000,
-            model: "smollm2".into(),
-        };
-        let u = Usage {
-            prompt_tokens: 5,
-            completion_tokens: 2,
-            total_tokens: 7,
-        };
-        let (id, created, model) = (&h.id, h.created, &h.model);
-        same(
-            &ChatCompletion::new(&h, "Hi!", "stop", u),
-            json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop", "logprobs": null}],
-                "usage": u,
-            }),
-        );
-        same(
-            &ChatChunk::role(&h),
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
-        );
-        for (text, reason) in [(Some("Hi"), None), (None, Some("length"))] {
-            same(
-                &ChatChunk::delta(&h, text, reason),
-                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})),
-                                 "finish_reason": reason}]}),
-            );
-        }
-        same(
-            &ChatChunk::usage(&h, u),
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": u}),
-        );
-        same(
-            &TextCompletion::new(&h, "four", Some("stop"), Some(u)),
-            json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": "four", "logprobs": null, "finish_reason": "stop"}],
-                "usage": u,
-            }),
-        );
-        same(
-            &TextCompletion::new(&h, "fo", None, None),
-            json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": "fo", "logprobs": null, "finish_reason": null}]}),
-        );
-        same(
-            &TextCompletion::usage(&h, u),
-            json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": u}),
-        );
-        same(
-            &ModelList::new(["smollm2", "rand"], created),
-            json!({"object": "list", "data": [
-                {"id": "smollm2", "object": "model", "created": created, "owned_by": "afinar"},
-                {"id": "rand", "object": "model", "created": created, "owned_by": "afinar"},
-            ]}),
-        );
-        for e in [
-            ApiError::invalid(Some("n"), "only n = 1"),
-            ApiError::unauthorized(),
-        ] {
-            same(
-                &e.body(),
-                json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}),
-            );
-        }
-        same(&Health { status: "ok" }, json!({"status": "ok"}));
-    }
-}
-
 /// A token's text for log-probability entries (its raw bytes, lossily as UTF-8).
 fn token_entry(table: &[Vec<u8>], token: u32, logprob: f32) -> Value {
     let bytes = table.get(token as usize).cloned().unwrap_or_default();
@@ -849,4 +759,94 @@ pub fn text_logprobs(table: &[Vec<u8>], lps: &[TokenLogprob], offset: usize) -> 
         }).collect::<Vec<_>>(),
         "text_offset": offsets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each response struct serializes to exactly the bytes of the `json!` literal it replaced
+    //! (serde_json keeps insertion order, so field order is part of the check).
+    use super::*;
+    use serde_json::json;
+
+    fn same(typed: &impl Serialize, literal: Value) {
+        assert_eq!(
+            serde_json::to_string(typed).unwrap(),
+            literal.to_string(),
+            "typed response differs from the OpenAI shape"
+        );
+    }
+
+    #[test]
+    fn response_structs_match_the_openai_shapes() {
+        let h = Header {
+            id: "chatcmpl-1f".into(),
+            created: 1_700_000_000,
+            model: "smollm2".into(),
+        };
+        let u = Usage {
+            prompt_tokens: 5,
+            completion_tokens: 2,
+            total_tokens: 7,
+        };
+        let (id, created, model) = (&h.id, h.created, &h.model);
+        same(
+            &ChatCompletion::new(&h, "Hi!", "stop", u, None),
+            json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop", "logprobs": null}],
+                "usage": u,
+            }),
+        );
+        same(
+            &ChatChunk::role(&h),
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+        );
+        for (text, reason) in [(Some("Hi"), None), (None, Some("length"))] {
+            same(
+                &ChatChunk::delta(&h, text, reason, None),
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})),
+                                 "finish_reason": reason}]}),
+            );
+        }
+        same(
+            &ChatChunk::usage(&h, u),
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": u}),
+        );
+        same(
+            &TextCompletion::new(&h, "four", Some("stop"), Some(u), None),
+            json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "four", "logprobs": null, "finish_reason": "stop"}],
+                "usage": u,
+            }),
+        );
+        same(
+            &TextCompletion::new(&h, "fo", None, None, None),
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "fo", "logprobs": null, "finish_reason": null}]}),
+        );
+        same(
+            &TextCompletion::usage(&h, u),
+            json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": u}),
+        );
+        same(
+            &ModelList::new(["smollm2", "rand"], created),
+            json!({"object": "list", "data": [
+                {"id": "smollm2", "object": "model", "created": created, "owned_by": "afinar"},
+                {"id": "rand", "object": "model", "created": created, "owned_by": "afinar"},
+            ]}),
+        );
+        for e in [
+            ApiError::invalid(Some("n"), "only n = 1"),
+            ApiError::unauthorized(),
+        ] {
+            same(
+                &e.body(),
+                json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}),
+            );
+        }
+        same(&Health { status: "ok" }, json!({"status": "ok"}));
+    }
 }

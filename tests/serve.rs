@@ -312,8 +312,8 @@ fn bad_requests_get_a_4xx_json_error() {
             "top_p",
         ),
         (
-            r#"{"messages": [{"role": "user", "content": "x"}], "n": 3}"#,
-            "n = 1",
+            r#"{"messages": [{"role": "user", "content": "x"}], "n": 17}"#,
+            "from 1 to 16",
         ),
         (
             r#"{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#,
@@ -610,6 +610,77 @@ fn logprobs_equal_the_library_and_penalties_apply() {
             .to_string()
     };
     assert_ne!(ask(0.0), ask(1.5));
+}
+
+/// `n`: three sampled answers in one request, choice i equal to a request of its own with seed
+/// + i; streamed, each choice's deltas add up to the same answer; usage counts the prompt once.
+#[test]
+fn n_answers_equal_separate_seeded_requests() {
+    let s = shared();
+    let ask = |n: u64, seed: u64, stream: bool| {
+        json!({"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 12,
+               "temperature": 1, "seed": seed, "n": n, "stream": stream,
+               "stream_options": {"include_usage": true}})
+        .to_string()
+    };
+    let (st, v) = call(
+        "POST",
+        &s.url("/v1/chat/completions"),
+        None,
+        Some(&ask(3, 40, false)),
+    );
+    assert_eq!(st, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{v}");
+    let mut tokens = 0;
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i as u64);
+        let (_, one) = call(
+            "POST",
+            &s.url("/v1/chat/completions"),
+            None,
+            Some(&ask(1, 40 + i as u64, false)),
+        );
+        assert_eq!(
+            c["message"]["content"], one["choices"][0]["message"]["content"],
+            "choice {i}"
+        );
+        assert_eq!(v["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+        tokens += one["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        tokens,
+        "{v}"
+    );
+    // Streamed: the deltas of each index add up to its answer.
+    let text = ureq::post(&s.url("/v1/chat/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(&ask(3, 40, true))
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = 0;
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        for c in chunk["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            streamed[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            finished += usize::from(!c["finish_reason"].is_null());
+        }
+    }
+    assert_eq!(finished, 3, "{text}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(
+            streamed[i],
+            c["message"]["content"].as_str().unwrap(),
+            "choice {i}"
+        );
+    }
 }
 
 /// A sample's value from the Prometheus text at `url`.

@@ -342,7 +342,7 @@ fn unimplemented_fields_are_refused_by_name() {
         ("best_of", json!(2)),
         ("echo", json!(true)),
         ("logit_bias", json!({"42": 100})),
-        ("n", json!(2)),
+        ("n", json!(17)),
     ];
     for (key, v) in refused {
         for (path, base) in [("/v1/chat/completions", &chat), ("/v1/completions", &text)] {

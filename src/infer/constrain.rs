@@ -134,6 +134,13 @@ impl Constraint {
             .map_err(|e| Error::InvalidArgument(format!("constrained output: {e}")))
     }
 
+    /// An independent copy in the same state (the `n` answers of one request).
+    pub fn fork(&self) -> Self {
+        Self {
+            matcher: self.matcher.deep_clone(),
+        }
+    }
+
     /// Whether the document is complete and nothing more may follow.
     pub fn is_stopped(&self) -> bool {
         self.matcher.is_stopped()

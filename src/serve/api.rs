@@ -99,9 +99,14 @@ pub struct Settings {
     /// Log-probabilities asked for, with this many alternatives per token (chat: `logprobs`
     /// true and `top_logprobs`; completions: `logprobs` N).
     pub logprobs: Option<usize>,
+    /// Answers to generate (`n`): each a request of its own, with seeds `seed`, `seed` + 1, …
+    pub n: usize,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
 }
+
+/// Most answers one request may ask for (`n`).
+pub const MAX_N: usize = 16;
 
 /// What `response_format` asks for (`text` is no constraint, `None` in [`Settings`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -230,11 +235,7 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         Some(v) => Some(v),
         None => integer(m, "max_tokens", 1, i64::from(u32::MAX))?,
     };
-    if let Some(n) = integer(m, "n", 1, 1_000_000)? {
-        if n != 1 {
-            return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
-        }
-    }
+    let n = integer(m, "n", 1, MAX_N as i64)?.unwrap_or(1) as usize;
     unimplemented_fields(m)?;
     let stop = match m.get("stop") {
         None | Some(Value::Null) => vec![],
@@ -279,13 +280,14 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         include_usage,
         format: response_format(m)?,
         logprobs: None,
+        n,
         presence_penalty: number(m, "presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
         frequency_penalty: number(m, "frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
     })
 }
 
 /// Refuses fields afinar does not implement yet, naming the field, rather than answering 200
-/// as if they had been applied. Values that mean "off" (`n`/`best_of` 1, empty
+/// as if they had been applied. Values that mean "off" (`best_of` 1, empty
 /// `tools`/`logit_bias`, `tool_choice: "none"`, `echo: false`) are accepted.
 fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
     let off = |key: &str, v: &Value| match v {
@@ -512,7 +514,7 @@ pub struct ChatCompletion<'a> {
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [ChatChoice<'a>; 1],
+    pub choices: Vec<ChatChoice<'a>>,
     pub usage: Usage,
 }
 
@@ -545,16 +547,23 @@ impl<'a> ChatCompletion<'a> {
             object: "chat.completion",
             created: h.created,
             model: &h.model,
-            choices: [ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: text,
-                },
-                finish_reason: reason,
-                logprobs,
-            }],
+            choices: vec![ChatChoice::new(0, text, reason, logprobs)],
             usage,
+        }
+    }
+}
+
+impl<'a> ChatChoice<'a> {
+    /// Choice `index` of an answer (`n` > 1 gives several).
+    pub fn new(index: u32, text: &'a str, reason: &'static str, logprobs: Option<Value>) -> Self {
+        Self {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: text,
+            },
+            finish_reason: reason,
+            logprobs,
         }
     }
 }
@@ -633,6 +642,12 @@ impl<'a> ChatChunk<'a> {
     pub fn usage(h: &'a Header, usage: Usage) -> Self {
         Self::with(h, vec![], Some(usage))
     }
+
+    /// The same chunk for choice `index` (`n` > 1).
+    pub fn at(mut self, index: u32) -> Self {
+        self.choices.iter_mut().for_each(|c| c.index = index);
+        self
+    }
 }
 
 impl<'a> ChunkChoice<'a> {
@@ -691,6 +706,12 @@ impl<'a> TextCompletion<'a> {
             }],
             usage,
         }
+    }
+
+    /// The same response or chunk for choice `index` (`n` > 1).
+    pub fn at(mut self, index: u32) -> Self {
+        self.choices.iter_mut().for_each(|c| c.index = index);
+        self
     }
 
     /// The usage-only last chunk (`stream_options.include_usage`).

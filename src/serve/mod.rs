@@ -341,7 +341,7 @@ async fn start(
     model_index: usize,
     prompt: Vec<u32>,
     s: &Settings,
-) -> std::result::Result<mpsc::UnboundedReceiver<Piece>, ApiError> {
+) -> std::result::Result<mpsc::UnboundedReceiver<(usize, Piece)>, ApiError> {
     let served = &st.models[model_index];
     let ctx = served.model.config().max_position_embeddings;
     if prompt.len() >= ctx {
@@ -400,21 +400,29 @@ async fn start(
         ),
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let job = Job {
-        constraint,
-        logprobs: s.logprobs,
-        presence_penalty: s.presence_penalty,
-        frequency_penalty: s.frequency_penalty,
-        model: model_index,
-        prompt,
-        opts,
-        stops: s.stop.clone(),
-        tx,
-        arrived: std::time::Instant::now(),
-    };
-    st.jobs
-        .send(job)
-        .map_err(|_| ApiError::internal("the scheduler has stopped; restart the server"))?;
+    let arrived = std::time::Instant::now();
+    // `n` answers: one job each, seeds seed, seed + 1, …; the first computes the prompt and the
+    // others take it from the prefix cache.
+    for index in 0..s.n.max(1) {
+        let mut opts = opts.clone();
+        opts.sampling.seed = opts.sampling.seed.wrapping_add(index as u64);
+        let job = Job {
+            constraint: constraint.as_ref().map(|c| c.fork()),
+            logprobs: s.logprobs,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            model: model_index,
+            prompt: prompt.clone(),
+            opts,
+            stops: s.stop.clone(),
+            tx: tx.clone(),
+            index,
+            arrived,
+        };
+        st.jobs
+            .send(job)
+            .map_err(|_| ApiError::internal("the scheduler has stopped; restart the server"))?;
+    }
     Ok(rx)
 }
 
@@ -444,33 +452,43 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{n:x}")
 }
 
-/// A whole generation (non-streaming requests).
+/// One whole answer (non-streaming requests).
+#[derive(Default)]
 struct Collected {
     text: String,
-    reason: FinishReason,
-    usage: Usage,
+    reason: Option<FinishReason>,
+    completion_tokens: usize,
     logprobs: Vec<scheduler::TokenLogprob>,
 }
 
-/// Collects a whole generation.
+/// Collects the `n` answers of a request and their total usage (the prompt counted once).
 async fn collect(
-    mut rx: mpsc::UnboundedReceiver<Piece>,
-) -> std::result::Result<Collected, ApiError> {
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    while let Some(p) = rx.recv().await {
+    mut rx: mpsc::UnboundedReceiver<(usize, Piece)>,
+    n: usize,
+) -> std::result::Result<(Vec<Collected>, Usage), ApiError> {
+    let mut out: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
+    let (mut done, mut prompt_tokens) = (0, 0);
+    while let Some((i, p)) = rx.recv().await {
+        let c = &mut out[i];
         match p {
             Piece::Text(t, lps) => {
-                text.push_str(&t);
-                logprobs.extend(lps);
+                c.text.push_str(&t);
+                c.logprobs.extend(lps);
             }
             Piece::Done(reason, usage) => {
-                return Ok(Collected {
-                    text,
-                    reason,
-                    usage,
-                    logprobs,
-                })
+                c.reason = Some(reason);
+                c.completion_tokens = usage.completion_tokens;
+                prompt_tokens = usage.prompt_tokens;
+                done += 1;
+                if done == n {
+                    let completion: usize = out.iter().map(|c| c.completion_tokens).sum();
+                    let usage = Usage {
+                        prompt_tokens,
+                        completion_tokens: completion,
+                        total_tokens: prompt_tokens + completion,
+                    };
+                    return Ok((out, usage));
+                }
             }
             Piece::Failed(e) => return Err(ApiError::internal(e)),
         }
@@ -483,17 +501,25 @@ fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("response structs serialize")
 }
 
-/// What one streamed chunk carries: text and its tokens' log-probabilities, the finish reason,
-/// or the usage.
-type ChunkFn = dyn Fn(Option<&str>, &[scheduler::TokenLogprob], Option<FinishReason>, Option<Usage>) -> String
+/// What one streamed chunk carries: the choice's index, text and its tokens'
+/// log-probabilities, the finish reason, or the usage.
+type ChunkFn = dyn Fn(
+        usize,
+        Option<&str>,
+        &[scheduler::TokenLogprob],
+        Option<FinishReason>,
+        Option<Usage>,
+    ) -> String
     + Send
     + Sync;
 
-/// SSE stream of chunks, each the JSON text `chunk(delta text, log-probabilities, finish reason,
-/// usage)` returns, after `first` if given, then `[DONE]`.
+/// SSE stream of the chunks of `n` answers, each the JSON text `chunk(index, delta text,
+/// log-probabilities, finish reason, usage)` returns, after `first` if given, then (when all
+/// are done) the usage if asked for and `[DONE]`.
 fn sse(
-    rx: mpsc::UnboundedReceiver<Piece>,
-    first: Option<String>,
+    rx: mpsc::UnboundedReceiver<(usize, Piece)>,
+    n: usize,
+    first: Vec<String>,
     chunk: Box<ChunkFn>,
     include_usage: bool,
 ) -> Response {
@@ -502,39 +528,47 @@ fn sse(
         .map(|v| Ok(Event::default().data(v)))
         .collect();
     let chunk = Arc::new(chunk);
-    let body = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+    // (receiver, answers done, prompt tokens, completion tokens, finished)
+    let state = (rx, 0usize, 0usize, 0usize, false);
+    let body = futures_util::stream::unfold(state, move |(mut rx, done, pt, ct, end)| {
         let chunk = chunk.clone();
-        let out = async move {
-            if done {
+        async move {
+            if end {
                 return None;
             }
-            let events: Vec<std::result::Result<Event, Infallible>> = match rx.recv().await {
-                Some(Piece::Text(t, lps)) => {
-                    vec![Ok(Event::default().data(chunk(Some(&t), &lps, None, None)))]
-                }
-                Some(Piece::Done(r, u)) => {
-                    let mut v = vec![Ok(Event::default().data(chunk(None, &[], Some(r), None)))];
-                    if include_usage {
-                        v.push(Ok(Event::default().data(chunk(None, &[], None, Some(u)))));
+            let (i, piece) = rx.recv().await?;
+            let event = |s: String| Ok(Event::default().data(s));
+            Some(match piece {
+                Piece::Text(t, lps) => (
+                    vec![event(chunk(i, Some(&t), &lps, None, None))],
+                    (rx, done, pt, ct, false),
+                ),
+                Piece::Done(r, u) => {
+                    let (done, ct) = (done + 1, ct + u.completion_tokens);
+                    let mut v = vec![event(chunk(i, None, &[], Some(r), None))];
+                    let end = done == n;
+                    if end {
+                        if include_usage {
+                            let usage = Usage {
+                                prompt_tokens: u.prompt_tokens,
+                                completion_tokens: ct,
+                                total_tokens: u.prompt_tokens + ct,
+                            };
+                            v.push(event(chunk(i, None, &[], None, Some(usage))));
+                        }
+                        v.push(event("[DONE]".into()));
                     }
-                    v.push(Ok(Event::default().data("[DONE]")));
-                    return Some((v, (rx, true)));
+                    (v, (rx, done, u.prompt_tokens, ct, end))
                 }
-                Some(Piece::Failed(e)) => {
+                Piece::Failed(e) => {
                     let err = to_json(&ApiError::internal(e).body());
-                    return Some((
-                        vec![
-                            Ok(Event::default().data(err)),
-                            Ok(Event::default().data("[DONE]")),
-                        ],
-                        (rx, true),
-                    ));
+                    (
+                        vec![event(err), event("[DONE]".into())],
+                        (rx, done, pt, ct, true),
+                    )
                 }
-                None => return None,
-            };
-            Some((events, (rx, false)))
-        };
-        out
+            })
+        }
     });
     use futures_util::StreamExt;
     let stream = futures_util::stream::iter(head).chain(body.flat_map(futures_util::stream::iter));
@@ -631,32 +665,39 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> std::result::Result<Respo
         model: served.id.clone(),
     };
     let table = req.settings.logprobs.map(|_| served.token_table());
+    let n = req.settings.n.max(1);
     if req.settings.stream {
-        let first = to_json(&ChatChunk::role(&h));
+        let first = (0..n)
+            .map(|i| to_json(&ChatChunk::role(&h).at(i as u32)))
+            .collect();
         return Ok(sse(
             rx,
-            Some(first),
-            Box::new(move |text, lps, reason, usage| match usage {
+            n,
+            first,
+            Box::new(move |i, text, lps, reason, usage| match usage {
                 Some(u) => to_json(&ChatChunk::usage(&h, u)),
                 None => {
                     let lp = table.as_ref().map(|t| api::chat_logprobs(t, lps));
                     let lp = lp.filter(|_| text.is_some());
-                    to_json(&ChatChunk::delta(&h, text, reason.map(reason_str), lp))
+                    to_json(&ChatChunk::delta(&h, text, reason.map(reason_str), lp).at(i as u32))
                 }
             }),
             req.settings.include_usage,
         ));
     }
-    let c = collect(rx).await?;
-    let lp = table.as_ref().map(|t| api::chat_logprobs(t, &c.logprobs));
-    Ok(Json(ChatCompletion::new(
-        &h,
-        &c.text,
-        reason_str(c.reason),
-        c.usage,
-        lp,
-    ))
-    .into_response())
+    let (answers, usage) = collect(rx, n).await?;
+    let choices = answers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let lp = table.as_ref().map(|t| api::chat_logprobs(t, &c.logprobs));
+            let reason = reason_str(c.reason.unwrap_or(FinishReason::Stop));
+            api::ChatChoice::new(i as u32, &c.text, reason, lp)
+        })
+        .collect();
+    let mut body = ChatCompletion::new(&h, "", "stop", usage, None);
+    body.choices = choices;
+    Ok(Json(body).into_response())
 }
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -686,36 +727,47 @@ async fn completions_inner(
         model: served.id.clone(),
     };
     let table = req.settings.logprobs.map(|_| served.token_table());
+    let n = req.settings.n.max(1);
     if req.settings.stream {
-        let offset = std::sync::atomic::AtomicUsize::new(0);
+        let offsets: Vec<std::sync::atomic::AtomicUsize> = (0..n)
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect();
         return Ok(sse(
             rx,
-            None,
-            Box::new(move |text, lps, reason, usage| match usage {
+            n,
+            vec![],
+            Box::new(move |i, text, lps, reason, usage| match usage {
                 Some(u) => to_json(&TextCompletion::usage(&h, u)),
                 None => {
-                    let at = offset.fetch_add(
+                    let at = offsets[i].fetch_add(
                         text.map_or(0, |t| t.chars().count()),
                         std::sync::atomic::Ordering::Relaxed,
                     );
                     let lp = table.as_ref().map(|t| api::text_logprobs(t, lps, at));
                     let lp = lp.filter(|_| text.is_some());
-                    to_json(&TextCompletion::new(
-                        &h,
-                        text.unwrap_or(""),
-                        reason.map(reason_str),
-                        None,
-                        lp,
-                    ))
+                    let text = text.unwrap_or("");
+                    to_json(
+                        &TextCompletion::new(&h, text, reason.map(reason_str), None, lp)
+                            .at(i as u32),
+                    )
                 }
             }),
             req.settings.include_usage,
         ));
     }
-    let c = collect(rx).await?;
-    let lp = table
-        .as_ref()
-        .map(|t| api::text_logprobs(t, &c.logprobs, 0));
-    let body = TextCompletion::new(&h, &c.text, Some(reason_str(c.reason)), Some(c.usage), lp);
+    let (answers, usage) = collect(rx, n).await?;
+    let mut body = TextCompletion::new(&h, "", None, Some(usage), None);
+    body.choices = answers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| api::TextChoice {
+            index: i as u32,
+            text: &c.text,
+            logprobs: table
+                .as_ref()
+                .map(|t| api::text_logprobs(t, &c.logprobs, 0)),
+            finish_reason: Some(reason_str(c.reason.unwrap_or(FinishReason::Stop))),
+        })
+        .collect();
     Ok(Json(body).into_response())
 }

@@ -117,7 +117,10 @@ pub struct Job {
     pub opts: GenerateOptions,
     /// Stop strings (OpenAI's `stop`).
     pub stops: Vec<String>,
-    pub tx: UnboundedSender<Piece>,
+    /// Where the pieces go, tagged with `index`: the choice of a request with `n` > 1 (all
+    /// its choices share one channel).
+    pub tx: UnboundedSender<(usize, Piece)>,
+    pub index: usize,
     pub arrived: Instant,
     /// Structured output: the grammar the answer must follow.
     pub constraint: Option<Constraint>,
@@ -165,17 +168,7 @@ fn run(models: &[Served], rx: Receiver<Job>, max_batch: usize, metrics: &Metrics
             let Some(job) = waiting.pop_front() else {
                 break;
             };
-            let mut s = Seq::new(job, models, metrics);
-            if !s.done {
-                match prefixes.fill(s.job.model, &s.job.prompt, &mut s.cache) {
-                    Ok(n) => {
-                        s.fed = n;
-                        metrics.prefix_tokens.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => s.fail(&e.to_string(), metrics),
-                }
-            }
-            running.push(s);
+            running.push(Seq::new(job, models, metrics));
         }
         for s in running
             .iter_mut()
@@ -209,6 +202,7 @@ fn step(
     prefixes: &mut PrefixCache,
     metrics: &Metrics,
 ) -> Result<()> {
+    take_prefixes(running, prefixes, metrics);
     let mut who = Vec::new();
     let mut rows = Vec::new();
     let mut budget = PREFILL_CHUNK;
@@ -221,9 +215,10 @@ fn step(
             next,
             done,
             model,
+            prefix,
             ..
         } = s;
-        if *done {
+        if *done || *prefix == PrefixState::Waiting {
             continue;
         }
         if let Some(token) = next {
@@ -274,6 +269,52 @@ fn step(
     Ok(())
 }
 
+/// Before a request's prompt is first fed: copies the longest cached prefix of it, unless an
+/// earlier request sharing its beginning is still reading its prompt (the `n` answers of one
+/// request, or clients sending the same system message at once): then it waits a step for that
+/// prefix to be cached rather than computing it a second time.
+fn take_prefixes(running: &mut [Seq], prefixes: &mut PrefixCache, metrics: &Metrics) {
+    for i in 0..running.len() {
+        let (before, rest) = running.split_at_mut(i);
+        let s = &mut rest[0];
+        if s.done || s.fed > 0 || s.prefix == PrefixState::Taken {
+            continue;
+        }
+        let shares = before.iter().any(|o| {
+            !o.done
+                && o.job.model == s.job.model
+                && o.fed < o.job.prompt.len()
+                && common_prefix(&o.job.prompt, &s.job.prompt) >= MIN_PREFIX
+        });
+        if shares {
+            s.prefix = PrefixState::Waiting;
+            continue;
+        }
+        s.prefix = PrefixState::Taken;
+        match prefixes.fill(s.job.model, &s.job.prompt, &mut s.cache) {
+            Ok(n) => {
+                s.fed = n;
+                metrics.prefix_tokens.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => s.fail(&e.to_string(), metrics),
+        }
+    }
+}
+
+/// Tokens two prompts share from their start.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Whether a request has looked for its prompt's prefix in the cache.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PrefixState {
+    NotYet,
+    /// An earlier request is computing the same beginning.
+    Waiting,
+    Taken,
+}
+
 /// The KV caches of recent prompts, so that a new prompt starting with the same tokens (a
 /// system message and the chat template's header, sent by every client) skips computing them:
 /// the longest common prefix with any stored prompt of the same model is copied in.
@@ -308,14 +349,8 @@ impl PrefixCache {
     /// Fills `cache` with the longest stored prefix of `prompt` (leaving at least its last
     /// token to compute); returns the tokens reused.
     fn fill(&mut self, model: usize, prompt: &[u32], cache: &mut Cache) -> Result<usize> {
-        let common = |e: &Prefix| {
-            e.tokens
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(prompt.len().saturating_sub(1))
-        };
+        let common =
+            |e: &Prefix| common_prefix(&e.tokens, prompt).min(prompt.len().saturating_sub(1));
         let Some((best, len)) = self
             .entries
             .iter()
@@ -388,6 +423,7 @@ struct Seq<'m> {
     matcher: StopMatcher,
     /// Log-probabilities of tokens whose text has not been sent yet.
     unsent: Vec<TokenLogprob>,
+    prefix: PrefixState,
     last_token: Option<Instant>,
     done: bool,
 }
@@ -415,6 +451,7 @@ impl<'m> Seq<'m> {
             pending: Vec::new(),
             matcher,
             unsent: Vec::new(),
+            prefix: PrefixState::NotYet,
             last_token: None,
             done: false,
             model,
@@ -522,7 +559,10 @@ impl<'m> Seq<'m> {
             && self
                 .job
                 .tx
-                .send(Piece::Text(out, std::mem::take(&mut self.unsent)))
+                .send((
+                    self.job.index,
+                    Piece::Text(out, std::mem::take(&mut self.unsent)),
+                ))
                 .is_err()
         {
             self.cancel(metrics);
@@ -561,16 +601,19 @@ impl<'m> Seq<'m> {
             }
             let held = std::mem::take(&mut self.matcher.held);
             if !hit_stop && !held.is_empty() {
-                let _ = self
-                    .job
-                    .tx
-                    .send(Piece::Text(held, std::mem::take(&mut self.unsent)));
+                let _ = self.job.tx.send((
+                    self.job.index,
+                    Piece::Text(held, std::mem::take(&mut self.unsent)),
+                ));
             }
         }
         if !self.unsent.is_empty() {
             // Tokens without text of their own (the end token, text cut by a stop string).
             let lps = std::mem::take(&mut self.unsent);
-            let _ = self.job.tx.send(Piece::Text(String::new(), lps));
+            let _ = self
+                .job
+                .tx
+                .send((self.job.index, Piece::Text(String::new(), lps)));
         }
         let reason = if hit_stop { FinishReason::Stop } else { reason };
         let usage = Usage {
@@ -578,7 +621,10 @@ impl<'m> Seq<'m> {
             completion_tokens: self.tokens.len(),
             total_tokens: self.job.prompt.len() + self.tokens.len(),
         };
-        let _ = self.job.tx.send(Piece::Done(reason, usage));
+        let _ = self
+            .job
+            .tx
+            .send((self.job.index, Piece::Done(reason, usage)));
         metrics.ended(match reason {
             FinishReason::Stop => Ending::Stop,
             FinishReason::Length => Ending::Length,
@@ -588,7 +634,10 @@ impl<'m> Seq<'m> {
 
     fn fail(&mut self, message: &str, metrics: &Metrics) {
         if !self.done {
-            let _ = self.job.tx.send(Piece::Failed(message.to_string()));
+            let _ = self
+                .job
+                .tx
+                .send((self.job.index, Piece::Failed(message.to_string())));
             metrics.ended(Ending::Error);
             self.done = true;
         }

@@ -61,6 +61,10 @@ assert len(tokens) == lp.usage.completion_tokens, (len(tokens), lp.usage)
 assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens), tokens
 assert "".join(t.token for t in tokens).startswith(lp.choices[0].message.content[:1]), tokens
 
+multi = client.chat.completions.create(model="smollm2", messages=messages, temperature=1, seed=3,
+                                       max_tokens=8, n=2)
+assert [c.index for c in multi.choices] == [0, 1], multi
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise AssertionError("an unknown model must fail")

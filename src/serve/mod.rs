@@ -467,7 +467,7 @@ async fn collect(
     n: usize,
 ) -> std::result::Result<(Vec<Collected>, Usage), ApiError> {
     let mut out: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
-    let (mut done, mut prompt_tokens) = (0, 0);
+    let mut done = 0;
     while let Some((i, p)) = rx.recv().await {
         let c = &mut out[i];
         match p {
@@ -478,9 +478,9 @@ async fn collect(
             Piece::Done(reason, usage) => {
                 c.reason = Some(reason);
                 c.completion_tokens = usage.completion_tokens;
-                prompt_tokens = usage.prompt_tokens;
                 done += 1;
                 if done == n {
+                    let prompt_tokens = usage.prompt_tokens;
                     let completion: usize = out.iter().map(|c| c.completion_tokens).sum();
                     let usage = Usage {
                         prompt_tokens,

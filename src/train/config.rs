@@ -164,6 +164,8 @@ impl<'de, T: serde::de::DeserializeOwned + std::str::FromStr> Deserialize<'de> f
     }
 }
 
+/// Warm-up steps under `warmup_steps = "auto"` (for a run of at least 100 steps).
+pub const AUTO_WARMUP_STEPS: usize = 10;
 /// `epochs = "auto"`: passes over the data until the run has at least this many optimizer
 /// steps (chosen by the recipe study in `bench/recipes/`)…
 pub const AUTO_MIN_STEPS: usize = 150;
@@ -348,7 +350,9 @@ pub struct TrainConfig {
     /// Peak learning rate. "auto": by method and model size (see [`TrainConfig::auto_lr`]).
     pub lr: Auto<f64>,
     pub min_lr: f64,
-    pub warmup_steps: usize,
+    /// Steps of linear warm-up to the peak lr. "auto": 10, but at most a tenth of the run, so
+    /// a short run reaches its peak (with a fixed 10, a 9-step run never did).
+    pub warmup_steps: Auto<usize>,
     /// cosine, linear or constant (after warm-up).
     pub schedule: Schedule,
     /// Decoupled weight decay (not applied to norms and biases).
@@ -404,7 +408,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             lr: Auto::Auto,
             min_lr: 0.0,
-            warmup_steps: 10,
+            warmup_steps: Auto::Auto,
             schedule: Schedule::Cosine,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -643,6 +647,13 @@ impl TrainConfig {
         })
     }
 
+    /// Warm-up steps of a run of `total_steps`: `warmup_steps`, or for "auto"
+    /// [`AUTO_WARMUP_STEPS`] capped at a tenth of the run (at least 1).
+    pub fn warmup(&self, total_steps: usize) -> usize {
+        self.warmup_steps
+            .or_else(|| AUTO_WARMUP_STEPS.min(total_steps.div_ceil(10)).max(1))
+    }
+
     /// The LoRA target module names.
     pub fn targets(&self) -> Vec<String> {
         self.lora_targets.modules()
@@ -850,5 +861,19 @@ mod tests {
         assert!(err("split=0.5,0.1").contains("split = '0.5,0.1': give two or three fractions"));
         assert!(err("device=tpu").contains("cpu, cuda or cuda:N"));
         assert!(err("lora_targets=").contains("lora_targets is empty"));
+    }
+
+    #[test]
+    fn auto_warmup_is_ten_steps_at_most_a_tenth_of_the_run() {
+        let mut c = TrainConfig::default();
+        assert_eq!(c.warmup(170), 10);
+        assert_eq!(c.warmup(9), 1);
+        assert_eq!(c.warmup(45), 5);
+        c.warmup_steps = Auto::Set(20);
+        assert_eq!(
+            c.warmup(9),
+            20,
+            "a number is taken as given, as transformers does"
+        );
     }
 }

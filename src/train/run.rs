@@ -253,7 +253,7 @@ fn schedule_line(
         cfg.batch_size * cfg.grad_accum,
         cfg.max_seq_len,
         format!("{:?}", cfg.schedule).to_lowercase(),
-        cfg.warmup_steps
+        cfg.warmup(total_steps)
     )
 }
 
@@ -483,7 +483,7 @@ pub fn learning_rate(run: &Run) -> f64 {
     optim::lr_at(
         run.state.step,
         run.total_steps,
-        c.warmup_steps,
+        c.warmup(run.total_steps),
         run.peak_lr,
         c.min_lr.min(run.peak_lr),
         c.schedule,

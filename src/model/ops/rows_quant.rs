@@ -313,7 +313,6 @@ mod avx512 {
 
     /// M rows at once; a constant M keeps the 2·M accumulators in registers.
     #[target_feature(enable = "avx512f,f16c")]
-    #[allow(clippy::needless_range_loop)] // a0, a1 and out indexed in lockstep
     unsafe fn dot_group_m<const M: usize>(
         dtype: GgmlDType,
         w: &[u8],
@@ -321,12 +320,30 @@ mod avx512 {
         k: usize,
         out: &mut [f32],
     ) {
-        let bs = block_bytes(dtype);
+        // One loop per format, so the format's test is not repeated for every block (it took
+        // ~5 % of a serving profile).
+        let (w, bs) = (w.as_ptr(), block_bytes(dtype));
+        match dtype {
+            GgmlDType::Q8_0 => blocks::<M>(|b| unpack(GgmlDType::Q8_0, w.add(b * bs)), xs, k, out),
+            GgmlDType::Q4_0 => blocks::<M>(|b| unpack(GgmlDType::Q4_0, w.add(b * bs)), xs, k, out),
+            _ => blocks::<M>(|b| unpack(GgmlDType::Q4_1, w.add(b * bs)), xs, k, out),
+        }
+    }
+
+    /// The loop of [`dot_group_m`] with `block(b)` giving block b's weights.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // a0, a1 and out indexed in lockstep
+    unsafe fn blocks<const M: usize>(
+        block: impl Fn(usize) -> [__m512; 2],
+        xs: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
         let mut a0 = [_mm512_setzero_ps(); M];
         let mut a1 = [_mm512_setzero_ps(); M];
         let x = xs.as_ptr();
         for b in 0..k / QK {
-            let v = unpack(dtype, w.as_ptr().add(b * bs));
+            let v = block(b);
             for r in 0..M {
                 let xp = x.add(r * k + b * QK);
                 a0[r] = _mm512_fmadd_ps(v[0], _mm512_loadu_ps(xp), a0[r]);

@@ -1,8 +1,8 @@
 //! Continuous batching: one thread owns the models and, step after step, decodes one token for
 //! every running request in a single pass over the weights (`model::decode`), the base model's
-//! requests and every adapter's in the same batch. Between two decoding steps it feeds one chunk
-//! of a new request's prompt, so a long prompt delays the others by one chunk, not by its whole
-//! prefill. New requests join at the next step; finished ones, and those whose client went away,
+//! requests and every adapter's in the same batch. The same pass carries up to
+//! [`PREFILL_CHUNK`] tokens of new requests' prompts, so a long prompt delays the others by a
+//! chunk per step, not by its whole prefill. New requests join at the next step; finished ones, and those whose client went away,
 //! leave it. Requests beyond `--max-concurrent` wait in arrival order. A prompt that starts like
 //! a recent one (the same system message and template header) reuses its keys and values.
 //!

@@ -351,29 +351,61 @@ fn unimplemented_fields_are_refused_by_name() {
             assert_eq!(body["error"]["param"], key, "{body}");
         }
     }
-    // top_logprobs without logprobs; a completion's logprobs beyond 5.
-    let (status, body) = json_post(
-        addr,
-        "/v1/chat/completions",
-        &with(&chat, "top_logprobs", json!(2)),
-        &[],
-    );
-    assert_eq!(
-        (status, &body["error"]["param"]),
-        (400, &json!("top_logprobs")),
-        "{body}"
-    );
-    let (status, body) = json_post(
-        addr,
-        "/v1/completions",
-        &with(&text, "logprobs", json!(6)),
-        &[],
-    );
-    assert_eq!(
-        (status, &body["error"]["param"]),
-        (400, &json!("logprobs")),
-        "{body}"
-    );
+    // Values of implemented fields that make no sense: 400 naming the field, saying why.
+    let chat_path = "/v1/chat/completions";
+    for (path, base, key, v, why) in [
+        (
+            chat_path,
+            &chat,
+            "top_logprobs",
+            json!(2),
+            "needs `logprobs: true`",
+        ),
+        (
+            "/v1/completions",
+            &text,
+            "logprobs",
+            json!(6),
+            "from 0 to 5",
+        ),
+        (
+            chat_path,
+            &chat,
+            "response_format",
+            json!("json"),
+            "must be an object",
+        ),
+        (
+            chat_path,
+            &chat,
+            "response_format",
+            json!({"type": "xml"}),
+            r#""text", "json_object" or "json_schema""#,
+        ),
+        (
+            chat_path,
+            &chat,
+            "response_format",
+            json!({"type": "json_schema"}),
+            "needs a `json_schema` object",
+        ),
+        (
+            chat_path,
+            &chat,
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"schema": 5}}),
+            "must be a JSON Schema object",
+        ),
+    ] {
+        let (status, body) = json_post(addr, path, &with(base, key, v.clone()), &[]);
+        assert_eq!(
+            (status, &body["error"]["param"]),
+            (400, &json!(key)),
+            "{key}={v}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{key}={v}: {message}");
+    }
     for (key, v) in [
         ("presence_penalty", json!(3)),
         ("frequency_penalty", json!(-2.5)),

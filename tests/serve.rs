@@ -509,8 +509,8 @@ fn json_schema_answers_always_parse_and_validate() {
     assert_eq!(v["error"]["param"], "response_format", "{v}");
 }
 
-/// `logprobs`: a completion's token log-probabilities equal the library's own forward pass over
-/// the same tokens (log-softmax of the logits), the greedy token tops its alternatives, and chat
+/// `logprobs`: a completion's token log-probabilities equal `afinar score`'s over the same
+/// tokens, the greedy token tops its alternatives, and chat
 /// answers carry them per token. Presence and frequency penalties change a repetitive answer.
 #[test]
 fn logprobs_equal_the_library_and_penalties_apply() {
@@ -539,29 +539,12 @@ fn logprobs_equal_the_library_and_penalties_apply() {
     };
     let g = afinar::infer::generate(m, &prompt, &opts, |_| {}).unwrap();
     assert_eq!(got.len(), g.tokens.len(), "{v}");
+    // `afinar score` of prompt + answer: its log-probability of each answer token.
     let ids: Vec<u32> = prompt.iter().chain(&g.tokens).copied().collect();
-    let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<Vec<f32>> = m
-        .transformer
-        .forward(&input, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let scored = afinar::infer::score::score_ids(m, ids).unwrap();
     for (i, &tok) in g.tokens.iter().enumerate() {
-        let row = &logits[prompt.len() - 1 + i];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max
-            + row
-                .iter()
-                .map(|l| (*l as f64 - max).exp())
-                .sum::<f64>()
-                .ln();
-        let want = row[tok as usize] as f64 - lse;
+        let want = scored.logprobs[prompt.len() - 1 + i];
+        assert_eq!(scored.ids[prompt.len() + i], tok);
         assert!(
             (got[i] - want).abs() < 2e-3,
             "token {i}: {} vs {want}",

@@ -11,6 +11,7 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
+use crate::infer::scripts::{token_bytes, token_name};
 use crate::model::tokenizer::TextTokenizer;
 use crate::{Error, Result};
 
@@ -47,17 +48,14 @@ impl Grammars {
                 "the model has no end token, which constrained output needs to stop".into(),
             ));
         };
-        let mut words: Vec<Vec<u8>> = crate::infer::scripts::token_bytes(tokenizer)
+        let mut words: Vec<Vec<u8>> = token_bytes(tokenizer)
             .into_iter()
             .enumerate()
             .map(|(id, b)| {
                 // Special tokens are named behind llguidance's marker byte, so no text can
                 // spell them.
                 b.unwrap_or_else(|| {
-                    let name = tokenizer
-                        .inner
-                        .id_to_token(id as u32)
-                        .unwrap_or_else(|| format!("<[{id}]>"));
+                    let name = token_name(tokenizer, id as u32);
                     [&[TokTrie::SPECIAL_TOKEN_MARKER][..], name.as_bytes()].concat()
                 })
             })

@@ -80,19 +80,7 @@ impl Sampler {
             return argmax(logits);
         }
         // Candidates sorted by logit, highest first; top-k and top-p cut the tail.
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = p.top_k.unwrap_or(logits.len()).min(logits.len());
-        if k < logits.len() {
-            idx.select_nth_unstable_by(k - 1, |&a, &b| {
-                logits[b as usize].total_cmp(&logits[a as usize])
-            });
-            idx.truncate(k);
-        }
-        idx.sort_unstable_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        let idx = top_indices(logits, p.top_k.unwrap_or(logits.len()));
         let max = logits[idx[0] as usize];
         let mut probs: Vec<f64> = idx
             .iter()
@@ -122,6 +110,27 @@ impl Sampler {
         }
         idx[probs.len() - 1]
     }
+}
+
+/// The indices of the `k` highest logits, highest first (equal logits: lower index first).
+pub fn top_indices(logits: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < logits.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx
 }
 
 /// Index of the largest value (the first one on ties, as `torch.argmax`).

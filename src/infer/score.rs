@@ -24,7 +24,12 @@ pub struct Score {
 
 /// Runs `text` through `model` once and scores every token after the first.
 pub fn score(model: &Model, text: &str) -> Result<Score> {
-    let ids = model.tokenizer.encode(text, true)?;
+    score_ids(model, model.tokenizer.encode(text, true)?)
+}
+
+/// [`score`] of token ids (for text whose tokens are already known, such as a prompt and the
+/// tokens generated after it).
+pub fn score_ids(model: &Model, ids: Vec<u32>) -> Result<Score> {
     if ids.len() < 2 {
         return Err(Error::InvalidArgument(format!(
             "the text to score has {} token(s); give at least two (a longer --prompt)",

@@ -117,6 +117,14 @@ pub(crate) fn token_bytes(tok: &TextTokenizer) -> Vec<Option<Vec<u8>>> {
         .collect()
 }
 
+/// What stands for token `id` where it has no bytes of text (a special token): its name, or
+/// `<[id]>` when the vocabulary has none.
+pub(crate) fn token_name(tok: &TextTokenizer, id: u32) -> String {
+    tok.inner
+        .id_to_token(id)
+        .unwrap_or_else(|| format!("<[{id}]>"))
+}
+
 /// Masks tokens whose text would contain letters outside the allowed scripts.
 pub struct ScriptFilter {
     allowed: Vec<Script>,

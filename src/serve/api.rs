@@ -447,6 +447,17 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+impl Usage {
+    /// The counts, with their total.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
 /// `{"error": {"message", "type", "param", "code"}}`; `param` and `code` are null when unset.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
@@ -535,19 +546,14 @@ pub struct AssistantMessage<'a> {
 }
 
 impl<'a> ChatCompletion<'a> {
-    pub fn new(
-        h: &'a Header,
-        text: &'a str,
-        reason: &'static str,
-        usage: Usage,
-        logprobs: Option<Value>,
-    ) -> Self {
+    /// The answers (one per `n`) and the request's usage.
+    pub fn new(h: &'a Header, choices: Vec<ChatChoice<'a>>, usage: Usage) -> Self {
         Self {
             id: &h.id,
             object: "chat.completion",
             created: h.created,
             model: &h.model,
-            choices: vec![ChatChoice::new(0, text, reason, logprobs)],
+            choices,
             usage,
         }
     }
@@ -685,7 +691,20 @@ pub struct TextChoice<'a> {
 }
 
 impl<'a> TextCompletion<'a> {
-    /// `text` with its finish reason (None while streaming) and usage (None in chunks).
+    /// A response or chunk of `choices`, with the usage (None in chunks).
+    pub fn of(h: &'a Header, choices: Vec<TextChoice<'a>>, usage: Option<Usage>) -> Self {
+        Self {
+            id: &h.id,
+            object: "text_completion",
+            created: h.created,
+            model: &h.model,
+            choices,
+            usage,
+        }
+    }
+
+    /// `text` as the one choice, with its finish reason (None while streaming) and usage (None
+    /// in chunks).
     pub fn new(
         h: &'a Header,
         text: &'a str,
@@ -693,19 +712,13 @@ impl<'a> TextCompletion<'a> {
         usage: Option<Usage>,
         logprobs: Option<Value>,
     ) -> Self {
-        Self {
-            id: &h.id,
-            object: "text_completion",
-            created: h.created,
-            model: &h.model,
-            choices: vec![TextChoice {
-                index: 0,
-                text,
-                logprobs,
-                finish_reason: reason,
-            }],
-            usage,
-        }
+        let choice = TextChoice {
+            index: 0,
+            text,
+            logprobs,
+            finish_reason: reason,
+        };
+        Self::of(h, vec![choice], usage)
     }
 
     /// The same response or chunk for choice `index` (`n` > 1).
@@ -716,14 +729,7 @@ impl<'a> TextCompletion<'a> {
 
     /// The usage-only last chunk (`stream_options.include_usage`).
     pub fn usage(h: &'a Header, usage: Usage) -> Self {
-        Self {
-            id: &h.id,
-            object: "text_completion",
-            created: h.created,
-            model: &h.model,
-            choices: vec![],
-            usage: Some(usage),
-        }
+        Self::of(h, vec![], Some(usage))
     }
 }
 
@@ -811,7 +817,7 @@ mod tests {
         };
         let (id, created, model) = (&h.id, h.created, &h.model);
         same(
-            &ChatCompletion::new(&h, "Hi!", "stop", u, None),
+            &ChatCompletion::new(&h, vec![ChatChoice::new(0, "Hi!", "stop", None)], u),
             json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop", "logprobs": null}],

@@ -480,14 +480,8 @@ async fn collect(
                 c.completion_tokens = usage.completion_tokens;
                 done += 1;
                 if done == n {
-                    let prompt_tokens = usage.prompt_tokens;
-                    let completion: usize = out.iter().map(|c| c.completion_tokens).sum();
-                    let usage = Usage {
-                        prompt_tokens,
-                        completion_tokens: completion,
-                        total_tokens: prompt_tokens + completion,
-                    };
-                    return Ok((out, usage));
+                    let completion = out.iter().map(|c| c.completion_tokens).sum();
+                    return Ok((out, Usage::new(usage.prompt_tokens, completion)));
                 }
             }
             Piece::Failed(e) => return Err(ApiError::internal(e)),
@@ -528,9 +522,9 @@ fn sse(
         .map(|v| Ok(Event::default().data(v)))
         .collect();
     let chunk = Arc::new(chunk);
-    // (receiver, answers done, prompt tokens, completion tokens, finished)
-    let state = (rx, 0usize, 0usize, 0usize, false);
-    let body = futures_util::stream::unfold(state, move |(mut rx, done, pt, ct, end)| {
+    // (receiver, answers done, their completion tokens, finished)
+    let state = (rx, 0usize, 0usize, false);
+    let body = futures_util::stream::unfold(state, move |(mut rx, done, ct, end)| {
         let chunk = chunk.clone();
         async move {
             if end {
@@ -541,7 +535,7 @@ fn sse(
             Some(match piece {
                 Piece::Text(t, lps) => (
                     vec![event(chunk(i, Some(&t), &lps, None, None))],
-                    (rx, done, pt, ct, false),
+                    (rx, done, ct, false),
                 ),
                 Piece::Done(r, u) => {
                     let (done, ct) = (done + 1, ct + u.completion_tokens);
@@ -549,22 +543,18 @@ fn sse(
                     let end = done == n;
                     if end {
                         if include_usage {
-                            let usage = Usage {
-                                prompt_tokens: u.prompt_tokens,
-                                completion_tokens: ct,
-                                total_tokens: u.prompt_tokens + ct,
-                            };
+                            let usage = Usage::new(u.prompt_tokens, ct);
                             v.push(event(chunk(i, None, &[], None, Some(usage))));
                         }
                         v.push(event("[DONE]".into()));
                     }
-                    (v, (rx, done, u.prompt_tokens, ct, end))
+                    (v, (rx, done, ct, end))
                 }
                 Piece::Failed(e) => {
                     let err = to_json(&ApiError::internal(e).body());
                     (
                         vec![event(err), event("[DONE]".into())],
-                        (rx, done, pt, ct, true),
+                        (rx, done, ct, true),
                     )
                 }
             })
@@ -695,9 +685,7 @@ async fn chat_inner(st: Arc<AppState>, body: Bytes) -> std::result::Result<Respo
             api::ChatChoice::new(i as u32, &c.text, reason, lp)
         })
         .collect();
-    let mut body = ChatCompletion::new(&h, "", "stop", usage, None);
-    body.choices = choices;
-    Ok(Json(body).into_response())
+    Ok(Json(ChatCompletion::new(&h, choices, usage)).into_response())
 }
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -756,8 +744,7 @@ async fn completions_inner(
         ));
     }
     let (answers, usage) = collect(rx, n).await?;
-    let mut body = TextCompletion::new(&h, "", None, Some(usage), None);
-    body.choices = answers
+    let choices = answers
         .iter()
         .enumerate()
         .map(|(i, c)| api::TextChoice {
@@ -769,5 +756,5 @@ async fn completions_inner(
             finish_reason: Some(reason_str(c.reason.unwrap_or(FinishReason::Stop))),
         })
         .collect();
-    Ok(Json(body).into_response())
+    Ok(Json(TextCompletion::of(&h, choices, Some(usage))).into_response())
 }

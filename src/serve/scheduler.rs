@@ -21,9 +21,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::api::Usage;
 use super::metrics::{Ending, Metrics};
 use crate::infer::constrain::{Constraint, Grammars};
-use crate::infer::sampling::Sampler;
+use crate::infer::sampling::{top_indices, Sampler};
+use crate::infer::scripts::{token_bytes, token_name};
 use crate::infer::{FinishReason, GenerateOptions};
 use crate::model::decode::{forward_rows, Row};
+use crate::model::ops::softmax::log_sum_exp;
 use crate::model::tokenizer::TokenStream;
 use crate::model::transformer::Cache;
 use crate::model::Model;
@@ -61,17 +63,10 @@ impl Served {
         self.token_table
             .get_or_init(|| {
                 let tok = &self.model.tokenizer;
-                let table = crate::infer::scripts::token_bytes(tok)
+                let table = token_bytes(tok)
                     .into_iter()
                     .enumerate()
-                    .map(|(id, b)| {
-                        b.unwrap_or_else(|| {
-                            tok.inner
-                                .id_to_token(id as u32)
-                                .unwrap_or_default()
-                                .into_bytes()
-                        })
-                    })
+                    .map(|(id, b)| b.unwrap_or_else(|| token_name(tok, id as u32).into_bytes()))
                     .collect();
                 Arc::new(table)
             })
@@ -616,11 +611,7 @@ impl<'m> Seq<'m> {
                 .send((self.job.index, Piece::Text(String::new(), lps)));
         }
         let reason = if hit_stop { FinishReason::Stop } else { reason };
-        let usage = Usage {
-            prompt_tokens: self.job.prompt.len(),
-            completion_tokens: self.tokens.len(),
-            total_tokens: self.job.prompt.len() + self.tokens.len(),
-        };
+        let usage = Usage::new(self.job.prompt.len(), self.tokens.len());
         let _ = self
             .job
             .tx
@@ -646,26 +637,8 @@ impl<'m> Seq<'m> {
 
 /// `token`'s log-probability under `logits`, and the `top` most likely tokens'.
 fn logprob_of(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max
-        + logits
-            .iter()
-            .map(|l| ((l - max) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32;
-    let mut best: Vec<u32> = (0..logits.len() as u32).collect();
-    let top = top.min(best.len());
-    if top > 0 {
-        best.select_nth_unstable_by(top - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
-    }
-    best.truncate(top);
-    best.sort_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
+    let lse = log_sum_exp(logits);
+    let best = top_indices(logits, top);
     TokenLogprob {
         token,
         logprob: logits[token as usize] - lse,

@@ -134,17 +134,20 @@ fn portable_group(dtype: GgmlDType, w: &[u8], xs: &[f32], k: usize, out: &mut [f
     }
 }
 
+/// The f16 at `p` as f32 (F16C; called only from the kernels below, which require it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn half(p: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    let h = u16::from_le_bytes([*p, *p.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{block_bytes, GgmlDType, GROUP, QK};
+    use super::super::block_dot::avx2::hsum;
+    use super::{block_bytes, half, GgmlDType, GROUP, QK};
     use std::arch::x86_64::*;
-
-    /// The f16 at `p` as f32 (F16C).
-    #[inline(always)]
-    unsafe fn half(p: *const u8) -> f32 {
-        let h = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
 
     /// The block at `p` as four vectors of 8 weights (elements 0–7, 8–15, 16–23, 24–31).
     #[inline(always)]
@@ -195,14 +198,6 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
     /// [`dot_group_m`] for `out.len()` ≤ [`GROUP`] rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_group(dtype: GgmlDType, w: &[u8], xs: &[f32], k: usize, out: &mut [f32]) {
@@ -246,14 +241,8 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{block_bytes, GgmlDType, GROUP_512, QK};
+    use super::{block_bytes, half, GgmlDType, GROUP_512, QK};
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn half(p: *const u8) -> f32 {
-        let h = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
 
     /// The block at `p` as two vectors of 16 weights (elements 0–15, 16–31).
     #[inline(always)]

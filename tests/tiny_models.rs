@@ -74,13 +74,13 @@ fn tiny_models_match_transformers() {
 }
 
 #[test]
-fn mistral_info_states_the_sliding_window_caveat() {
+fn mistral_info_states_its_sliding_window() {
     let dir = root().join("tests/fixtures/tiny-mistral");
     let model = Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     let info = model.info();
     assert_eq!(info.architecture, "mistral");
     assert!(
-        info.notes.iter().any(|n| n.contains("sliding window")),
+        info.notes.iter().any(|n| n.contains("sliding attention window of 4096 tokens on 2 of 2 layers")),
         "{:?}",
         info.notes
     );

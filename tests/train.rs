@@ -7,7 +7,6 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use afinar::data::cache::{self, TokenFile};
-use afinar::data::Packed;
 use afinar::model::{Model, Transformer};
 use afinar::train::lora::{self, LoraSpec};
 use afinar::train::optim::{AdamW, AdamWConfig};
@@ -34,28 +33,6 @@ fn logit_gap(a: &Transformer, b: &Transformer, ids: &[u32]) -> f32 {
 }
 
 /// A token file with one example per sequence, every token after the first a target.
-fn token_file(dir: &Path, seqs: &[Vec<u32>], labels: Option<&[Vec<u8>]>) -> TokenFile {
-    let mut p = Packed {
-        example_offsets: vec![0],
-        sequence_offsets: vec![0],
-        ..Default::default()
-    };
-    for (i, s) in seqs.iter().enumerate() {
-        p.ids.extend(s);
-        match labels {
-            Some(l) => p.labels.extend(&l[i]),
-            None => p
-                .labels
-                .extend(s.iter().enumerate().map(|(j, _)| u8::from(j > 0))),
-        }
-        p.example_offsets.push(p.ids.len() as u64);
-        p.sequence_offsets.push((i + 1) as u64);
-    }
-    let path = dir.join("t.bin");
-    cache::write(&path, &p).unwrap();
-    TokenFile::open(&path).unwrap()
-}
-
 fn optimizer(vars: Vec<(String, Var)>) -> AdamW {
     let cfg = AdamWConfig {
         beta1: 0.9,
@@ -116,7 +93,7 @@ fn peft_gradients_within(bf16: bool, tol: f64, per_matrix: f64) {
         .map(common::ids)
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let file = token_file(dir.path(), &seqs, None);
+    let file = common::token_file(dir.path(), &seqs, None);
     let opt = optimizer(vars);
     let (grads, loss, _) =
         step_gradients(&model.transformer, &opt, &file, &[vec![0, 1]], 0, false).unwrap();
@@ -197,7 +174,7 @@ fn tiny_batch(dir: &Path) -> TokenFile {
         .enumerate()
         .map(|(i, s)| (0..s.len()).map(|j| u8::from(j > i)).collect())
         .collect();
-    token_file(dir, &seqs, Some(&labels))
+    common::token_file(dir, &seqs, Some(&labels))
 }
 
 /// Checks that every parameter of `opt` gets a non-zero gradient on the tiny batch.

@@ -81,4 +81,8 @@ fn print_info(i: &ModelInfo) {
     for n in &i.notes {
         println!("note            {n}");
     }
+    println!(
+        "afinar runs     {}",
+        afinar::model::config::Architecture::SUPPORTED
+    );
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::gguf_file::{self, GgmlType, MetaValue, TensorPlan};
 use super::tensors::{Loaded, ModelInfo, TensorSource};
+use crate::model::layout::{self, Role};
 use crate::model::{
     Architecture, ChatTemplate, Message, Model, ModelConfig, ModelSource, TextTokenizer,
 };
@@ -154,6 +155,7 @@ pub fn write_from(
         meta.push(kv(&format!("{arch}.attention.key_length"), u(c.head_dim)));
         meta.push(kv(&format!("{arch}.attention.value_length"), u(c.head_dim)));
     }
+    meta.extend(family_meta(c, arch)?);
     meta.extend(tokenizer_meta(
         info.tokenizer,
         info.chat_template,
@@ -182,51 +184,29 @@ pub fn write_from(
         ));
     }
     for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        let norm = |name: &str, hf: &str| -> Result<Item> {
-            let hf = format!("{p}.{hf}.weight");
-            Ok(Item::new(
-                &format!("blk.{i}.{name}.weight"),
-                Src::Hf(hf.clone()),
-                shape(&hf)?,
-                GgmlType::F32,
-            ))
-        };
-        items.push(norm("attn_norm", "input_layernorm")?);
-        for module in MODULES {
-            let name = format!("blk.{i}.{module}.weight");
-            let hf = format!("{p}.{}", hf_module(module));
-            let w_shape = shape(&format!("{hf}.weight"))?;
-            let cols = w_shape.get(1).copied().unwrap_or(0);
-            let mut item = Item::new(
-                &name,
-                Src::Hf(format!("{hf}.weight")),
-                w_shape,
-                weight_type(dtype, &name, cols, tied),
-            );
-            item.permute = qk_heads(c, module);
+        for t in layout::layer_tensors(c, i) {
+            let shape = shape(&t.hf)?;
+            let module = t.gguf.split('.').nth(2).unwrap_or_default().to_string();
+            let ty = match t.role {
+                Role::Matrix => weight_type(dtype, &t.gguf, shape[1], tied),
+                Role::Norm | Role::Bias => GgmlType::F32,
+            };
+            let mut item = Item::new(&t.gguf, Src::Hf(t.hf), shape, ty);
+            if t.role != Role::Norm {
+                item.permute = qk_heads(c, &module);
+            }
+            item.add_one = layout::gguf_adds_one(c.architecture, &t.gguf);
             items.push(item);
-            if let Some(b_shape) = src.shape(&format!("{hf}.bias")) {
-                let mut bias = Item::new(
-                    &format!("blk.{i}.{module}.bias"),
-                    Src::Hf(format!("{hf}.bias")),
-                    b_shape,
-                    GgmlType::F32,
-                );
-                bias.permute = qk_heads(c, module);
-                items.push(bias);
-            }
-            if module == "attn_output" {
-                items.push(norm("ffn_norm", "post_attention_layernorm")?);
-            }
         }
     }
-    items.push(Item::new(
+    let mut output_norm = Item::new(
         "output_norm.weight",
         Src::Hf("model.norm.weight".into()),
         shape("model.norm.weight")?,
         GgmlType::F32,
-    ));
+    );
+    output_norm.add_one = layout::gguf_adds_one(c.architecture, "output_norm.weight");
+    items.push(output_norm);
     if let Some(head) = src.shape("lm_head.weight") {
         items.push(Item::new(
             "output.weight",
@@ -347,11 +327,13 @@ enum Src {
     Data(Vec<f32>),
 }
 
-/// One tensor to write: what and how; `permute` = heads for llama's Q/K row order.
+/// One tensor to write: what and how; `permute` = heads for llama's Q/K row order; `add_one`
+/// for Gemma's norms, which llama.cpp stores as 1 + w.
 struct Item {
     plan: TensorPlan,
     src: Src,
     permute: Option<usize>,
+    add_one: bool,
 }
 
 impl Item {
@@ -365,6 +347,7 @@ impl Item {
             },
             src,
             permute: None,
+            add_one: false,
         }
     }
 
@@ -394,6 +377,9 @@ impl Item {
         }
         if self.permute.is_some() {
             *v = permuted(std::mem::take(v), self.permute, &self.plan.shape);
+        }
+        if self.add_one {
+            v.iter_mut().for_each(|x| *x += 1.0);
         }
         Ok(())
     }
@@ -445,9 +431,10 @@ fn permuted(v: Vec<f32>, heads: Option<usize>, shape: &[usize]) -> Vec<f32> {
     out
 }
 
-/// Heads to permute Q/K rows by (llama-family only; Qwen2 uses the half-split RoPE as is).
+/// Heads to permute Q/K rows by (the families llama.cpp runs with interleaved RoPE; the others
+/// use the half-split RoPE as is).
 fn qk_heads(c: &crate::model::ModelConfig, module: &str) -> Option<usize> {
-    if c.architecture == Architecture::Qwen2 {
+    if !c.architecture.gguf_permutes_qk() {
         return None;
     }
     match module {
@@ -460,9 +447,56 @@ fn qk_heads(c: &crate::model::ModelConfig, module: &str) -> Option<usize> {
 /// The GGUF architecture name: Mistral is `llama` in llama.cpp, as its converter writes it.
 fn gguf_arch(a: Architecture) -> &'static str {
     match a {
-        Architecture::Qwen2 => "qwen2",
-        _ => "llama",
+        Architecture::Llama | Architecture::Mistral => "llama",
+        other => other.name(),
     }
+}
+
+/// The keys only some families have, as llama.cpp's converter writes them: Gemma 3's window,
+/// the sliding layers' RoPE base, its linear scaling (SmolLM3's RoPE-less layers are fixed in
+/// llama.cpp: every 4th, which is what its configs say).
+fn family_meta(c: &crate::model::ModelConfig, arch: &str) -> Result<Vec<(String, MetaValue)>> {
+    let mut meta = Vec::new();
+    if c.architecture != Architecture::Gemma3 {
+        return Ok(meta);
+    }
+    if let Some(w) = c.sliding_window {
+        // llama.cpp reads no pattern from the converter's files: every 6th layer is global.
+        let default: Vec<bool> = (0..c.num_layers).map(|i| i % 6 < 5).collect();
+        if c.sliding_layers != default {
+            return Err(Error::Unsupported(format!(
+                "this Gemma 3 slides on layers {:?}; llama.cpp assumes every 6th layer global",
+                c.sliding_layers
+            )));
+        }
+        meta.push(kv(
+            &format!("{arch}.attention.sliding_window"),
+            MetaValue::U32(w as u32),
+        ));
+    }
+    if let Some(t) = c.rope_local_theta {
+        meta.push(kv(
+            &format!("{arch}.rope.freq_base_swa"),
+            MetaValue::F32(t as f32),
+        ));
+    }
+    if let Some(f) = c.rope_linear_factor {
+        meta.push(kv(
+            &format!("{arch}.rope.scaling.type"),
+            MetaValue::Str("linear".into()),
+        ));
+        meta.push(kv(
+            &format!("{arch}.rope.scaling.factor"),
+            MetaValue::F32(f as f32),
+        ));
+    }
+    if c.query_pre_attn_scalar != Some(c.head_dim as f64) {
+        return Err(Error::Unsupported(format!(
+            "query_pre_attn_scalar {:?} differs from head_dim {}; llama.cpp scales by head_dim",
+            c.query_pre_attn_scalar, c.head_dim
+        )));
+    }
+    Ok(meta)
 }
 
 fn hf_module(gguf: &str) -> &'static str {

@@ -60,14 +60,9 @@ pub fn named_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>> {
         tensors.insert("lm_head.weight".into(), h.to_f32()?);
     }
     for (i, l) in m.layers.iter().enumerate() {
-        tensors.insert(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            l.input_layernorm.clone(),
-        );
-        tensors.insert(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            l.post_attention_layernorm.clone(),
-        );
+        for (name, t) in l.norms() {
+            tensors.insert(format!("model.layers.{i}.{name}.weight"), t.clone());
+        }
     }
     let mut m2 = m.clone();
     for (name, lin) in m2.linears_mut() {
@@ -106,6 +101,9 @@ pub fn save_from(
         Architecture::Llama => ("llama", "LlamaForCausalLM"),
         Architecture::Mistral => ("mistral", "MistralForCausalLM"),
         Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        Architecture::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        Architecture::SmolLM3 => ("smollm3", "SmolLM3ForCausalLM"),
+        Architecture::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
     };
     let tok = info.tokenizer;
     let id_of = |t: &Option<String>| t.as_deref().and_then(|t| tok.inner.token_to_id(t));
@@ -128,6 +126,7 @@ pub fn save_from(
         "torch_dtype": dtype_name(opts.dtype),
         "bos_token_id": id_of(&tok.bos_token), "eos_token_id": stop_ids.first(),
     });
+    config_family_keys(c, &mut config);
     if let Some(r) = &c.rope_scaling {
         config["rope_scaling"] = json!({
             "rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
@@ -162,6 +161,48 @@ pub fn save_from(
 
 /// The safetensors writer creates its file private (0600); a model folder is meant to be shared
 /// (copied into a serving container, uploaded), so it gets the usual 0644.
+/// The keys of `config.json` only some families have: which layers slide, skip RoPE, their
+/// RoPE base, Gemma's activation and score scale.
+fn config_family_keys(c: &crate::model::ModelConfig, config: &mut serde_json::Value) {
+    let a = c.architecture;
+    config["use_sliding_window"] = json!(c.sliding_window.is_some());
+    if !c.sliding_layers.is_empty() {
+        let types: Vec<&str> = c
+            .sliding_layers
+            .iter()
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        config["layer_types"] = json!(types);
+    }
+    if !c.no_rope_layers.is_empty() {
+        let v: Vec<u32> = c
+            .no_rope_layers
+            .iter()
+            .map(|&none| u32::from(!none))
+            .collect();
+        config["no_rope_layers"] = json!(v);
+    }
+    if let Some(t) = c.rope_local_theta {
+        config["rope_local_base_freq"] = json!(t);
+    }
+    if let Some(q) = c.query_pre_attn_scalar {
+        config["query_pre_attn_scalar"] = json!(q);
+    }
+    if let Some(f) = c.rope_linear_factor {
+        config["rope_scaling"] = json!({"rope_type": "linear", "factor": f});
+    }
+    if a.activation() == crate::model::config::Activation::GeluTanh {
+        config["hidden_act"] = json!("gelu_pytorch_tanh");
+        config["hidden_activation"] = json!("gelu_pytorch_tanh");
+    }
+}
+
 fn readable_by_all(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {

@@ -9,6 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::peft::{self, AdapterConfig};
+use crate::model::layout;
 use crate::model::stream::ModelStream;
 use crate::model::transformer::Linear;
 use crate::model::{ChatTemplate, Model, ModelConfig, ModelSource, TextTokenizer};
@@ -73,50 +74,10 @@ pub trait TensorSource {
 /// The tensors a model of configuration `c` is made of, with their shapes, in name order; the
 /// output head only when `head` (untied models whose checkpoint has one).
 pub fn expected_tensors(c: &ModelConfig, head: bool) -> Vec<(String, Vec<usize>)> {
-    let hs = c.hidden_size;
-    let mut out = vec![
-        (
-            "model.embed_tokens.weight".to_string(),
-            vec![c.vocab_size, hs],
-        ),
-        ("model.norm.weight".to_string(), vec![hs]),
-    ];
-    if head {
-        out.push(("lm_head.weight".into(), vec![c.vocab_size, hs]));
-    }
-    for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![hs]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![hs]));
-        for (module, rows, cols) in linear_shapes(c) {
-            out.push((format!("{p}.{module}.weight"), vec![rows, cols]));
-            if c.attention_bias && module.starts_with("self_attn.") && module != "self_attn.o_proj"
-            {
-                out.push((format!("{p}.{module}.bias"), vec![rows]));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Each layer's projections (Hugging Face module name, out, in).
-fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
-    let (hs, q, kv, ff) = (
-        c.hidden_size,
-        c.num_heads * c.head_dim,
-        c.num_kv_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    [
-        ("self_attn.q_proj", q, hs),
-        ("self_attn.k_proj", kv, hs),
-        ("self_attn.v_proj", kv, hs),
-        ("self_attn.o_proj", hs, q),
-        ("mlp.gate_proj", ff, hs),
-        ("mlp.up_proj", ff, hs),
-        ("mlp.down_proj", hs, ff),
-    ]
+    layout::tensors(c, head)
+        .into_iter()
+        .map(|t| (t.hf, t.shape))
+        .collect()
 }
 
 /// A LoRA delta for one projection: `s · B · A`.
@@ -156,7 +117,9 @@ impl Streamed {
                 let (cfg, mut t) = peft::read(dir, &Device::Cpu)?;
                 let misfit = peft::misfit(dir, &cfg, model_name);
                 for i in 0..c.num_layers {
-                    for (module, out, inp) in linear_shapes(c) {
+                    for ((module, _), (out, inp)) in
+                        layout::PROJECTIONS.iter().zip(layout::projection_shapes(c))
+                    {
                         let name = format!("model.layers.{i}.{module}");
                         let a = t.remove(&format!("{}{name}.lora_A.weight", peft::PREFIX));
                         let b = t.remove(&format!("{}{name}.lora_B.weight", peft::PREFIX));
@@ -254,14 +217,9 @@ impl<'a> Loaded<'a> {
         }
         for (i, l) in m.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            held.insert(
-                format!("{p}.input_layernorm.weight"),
-                Held::Tensor(&l.input_layernorm),
-            );
-            held.insert(
-                format!("{p}.post_attention_layernorm.weight"),
-                Held::Tensor(&l.post_attention_layernorm),
-            );
+            for (name, t) in l.norms() {
+                held.insert(format!("{p}.{name}.weight"), Held::Tensor(t));
+            }
             let (a, f) = (&l.self_attn, &l.mlp);
             for (module, lin) in [
                 ("self_attn.q_proj", &a.q_proj),

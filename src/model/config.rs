@@ -7,17 +7,29 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// The architectures afinar implements. Mistral is the Llama graph with a sliding-window hint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The architectures afinar implements: Llama's decoder and what each family changes in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Architecture {
+    #[default]
+    /// Llama 2/3.x, SmolLM/SmolLM2, Falcon3, DeepSeek-R1-Distill-Llama.
     Llama,
+    /// Llama with a sliding attention window on every layer.
     Mistral,
+    /// Llama with q/k/v biases (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen).
     Qwen2,
+    /// Llama with a per-head RMSNorm on queries and keys before RoPE, and an explicit head size.
+    Qwen3,
+    /// Llama whose layers listed in `no_rope_layers` skip RoPE.
+    SmolLM3,
+    /// Gemma 3 text: norms as x·(1 + w), four norms per block, embeddings scaled by √hidden,
+    /// GELU-tanh MLP, q/k norms, sliding-window layers with their own RoPE base.
+    Gemma3,
 }
 
 impl Architecture {
     /// Names accepted in `config.json` (`model_type`) and GGUF (`general.architecture`).
-    pub const SUPPORTED: &'static str = "llama (Llama 2/3, SmolLM, SmolLM2), mistral, qwen2";
+    pub const SUPPORTED: &'static str = "llama (Llama 2/3.x, SmolLM, SmolLM2, Falcon3), mistral, \
+         qwen2 (Qwen2.5, DeepSeek-R1-Distill-Qwen), qwen3, smollm3, gemma3 (gemma3_text)";
 
     /// Parses a `model_type` / GGUF architecture name.
     pub fn parse(name: &str, path: &Path) -> Result<Self> {
@@ -25,10 +37,13 @@ impl Architecture {
             "llama" => Ok(Self::Llama),
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
+            "smollm3" => Ok(Self::SmolLM3),
+            "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
             other => Err(Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 arch: other.to_string(),
-                supported: Self::SUPPORTED.to_string(),
+                supported: format!("{}{}", Self::SUPPORTED, missing_note(other)),
             }),
         }
     }
@@ -39,8 +54,76 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::SmolLM3 => "smollm3",
+            Self::Gemma3 => "gemma3",
         }
     }
+
+    /// Gemma's RMSNorm multiplies by (1 + w): the checkpoints store w.
+    pub fn norm_offset(self) -> bool {
+        self == Self::Gemma3
+    }
+
+    /// Gemma's block norms the attention and MLP outputs too (four norms, not two).
+    pub fn sandwich_norms(self) -> bool {
+        self == Self::Gemma3
+    }
+
+    /// Per-head RMSNorm on queries and keys (`q_norm`, `k_norm`).
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3 | Self::Gemma3)
+    }
+
+    /// Whether llama.cpp's GGUF files hold this family's Q/K rows permuted for its interleaved
+    /// RoPE (the families its converter writes through `LlamaModel`).
+    pub fn gguf_permutes_qk(self) -> bool {
+        matches!(self, Self::Llama | Self::Mistral | Self::SmolLM3)
+    }
+
+    /// The MLP's gate activation.
+    pub fn activation(self) -> Activation {
+        match self {
+            Self::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+}
+
+/// What an unsupported architecture would need, for the error message.
+fn missing_note(arch: &str) -> &'static str {
+    match arch {
+        "phi3" | "phi4" => {
+            "; Phi-3/Phi-4-mini (fused qkv_proj and gate_up_proj, partial rotary, \
+             LongRoPE) is not implemented yet"
+        }
+        "falcon" => {
+            "; classic Falcon (parallel attention and MLP, LayerNorm with bias, fused \
+             multi-query query_key_value, GELU) is not implemented yet; Falcon3 is 'llama'"
+        }
+        "gemma" | "gemma2" => "; Gemma 1/2 (logit soft-capping) is not implemented, only Gemma 3",
+        _ => "",
+    }
+}
+
+/// The gate activation of the gated MLP `down(act(gate(x)) · up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Qwen, Mistral).
+    Silu,
+    /// GELU with the tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Which RoPE table a layer takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRope {
+    /// `rope_theta` (with any scaling).
+    Global,
+    /// The sliding layers' own base (Gemma 3's `rope_local_base_freq`).
+    Local,
+    /// No rotary embedding (SmolLM3's `no_rope_layers`).
+    None,
 }
 
 /// Llama 3.1-style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
@@ -52,8 +135,8 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
-/// Hyper-parameters of a decoder-only transformer of the Llama/Qwen2 family.
-#[derive(Debug, Clone, PartialEq)]
+/// Hyper-parameters of a decoder-only transformer of the Llama family and its relatives.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub vocab_size: usize,
@@ -69,9 +152,20 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Biases on the q, k and v projections (Qwen2).
     pub attention_bias: bool,
-    /// Mistral's sliding attention window; afinar attends over the full context (see `info`).
+    /// The sliding attention window: a query sees the last `w` positions (itself included).
     pub sliding_window: Option<usize>,
+    /// Which layers slide (`layer_types`); empty means every layer, when there is a window.
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding layers, when they have their own (Gemma 3).
+    pub rope_local_theta: Option<f64>,
+    /// Layers without RoPE (SmolLM3); empty means none.
+    pub no_rope_layers: Vec<bool>,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2` (Gemma) instead of
+    /// `head_dim^-1/2`.
+    pub query_pre_attn_scalar: Option<f64>,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Linear RoPE position scaling of the global layers (Gemma 3 4B and up: `factor`).
+    pub rope_linear_factor: Option<f64>,
 }
 
 impl ModelConfig {
@@ -82,7 +176,10 @@ impl ModelConfig {
         let kv = self.num_kv_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h + if self.attention_bias { q + 2 * kv } else { 0 };
         let mlp = 3 * h * self.intermediate_size;
-        let per_layer = attn + mlp + 2 * h;
+        let a = self.architecture;
+        let norms = if a.sandwich_norms() { 4 * h } else { 2 * h }
+            + if a.qk_norm() { 2 * self.head_dim } else { 0 };
+        let per_layer = attn + mlp + norms;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_layers * per_layer + h
@@ -101,15 +198,49 @@ impl ModelConfig {
         let need = |v: Option<usize>, field: &str| {
             v.ok_or_else(|| Error::bad_file(path, format!("config.json has no '{field}'")))
         };
+        if raw.mlp_bias == Some(true) {
+            return Err(Error::bad_file(path, "mlp_bias = true is not supported"));
+        }
+        if raw.final_logit_softcapping.is_some() || raw.attn_logit_softcapping.is_some() {
+            return Err(Error::bad_file(
+                path,
+                "logit soft-capping (Gemma 2) is not supported",
+            ));
+        }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
-        // transformers 5 writes `rope_parameters` (theta and scaling together); older
-        // versions write `rope_theta` and `rope_scaling` separately.
-        let rope = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
+        // transformers 5 writes `rope_parameters` (theta and scaling together; Gemma 3 one
+        // entry per layer type); older versions write `rope_theta` and `rope_scaling`.
+        let per_type = |t: &str| -> Result<Option<HfRopeScaling>> {
+            let Some(v) = raw.rope_parameters.as_ref().and_then(|r| r.get(t)) else {
+                return Ok(None);
+            };
+            serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| Error::bad_file(path, format!("rope_parameters.{t}: {e}")))
+        };
+        let (global, local) = match per_type("full_attention")? {
+            Some(g) => (Some(g), per_type("sliding_attention")?),
+            None => {
+                let flat: Option<HfRopeScaling> = match &raw.rope_parameters {
+                    Some(v) => Some(
+                        serde_json::from_value(v.clone())
+                            .map_err(|e| Error::bad_file(path, format!("rope_parameters: {e}")))?,
+                    ),
+                    None => None,
+                };
+                (flat, None)
+            }
+        };
+        let rope = raw.rope_scaling.as_ref().or(global.as_ref());
         let rope_theta = raw
             .rope_theta
-            .or(raw.rope_parameters.as_ref().and_then(|r| r.rope_theta))
-            .unwrap_or(10_000.0);
+            .or(global.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(match architecture {
+                Architecture::Gemma3 => 1_000_000.0,
+                _ => 10_000.0,
+            });
+        let mut rope_linear_factor = None;
         let rope_scaling = match rope {
             Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("llama3") => {
                 Some(Llama3RopeScaling {
@@ -120,6 +251,10 @@ impl ModelConfig {
                         .original_max_position_embeddings
                         .unwrap_or(8192),
                 })
+            }
+            Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("linear") => {
+                rope_linear_factor = Some(s.factor.unwrap_or(1.0));
+                None
             }
             Some(s)
                 if matches!(
@@ -133,38 +268,126 @@ impl ModelConfig {
                 return Err(Error::bad_file(
                     path,
                     format!(
-                        "rope_scaling type {:?} is not supported (supported: llama3, default)",
-                        s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("?")
-                    ),
+                    "rope_scaling type {:?} is not supported (supported: llama3, linear, default)",
+                    s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("?")
+                ),
                 ))
             }
             None => None,
+        };
+        let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        // A window applies unless the config turns it off (Qwen2/3 and SmolLM3 carry a size
+        // with `use_sliding_window: false`); `layer_types` says which layers slide (Gemma 3;
+        // its older configs give a pattern: every 6th layer global).
+        let sliding_window = raw
+            .sliding_window
+            .filter(|_| raw.use_sliding_window != Some(false));
+        let sliding_layers = match (&raw.layer_types, sliding_window) {
+            (_, None) => vec![],
+            (Some(types), Some(_)) => {
+                if types.len() != num_layers {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "layer_types has {} entries for {num_layers} layers",
+                            types.len()
+                        ),
+                    ));
+                }
+                types.iter().map(|t| t == "sliding_attention").collect()
+            }
+            (None, Some(_)) if architecture == Architecture::Gemma3 => {
+                let every = raw.sliding_window_pattern.unwrap_or(6).max(1);
+                (0..num_layers).map(|i| (i + 1) % every != 0).collect()
+            }
+            (None, Some(_)) => vec![],
+        };
+        let no_rope_layers = match (&raw.no_rope_layers, architecture) {
+            (Some(v), _) => {
+                if v.len() != num_layers {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "no_rope_layers has {} entries for {num_layers} layers",
+                            v.len()
+                        ),
+                    ));
+                }
+                v.iter().map(|&r| r == 0).collect()
+            }
+            (None, Architecture::SmolLM3) => (0..num_layers).map(|i| (i + 1) % 4 == 0).collect(),
+            (None, _) => vec![],
+        };
+        let rope_local_theta = match architecture {
+            Architecture::Gemma3 => Some(
+                raw.rope_local_base_freq
+                    .or(local.as_ref().and_then(|l| l.rope_theta))
+                    .unwrap_or(10_000.0),
+            ),
+            _ => None,
         };
         let config = Self {
             architecture,
             vocab_size: need(raw.vocab_size, "vocab_size")?,
             hidden_size,
             intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
-            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
             head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads.max(1)),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(architecture == Architecture::Gemma3),
             attention_bias: match architecture {
                 Architecture::Qwen2 => true,
                 _ => raw.attention_bias.unwrap_or(false),
             },
-            sliding_window: match architecture {
-                Architecture::Mistral => raw.sliding_window,
+            sliding_window,
+            sliding_layers,
+            rope_local_theta,
+            no_rope_layers,
+            query_pre_attn_scalar: match architecture {
+                Architecture::Gemma3 => Some(raw.query_pre_attn_scalar.unwrap_or(256.0)),
                 _ => None,
             },
             rope_scaling,
+            rope_linear_factor,
         };
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// The attention window of layer `i`, if it slides.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        (self.sliding_layers.is_empty() || self.sliding_layers.get(i) == Some(&true)).then_some(w)
+    }
+
+    /// The RoPE table layer `i` takes.
+    pub fn layer_rope(&self, i: usize) -> LayerRope {
+        if self.no_rope_layers.get(i) == Some(&true) {
+            LayerRope::None
+        } else if self.rope_local_theta.is_some() && self.layer_window(i).is_some() {
+            LayerRope::Local
+        } else {
+            LayerRope::Global
+        }
+    }
+
+    /// The factor attention scores are multiplied by.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
+    }
+
+    /// Whether any layer's attention slides (the masks then differ per layer).
+    pub fn any_window(&self) -> bool {
+        (0..self.num_layers).any(|i| self.layer_window(i).is_some())
     }
 
     /// Checks the shapes are consistent, so later tensor errors cannot be the first symptom.
@@ -235,6 +458,15 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    no_rope_layers: Option<Vec<u32>>,
+    rope_local_base_freq: Option<f64>,
+    query_pre_attn_scalar: Option<f64>,
+    mlp_bias: Option<bool>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
     rope_scaling: Option<HfRopeScaling>,
-    rope_parameters: Option<HfRopeScaling>,
+    rope_parameters: Option<serde_json::Value>,
 }

@@ -21,7 +21,7 @@ use super::ops::attention::Heads;
 use super::ops::cpu::{dot, view};
 use super::ops::packed_matmul::{matmul_wt_rows, weight_view};
 use super::ops::row_attention::{row_attention, Query};
-use super::transformer::{apply_rope, rms_norm, Block, Cache, Linear, Transformer};
+use super::transformer::{apply_rope, gated, Block, Cache, Linear, NormKind, Transformer};
 use crate::Result;
 
 /// One sequence's part of a pass.
@@ -69,7 +69,7 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         return rayon::scope(|_| forward_rows(base, rows));
     }
     let c = &base.config;
-    let (eps, kern) = (c.rms_norm_eps, base.kernels());
+    let (norm, kern) = (NormKind::of(c), base.kernels());
     // Token-level views: ids, positions and each token's model, rows one after another.
     let mut ids = Vec::new();
     let mut positions = Vec::new();
@@ -84,9 +84,7 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
     }
     let n = ids.len();
     let rope = base.rope_tables(&Tensor::from_vec(positions, (n, 1), &device)?)?;
-    let mut x = base
-        .embed_tokens
-        .embedding(&Tensor::from_vec(ids, n, &device)?)?;
+    let mut x = base.embed(&Tensor::from_vec(ids, n, &device)?)?;
     for i in 0..base.layers.len() {
         let layer = &base.layers[i];
         let a = &layer.self_attn;
@@ -94,10 +92,21 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         let lin = |x: &Tensor, pick: fn(&Block) -> &Linear| {
             rows_linear(x, &models, i, pick, kern.mode, &device)
         };
-        let hn = rms_norm(&x, &layer.input_layernorm, eps, true)?;
-        let q = apply_rope(&lin(&hn, |l| &l.self_attn.q_proj)?, &rope.0, &rope.1, true)?;
-        let k = apply_rope(&lin(&hn, |l| &l.self_attn.k_proj)?, &rope.0, &rope.1, true)?;
+        let hn = norm.apply(&x, &layer.attn_norm, true)?;
+        let (mut q, mut k) = (
+            lin(&hn, |l| &l.self_attn.q_proj)?,
+            lin(&hn, |l| &l.self_attn.k_proj)?,
+        );
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            q = norm.per_head(&q, qn, true)?;
+            k = norm.per_head(&k, kn, true)?;
+        }
+        if let Some((cos, sin)) = rope.pick(c.layer_rope(i)) {
+            q = apply_rope(&q, cos, sin, true)?;
+            k = apply_rope(&k, cos, sin, true)?;
+        }
         let v = lin(&hn, |l| &l.self_attn.v_proj)?;
+        let window = c.layer_window(i);
         // Each sequence's new keys and values join its cache; then every token attends to its
         // own sequence up to itself.
         let mut kvs = Vec::with_capacity(rows.len());
@@ -120,17 +129,19 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         let mut tok = 0;
         for ((r, past), (kv, vv)) in rows.iter().zip(&pasts).zip(&views) {
             for j in 0..r.tokens.len() {
+                let len = past + j + 1;
                 queries.push(Query {
                     q: &qs[tok * h * d..(tok + 1) * h * d],
                     k: kv,
                     v: vv,
-                    len: past + j + 1,
+                    start: window.map_or(0, |w| len.saturating_sub(w)),
+                    len,
                 });
                 tok += 1;
             }
         }
         let mut out = vec![0f32; n * h * d];
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = a.scale as f32;
         row_attention(
             &queries,
             Heads {
@@ -144,12 +155,20 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         );
         drop(queries);
         let out = Tensor::from_vec(out, (n, h * d), &device)?;
-        x = (x + lin(&out, |l| &l.self_attn.o_proj)?)?;
-        let hn = rms_norm(&x, &layer.post_attention_layernorm, eps, true)?;
+        let mut attn = lin(&out, |l| &l.self_attn.o_proj)?;
+        if let Some(w) = &layer.attn_post_norm {
+            attn = norm.apply(&attn, w, true)?;
+        }
+        x = (x + attn)?;
+        let hn = norm.apply(&x, &layer.ffn_norm, true)?;
         let gate = lin(&hn, |l| &l.mlp.gate_proj)?;
         let up = lin(&hn, |l| &l.mlp.up_proj)?;
-        let act = ops::swiglu::swiglu(&gate, &up)?;
-        x = (x + lin(&act, |l| &l.mlp.down_proj)?)?;
+        let act = gated(&gate, &up, layer.mlp.activation, true)?;
+        let mut ffn = lin(&act, |l| &l.mlp.down_proj)?;
+        if let Some(w) = &layer.ffn_post_norm {
+            ffn = norm.apply(&ffn, w, true)?;
+        }
+        x = (x + ffn)?;
     }
     // The head, for the last token of each row that wants logits.
     let mut last = Vec::new();
@@ -167,7 +186,7 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
     }
     let m = last.len();
     let x = x.index_select(&Tensor::from_vec(last, m, &device)?, 0)?;
-    let x = rms_norm(&x, &base.norm, eps, true)?;
+    let x = norm.apply(&x, &base.norm, true)?;
     let head = base.lm_head.as_ref().unwrap_or(&base.embed_tokens);
     let (vocab, hidden) = head.dims2()?;
     let mut logits = vec![0f32; m * vocab];

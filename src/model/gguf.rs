@@ -11,6 +11,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 
 use super::config::{Architecture, ModelConfig};
+use super::layout::{self, hf_name};
 use super::ops::packed;
 use super::tokenizer::{GgufVocab, TextTokenizer};
 use super::weights::{BaseDtype, Weight, Weights};
@@ -136,7 +137,7 @@ pub fn load(path: &Path, device: &Device, base: BaseDtype) -> Result<GgufModel> 
     let mut tensors = HashMap::new();
     let mut rope_freq_factors = None;
     for name in content.tensor_infos.keys() {
-        if name != "rope_freqs.weight" && hf_name(name).is_none() {
+        if name != "rope_freqs.weight" && hf_name(architecture, name).is_none() {
             continue;
         }
         let qt = content.tensor(&mut reader, name, device).map_err(|e| {
@@ -152,12 +153,12 @@ pub fn load(path: &Path, device: &Device, base: BaseDtype) -> Result<GgufModel> 
             rope_freq_factors = Some(qt.dequantize(device)?.to_vec1::<f32>()?);
             continue;
         }
-        let Some(hf_name) = hf_name(name) else {
+        let Some(hf_name) = hf_name(architecture, name) else {
             continue;
         };
         // llama.cpp stores Q and K rows of llama-architecture models permuted for its
         // interleaved RoPE; undo it so weights (and LoRA targets) have Hugging Face layout.
-        let heads = if architecture == Architecture::Qwen2 {
+        let heads = if !architecture.gguf_permutes_qk() {
             None
         } else if name.ends_with("attn_q.weight") {
             Some(config.num_heads)
@@ -179,6 +180,8 @@ pub fn load(path: &Path, device: &Device, base: BaseDtype) -> Result<GgufModel> 
             let t = qt.dequantize(device)?;
             let t = match heads {
                 Some(h) => unpermute(&t, h)?,
+                // The file holds Gemma's norms as 1 + w; the model holds w.
+                None if layout::gguf_adds_one(architecture, name) => (t - 1.0)?,
                 None => t,
             };
             if t.rank() == 2 {
@@ -223,35 +226,6 @@ fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
         }
     }
     order
-}
-
-/// GGUF tensor name → Hugging Face name (`None` for tensors afinar does not use).
-pub(crate) fn hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, field) = rest.split_once('.')?;
-    let (module, kind) = field.rsplit_once('.')?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -711,34 +685,30 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
             format!("{num_layers}: more than {MAX_LAYERS}"),
         ));
     }
-    let (q, kv, h, ff) = (
-        num_heads * head_dim,
-        num_kv_heads * head_dim,
+    let mut config = ModelConfig {
+        architecture,
+        vocab_size,
         hidden_size,
         intermediate_size,
-    );
-    let mut expect: Vec<(String, Vec<usize>)> = vec![("output_norm.weight".into(), vec![h])];
-    for l in 0..num_layers {
-        let b = |n: &str| format!("blk.{l}.{n}");
-        expect.extend([
-            (b("attn_norm.weight"), vec![h]),
-            (b("ffn_norm.weight"), vec![h]),
-            (b("attn_q.weight"), vec![q, h]),
-            (b("attn_k.weight"), vec![kv, h]),
-            (b("attn_v.weight"), vec![kv, h]),
-            (b("attn_output.weight"), vec![h, q]),
-            (b("ffn_gate.weight"), vec![ff, h]),
-            (b("ffn_up.weight"), vec![ff, h]),
-            (b("ffn_down.weight"), vec![h, ff]),
-        ]);
-        if architecture == Architecture::Qwen2 {
-            expect.extend([
-                (b("attn_q.bias"), vec![q]),
-                (b("attn_k.bias"), vec![kv]),
-                (b("attn_v.bias"), vec![kv]),
-            ]);
-        }
-    }
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps,
+        rope_theta,
+        max_position_embeddings,
+        tie_word_embeddings: false,
+        attention_bias: architecture == Architecture::Qwen2,
+        ..Default::default()
+    };
+    family_config(meta, &mut config)?;
+    // Every tensor of the layout but the optional head, by its GGUF name (the embedding is
+    // checked above).
+    let expect: Vec<(String, Vec<usize>)> = layout::tensors(&config, false)
+        .into_iter()
+        .filter(|t| t.gguf != "token_embd.weight")
+        .map(|t| (t.gguf, t.shape))
+        .collect();
     for (name, want) in &expect {
         match shape(name) {
             None => {
@@ -778,25 +748,68 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
             ),
         ));
     }
-    let config = ModelConfig {
-        architecture,
-        vocab_size,
-        hidden_size,
-        intermediate_size,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_norm_eps,
-        rope_theta,
-        max_position_embeddings,
-        tie_word_embeddings: !has_output,
-        attention_bias: architecture == Architecture::Qwen2,
-        sliding_window: None,
-        rope_scaling: None,
-    };
+    config.tie_word_embeddings = !has_output;
     config.validate(path)?;
     Ok(config)
+}
+
+/// The keys of the families beyond Llama's, as llama.cpp reads them: Gemma 3's window, its
+/// pattern (an array of per-layer flags, or every 6th layer global), the sliding layers' RoPE
+/// base and linear scaling; SmolLM3's RoPE-less layers (every 4th, fixed in llama.cpp).
+fn family_config(meta: &Meta, c: &mut ModelConfig) -> Result<()> {
+    let a = meta.string("general.architecture")?;
+    let key = |k: &str| format!("{a}.{k}");
+    match c.architecture {
+        Architecture::Gemma3 => {
+            // llama.cpp scales scores by head_dim^-1/2 (27B aside), as the 1B and 270M
+            // configs' query_pre_attn_scalar does.
+            c.query_pre_attn_scalar = Some(c.head_dim as f64);
+            c.rope_local_theta = Some(
+                meta.opt_f64(&key("rope.freq_base_swa"))?
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .unwrap_or(10_000.0),
+            );
+            if let Some(w) = meta.opt_usize(&key("attention.sliding_window"))? {
+                if w > 0 {
+                    c.sliding_window = Some(w);
+                    c.sliding_layers =
+                        match meta.opt_bool_array(&key("attention.sliding_window_pattern"))? {
+                            Some(v) if v.len() == c.num_layers => v,
+                            Some(v) => {
+                                return Err(Error::bad_file(
+                                    meta.path,
+                                    format!(
+                                        "GGUF key '{}': {} flags for {} layers",
+                                        key("attention.sliding_window_pattern"),
+                                        v.len(),
+                                        c.num_layers
+                                    ),
+                                ))
+                            }
+                            None => (0..c.num_layers).map(|i| i % 6 < 5).collect(),
+                        };
+                }
+            }
+            if meta.opt_string(&key("rope.scaling.type")).as_deref() == Some("linear") {
+                let f = meta.opt_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+                if !(f.is_finite() && f > 0.0) {
+                    return Err(Error::bad_file(
+                        meta.path,
+                        format!(
+                            "GGUF key '{}': {f} is not a positive factor",
+                            key("rope.scaling.factor")
+                        ),
+                    ));
+                }
+                c.rope_linear_factor = Some(f);
+            }
+        }
+        Architecture::SmolLM3 => {
+            c.no_rope_layers = (0..c.num_layers).map(|i| (i + 1) % 4 == 0).collect();
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The `blk.N.*` tensors present must be exactly blocks 0..`block_count`: a count larger than
@@ -1028,5 +1041,22 @@ impl Meta<'_> {
     }
     fn f64(&self, key: &str) -> Result<f64> {
         self.opt_f64(key)?.ok_or_else(|| self.missing(key))
+    }
+    /// An array of booleans (or of 0/1 integers); None when absent or not an array.
+    fn opt_bool_array(&self, key: &str) -> Result<Option<Vec<bool>>> {
+        let Some(Value::Array(items)) = self.md.get(key) else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .map(|v| match v {
+                Value::Bool(b) => Ok(*b),
+                Value::U8(x) => Ok(*x != 0),
+                Value::I32(x) => Ok(*x != 0),
+                Value::U32(x) => Ok(*x != 0),
+                _ => Err(self.bad(key, "is not an array of booleans")),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 }

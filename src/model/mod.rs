@@ -6,6 +6,7 @@ pub mod config;
 pub mod decode;
 pub mod gguf;
 pub mod hf;
+pub mod layout;
 pub mod ops;
 pub mod source;
 pub mod stream;
@@ -282,18 +283,37 @@ impl Model {
             chat_template: self.chat_template.is_some(),
             cpu: ops::cpu_description(),
             training_kernel: ops::matmul_kernel(ops::bf16_gemm::available()).to_string(),
-            notes: match c.sliding_window {
-                Some(w) => vec![format!(
-                    "Mistral sliding window ({w} tokens) is not applied: attention spans the whole context, \
-                     identical to the window for sequences up to {w} tokens"
-                )],
-                None => vec![],
-            }
-            .into_iter()
-            .chain(tok.notes.iter().cloned())
-            .collect(),
+            notes: family_notes(c)
+                .into_iter()
+                .chain(tok.notes.iter().cloned())
+                .collect(),
         }
     }
+}
+
+/// What `info` says of a family's features beyond Llama's: sliding windows, layers without
+/// RoPE, per-head norms.
+fn family_notes(c: &ModelConfig) -> Vec<String> {
+    let mut notes = Vec::new();
+    let n = c.num_layers;
+    if let Some(w) = c.sliding_window {
+        let sliding = (0..n).filter(|&i| c.layer_window(i).is_some()).count();
+        let base = match c.rope_local_theta {
+            Some(t) => format!(", RoPE base {t} there"),
+            None => String::new(),
+        };
+        notes.push(format!(
+            "sliding attention window of {w} tokens on {sliding} of {n} layers{base}"
+        ));
+    }
+    let nope = c.no_rope_layers.iter().filter(|&&x| x).count();
+    if nope > 0 {
+        notes.push(format!("{nope} of {n} layers without RoPE"));
+    }
+    if c.architecture.qk_norm() {
+        notes.push("per-head RMSNorm on queries and keys".into());
+    }
+    notes
 }
 
 /// What `afinar info` prints.

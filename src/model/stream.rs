@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::config::{Architecture, ModelConfig};
+use super::config::ModelConfig;
 use super::source::ModelSource;
 use crate::{Error, Result};
 
@@ -126,7 +126,7 @@ impl ModelStream {
         let info = super::gguf::inspect(path)?;
         let mut tensors = BTreeMap::new();
         for (name, t) in &content.tensor_infos {
-            let Some(hf) = super::gguf::hf_name(name) else {
+            let Some(hf) = super::layout::hf_name(info.config.architecture, name) else {
                 continue;
             };
             tensors.insert(
@@ -282,10 +282,13 @@ impl ModelStream {
             })?;
         let t = qt.dequantize(&Device::Cpu)?;
         let c = &self.config;
-        let t = if c.architecture != Architecture::Qwen2 && gguf_name.ends_with("attn_q.weight") {
+        let a = c.architecture;
+        let t = if a.gguf_permutes_qk() && gguf_name.ends_with("attn_q.weight") {
             super::gguf::unpermute(&t, c.num_heads)?
-        } else if c.architecture != Architecture::Qwen2 && gguf_name.ends_with("attn_k.weight") {
+        } else if a.gguf_permutes_qk() && gguf_name.ends_with("attn_k.weight") {
             super::gguf::unpermute(&t, c.num_kv_heads)?
+        } else if super::layout::gguf_adds_one(a, gguf_name) {
+            (t - 1.0)?
         } else {
             t
         };

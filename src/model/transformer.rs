@@ -1,4 +1,5 @@
-//! The decoder-only transformer shared by Llama, Mistral and Qwen2, written for training as well
+//! The decoder-only transformer shared by every supported family (Llama, Mistral, Qwen2/3,
+//! SmolLM3, Gemma 3: see [`Architecture`] for what each changes), written for training as well
 //! as inference.
 //!
 //! Only differentiable candle ops are used: candle's fused `rms_norm`, `softmax_last_dim`, `sdpa`
@@ -8,7 +9,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::kv_cache::KvCache;
 
-use super::config::ModelConfig;
+use super::config::{Activation, Architecture, LayerRope, ModelConfig};
 use super::ops;
 use super::ops::attention::{AttentionMask, Heads};
 use super::ops::frozen_matmul::frozen_matmul;
@@ -159,6 +160,41 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Te
     })
 }
 
+/// How a model normalises: the epsilon, and whether the weights are Gemma's offsets (the norm
+/// multiplies by 1 + w).
+#[derive(Debug, Clone, Copy)]
+pub struct NormKind {
+    pub eps: f64,
+    pub offset: bool,
+}
+
+impl NormKind {
+    pub fn of(c: &ModelConfig) -> Self {
+        Self {
+            eps: c.rms_norm_eps,
+            offset: c.architecture.norm_offset(),
+        }
+    }
+
+    /// RMSNorm of `x` over its last dimension with stored weight `w`.
+    pub fn apply(self, x: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
+        if self.offset {
+            rms_norm(x, &(w + 1.0)?, self.eps, fused)
+        } else {
+            rms_norm(x, w, self.eps, fused)
+        }
+    }
+
+    /// RMSNorm of each head of `x` (rows, heads·d) with weight `w` (d): Qwen3's and Gemma's
+    /// query/key norms.
+    pub fn per_head(self, x: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
+        let (rows, width) = x.dims2()?;
+        let d = w.dim(0)?;
+        let y = self.apply(&x.reshape((rows * width / d, d))?, w, fused)?;
+        Ok(y.reshape((rows, width))?)
+    }
+}
+
 /// Hugging Face's "rotate half" RoPE: `x·cos + rotate_half(x)·sin` (fused, hand-written backward,
 /// unless `fused` is false).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
@@ -176,28 +212,60 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3, Gemma 3), applied before RoPE.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     pub(crate) num_heads: usize,
     pub(crate) num_kv_heads: usize,
     pub(crate) head_dim: usize,
+    /// The factor scores are multiplied by (`head_dim^-1/2`, or Gemma's own).
+    pub(crate) scale: f64,
 }
 
 impl Attention {
-    /// `x` is (b·t, hidden).
+    /// Queries and keys of `x` (b·t, hidden), normalised per head where the model does so;
+    /// before RoPE.
+    pub(crate) fn queries_keys(
+        &self,
+        x: &Tensor,
+        norm: NormKind,
+        kern: Kernels,
+    ) -> Result<(Tensor, Tensor)> {
+        let q = self.q_proj.forward(x, kern)?;
+        let k = self.k_proj.forward(x, kern)?;
+        Ok(match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (
+                norm.per_head(&q, qn, kern.fused)?,
+                norm.per_head(&k, kn, kern.fused)?,
+            ),
+            _ => (q, k),
+        })
+    }
+
+    /// `x` is (b·t, hidden); `rope` None for a layer without rotary embedding.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         b: usize,
-        rope: &(Tensor, Tensor),
+        rope: Option<&(Tensor, Tensor)>,
         mask: Option<&AttentionMask>,
         cache: Option<&mut KvCache>,
+        norm: NormKind,
         kern: Kernels,
     ) -> Result<Tensor> {
         let fused = kern.fused;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // Everything stays 2-D, (b·t, heads·d), the layout the projections write: no copies,
         // and no reshape nodes whose backward would copy the gradient.
-        let q = apply_rope(&self.q_proj.forward(x, kern)?, &rope.0, &rope.1, fused)?;
-        let k = apply_rope(&self.k_proj.forward(x, kern)?, &rope.0, &rope.1, fused)?;
+        let (q, k) = self.queries_keys(x, norm, kern)?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => (
+                apply_rope(&q, cos, sin, fused)?,
+                apply_rope(&k, cos, sin, fused)?,
+            ),
+            None => (q, k),
+        };
         let v = self.v_proj.forward(x, kern)?;
         let (k, v) = match cache {
             Some(c) => {
@@ -213,7 +281,7 @@ impl Attention {
             kv_heads: kvh,
             head_dim: d,
         };
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = self.scale;
         let out = if fused {
             ops::attention::attention(&q, &k, &v, mask, scale, heads)?
         } else {
@@ -223,23 +291,30 @@ impl Attention {
     }
 }
 
-/// The SwiGLU feed-forward block: `down(silu(gate(x)) · up(x))`.
+/// The gated feed-forward block: `down(act(gate(x)) · up(x))` (SwiGLU, or Gemma's GELU-tanh).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    pub activation: Activation,
+}
+
+/// `act(gate) · up`, differentiable (fused, hand-written backward, unless `fused` is false).
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, fused: bool) -> Result<Tensor> {
+    Ok(match (act, fused) {
+        (Activation::Silu, true) => ops::swiglu::swiglu(gate, up)?,
+        (Activation::Silu, false) => ops::swiglu::swiglu_reference(gate, up)?,
+        (Activation::GeluTanh, true) => ops::geglu::geglu(gate, up)?,
+        (Activation::GeluTanh, false) => ops::geglu::geglu_reference(gate, up)?,
+    })
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, k)?;
         let up = self.up_proj.forward(x, k)?;
-        let act = if k.fused {
-            ops::swiglu::swiglu(&gate, &up)?
-        } else {
-            ops::swiglu::swiglu_reference(&gate, &up)?
-        };
+        let act = gated(&gate, &up, self.activation, k.fused)?;
         self.down_proj.forward(&act, k)
     }
 }
@@ -247,10 +322,54 @@ impl Mlp {
 /// One decoder layer (pre-norm attention and MLP with residuals).
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub input_layernorm: Tensor,
+    /// Normalises the attention's input (`input_layernorm`).
+    pub attn_norm: Tensor,
     pub self_attn: Attention,
-    pub post_attention_layernorm: Tensor,
+    /// Normalises the MLP's input (`post_attention_layernorm`; Gemma's
+    /// `pre_feedforward_layernorm`).
+    pub ffn_norm: Tensor,
     pub mlp: Mlp,
+    /// Gemma's norms of the attention's and the MLP's outputs, before each residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub attn_post_norm: Option<Tensor>,
+    pub ffn_post_norm: Option<Tensor>,
+}
+
+impl Block {
+    /// Every norm weight of the block with its Hugging Face name within the layer
+    /// (`input_layernorm`, `self_attn.q_norm`, …), as `layout` names them.
+    pub fn norms(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![("input_layernorm", &self.attn_norm)];
+        match (&self.attn_post_norm, &self.ffn_post_norm) {
+            (Some(a), Some(f)) => v.extend([
+                ("post_attention_layernorm", a),
+                ("pre_feedforward_layernorm", &self.ffn_norm),
+                ("post_feedforward_layernorm", f),
+            ]),
+            _ => v.push(("post_attention_layernorm", &self.ffn_norm)),
+        }
+        if let (Some(q), Some(k)) = (&self.self_attn.q_norm, &self.self_attn.k_norm) {
+            v.extend([("self_attn.q_norm", q), ("self_attn.k_norm", k)]);
+        }
+        v
+    }
+
+    /// [`Block::norms`], mutable (full fine-tuning turns them into variables).
+    pub fn norms_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let mut v = vec![("input_layernorm", &mut self.attn_norm)];
+        match (&mut self.attn_post_norm, &mut self.ffn_post_norm) {
+            (Some(a), Some(f)) => v.extend([
+                ("post_attention_layernorm", a),
+                ("pre_feedforward_layernorm", &mut self.ffn_norm),
+                ("post_feedforward_layernorm", f),
+            ]),
+            _ => v.push(("post_attention_layernorm", &mut self.ffn_norm)),
+        }
+        if let (Some(q), Some(k)) = (&mut self.self_attn.q_norm, &mut self.self_attn.k_norm) {
+            v.extend([("self_attn.q_norm", q), ("self_attn.k_norm", k)]);
+        }
+        v
+    }
 }
 
 /// Per-layer key/value cache for incremental decoding.
@@ -301,15 +420,34 @@ impl Cache {
     }
 }
 
-/// RoPE tables, attention mask and kernels shared by every block of one pass.
+/// RoPE tables, attention masks and kernels shared by every block of one pass.
 pub struct LayerContext {
     batch: usize,
-    rope: (Tensor, Tensor),
+    rope: RopeTables,
     mask: Option<AttentionMask>,
+    /// The mask of the sliding layers (the causal one limited to the window), when any slides.
+    window_mask: Option<AttentionMask>,
     kern: Kernels,
 }
 
-/// A Llama/Mistral/Qwen2 decoder with its language-model head.
+/// cos/sin tables of one pass: the global ones, and the sliding layers' own (Gemma 3).
+pub(crate) struct RopeTables {
+    pub global: (Tensor, Tensor),
+    pub local: Option<(Tensor, Tensor)>,
+}
+
+impl RopeTables {
+    /// The tables layer `kind` takes (None: the layer has no RoPE).
+    pub fn pick(&self, kind: LayerRope) -> Option<&(Tensor, Tensor)> {
+        match kind {
+            LayerRope::Global => Some(&self.global),
+            LayerRope::Local => Some(self.local.as_ref().unwrap_or(&self.global)),
+            LayerRope::None => None,
+        }
+    }
+}
+
+/// A decoder of any supported family with its language-model head.
 #[derive(Debug, Clone)]
 pub struct Transformer {
     pub config: ModelConfig,
@@ -319,6 +457,8 @@ pub struct Transformer {
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<Weight>,
     inv_freq: Tensor,
+    /// The sliding layers' inverse frequencies, when they have their own base (Gemma 3).
+    inv_freq_local: Option<Tensor>,
     /// Key of the current LoRA dropout masks (0 = no dropout); set by the trainer.
     pub lora_dropout_key: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Use the fused CPU kernels of `model::ops` (the default). False forces every op onto its
@@ -350,54 +490,57 @@ impl Transformer {
         let (hs, hd) = (c.hidden_size, c.head_dim);
         let embed_tokens = w.take_weight("model.embed_tokens.weight", &[c.vocab_size, hs])?;
         let mut layers = Vec::with_capacity(c.num_layers);
+        let arch = c.architecture;
+        let (q_out, kv_out, ab) = (c.num_heads * hd, c.num_kv_heads * hd, c.attention_bias);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let q_out = c.num_heads * hd;
-            let kv_out = c.num_kv_heads * hd;
-            let ab = c.attention_bias;
-            layers.push(Block {
-                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[hs])?,
-                self_attn: Attention {
-                    q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), q_out, hs, ab)?,
-                    k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), kv_out, hs, ab)?,
-                    v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), kv_out, hs, ab)?,
-                    o_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.self_attn.o_proj"),
-                        hs,
-                        q_out,
-                        false,
-                    )?,
-                    num_heads: c.num_heads,
-                    num_kv_heads: c.num_kv_heads,
-                    head_dim: hd,
-                },
-                post_attention_layernorm: w
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &[hs])?,
-                mlp: Mlp {
-                    gate_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.mlp.gate_proj"),
-                        c.intermediate_size,
-                        hs,
-                        false,
-                    )?,
-                    up_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.mlp.up_proj"),
-                        c.intermediate_size,
-                        hs,
-                        false,
-                    )?,
-                    down_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.mlp.down_proj"),
-                        hs,
-                        c.intermediate_size,
-                        false,
-                    )?,
-                },
-            });
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
+                Linear::load(&mut w, &format!("{p}.{name}"), out, inp, bias)
+            };
+            let self_attn = Attention {
+                q_proj: lin("self_attn.q_proj", q_out, hs, ab)?,
+                k_proj: lin("self_attn.k_proj", kv_out, hs, ab)?,
+                v_proj: lin("self_attn.v_proj", kv_out, hs, ab)?,
+                o_proj: lin("self_attn.o_proj", hs, q_out, false)?,
+                q_norm: None,
+                k_norm: None,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: hd,
+                scale: c.attention_scale(),
+            };
+            let ff = c.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", ff, hs, false)?,
+                up_proj: lin("mlp.up_proj", ff, hs, false)?,
+                down_proj: lin("mlp.down_proj", hs, ff, false)?,
+                activation: arch.activation(),
+            };
+            let mut norm = |name: &str, n: usize| w.take(&format!("{p}.{name}.weight"), &[n]);
+            let mut block = Block {
+                attn_norm: norm("input_layernorm", hs)?,
+                self_attn,
+                ffn_norm: norm(
+                    if arch.sandwich_norms() {
+                        "pre_feedforward_layernorm"
+                    } else {
+                        "post_attention_layernorm"
+                    },
+                    hs,
+                )?,
+                mlp,
+                attn_post_norm: None,
+                ffn_post_norm: None,
+            };
+            if arch.sandwich_norms() {
+                block.attn_post_norm = Some(norm("post_attention_layernorm", hs)?);
+                block.ffn_post_norm = Some(norm("post_feedforward_layernorm", hs)?);
+            }
+            if arch.qk_norm() {
+                block.self_attn.q_norm = Some(norm("self_attn.q_norm", hd)?);
+                block.self_attn.k_norm = Some(norm("self_attn.k_norm", hd)?);
+            }
+            layers.push(block);
         }
         let norm = w.take("model.norm.weight", &[hs])?;
         let lm_head = if c.tie_word_embeddings {
@@ -405,7 +548,12 @@ impl Transformer {
         } else {
             w.take_weight_optional("lm_head.weight", &[c.vocab_size, hs])?
         };
-        let inv_freq = inv_freq(c, rope_freq_factors.as_deref(), &embed_tokens.device())?;
+        let device = embed_tokens.device();
+        let inv_freq = inv_freq(c, c.rope_theta, rope_freq_factors.as_deref(), &device)?;
+        let inv_freq_local = match c.rope_local_theta {
+            Some(theta) => Some(inv_freq_plain(c.head_dim, theta, &device)?),
+            None => None,
+        };
         Ok(Self {
             config,
             embed_tokens,
@@ -413,6 +561,7 @@ impl Transformer {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
             lora_dropout_key: Default::default(),
             fused: true,
             quantized_dot: false,
@@ -484,7 +633,7 @@ impl Transformer {
         let mut n: usize = self.matrices().iter().map(|w| w.bytes()).sum();
         n += f32s(&self.norm);
         for l in &self.layers {
-            n += f32s(&l.input_layernorm) + f32s(&l.post_attention_layernorm);
+            n += l.norms().iter().map(|(_, t)| f32s(t)).sum::<usize>();
             let a = &l.self_attn;
             for b in [&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias]
                 .into_iter()
@@ -508,12 +657,63 @@ impl Transformer {
     }
 
     /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, t, 1, head_dim).
-    pub(crate) fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rope_tables(&self, positions: &Tensor) -> Result<RopeTables> {
         let (b, t) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
-        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(2)?;
-        Ok((emb.cos()?, emb.sin()?))
+        let table = |inv: &Tensor| -> Result<(Tensor, Tensor)> {
+            let freqs = pos.broadcast_mul(&inv.reshape((1, 1, ()))?)?;
+            let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(2)?;
+            Ok((emb.cos()?, emb.sin()?))
+        };
+        Ok(RopeTables {
+            global: table(&self.inv_freq)?,
+            local: self.inv_freq_local.as_ref().map(table).transpose()?,
+        })
+    }
+
+    /// The embeddings of `ids` (n,), scaled by √hidden where the model does so (Gemma).
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed_tokens.embedding(ids)?;
+        Ok(match self.config.architecture {
+            Architecture::Gemma3 => (x * (self.config.hidden_size as f64).sqrt())?,
+            _ => x,
+        })
+    }
+
+    /// The mask of the sliding layers: `mask` (or none, for one new token) with every key more
+    /// than the window behind its query hidden, for `t` new tokens after `past`; None when no
+    /// layer slides.
+    fn window_mask(
+        &self,
+        mask: Option<&Tensor>,
+        t: usize,
+        past: usize,
+    ) -> Result<Option<AttentionMask>> {
+        let Some(w) = self
+            .config
+            .sliding_window
+            .filter(|_| self.config.any_window())
+        else {
+            return Ok(None);
+        };
+        let total = past + t;
+        let data: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if past + i >= j + w {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let win = Tensor::from_vec(data, (1, 1, 1, t, total), self.device())?;
+        let m = match mask {
+            Some(m) => m.broadcast_add(&win)?,
+            None => win,
+        };
+        Ok(Some(AttentionMask::new(&m)?))
     }
 
     /// Runs the decoder on `ids` (b, t) at `positions` (b, t) and returns the final normalised
@@ -538,21 +738,20 @@ impl Transformer {
         }
         let (b, t) = ids.dims2()?;
         // (b·t, hidden) until the end: see `Attention::forward`.
-        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?;
-        let rope = self.rope_tables(positions)?;
-        let mask = mask.map(AttentionMask::new).transpose()?;
-        let (eps, fused, kern) = (self.config.rms_norm_eps, self.fused, self.kernels());
+        let mut x = self.embed(&ids.flatten_all()?)?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let ctx = LayerContext {
             batch: b,
-            rope,
-            mask,
-            kern,
+            rope: self.rope_tables(positions)?,
+            mask: mask.map(AttentionMask::new).transpose()?,
+            window_mask: self.window_mask(mask, t, past)?,
+            kern: self.kernels(),
         };
         for i in 0..self.layers.len() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = self.block(i, &x, &ctx, kv)?;
         }
-        rms_norm(&x, &self.norm, eps, fused)?
+        self.final_norm(&x)?
             .reshape((b, t, self.config.hidden_size))
             .map_err(Into::into)
     }
@@ -565,15 +764,27 @@ impl Transformer {
         ctx: &LayerContext,
         kv: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (layer, eps, fused) = (&self.layers[i], self.config.rms_norm_eps, ctx.kern.fused);
-        let h = rms_norm(x, &layer.input_layernorm, eps, fused)?;
-        let attn =
-            layer
-                .self_attn
-                .forward(&h, ctx.batch, &ctx.rope, ctx.mask.as_ref(), kv, ctx.kern)?;
+        let (layer, fused) = (&self.layers[i], ctx.kern.fused);
+        let (c, norm) = (&self.config, NormKind::of(&self.config));
+        let mask = match c.layer_window(i) {
+            Some(_) => ctx.window_mask.as_ref(),
+            None => ctx.mask.as_ref(),
+        };
+        let h = norm.apply(x, &layer.attn_norm, fused)?;
+        let rope = ctx.rope.pick(c.layer_rope(i));
+        let mut attn = layer
+            .self_attn
+            .forward(&h, ctx.batch, rope, mask, kv, norm, ctx.kern)?;
+        if let Some(w) = &layer.attn_post_norm {
+            attn = norm.apply(&attn, w, fused)?;
+        }
         let x = (x + attn)?;
-        let h = rms_norm(&x, &layer.post_attention_layernorm, eps, fused)?;
-        Ok((x + layer.mlp.forward(&h, ctx.kern)?)?)
+        let h = norm.apply(&x, &layer.ffn_norm, fused)?;
+        let mut out = layer.mlp.forward(&h, ctx.kern)?;
+        if let Some(w) = &layer.ffn_post_norm {
+            out = norm.apply(&out, w, fused)?;
+        }
+        Ok((x + out)?)
     }
 
     /// What a training pass over the layers needs besides the hidden states, for running them
@@ -585,11 +796,12 @@ impl Transformer {
         positions: &Tensor,
         mask: &Tensor,
     ) -> Result<(Tensor, LayerContext)> {
-        let x = self.embed_tokens.embedding(&ids.flatten_all()?)?;
+        let x = self.embed(&ids.flatten_all()?)?;
         let ctx = LayerContext {
             batch: ids.dim(0)?,
             rope: self.rope_tables(positions)?,
             mask: Some(AttentionMask::new(mask)?),
+            window_mask: self.window_mask(Some(mask), ids.dim(1)?, 0)?,
             kern: self.kernels(),
         };
         Ok((x, ctx))
@@ -602,7 +814,7 @@ impl Transformer {
 
     /// The final RMSNorm.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.config.rms_norm_eps, self.fused)
+        NormKind::of(&self.config).apply(x, &self.norm, self.fused)
     }
 
     /// Projects hidden states (..., hidden) to vocabulary logits (..., vocab).
@@ -659,7 +871,8 @@ impl Transformer {
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let positions =
             Tensor::arange(past as u32, (past + t) as u32, self.device())?.unsqueeze(0)?;
-        let mask = if t > 1 {
+        // One new token sees everything before it, unless a window hides the oldest.
+        let mask = if t > 1 || self.config.any_window() {
             Some(causal_mask(t, past, self.device())?)
         } else {
             None
@@ -677,12 +890,27 @@ pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (1, 1, 1, t, total), device)?)
 }
 
-/// RoPE inverse frequencies as Hugging Face computes them, with Llama 3 scaling if configured.
-fn inv_freq(c: &ModelConfig, factors: Option<&[f32]>, device: &Device) -> Result<Tensor> {
-    let d = c.head_dim;
-    let mut inv: Vec<f32> = (0..d / 2)
-        .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+/// Unscaled RoPE inverse frequencies `theta^(-2i/d)`.
+fn inv_freq_plain(d: usize, theta: f64, device: &Device) -> Result<Tensor> {
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32))
         .collect();
+    Ok(Tensor::from_vec(inv, d / 2, device)?)
+}
+
+/// RoPE inverse frequencies as Hugging Face computes them, with Llama 3 or linear scaling if
+/// configured.
+fn inv_freq(
+    c: &ModelConfig,
+    theta: f64,
+    factors: Option<&[f32]>,
+    device: &Device,
+) -> Result<Tensor> {
+    let d = c.head_dim;
+    let mut inv: Vec<f32> = inv_freq_plain(d, theta, device)?.to_vec1()?;
+    if let Some(f) = c.rope_linear_factor {
+        inv.iter_mut().for_each(|x| *x /= f as f32);
+    }
     if let Some(s) = &c.rope_scaling {
         let old = s.original_max_position_embeddings as f32;
         let low_wavelen = old / s.low_freq_factor as f32;

@@ -350,16 +350,9 @@ pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
     }
     var("model.norm.weight".into(), &mut m.norm, false)?;
     for (i, l) in m.layers.iter_mut().enumerate() {
-        var(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            &mut l.input_layernorm,
-            false,
-        )?;
-        var(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            &mut l.post_attention_layernorm,
-            false,
-        )?;
+        for (name, t) in l.norms_mut() {
+            var(format!("model.layers.{i}.{name}.weight"), t, false)?;
+        }
     }
     for (name, lin) in m.linears_mut() {
         if let Some(b) = lin.bias.as_mut() {

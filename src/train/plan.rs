@@ -901,8 +901,7 @@ mod tests {
             max_position_embeddings: 8192,
             tie_word_embeddings: true,
             attention_bias: false,
-            sliding_window: None,
-            rope_scaling: None,
+            ..Default::default()
         }
     }
 

@@ -296,3 +296,31 @@ pub fn rel_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let m = b.abs().unwrap().max_all().unwrap();
     d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-2)
 }
+
+/// A token file of `seqs`, one sequence per example; `labels` per token, or every token but
+/// the first when None.
+pub fn token_file(
+    dir: &Path,
+    seqs: &[Vec<u32>],
+    labels: Option<&[Vec<u8>]>,
+) -> afinar::data::cache::TokenFile {
+    let mut p = afinar::data::Packed {
+        example_offsets: vec![0],
+        sequence_offsets: vec![0],
+        ..Default::default()
+    };
+    for (i, s) in seqs.iter().enumerate() {
+        p.ids.extend(s);
+        match labels {
+            Some(l) => p.labels.extend(&l[i]),
+            None => p
+                .labels
+                .extend(s.iter().enumerate().map(|(j, _)| u8::from(j > 0))),
+        }
+        p.example_offsets.push(p.ids.len() as u64);
+        p.sequence_offsets.push((i + 1) as u64);
+    }
+    let path = dir.join("t.bin");
+    afinar::data::cache::write(&path, &p).unwrap();
+    afinar::data::cache::TokenFile::open(&path).unwrap()
+}

@@ -9,6 +9,7 @@ pub mod block_dot;
 pub mod cpu;
 pub mod cross_entropy;
 pub mod frozen_matmul;
+pub mod geglu;
 pub mod gemm_bench;
 pub mod linear_cross_entropy;
 pub mod lora_linear;

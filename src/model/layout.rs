@@ -1,0 +1,248 @@
+//! Where each tensor of a model lives: its Hugging Face name, its GGUF name (as llama.cpp's
+//! converter writes it) and its shape, for every architecture. One table that the loaders, the
+//! exporters and full fine-tuning all read, so a family's tensors are named in one place.
+
+use super::config::{Architecture, ModelConfig};
+
+/// What a tensor is, which decides how it is stored and trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A 2-D weight (embedding, head, projection).
+    Matrix,
+    /// An RMSNorm weight (1-D, f32, no weight decay).
+    Norm,
+    /// A projection's bias (1-D, f32, no weight decay).
+    Bias,
+}
+
+/// One tensor of a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub hf: String,
+    pub gguf: String,
+    pub shape: Vec<usize>,
+    pub role: Role,
+}
+
+/// The seven projections of a layer: (Hugging Face module, GGUF module), in the converter's
+/// order.
+pub const PROJECTIONS: [(&str, &str); 7] = [
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// The block norms of an architecture (Hugging Face module, GGUF module), hidden-sized. The
+/// first normalises the attention's input and the one named `ffn_norm` the MLP's input; Gemma
+/// also normalises both outputs.
+pub fn block_norms(a: Architecture) -> &'static [(&'static str, &'static str)] {
+    if a.sandwich_norms() {
+        &[
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "post_attention_norm"),
+            ("pre_feedforward_layernorm", "ffn_norm"),
+            ("post_feedforward_layernorm", "post_ffw_norm"),
+        ]
+    } else {
+        &[
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+        ]
+    }
+}
+
+/// The per-head query and key norms (head-sized), where the architecture has them.
+pub fn qk_norms(a: Architecture) -> &'static [(&'static str, &'static str)] {
+    if a.qk_norm() {
+        &[
+            ("self_attn.q_norm", "attn_q_norm"),
+            ("self_attn.k_norm", "attn_k_norm"),
+        ]
+    } else {
+        &[]
+    }
+}
+
+/// (out, in) of each projection, in [`PROJECTIONS`] order.
+pub fn projection_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
+    let (hs, q, kv, ff) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    [
+        (q, hs),
+        (kv, hs),
+        (kv, hs),
+        (hs, q),
+        (ff, hs),
+        (ff, hs),
+        (hs, ff),
+    ]
+}
+
+/// Every tensor of a model of configuration `c`, sorted by Hugging Face name; the output head
+/// only when `head` (untied models whose checkpoint has one).
+pub fn tensors(c: &ModelConfig, head: bool) -> Vec<TensorSpec> {
+    let hs = c.hidden_size;
+    let spec = |hf: String, gguf: String, shape: Vec<usize>, role| TensorSpec {
+        hf,
+        gguf,
+        shape,
+        role,
+    };
+    let mut out = vec![
+        spec(
+            "model.embed_tokens.weight".into(),
+            "token_embd.weight".into(),
+            vec![c.vocab_size, hs],
+            Role::Matrix,
+        ),
+        spec(
+            "model.norm.weight".into(),
+            "output_norm.weight".into(),
+            vec![hs],
+            Role::Norm,
+        ),
+    ];
+    if head {
+        out.push(spec(
+            "lm_head.weight".into(),
+            "output.weight".into(),
+            vec![c.vocab_size, hs],
+            Role::Matrix,
+        ));
+    }
+    for i in 0..c.num_layers {
+        out.extend(layer_tensors(c, i));
+    }
+    out.sort_by(|x, y| x.hf.cmp(&y.hf));
+    out
+}
+
+/// The tensors of layer `i`: block norms, query/key norms, then each projection with its bias.
+pub fn layer_tensors(c: &ModelConfig, i: usize) -> Vec<TensorSpec> {
+    let (a, hs) = (c.architecture, c.hidden_size);
+    let spec = |hf: String, gguf: String, shape: Vec<usize>, role| TensorSpec {
+        hf,
+        gguf,
+        shape,
+        role,
+    };
+    let mut out = Vec::new();
+    let (p, b) = (format!("model.layers.{i}"), format!("blk.{i}"));
+    for (hf, gg) in block_norms(a) {
+        out.push(spec(
+            format!("{p}.{hf}.weight"),
+            format!("{b}.{gg}.weight"),
+            vec![hs],
+            Role::Norm,
+        ));
+    }
+    for (hf, gg) in qk_norms(a) {
+        out.push(spec(
+            format!("{p}.{hf}.weight"),
+            format!("{b}.{gg}.weight"),
+            vec![c.head_dim],
+            Role::Norm,
+        ));
+    }
+    for ((hf, gg), (rows, cols)) in PROJECTIONS.iter().zip(projection_shapes(c)) {
+        out.push(spec(
+            format!("{p}.{hf}.weight"),
+            format!("{b}.{gg}.weight"),
+            vec![rows, cols],
+            Role::Matrix,
+        ));
+        if c.attention_bias && hf.starts_with("self_attn.") && *hf != "self_attn.o_proj" {
+            out.push(spec(
+                format!("{p}.{hf}.bias"),
+                format!("{b}.{gg}.bias"),
+                vec![rows],
+                Role::Bias,
+            ));
+        }
+    }
+    out
+}
+
+/// The Hugging Face name of GGUF tensor `name` in an `a` model, or None for tensors afinar does
+/// not load (`rope_freqs.weight`, unknown extras).
+pub fn hf_name(a: Architecture, name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, field) = rest.split_once('.')?;
+    let (module, kind) = field.rsplit_once('.')?;
+    let hf = PROJECTIONS
+        .iter()
+        .chain(block_norms(a))
+        .chain(qk_norms(a))
+        .find(|(_, g)| *g == module)?
+        .0;
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Whether GGUF files store this norm as 1 + w (llama.cpp's converter adds Gemma's offset; the
+/// Hugging Face checkpoint stores w).
+pub fn gguf_adds_one(a: Architecture, gguf_name: &str) -> bool {
+    a.norm_offset() && gguf_name.ends_with("norm.weight")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(a: Architecture) -> ModelConfig {
+        ModelConfig {
+            architecture: a,
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_layers: 2,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_gguf_name_maps_back_to_its_hf_name() {
+        for a in [
+            Architecture::Llama,
+            Architecture::Qwen3,
+            Architecture::Gemma3,
+        ] {
+            let c = config(a);
+            for t in tensors(&c, true) {
+                assert_eq!(hf_name(a, &t.gguf).as_deref(), Some(t.hf.as_str()), "{a:?}");
+            }
+        }
+        // The same GGUF name is a different module in Gemma.
+        assert_eq!(
+            hf_name(Architecture::Gemma3, "blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name(Architecture::Llama, "blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name(Architecture::Llama, "blk.0.attn_q_norm.weight"),
+            None
+        );
+    }
+}

@@ -457,6 +457,14 @@ fn gguf_arch(a: Architecture) -> &'static str {
 /// llama.cpp: every 4th, which is what its configs say).
 fn family_meta(c: &crate::model::ModelConfig, arch: &str) -> Result<Vec<(String, MetaValue)>> {
     let mut meta = Vec::new();
+    if c.architecture == Architecture::Mistral {
+        if let Some(w) = c.sliding_window {
+            tracing::warn!(
+                "llama.cpp runs Mistral as 'llama', which has no sliding window: past {w} tokens \
+                 the GGUF attends over the whole context, unlike the model"
+            );
+        }
+    }
     if c.architecture != Architecture::Gemma3 {
         return Ok(meta);
     }
@@ -742,7 +750,7 @@ fn end_of_turn(tok: &TextTokenizer, t: &ChatTemplate) -> Option<u32> {
 }
 
 /// llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, from its pre-tokenizer: the
-/// split regex (Llama 3, Qwen2) or SmolLM's digit splitting, else GPT-2's.
+/// split regex (Llama 3, Qwen2) or SmolLM's digit splitting, else GPT-2's (`gpt-2`).
 fn pre_tokenizer(json: &Value) -> &'static str {
     let pre = json["pre_tokenizer"].to_string();
     // The regexes as they appear JSON-escaped: Llama 3 groups digits by three, Qwen2 one by one.
@@ -754,7 +762,8 @@ fn pre_tokenizer(json: &Value) -> &'static str {
     if pre.contains("\"Digits\"") && pre.contains("\"individual_digits\":true") {
         return "smollm";
     }
-    "gpt2"
+    // llama.cpp's name for GPT-2's own split (it rejects "gpt2").
+    "gpt-2"
 }
 
 #[cfg(test)]
@@ -876,7 +885,7 @@ mod tests {
     #[test]
     fn pre_tokenizer_names_round_trip() {
         use crate::model::tokenizer::GgufVocab;
-        for pre in ["llama-bpe", "qwen2", "smollm", "gpt2"] {
+        for pre in ["llama-bpe", "qwen2", "smollm", "gpt-2"] {
             let v = GgufVocab {
                 model: "gpt2".into(),
                 pre: Some(pre.into()),

@@ -19,6 +19,8 @@ pub(crate) const PREFIX: &str = "base_model.model.";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterConfig {
     pub peft_type: String,
+    /// `CAUSAL_LM`; PEFT writes null when the adapter was made without a task type.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub task_type: String,
     pub r: usize,
     pub lora_alpha: f64,
@@ -50,6 +52,10 @@ impl AdapterConfig {
 
 fn none() -> String {
     "none".into()
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Writes `vars` (afinar names, `model.layers.…lora_A.weight`) as a PEFT adapter directory.

@@ -154,9 +154,12 @@ def family(name):
                 # Gemma stores the offset from 1; the others the scale itself.
                 p.copy_((0.0 if gemma else 1.0) + 0.3 * torch.randn_like(p))
     model.save_pretrained(path)
-    tc = {"eos_token": eos, "chat_template": None}
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "chat_template": None}
     if bos:
         tc["bos_token"] = bos
+    if template and not os.path.exists(os.path.join(TEMPLATES, template)):
+        print(f"{name}: no {template} in {TEMPLATES}; no chat template")
+        template = None
     if template:
         with open(os.path.join(TEMPLATES, template)) as fh:
             tc["chat_template"] = fh.read()

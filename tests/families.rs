@@ -331,8 +331,18 @@ fn gguf_exports_load_back_and_run_in_llama_cpp() {
         let back = Model::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
         let (a, b) = (model.config(), back.config());
         assert_eq!(
-            (&a.sliding_layers, a.sliding_window, a.rope_local_theta, &a.no_rope_layers),
-            (&b.sliding_layers, b.sliding_window, b.rope_local_theta, &b.no_rope_layers),
+            (
+                &a.sliding_layers,
+                a.sliding_window,
+                a.rope_local_theta,
+                &a.no_rope_layers
+            ),
+            (
+                &b.sliding_layers,
+                b.sliding_window,
+                b.rope_local_theta,
+                &b.no_rope_layers
+            ),
             "{name}: per-layer attention through GGUF"
         );
         let prompts: Vec<Vec<u32>> = f["prompts"]
@@ -379,5 +389,70 @@ fn gguf_exports_load_back_and_run_in_llama_cpp() {
                 "{name}: llama.cpp greedy tokens"
             );
         }
+    }
+}
+
+/// DeepSeek-R1-Distill's template drops everything up to `</think>` from assistant turns and
+/// opens the generation prompt with `<think>\n`, which its rendering of a past turn lacks: the
+/// loss still falls on exactly the answer and its end token, with or without reasoning in the
+/// data, in the first turn and in a later one.
+#[test]
+fn deepseek_r1_template_labels_the_answer_only() {
+    use afinar::data::shapes::{Example, Turn};
+    use afinar::data::{Encoder, Outcome, Overlong};
+    use afinar::model::ChatTemplate;
+    let model = Model::load(
+        root().join("tests/fixtures/tiny-qwen2").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let source = std::fs::read_to_string(
+        root().join("tests/fixtures/templates/deepseek-r1-distill-qwen.jinja"),
+    )
+    .unwrap();
+    let template = ChatTemplate::new(
+        &source,
+        Some("<｜begin▁of▁sentence｜>"),
+        Some("<｜end▁of▁sentence｜>"),
+    )
+    .unwrap();
+    assert!(template.drops_reasoning());
+    let enc = Encoder::new(&model.tokenizer, Some(&template), 512, Overlong::Drop);
+    let turn = |role: &str, content: &str, train: bool| Turn {
+        role: role.into(),
+        content: content.into(),
+        train,
+    };
+    for (reasoning, answer) in [
+        ("<think>\nEl pingüino comió.\n</think>\n\n", "Hello, world!"),
+        ("", "Tuve."),
+    ] {
+        let ex = Example::Chat(vec![
+            turn("user", "¿qué tal?", false),
+            turn("assistant", &format!("{reasoning}{answer}"), true),
+            turn("user", "¿Y nosotros?", false),
+            turn("assistant", &format!("{reasoning}{answer} Tuvimos."), true),
+        ]);
+        let parts = match enc.encode(&ex) {
+            Outcome::Ok { parts, .. } => parts,
+            Outcome::Rejected(r) => panic!("rejected: {r:?}"),
+            _ => panic!("not encoded"),
+        };
+        let e = &parts[0];
+        let labelled: Vec<u32> = e
+            .ids
+            .iter()
+            .zip(&e.labels)
+            .filter(|(_, &l)| l)
+            .map(|(&i, _)| i)
+            .collect();
+        let text = model.tokenizer.decode(&labelled, false).unwrap();
+        // What the template keeps: the text after `</think>` ("\n\n" included), or all.
+        let kept = reasoning.rsplit("</think>").next().unwrap();
+        assert_eq!(
+            text,
+            format!("{kept}{answer}<｜end▁of▁sentence｜>{kept}{answer} Tuvimos.<｜end▁of▁sentence｜>"),
+            "reasoning {reasoning:?}"
+        );
     }
 }

@@ -80,7 +80,9 @@ fn mistral_info_states_its_sliding_window() {
     let info = model.info();
     assert_eq!(info.architecture, "mistral");
     assert!(
-        info.notes.iter().any(|n| n.contains("sliding attention window of 4096 tokens on 2 of 2 layers")),
+        info.notes
+            .iter()
+            .any(|n| n.contains("sliding attention window of 4096 tokens on 2 of 2 layers")),
         "{:?}",
         info.notes
     );

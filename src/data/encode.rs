@@ -216,21 +216,28 @@ impl<'a> Encoder<'a> {
             if !turn.train {
                 continue;
             }
-            let before = render(&msgs[..i], true)?;
-            if before.len() >= limit {
+            // The turn starts where the generation prompt's header ends in the full text. A
+            // template may add more to the prompt than the turn keeps (DeepSeek-R1's opens the
+            // answer with "<think>\n" but writes past turns without it): the header is the part
+            // of the prompt the turn's own rendering begins with.
+            let plain = render(&msgs[..i], false)?;
+            let prompt = render(&msgs[..i], true)?;
+            if plain.len() >= limit {
                 break;
             }
             let through = render(&msgs[..=i], false)?;
-            if !full.starts_with(&before)
+            if !full.starts_with(&plain)
                 || !full.starts_with(&through)
-                || through.len() < before.len()
+                || !prompt.starts_with(&plain)
+                || through.len() < plain.len()
             {
                 return Err((
                     "template is not prefix-stable",
                     format!("rendering the first {i} turns does not give a prefix of the whole conversation; cannot locate assistant turn {}", i + 1),
                 ));
             }
-            let (start, mut end) = (before.len(), through.len());
+            let header = common_prefix(&prompt[plain.len()..], &through[plain.len()..]);
+            let (start, mut end) = (plain.len() + header, through.len());
             if let Some(cut) = self
                 .end_markers
                 .iter()
@@ -296,4 +303,12 @@ impl<'a> Encoder<'a> {
             })
             .collect())
     }
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b`, on a character boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
 }

@@ -231,6 +231,22 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
         }
     }
 
+    if let Some(t) = text.chat_template.as_ref().filter(|t| t.drops_reasoning()) {
+        for (item, _) in &items {
+            let Example::Chat(turns) = &item.example else {
+                continue;
+            };
+            if turns
+                .iter()
+                .any(|t| t.role == "assistant" && t.content.contains("</think>"))
+            {
+                report.note(
+                    "examples whose reasoning (text up to </think>) the chat template leaves out of earlier assistant turns; those turns train on their answers",
+                    format!("{}: assistant reasoning not in the rendered text", item.location),
+                );
+            }
+        }
+    }
     let encoder = Encoder::new(
         &text.tokenizer,
         text.chat_template.as_ref(),

@@ -146,6 +146,23 @@ impl ChatTemplate {
         )
     }
 
+    /// Whether the template leaves out an assistant turn's reasoning (its text up to
+    /// `</think>`) when a user turn follows, as DeepSeek-R1's and Qwen3's do: a model trained
+    /// on such turns sees their answers only.
+    pub fn drops_reasoning(&self) -> bool {
+        let probe = [
+            Message::new("user", "q"),
+            Message::new(
+                "assistant",
+                "<think>\nafinar-probe-reasoning\n</think>\n\nafinar-probe-answer",
+            ),
+            Message::new("user", "q2"),
+        ];
+        self.render(&probe, false).is_ok_and(|t| {
+            t.contains("afinar-probe-answer") && !t.contains("afinar-probe-reasoning")
+        })
+    }
+
     /// [`render`](Self::render) under explicit limits.
     pub fn render_with_limits(
         &self,

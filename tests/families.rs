@@ -451,7 +451,9 @@ fn deepseek_r1_template_labels_the_answer_only() {
         let kept = reasoning.rsplit("</think>").next().unwrap();
         assert_eq!(
             text,
-            format!("{kept}{answer}<｜end▁of▁sentence｜>{kept}{answer} Tuvimos.<｜end▁of▁sentence｜>"),
+            format!(
+                "{kept}{answer}<｜end▁of▁sentence｜>{kept}{answer} Tuvimos.<｜end▁of▁sentence｜>"
+            ),
             "reasoning {reasoning:?}"
         );
     }

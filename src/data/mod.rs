@@ -231,7 +231,11 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
         }
     }
 
-    if text.chat_template.as_ref().is_some_and(|t| t.drops_reasoning()) {
+    if text
+        .chat_template
+        .as_ref()
+        .is_some_and(|t| t.drops_reasoning())
+    {
         for (item, _) in &items {
             let Example::Chat(turns) = &item.example else {
                 continue;

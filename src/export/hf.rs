@@ -165,6 +165,8 @@ pub fn save_from(
 /// RoPE base, Gemma's activation and score scale.
 fn config_family_keys(c: &crate::model::ModelConfig, config: &mut serde_json::Value) {
     let a = c.architecture;
+    // No padding id: some config classes default to one beyond a small vocabulary (SmolLM3).
+    config["pad_token_id"] = json!(null);
     config["use_sliding_window"] = json!(c.sliding_window.is_some());
     if !c.sliding_layers.is_empty() {
         let types: Vec<&str> = c
@@ -192,7 +194,12 @@ fn config_family_keys(c: &crate::model::ModelConfig, config: &mut serde_json::Va
         config["rope_local_base_freq"] = json!(t);
     }
     if let Some(q) = c.query_pre_attn_scalar {
-        config["query_pre_attn_scalar"] = json!(q);
+        // transformers' config class wants an integer (Gemma 3 uses 256 or head_dim).
+        config["query_pre_attn_scalar"] = if q.fract() == 0.0 {
+            json!(q as u64)
+        } else {
+            json!(q)
+        };
     }
     if let Some(f) = c.rope_linear_factor {
         config["rope_scaling"] = json!({"rope_type": "linear", "factor": f});

@@ -16,7 +16,7 @@ use afinar::model::config::Architecture;
 use afinar::model::decode::{forward_rows, Row};
 use afinar::model::transformer::Cache;
 use afinar::model::{Message, Model};
-use afinar::train::lora::{self, LoraSpec, ALL_LINEAR as MODULES};
+use afinar::train::lora::{self, LoraSpec, ALL_LINEAR, FUSED_LINEAR};
 use afinar::train::optim::{AdamW, AdamWConfig};
 use afinar::train::step_gradients;
 use candle_core::{Device, Tensor};
@@ -175,16 +175,19 @@ fn lora_gradients_match_peft_and_adapters_round_trip() {
         let name = f["family"].as_str().unwrap();
         let g = &f["lora_grads"];
         let mut model = load(&f);
+        // Every name LoRA may target, in make_families.py's order (A's formula indexes it).
+        let modules: Vec<&str> = ALL_LINEAR.iter().chain(&FUSED_LINEAR).copied().collect();
         let spec = LoraSpec {
             rank: 4,
             alpha: 8.0,
             rslora: false,
             dropout: 0.0,
-            targets: MODULES.iter().map(|s| s.to_string()).collect(),
+            targets: modules.iter().map(|s| s.to_string()).collect(),
         };
         let vars = lora::attach(&mut model.transformer, &spec, |name, r, n_in| {
             let layer: f64 = name.split('.').nth(2).unwrap().parse().unwrap();
-            let mi = MODULES.iter().position(|m| name.ends_with(m)).unwrap() as f64;
+            let module = name.rsplit('.').next().unwrap();
+            let mi = modules.iter().position(|m| *m == module).unwrap() as f64;
             (0..r * n_in)
                 .map(|k| (0.02 * (0.37 * k as f64 + 1.3 * layer + 0.7 * mi).sin()) as f32)
                 .collect()

@@ -149,7 +149,7 @@ pub fn write_from(
             &format!("{arch}.attention.layer_norm_rms_epsilon"),
             MetaValue::F32(c.rms_norm_eps as f32),
         ),
-        kv(&format!("{arch}.rope.dimension_count"), u(c.head_dim)),
+        kv(&format!("{arch}.rope.dimension_count"), u(c.rotary_dim())),
     ]);
     if c.head_dim * c.num_heads != c.hidden_size {
         meta.push(kv(&format!("{arch}.attention.key_length"), u(c.head_dim)));
@@ -174,6 +174,17 @@ pub fn write_from(
         shape("model.embed_tokens.weight")?,
         weight_type(dtype, "token_embd.weight", c.hidden_size, tied),
     ));
+    if let Some(l) = &c.longrope {
+        // Phi-3's LongRoPE as llama.cpp's converter writes it: both factor sets as tensors.
+        for (name, f) in [
+            ("rope_factors_long.weight", &l.long_factor),
+            ("rope_factors_short.weight", &l.short_factor),
+        ] {
+            let v: Vec<f32> = f.iter().map(|&x| x as f32).collect();
+            let n = v.len();
+            items.push(Item::new(name, Src::Data(v), vec![n], GgmlType::F32));
+        }
+    }
     if let Some(factors) = rope_freq_factors(c, src)? {
         let n = factors.len();
         items.push(Item::new(
@@ -240,8 +251,8 @@ pub fn write_lora_for(
     let mut items = Vec::new();
     let mut lora = Vec::new();
     for i in 0..c.num_layers {
-        for module in MODULES {
-            let hf = format!("base_model.model.model.layers.{i}.{}", hf_module(module));
+        for &(hf_module, module) in layout::projection_names(c.architecture) {
+            let hf = format!("base_model.model.model.layers.{i}.{hf_module}");
             let a = tensors.remove(&format!("{hf}.lora_A.weight"));
             let b = tensors.remove(&format!("{hf}.lora_B.weight"));
             let (a, b) = match (a, b) {
@@ -249,7 +260,7 @@ pub fn write_lora_for(
                 (None, None) => continue,
                 _ => return Err(misfit(format!("{hf} has only one of lora_A and lora_B"))),
             };
-            let w = format!("model.layers.{i}.{}.weight", hf_module(module));
+            let w = format!("model.layers.{i}.{hf_module}.weight");
             let (out, inp) = match base.shape(&w).as_deref() {
                 Some(&[out, inp]) => (out, inp),
                 _ => return Err(misfit(format!("the model has no 2-D {w}"))),
@@ -400,17 +411,6 @@ fn write_items(
     })
 }
 
-/// The seven projections of a layer by their GGUF module names, in the converter's order.
-const MODULES: [&str; 7] = [
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
-
 /// llama.cpp's `permute(w, n_head)` on rows: (n_head, 2, d/2, …) → (n_head, d/2, 2, …), so its
 /// interleaved RoPE sees Hugging Face's half-split layout. `src/model/gguf.rs` undoes it.
 fn permuted(v: Vec<f32>, heads: Option<usize>, shape: &[usize]) -> Vec<f32> {
@@ -457,13 +457,24 @@ fn gguf_arch(a: Architecture) -> &'static str {
 /// llama.cpp: every 4th, which is what its configs say).
 fn family_meta(c: &crate::model::ModelConfig, arch: &str) -> Result<Vec<(String, MetaValue)>> {
     let mut meta = Vec::new();
-    if c.architecture == Architecture::Mistral {
-        if let Some(w) = c.sliding_window {
+    if matches!(c.architecture, Architecture::Mistral | Architecture::Phi3) {
+        if let Some(w) = c.sliding_window.filter(|&w| w < c.max_position_embeddings) {
             tracing::warn!(
-                "llama.cpp runs Mistral as 'llama', which has no sliding window: past {w} tokens \
-                 the GGUF attends over the whole context, unlike the model"
+                "llama.cpp applies no sliding window to {}: past {w} tokens the GGUF attends \
+                 over the whole context, unlike the model",
+                c.architecture.name()
             );
         }
+    }
+    if let Some(l) = &c.longrope {
+        meta.push(kv(
+            &format!("{arch}.rope.scaling.original_context_length"),
+            MetaValue::U32(l.original_max_position_embeddings as u32),
+        ));
+        meta.push(kv(
+            &format!("{arch}.rope.scaling.attn_factor"),
+            MetaValue::F32(l.attention_factor as f32),
+        ));
     }
     if c.architecture != Architecture::Gemma3 {
         return Ok(meta);
@@ -505,18 +516,6 @@ fn family_meta(c: &crate::model::ModelConfig, arch: &str) -> Result<Vec<(String,
         )));
     }
     Ok(meta)
-}
-
-fn hf_module(gguf: &str) -> &'static str {
-    match gguf {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        _ => "mlp.down_proj",
-    }
 }
 
 /// Storage type of a 2-D weight, following `llama-quantize` for Q4_0/Q8_0: the output head

@@ -104,6 +104,7 @@ pub fn save_from(
         Architecture::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         Architecture::SmolLM3 => ("smollm3", "SmolLM3ForCausalLM"),
         Architecture::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
+        Architecture::Phi3 => ("phi3", "Phi3ForCausalLM"),
     };
     let tok = info.tokenizer;
     let id_of = |t: &Option<String>| t.as_deref().and_then(|t| tok.inner.token_to_id(t));
@@ -203,6 +204,17 @@ fn config_family_keys(c: &crate::model::ModelConfig, config: &mut serde_json::Va
     }
     if let Some(f) = c.rope_linear_factor {
         config["rope_scaling"] = json!({"rope_type": "linear", "factor": f});
+    }
+    if let Some(f) = c.partial_rotary_factor {
+        config["partial_rotary_factor"] = json!(f);
+    }
+    if let Some(l) = &c.longrope {
+        config["original_max_position_embeddings"] = json!(l.original_max_position_embeddings);
+        config["rope_scaling"] = json!({
+            "rope_type": "longrope", "short_factor": l.short_factor, "long_factor": l.long_factor,
+            "original_max_position_embeddings": l.original_max_position_embeddings,
+            "attention_factor": l.attention_factor,
+        });
     }
     if a.activation() == crate::model::config::Activation::GeluTanh {
         config["hidden_act"] = json!("gelu_pytorch_tanh");

@@ -117,9 +117,7 @@ impl Streamed {
                 let (cfg, mut t) = peft::read(dir, &Device::Cpu)?;
                 let misfit = peft::misfit(dir, &cfg, model_name);
                 for i in 0..c.num_layers {
-                    for ((module, _), (out, inp)) in
-                        layout::PROJECTIONS.iter().zip(layout::projection_shapes(c))
-                    {
+                    for (module, _, out, inp) in layout::projections(c) {
                         let name = format!("model.layers.{i}.{module}");
                         let a = t.remove(&format!("{}{name}.lora_A.weight", peft::PREFIX));
                         let b = t.remove(&format!("{}{name}.lora_B.weight", peft::PREFIX));
@@ -220,16 +218,7 @@ impl<'a> Loaded<'a> {
             for (name, t) in l.norms() {
                 held.insert(format!("{p}.{name}.weight"), Held::Tensor(t));
             }
-            let (a, f) = (&l.self_attn, &l.mlp);
-            for (module, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &f.gate_proj),
-                ("mlp.up_proj", &f.up_proj),
-                ("mlp.down_proj", &f.down_proj),
-            ] {
+            for (module, lin) in l.linears() {
                 held.insert(format!("{p}.{module}.weight"), Held::Linear(lin));
                 if let Some(b) = &lin.bias {
                     held.insert(format!("{p}.{module}.bias"), Held::Tensor(b));

@@ -24,12 +24,15 @@ pub enum Architecture {
     /// Gemma 3 text: norms as x·(1 + w), four norms per block, embeddings scaled by √hidden,
     /// GELU-tanh MLP, q/k norms, sliding-window layers with their own RoPE base.
     Gemma3,
+    /// Phi-3 / Phi-4-mini: fused `qkv_proj` and `gate_up_proj`, partial rotary, LongRoPE.
+    Phi3,
 }
 
 impl Architecture {
     /// Names accepted in `config.json` (`model_type`) and GGUF (`general.architecture`).
     pub const SUPPORTED: &'static str = "llama (Llama 2/3.x, SmolLM, SmolLM2, Falcon3), mistral, \
-         qwen2 (Qwen2.5, DeepSeek-R1-Distill-Qwen), qwen3, smollm3, gemma3 (gemma3_text)";
+         qwen2 (Qwen2.5, DeepSeek-R1-Distill-Qwen), qwen3, smollm3, gemma3 (gemma3_text), \
+         phi3 (Phi-3, Phi-4-mini)";
 
     /// Parses a `model_type` / GGUF architecture name.
     pub fn parse(name: &str, path: &Path) -> Result<Self> {
@@ -40,6 +43,7 @@ impl Architecture {
             "qwen3" => Ok(Self::Qwen3),
             "smollm3" => Ok(Self::SmolLM3),
             "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
+            "phi3" => Ok(Self::Phi3),
             other => Err(Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 arch: other.to_string(),
@@ -57,6 +61,7 @@ impl Architecture {
             Self::Qwen3 => "qwen3",
             Self::SmolLM3 => "smollm3",
             Self::Gemma3 => "gemma3",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -73,6 +78,12 @@ impl Architecture {
     /// Per-head RMSNorm on queries and keys (`q_norm`, `k_norm`).
     pub fn qk_norm(self) -> bool {
         matches!(self, Self::Qwen3 | Self::Gemma3)
+    }
+
+    /// One projection for q, k and v and one for gate and up (Phi-3), as the checkpoints hold
+    /// them.
+    pub fn fused_projections(self) -> bool {
+        self == Self::Phi3
     }
 
     /// Whether llama.cpp's GGUF files hold this family's Q/K rows permuted for its interleaved
@@ -93,9 +104,8 @@ impl Architecture {
 /// What an unsupported architecture would need, for the error message.
 fn missing_note(arch: &str) -> &'static str {
     match arch {
-        "phi3" | "phi4" => {
-            "; Phi-3/Phi-4-mini (fused qkv_proj and gate_up_proj, partial rotary, \
-             LongRoPE) is not implemented yet"
+        "phimoe" | "phi" => {
+            "; of Microsoft's families only phi3 (Phi-3, Phi-4-mini) is implemented"
         }
         "falcon" => {
             "; classic Falcon (parallel attention and MLP, LayerNorm with bias, fused \
@@ -135,6 +145,17 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// LongRoPE (Phi-3 128k, Phi-4-mini): each RoPE frequency divided by its factor, and cos/sin
+/// scaled by `attention_factor`. transformers takes `long_factor` once a sequence passes
+/// `original_max_position_embeddings`; afinar takes `short_factor` throughout (see `info`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    pub attention_factor: f64,
+}
+
 /// Hyper-parameters of a decoder-only transformer of the Llama family and its relatives.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelConfig {
@@ -164,6 +185,10 @@ pub struct ModelConfig {
     /// `head_dim^-1/2`.
     pub query_pre_attn_scalar: Option<f64>,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Fraction of each head that RoPE turns (Phi-4-mini: 0.75); 1 when absent.
+    pub partial_rotary_factor: Option<f64>,
+    /// Phi-3's LongRoPE frequency factors.
+    pub longrope: Option<LongRope>,
     /// Linear RoPE position scaling of the global layers (Gemma 3 4B and up: `factor`).
     pub rope_linear_factor: Option<f64>,
 }
@@ -241,6 +266,7 @@ impl ModelConfig {
                 _ => 10_000.0,
             });
         let mut rope_linear_factor = None;
+        let mut longrope = None;
         let rope_scaling = match rope {
             Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("llama3") => {
                 Some(Llama3RopeScaling {
@@ -254,6 +280,37 @@ impl ModelConfig {
             }
             Some(s) if s.rope_type.as_deref().or(s.kind.as_deref()) == Some("linear") => {
                 rope_linear_factor = Some(s.factor.unwrap_or(1.0));
+                None
+            }
+            Some(s)
+                if matches!(
+                    s.rope_type.as_deref().or(s.kind.as_deref()),
+                    Some("longrope") | Some("su")
+                ) =>
+            {
+                let (Some(short), Some(long)) = (&s.short_factor, &s.long_factor) else {
+                    return Err(Error::bad_file(
+                        path,
+                        "longrope scaling without short_factor and long_factor",
+                    ));
+                };
+                let max_pos = raw.max_position_embeddings.unwrap_or(2048);
+                let orig = s
+                    .original_max_position_embeddings
+                    .or(raw.original_max_position_embeddings)
+                    .unwrap_or(max_pos);
+                let factor = s.factor.unwrap_or(max_pos as f64 / orig.max(1) as f64);
+                let attention_factor = s.attention_factor.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (orig as f64).ln()).sqrt()
+                });
+                longrope = Some(LongRope {
+                    short_factor: short.clone(),
+                    long_factor: long.clone(),
+                    original_max_position_embeddings: orig,
+                    attention_factor,
+                });
                 None
             }
             Some(s)
@@ -354,6 +411,11 @@ impl ModelConfig {
                 _ => None,
             },
             rope_scaling,
+            partial_rotary_factor: raw
+                .partial_rotary_factor
+                .or(global.as_ref().and_then(|g| g.partial_rotary_factor))
+                .filter(|&f| f < 1.0),
+            longrope,
             rope_linear_factor,
         };
         config.validate(path)?;
@@ -383,6 +445,14 @@ impl ModelConfig {
             .query_pre_attn_scalar
             .unwrap_or(self.head_dim as f64)
             .sqrt()
+    }
+
+    /// The dimensions of each head RoPE turns (all but under partial rotary).
+    pub fn rotary_dim(&self) -> usize {
+        match self.partial_rotary_factor {
+            Some(f) => ((self.head_dim as f64 * f) as usize) & !1,
+            None => self.head_dim,
+        }
     }
 
     /// Whether any layer's attention slides (the masks then differ per layer).
@@ -420,6 +490,28 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
+        if let Some(f) = self.partial_rotary_factor {
+            if !(f > 0.0 && f <= 1.0) || self.rotary_dim() == 0 {
+                return bad(format!("partial_rotary_factor {f} must be in (0, 1]"));
+            }
+        }
+        if let Some(l) = &self.longrope {
+            let n = self.rotary_dim() / 2;
+            if l.short_factor.len() != n || l.long_factor.len() != n {
+                return bad(format!(
+                    "longrope factors have {} and {} entries; the rotary dims need {n}",
+                    l.short_factor.len(),
+                    l.long_factor.len()
+                ));
+            }
+            if l.short_factor
+                .iter()
+                .chain(&l.long_factor)
+                .any(|f| !(f.is_finite() && *f > 0.0))
+            {
+                return bad("longrope factors must be finite and positive".into());
+            }
+        }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} is odd; RoPE needs it even",
@@ -437,6 +529,10 @@ struct HfRopeScaling {
     #[serde(rename = "type")]
     kind: Option<String>,
     factor: Option<f64>,
+    attention_factor: Option<f64>,
+    short_factor: Option<Vec<f64>>,
+    long_factor: Option<Vec<f64>>,
+    partial_rotary_factor: Option<f64>,
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<usize>,
@@ -463,6 +559,8 @@ struct HfConfig {
     sliding_window_pattern: Option<usize>,
     no_rope_layers: Option<Vec<u32>>,
     rope_local_base_freq: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
     query_pre_attn_scalar: Option<f64>,
     mlp_bias: Option<bool>,
     final_logit_softcapping: Option<f64>,

@@ -21,7 +21,9 @@ use super::ops::attention::Heads;
 use super::ops::cpu::{dot, view};
 use super::ops::packed_matmul::{matmul_wt_rows, weight_view};
 use super::ops::row_attention::{row_attention, Query};
-use super::transformer::{apply_rope, gated, Block, Cache, Linear, NormKind, Transformer};
+use super::transformer::{
+    apply_rope_heads, gated, split_gate_up, Cache, GateUp, Linear, NormKind, Qkv, Transformer,
+};
 use crate::Result;
 
 /// One sequence's part of a pass.
@@ -89,23 +91,21 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         let layer = &base.layers[i];
         let a = &layer.self_attn;
         let (h, kvh, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let lin = |x: &Tensor, pick: fn(&Block) -> &Linear| {
-            rows_linear(x, &models, i, pick, kern.mode, &device)
-        };
+        let lin = |x: &Tensor, name: &str| rows_linear(x, &models, i, name, kern.mode, &device);
         let hn = norm.apply(&x, &layer.attn_norm, true)?;
-        let (mut q, mut k) = (
-            lin(&hn, |l| &l.self_attn.q_proj)?,
-            lin(&hn, |l| &l.self_attn.k_proj)?,
-        );
-        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
-            q = norm.per_head(&q, qn, true)?;
-            k = norm.per_head(&k, kn, true)?;
-        }
+        let (q, k, v) = match &a.qkv {
+            Qkv::Split { .. } => (
+                lin(&hn, "self_attn.q_proj")?,
+                lin(&hn, "self_attn.k_proj")?,
+                lin(&hn, "self_attn.v_proj")?,
+            ),
+            Qkv::Fused(_) => a.split_qkv(&lin(&hn, "self_attn.qkv_proj")?)?,
+        };
+        let (mut q, mut k, v) = a.normed(q, k, v, norm, true)?;
         if let Some((cos, sin)) = rope.pick(c.layer_rope(i)) {
-            q = apply_rope(&q, cos, sin, true)?;
-            k = apply_rope(&k, cos, sin, true)?;
+            q = apply_rope_heads(&q, cos, sin, d, true)?;
+            k = apply_rope_heads(&k, cos, sin, d, true)?;
         }
-        let v = lin(&hn, |l| &l.self_attn.v_proj)?;
         let window = c.layer_window(i);
         // Each sequence's new keys and values join its cache; then every token attends to its
         // own sequence up to itself.
@@ -155,16 +155,18 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         );
         drop(queries);
         let out = Tensor::from_vec(out, (n, h * d), &device)?;
-        let mut attn = lin(&out, |l| &l.self_attn.o_proj)?;
+        let mut attn = lin(&out, "self_attn.o_proj")?;
         if let Some(w) = &layer.attn_post_norm {
             attn = norm.apply(&attn, w, true)?;
         }
         x = (x + attn)?;
         let hn = norm.apply(&x, &layer.ffn_norm, true)?;
-        let gate = lin(&hn, |l| &l.mlp.gate_proj)?;
-        let up = lin(&hn, |l| &l.mlp.up_proj)?;
+        let (gate, up) = match &layer.mlp.gate_up {
+            GateUp::Split { .. } => (lin(&hn, "mlp.gate_proj")?, lin(&hn, "mlp.up_proj")?),
+            GateUp::Fused(_) => split_gate_up(&lin(&hn, "mlp.gate_up_proj")?)?,
+        };
         let act = gated(&gate, &up, layer.mlp.activation, true)?;
-        let mut ffn = lin(&act, |l| &l.mlp.down_proj)?;
+        let mut ffn = lin(&act, "mlp.down_proj")?;
         if let Some(w) = &layer.ffn_post_norm {
             ffn = norm.apply(&ffn, w, true)?;
         }
@@ -208,18 +210,18 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
     Ok(out)
 }
 
-/// The projection `pick` of layer `layer` for token rows `x` (b, in), `models` giving each
-/// row's model: the base weight's product for all rows at once, plus the bias, plus each row's
-/// own adapter.
+/// The projection `name` (`self_attn.q_proj`) of layer `layer` for token rows `x` (b, in),
+/// `models` giving each row's model: the base weight's product for all rows at once, plus the
+/// bias, plus each row's own adapter.
 fn rows_linear(
     x: &Tensor,
     models: &[&Transformer],
     layer: usize,
-    pick: fn(&Block) -> &Linear,
+    name: &str,
     mode: ops::packed_matmul::MatmulMode,
     device: &Device,
 ) -> Result<Tensor> {
-    let base = pick(&models[0].layers[layer]);
+    let base = projection(models[0], layer, name)?;
     let (n, k) = base.weight.dims2()?;
     let b = models.len();
     let xs = view(x)?;
@@ -246,7 +248,7 @@ fn rows_linear(
                 .iter()
                 .take_while(|o| std::ptr::eq(**o, m))
                 .count();
-        if let Some(l) = &pick(&m.layers[layer]).lora {
+        if let Some(l) = &projection(m, layer, name)?.lora {
             let (a, bm) = (view(l.a.as_tensor())?, view(l.b.as_tensor())?);
             let rank = l.a.dim(0)?;
             let scale = l.scale as f32;
@@ -261,4 +263,15 @@ fn rows_linear(
         r0 = r1;
     }
     Ok(Tensor::from_vec(y, (b, n), device)?)
+}
+
+/// Projection `name` of layer `layer` of `m`.
+fn projection<'m>(m: &'m Transformer, layer: usize, name: &str) -> Result<&'m Linear> {
+    let found = m.layers[layer]
+        .linears()
+        .into_iter()
+        .find(|(n, _)| *n == name);
+    found.map(|(_, l)| l).ok_or_else(|| {
+        crate::Error::InvalidArgument(format!("layer {layer} has no projection {name}"))
+    })
 }

@@ -588,7 +588,9 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
     let key_length = meta.opt_usize(&key("attention.key_length"))?;
     let value_length = meta.opt_usize(&key("attention.value_length"))?;
     let rope_dims = meta.opt_usize(&key("rope.dimension_count"))?;
-    let head_dim = match key_length.or(rope_dims) {
+    // Phi-3 turns only part of each head: its rotary dims are not the head size.
+    let partial = architecture == Architecture::Phi3;
+    let head_dim = match key_length.or(rope_dims.filter(|_| !partial)) {
         Some(d) => d,
         None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
         None => {
@@ -610,12 +612,18 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
             format!("{v} differs from the key length {head_dim}; afinar needs them equal"),
         ));
     }
-    if let Some(r) = rope_dims.filter(|&r| r != head_dim) {
-        return Err(bad(
-            &key("rope.dimension_count"),
-            format!("{r} differs from the head size {head_dim}; partial RoPE is not supported"),
-        ));
-    }
+    let partial_rotary_factor = match rope_dims.filter(|&r| r != head_dim) {
+        Some(r) if partial && r < head_dim && r > 0 && r % 2 == 0 => {
+            Some(r as f64 / head_dim as f64)
+        }
+        Some(r) => {
+            return Err(bad(
+                &key("rope.dimension_count"),
+                format!("{r} differs from the head size {head_dim}; partial RoPE is Phi-3's only"),
+            ))
+        }
+        None => None,
+    };
     let num_layers = positive("block_count")?;
     let intermediate_size = positive("feed_forward_length")?;
     let finite_positive = |k: &str, v: f64| -> Result<f64> {
@@ -699,9 +707,10 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
         max_position_embeddings,
         tie_word_embeddings: false,
         attention_bias: architecture == Architecture::Qwen2,
+        partial_rotary_factor,
         ..Default::default()
     };
-    family_config(meta, &mut config)?;
+    family_config(meta, content, &mut config)?;
     // Every tensor of the layout but the optional head, by its GGUF name (the embedding is
     // checked above).
     let expect: Vec<(String, Vec<usize>)> = layout::tensors(&config, false)
@@ -756,7 +765,7 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
 /// The keys of the families beyond Llama's, as llama.cpp reads them: Gemma 3's window, its
 /// pattern (an array of per-layer flags, or every 6th layer global), the sliding layers' RoPE
 /// base and linear scaling; SmolLM3's RoPE-less layers (every 4th, fixed in llama.cpp).
-fn family_config(meta: &Meta, c: &mut ModelConfig) -> Result<()> {
+fn family_config(meta: &Meta, content: &Content, c: &mut ModelConfig) -> Result<()> {
     let a = meta.string("general.architecture")?;
     let key = |k: &str| format!("{a}.{k}");
     match c.architecture {
@@ -806,6 +815,42 @@ fn family_config(meta: &Meta, c: &mut ModelConfig) -> Result<()> {
         }
         Architecture::SmolLM3 => {
             c.no_rope_layers = (0..c.num_layers).map(|i| (i + 1) % 4 == 0).collect();
+        }
+        Architecture::Phi3 => {
+            // LongRoPE: the factors are tensors, the attention factor a key.
+            let infos = &content.tensor_infos;
+            if infos.contains_key("rope_factors_short.weight") {
+                let mut f = File::open(meta.path).map_err(|e| Error::io(meta.path, e))?;
+                let mut read = |name: &str| -> Result<Vec<f64>> {
+                    if !infos.contains_key(name) {
+                        return Err(Error::bad_file(
+                            meta.path,
+                            format!("GGUF file has no '{name}'"),
+                        ));
+                    }
+                    let t = content
+                        .tensor(&mut f, name, &Device::Cpu)?
+                        .dequantize(&Device::Cpu)?;
+                    Ok(t.flatten_all()?
+                        .to_vec1::<f32>()?
+                        .into_iter()
+                        .map(f64::from)
+                        .collect())
+                };
+                let short_factor = read("rope_factors_short.weight")?;
+                let long_factor = read("rope_factors_long.weight")?;
+                c.longrope = Some(super::config::LongRope {
+                    short_factor,
+                    long_factor,
+                    original_max_position_embeddings: meta
+                        .opt_usize(&key("rope.scaling.original_context_length"))?
+                        .unwrap_or(c.max_position_embeddings),
+                    attention_factor: meta
+                        .opt_f64(&key("rope.scaling.attn_factor"))?
+                        .filter(|v| v.is_finite() && *v > 0.0)
+                        .unwrap_or(1.0),
+                });
+            }
         }
         _ => {}
     }

@@ -26,7 +26,7 @@ pub struct TensorSpec {
 
 /// The seven projections of a layer: (Hugging Face module, GGUF module), in the converter's
 /// order.
-pub const PROJECTIONS: [(&str, &str); 7] = [
+const SPLIT: [(&str, &str); 7] = [
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"),
@@ -35,6 +35,49 @@ pub const PROJECTIONS: [(&str, &str); 7] = [
     ("mlp.up_proj", "ffn_up"),
     ("mlp.down_proj", "ffn_down"),
 ];
+
+/// Phi-3's four: q, k, v in one, gate and up in one (llama.cpp keeps both fused, gate first in
+/// `ffn_up`).
+const FUSED: [(&str, &str); 4] = [
+    ("self_attn.qkv_proj", "attn_qkv"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// The projections of a layer of an `a` model: (Hugging Face module, GGUF module).
+pub fn projection_names(a: Architecture) -> &'static [(&'static str, &'static str)] {
+    if a.fused_projections() {
+        &FUSED
+    } else {
+        &SPLIT
+    }
+}
+
+/// Each projection of a layer with its shape: (Hugging Face module, GGUF module, out, in).
+pub fn projections(c: &ModelConfig) -> Vec<(&'static str, &'static str, usize, usize)> {
+    let (hs, q, kv, ff) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    projection_names(c.architecture)
+        .iter()
+        .map(|&(hf, gg)| {
+            let (out, inp) = match hf {
+                "self_attn.q_proj" => (q, hs),
+                "self_attn.k_proj" | "self_attn.v_proj" => (kv, hs),
+                "self_attn.qkv_proj" => (q + 2 * kv, hs),
+                "self_attn.o_proj" => (hs, q),
+                "mlp.gate_proj" | "mlp.up_proj" => (ff, hs),
+                "mlp.gate_up_proj" => (2 * ff, hs),
+                _ => (hs, ff),
+            };
+            (hf, gg, out, inp)
+        })
+        .collect()
+}
 
 /// The block norms of an architecture (Hugging Face module, GGUF module), hidden-sized. The
 /// first normalises the attention's input and the one named `ffn_norm` the MLP's input; Gemma
@@ -65,25 +108,6 @@ pub fn qk_norms(a: Architecture) -> &'static [(&'static str, &'static str)] {
     } else {
         &[]
     }
-}
-
-/// (out, in) of each projection, in [`PROJECTIONS`] order.
-pub fn projection_shapes(c: &ModelConfig) -> [(usize, usize); 7] {
-    let (hs, q, kv, ff) = (
-        c.hidden_size,
-        c.num_heads * c.head_dim,
-        c.num_kv_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    [
-        (q, hs),
-        (kv, hs),
-        (kv, hs),
-        (hs, q),
-        (ff, hs),
-        (ff, hs),
-        (hs, ff),
-    ]
 }
 
 /// Every tensor of a model of configuration `c`, sorted by Hugging Face name; the output head
@@ -152,14 +176,14 @@ pub fn layer_tensors(c: &ModelConfig, i: usize) -> Vec<TensorSpec> {
             Role::Norm,
         ));
     }
-    for ((hf, gg), (rows, cols)) in PROJECTIONS.iter().zip(projection_shapes(c)) {
+    for (hf, gg, rows, cols) in projections(c) {
         out.push(spec(
             format!("{p}.{hf}.weight"),
             format!("{b}.{gg}.weight"),
             vec![rows, cols],
             Role::Matrix,
         ));
-        if c.attention_bias && hf.starts_with("self_attn.") && *hf != "self_attn.o_proj" {
+        if c.attention_bias && hf.starts_with("self_attn.") && hf != "self_attn.o_proj" {
             out.push(spec(
                 format!("{p}.{hf}.bias"),
                 format!("{b}.{gg}.bias"),
@@ -186,7 +210,7 @@ pub fn hf_name(a: Architecture, name: &str) -> Option<String> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, field) = rest.split_once('.')?;
     let (module, kind) = field.rsplit_once('.')?;
-    let hf = PROJECTIONS
+    let hf = projection_names(a)
         .iter()
         .chain(block_norms(a))
         .chain(qk_norms(a))
@@ -225,6 +249,7 @@ mod tests {
             Architecture::Llama,
             Architecture::Qwen3,
             Architecture::Gemma3,
+            Architecture::Phi3,
         ] {
             let c = config(a);
             for t in tensors(&c, true) {

@@ -313,6 +313,20 @@ fn family_notes(c: &ModelConfig) -> Vec<String> {
     if c.architecture.qk_norm() {
         notes.push("per-head RMSNorm on queries and keys".into());
     }
+    if c.partial_rotary_factor.is_some() {
+        notes.push(format!(
+            "RoPE turns {} of each head's {} dimensions",
+            c.rotary_dim(),
+            c.head_dim
+        ));
+    }
+    if let Some(l) = &c.longrope {
+        notes.push(format!(
+            "LongRoPE with its short factors: exact up to {} tokens; longer sequences would take \
+             the long factors in transformers, which afinar does not switch to",
+            l.original_max_position_embeddings
+        ));
+    }
     notes
 }
 

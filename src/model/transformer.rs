@@ -205,12 +205,38 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result
     })
 }
 
+/// RoPE on heads of `head_dim` values, of which the tables' width turns (all, or Phi's
+/// partial rotary).
+pub fn apply_rope_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    head_dim: usize,
+    fused: bool,
+) -> Result<Tensor> {
+    Ok(if fused {
+        ops::rope::apply_rope_partial(x, cos, sin, head_dim)?
+    } else {
+        ops::rope::apply_rope_partial_reference(x, cos, sin, head_dim)?
+    })
+}
+
+/// The query, key and value projections: three, or Phi-3's one `qkv_proj` whose output is
+/// q | k | v (kept fused, as its checkpoints, adapters and llama.cpp have it).
+#[derive(Debug, Clone)]
+pub enum Qkv {
+    Split {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused(Linear),
+}
+
 /// One attention block: projections, RoPE and grouped-query attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: Qkv,
     pub o_proj: Linear,
     /// Per-head RMSNorm weights of queries and keys (Qwen3, Gemma 3), applied before RoPE.
     pub q_norm: Option<Tensor>,
@@ -225,20 +251,56 @@ pub struct Attention {
 impl Attention {
     /// Queries and keys of `x` (b·t, hidden), normalised per head where the model does so;
     /// before RoPE.
-    pub(crate) fn queries_keys(
+    pub(crate) fn project(
         &self,
         x: &Tensor,
         norm: NormKind,
         kern: Kernels,
-    ) -> Result<(Tensor, Tensor)> {
-        let q = self.q_proj.forward(x, kern)?;
-        let k = self.k_proj.forward(x, kern)?;
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = match &self.qkv {
+            Qkv::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                q_proj.forward(x, kern)?,
+                k_proj.forward(x, kern)?,
+                v_proj.forward(x, kern)?,
+            ),
+            Qkv::Fused(l) => self.split_qkv(&l.forward(x, kern)?)?,
+        };
+        self.normed(q, k, v, norm, kern.fused)
+    }
+
+    /// q, k, v of a fused projection's output (rows, (h + 2·kvh)·d).
+    pub(crate) fn split_qkv(&self, y: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        Ok((
+            y.narrow(1, 0, q)?.contiguous()?,
+            y.narrow(1, q, kv)?.contiguous()?,
+            y.narrow(1, q + kv, kv)?.contiguous()?,
+        ))
+    }
+
+    /// Applies the per-head query/key norms, where the model has them.
+    pub(crate) fn normed(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        norm: NormKind,
+        fused: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         Ok(match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (
-                norm.per_head(&q, qn, kern.fused)?,
-                norm.per_head(&k, kn, kern.fused)?,
+                norm.per_head(&q, qn, fused)?,
+                norm.per_head(&k, kn, fused)?,
+                v,
             ),
-            _ => (q, k),
+            _ => (q, k, v),
         })
     }
 
@@ -258,15 +320,14 @@ impl Attention {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // Everything stays 2-D, (b·t, heads·d), the layout the projections write: no copies,
         // and no reshape nodes whose backward would copy the gradient.
-        let (q, k) = self.queries_keys(x, norm, kern)?;
+        let (q, k, v) = self.project(x, norm, kern)?;
         let (q, k) = match rope {
             Some((cos, sin)) => (
-                apply_rope(&q, cos, sin, fused)?,
-                apply_rope(&k, cos, sin, fused)?,
+                apply_rope_heads(&q, cos, sin, d, fused)?,
+                apply_rope_heads(&k, cos, sin, d, fused)?,
             ),
             None => (q, k),
         };
-        let v = self.v_proj.forward(x, kern)?;
         let (k, v) = match cache {
             Some(c) => {
                 let (k, v) =
@@ -291,13 +352,28 @@ impl Attention {
     }
 }
 
+/// The gate and up projections: two, or Phi-3's one `gate_up_proj` whose output is gate | up.
+#[derive(Debug, Clone)]
+pub enum GateUp {
+    Split { gate_proj: Linear, up_proj: Linear },
+    Fused(Linear),
+}
+
 /// The gated feed-forward block: `down(act(gate(x)) · up(x))` (SwiGLU, or Gemma's GELU-tanh).
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUp,
     pub down_proj: Linear,
     pub activation: Activation,
+}
+
+/// gate and up of a fused projection's output (rows, 2·ff).
+pub(crate) fn split_gate_up(y: &Tensor) -> Result<(Tensor, Tensor)> {
+    let ff = y.dim(1)? / 2;
+    Ok((
+        y.narrow(1, 0, ff)?.contiguous()?,
+        y.narrow(1, ff, ff)?.contiguous()?,
+    ))
 }
 
 /// `act(gate) · up`, differentiable (fused, hand-written backward, unless `fused` is false).
@@ -312,8 +388,12 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, fused: bool) -> Result
 
 impl Mlp {
     fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, k)?;
-        let up = self.up_proj.forward(x, k)?;
+        let (gate, up) = match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => {
+                (gate_proj.forward(x, k)?, up_proj.forward(x, k)?)
+            }
+            GateUp::Fused(l) => split_gate_up(&l.forward(x, k)?)?,
+        };
         let act = gated(&gate, &up, self.activation, k.fused)?;
         self.down_proj.forward(&act, k)
     }
@@ -336,6 +416,57 @@ pub struct Block {
 }
 
 impl Block {
+    /// Every projection of the block with its Hugging Face name within the layer
+    /// (`self_attn.q_proj`, `mlp.gate_up_proj`, …), in the order of [`super::layout`].
+    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        let mut v = match &self.self_attn.qkv {
+            Qkv::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![
+                ("self_attn.q_proj", q_proj),
+                ("self_attn.k_proj", k_proj),
+                ("self_attn.v_proj", v_proj),
+            ],
+            Qkv::Fused(l) => vec![("self_attn.qkv_proj", l)],
+        };
+        v.push(("self_attn.o_proj", &self.self_attn.o_proj));
+        match &self.mlp.gate_up {
+            GateUp::Split { gate_proj, up_proj } => {
+                v.extend([("mlp.gate_proj", gate_proj), ("mlp.up_proj", up_proj)])
+            }
+            GateUp::Fused(l) => v.push(("mlp.gate_up_proj", l)),
+        }
+        v.push(("mlp.down_proj", &self.mlp.down_proj));
+        v
+    }
+
+    /// [`Block::linears`], mutable (adapters are attached through it).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut v = match &mut self.self_attn.qkv {
+            Qkv::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![
+                ("self_attn.q_proj", q_proj),
+                ("self_attn.k_proj", k_proj),
+                ("self_attn.v_proj", v_proj),
+            ],
+            Qkv::Fused(l) => vec![("self_attn.qkv_proj", l)],
+        };
+        v.push(("self_attn.o_proj", &mut self.self_attn.o_proj));
+        match &mut self.mlp.gate_up {
+            GateUp::Split { gate_proj, up_proj } => {
+                v.extend([("mlp.gate_proj", gate_proj), ("mlp.up_proj", up_proj)])
+            }
+            GateUp::Fused(l) => v.push(("mlp.gate_up_proj", l)),
+        }
+        v.push(("mlp.down_proj", &mut self.mlp.down_proj));
+        v
+    }
+
     /// Every norm weight of the block with its Hugging Face name within the layer
     /// (`input_layernorm`, `self_attn.q_norm`, …), as `layout` names them.
     pub fn norms(&self) -> Vec<(&'static str, &Tensor)> {
@@ -497,10 +628,17 @@ impl Transformer {
             let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
                 Linear::load(&mut w, &format!("{p}.{name}"), out, inp, bias)
             };
+            let qkv = if arch.fused_projections() {
+                Qkv::Fused(lin("self_attn.qkv_proj", q_out + 2 * kv_out, hs, ab)?)
+            } else {
+                Qkv::Split {
+                    q_proj: lin("self_attn.q_proj", q_out, hs, ab)?,
+                    k_proj: lin("self_attn.k_proj", kv_out, hs, ab)?,
+                    v_proj: lin("self_attn.v_proj", kv_out, hs, ab)?,
+                }
+            };
             let self_attn = Attention {
-                q_proj: lin("self_attn.q_proj", q_out, hs, ab)?,
-                k_proj: lin("self_attn.k_proj", kv_out, hs, ab)?,
-                v_proj: lin("self_attn.v_proj", kv_out, hs, ab)?,
+                qkv,
                 o_proj: lin("self_attn.o_proj", hs, q_out, false)?,
                 q_norm: None,
                 k_norm: None,
@@ -510,9 +648,16 @@ impl Transformer {
                 scale: c.attention_scale(),
             };
             let ff = c.intermediate_size;
+            let gate_up = if arch.fused_projections() {
+                GateUp::Fused(lin("mlp.gate_up_proj", 2 * ff, hs, false)?)
+            } else {
+                GateUp::Split {
+                    gate_proj: lin("mlp.gate_proj", ff, hs, false)?,
+                    up_proj: lin("mlp.up_proj", ff, hs, false)?,
+                }
+            };
             let mlp = Mlp {
-                gate_proj: lin("mlp.gate_proj", ff, hs, false)?,
-                up_proj: lin("mlp.up_proj", ff, hs, false)?,
+                gate_up,
                 down_proj: lin("mlp.down_proj", hs, ff, false)?,
                 activation: arch.activation(),
             };
@@ -551,7 +696,7 @@ impl Transformer {
         let device = embed_tokens.device();
         let inv_freq = inv_freq(c, c.rope_theta, rope_freq_factors.as_deref(), &device)?;
         let inv_freq_local = match c.rope_local_theta {
-            Some(theta) => Some(inv_freq_plain(c.head_dim, theta, &device)?),
+            Some(theta) => Some(inv_freq_plain(c.rotary_dim(), theta, &device)?),
             None => None,
         };
         Ok(Self {
@@ -574,17 +719,7 @@ impl Transformer {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            for (name, lin) in l.linears_mut() {
                 out.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
@@ -601,18 +736,7 @@ impl Transformer {
         let mut out = vec![&self.embed_tokens];
         out.extend(self.lm_head.as_ref());
         for l in &self.layers {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for lin in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
-                out.push(&lin.weight);
-            }
+            out.extend(l.linears().into_iter().map(|(_, lin)| &lin.weight));
         }
         out
     }
@@ -634,12 +758,8 @@ impl Transformer {
         n += f32s(&self.norm);
         for l in &self.layers {
             n += l.norms().iter().map(|(_, t)| f32s(t)).sum::<usize>();
-            let a = &l.self_attn;
-            for b in [&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias]
-                .into_iter()
-                .flatten()
-            {
-                n += f32s(b);
+            for (_, lin) in l.linears() {
+                n += lin.bias.as_ref().map_or(0, f32s);
             }
         }
         n
@@ -660,10 +780,19 @@ impl Transformer {
     pub(crate) fn rope_tables(&self, positions: &Tensor) -> Result<RopeTables> {
         let (b, t) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+        // LongRoPE scales cos and sin (Phi-3's attention factor); 1 otherwise.
+        let scale = self
+            .config
+            .longrope
+            .as_ref()
+            .map_or(1.0, |l| l.attention_factor);
         let table = |inv: &Tensor| -> Result<(Tensor, Tensor)> {
             let freqs = pos.broadcast_mul(&inv.reshape((1, 1, ()))?)?;
             let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(2)?;
-            Ok((emb.cos()?, emb.sin()?))
+            if scale == 1.0 {
+                return Ok((emb.cos()?, emb.sin()?));
+            }
+            Ok(((emb.cos()? * scale)?, (emb.sin()? * scale)?))
         };
         Ok(RopeTables {
             global: table(&self.inv_freq)?,
@@ -906,8 +1035,13 @@ fn inv_freq(
     factors: Option<&[f32]>,
     device: &Device,
 ) -> Result<Tensor> {
-    let d = c.head_dim;
+    let d = c.rotary_dim();
     let mut inv: Vec<f32> = inv_freq_plain(d, theta, device)?.to_vec1()?;
+    if let Some(l) = &c.longrope {
+        for (f, k) in inv.iter_mut().zip(&l.short_factor) {
+            *f /= *k as f32;
+        }
+    }
     if let Some(f) = c.rope_linear_factor {
         inv.iter_mut().for_each(|x| *x /= f as f32);
     }

@@ -187,6 +187,7 @@ impl LoraTargets {
         match self {
             LoraTargets::AllLinear => super::lora::ALL_LINEAR
                 .iter()
+                .chain(&super::lora::FUSED_LINEAR)
                 .map(|s| s.to_string())
                 .collect(),
             LoraTargets::Modules(list) => list.clone(),
@@ -207,10 +208,11 @@ impl std::str::FromStr for LoraTargets {
             .filter(|s| !s.is_empty())
             .collect();
         for t in &list {
-            if !ALL.contains(&t.as_str()) {
+            if !ALL.contains(&t.as_str()) && !super::lora::FUSED_LINEAR.contains(&t.as_str()) {
                 return Err(Error::Config(format!(
-                    "lora_targets: unknown module '{t}' (use all-linear or some of {})",
-                    ALL.join(",")
+                    "lora_targets: unknown module '{t}' (use all-linear or some of {},{})",
+                    ALL.join(","),
+                    super::lora::FUSED_LINEAR.join(",")
                 )));
             }
         }

@@ -7,7 +7,11 @@ use crate::model::transformer::{LoraAdapter, LoraDropout, Transformer};
 use crate::rng::Rng;
 use crate::Result;
 
-/// The projections LoRA can target (`all-linear`), in the order of a layer.
+/// Phi-3's fused projections, which `all-linear` also covers.
+pub const FUSED_LINEAR: [&str; 2] = ["qkv_proj", "gate_up_proj"];
+
+/// The projections LoRA can target (`all-linear`, with [`FUSED_LINEAR`]), in the order of a
+/// layer.
 pub const ALL_LINEAR: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -82,7 +86,33 @@ pub fn attach(
             dropout,
         });
     }
+    if vars.is_empty() {
+        let have: Vec<String> = model
+            .linears_mut()
+            .into_iter()
+            .filter_map(|(n, _)| n.rsplit('.').next().map(str::to_string))
+            .take(9)
+            .collect();
+        return Err(crate::Error::Config(format!(
+            "lora_targets {} name no projection of this model; its projections are {}",
+            spec.targets.join(","),
+            have.join(",")
+        )));
+    }
     Ok(vars)
+}
+
+/// The module names (`q_proj`) that `vars` adapt, for the adapter's `target_modules`.
+pub fn attached_modules(vars: &[(String, Var)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (name, _) in vars {
+        if let Some(m) = name.split('.').rev().nth(2) {
+            if !out.iter().any(|o| o == m) {
+                out.push(m.to_string());
+            }
+        }
+    }
+    out
 }
 
 /// PEFT's default A: uniform in ±1/√in, drawn from a seeded generator.

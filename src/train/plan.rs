@@ -220,6 +220,8 @@ pub fn lora_params(c: &ModelConfig, targets: &[String], rank: usize) -> u64 {
         .iter()
         .map(|t| match t.as_str() {
             "q_proj" => h + q,
+            "qkv_proj" => h + q + 2 * kv,
+            "gate_up_proj" => h + 2 * i,
             "k_proj" | "v_proj" => h + kv,
             "o_proj" => q + h,
             "gate_proj" | "up_proj" | "down_proj" => h + i,

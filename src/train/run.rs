@@ -627,7 +627,7 @@ pub fn write_output(run: &Run) -> Result<PathBuf> {
                 r: cfg.lora_rank,
                 lora_alpha: cfg.lora_alpha,
                 lora_dropout: cfg.lora_dropout,
-                target_modules: cfg.targets(),
+                target_modules: lora::attached_modules(&vars),
                 use_rslora: cfg.rslora,
                 bias: "none".into(),
                 fan_in_fan_out: false,

@@ -6,7 +6,8 @@
 For each family it writes a small randomly-initialised checkpoint in Hugging Face layout,
 tests/fixtures/tiny-<family>/ (the real model's config scaled down: Qwen3's explicit head_dim and
 q/k norms, Gemma 3's six layers with a window of 8 and its own RoPE base on the sliding ones,
-SmolLM3's RoPE-less 4th layer, Llama 3's rope scaling and list of end ids, Mistral's window of 8;
+SmolLM3's RoPE-less 4th layer, Llama 3's rope scaling and list of end ids, Mistral's window of 8,
+Phi-3's fused projections with Phi-4-mini's partial rotary and LongRoPE;
 non-zero norm weights; the family's special tokens and real chat template from
 tests/fixtures/templates/), a PEFT adapter with random A and B, tests/fixtures/tiny-<family>-lora/,
 and tests/golden/families.json: per family the logits and greedy 16 tokens of prompts longer than
@@ -28,7 +29,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "fixtures")
 TEMPLATES = os.path.join(FIXTURES, "templates")
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# All the projection names LoRA may target (afinar's ALL_LINEAR then FUSED_LINEAR): each model
+# has some of them; A's formula indexes this list.
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+FUSED = ["qkv_proj", "gate_up_proj"]
 
 CORPUS = [
     "Hello, world! def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)",
@@ -60,6 +64,7 @@ SPECIALS = {
     "smollm3": (["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], None, "<|im_end|>", "smollm3.jinja"),
     "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"], "<|begin_of_text|>", "<|eot_id|>", "llama3.jinja"),
     "mistral-swa": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", None),
+    "phi3": (["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|end|>", "phi3.jinja"),
 }
 
 
@@ -98,6 +103,17 @@ def config(family, vocab, ids):
     if family == "mistral-swa":
         return transformers.MistralConfig(**common, num_hidden_layers=2, sliding_window=8, tie_word_embeddings=False,
                                           bos_token_id=ids["<s>"], eos_token_id=ids["</s>"])
+    if family == "phi3":
+        # Phi-4-mini's shape scaled down: partial rotary 0.75, LongRoPE, tied embeddings.
+        rot = int(16 * 0.75) // 2
+        return transformers.Phi3Config(**common, num_hidden_layers=2, tie_word_embeddings=True,
+                                       rope_theta=10_000.0, partial_rotary_factor=0.75,
+                                       original_max_position_embeddings=64, sliding_window=None,
+                                       rope_scaling={"rope_type": "longrope",
+                                                     "short_factor": [1.0 + 0.25 * i for i in range(rot)],
+                                                     "long_factor": [2.0 + 0.5 * i for i in range(rot)]},
+                                       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|end|>"],
+                                       pad_token_id=ids["<|endoftext|>"])
     raise ValueError(family)
 
 

@@ -1,5 +1,7 @@
 //! Rotary position embedding, Hugging Face's rotate-half form: `y = x·cos + rot(x)·sin` with
 //! rot(x) = [−x₂, x₁], and a hand-written backward: dx = dy·cos + rotᵀ(dy·sin), rotᵀ(z) = [z₂, −z₁].
+//! Partial rotary (Phi-3/Phi-4-mini): only each head's first `r` dims (the tables' width) turn;
+//! the rest pass through.
 //!
 //! Why our own op: candle's `rope` has no backward (it silently detaches), and the composition
 //! (narrow, neg, cat, two products, a sum) writes six query/key-sized tensors per layer.
@@ -9,31 +11,32 @@ use rayon::prelude::*;
 
 use super::cpu::{f32_slice, from_vec, view};
 
-/// x laid out (b, t, h, d), as the projections write it; cos and sin (b or 1, t, 1, d).
+/// x laid out (b, t, h, d), as the projections write it; cos and sin (b or 1, t, 1, r), r ≤ d.
 struct Rope {
     t: usize,
     h: usize,
     d: usize,
+    r: usize,
 }
 
 fn rope_rows(
     x: &[f32],
     cos: &[f32],
     sin: &[f32],
-    &Rope { t, h, d }: &Rope,
+    &Rope { t, h, d, r }: &Rope,
     inverse: bool,
 ) -> Vec<f32> {
-    let half = d / 2;
-    let table_batches = cos.len() / (t * d);
-    let mut y = vec![0f32; x.len()];
+    let half = r / 2;
+    let table_batches = cos.len() / (t * r);
+    let mut y = x.to_vec();
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .enumerate()
-        .for_each(|(r, (yr, xr))| {
-            let (bi, ti) = (r / (t * h), (r / h) % t);
+        .for_each(|(row, (yr, xr))| {
+            let (bi, ti) = (row / (t * h), (row / h) % t);
             let tb = if table_batches == 1 { 0 } else { bi };
-            let off = (tb * t + ti) * d;
-            let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
+            let off = (tb * t + ti) * r;
+            let (c, s) = (&cos[off..off + r], &sin[off..off + r]);
             for i in 0..half {
                 let (a, b) = (xr[i], xr[i + half]);
                 if inverse {
@@ -92,31 +95,64 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !super::fusable(x) {
         return apply_rope_reference(x, cos, sin);
     }
-    let (t, h, d) = rope_dims(x, cos)?;
-    x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { t, h, d })
+    apply_rope_partial(x, cos, sin, cos.dim(3)?)
 }
 
-/// (t, heads, head_dim) of `x` given tables (b or 1, t, 1, d).
-fn rope_dims(x: &Tensor, cos: &Tensor) -> Result<(usize, usize, usize)> {
-    let (_, t, _, d) = cos.dims4()?;
+/// [`apply_rope`] on heads of `head_dim` values, of which the first `cos.dim(3)` turn.
+pub fn apply_rope_partial(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    head_dim: usize,
+) -> Result<Tensor> {
+    if !super::fusable(x) {
+        return apply_rope_partial_reference(x, cos, sin, head_dim);
+    }
+    let (t, h, d, r) = rope_dims(x, cos, head_dim)?;
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { t, h, d, r })
+}
+
+/// (t, heads, head_dim, rotary dims) of `x` given tables (b or 1, t, 1, r).
+fn rope_dims(x: &Tensor, cos: &Tensor, d: usize) -> Result<(usize, usize, usize, usize)> {
+    let (_, t, _, r) = cos.dims4()?;
+    if r > d || r % 2 != 0 {
+        candle_core::bail!("rope: {r} rotary dims for heads of {d}");
+    }
     let h = if x.rank() == 4 {
         x.dim(2)?
     } else {
         x.dim(candle_core::D::Minus1)? / d
     };
-    Ok((t, h, d))
+    Ok((t, h, d, r))
 }
 
 /// The same RoPE as a composition of candle ops (any device; the test reference).
 pub fn apply_rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (t, h, d) = rope_dims(x, cos)?;
+    apply_rope_partial_reference(x, cos, sin, cos.dim(3)?)
+}
+
+/// [`apply_rope_partial`] as a composition of candle ops.
+pub fn apply_rope_partial_reference(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (t, h, d, r) = rope_dims(x, cos, head_dim)?;
     let x4 = x.reshape(((), t, h, d))?;
-    let half = d / 2;
-    let x1 = x4.narrow(candle_core::D::Minus1, 0, half)?;
-    let x2 = x4.narrow(candle_core::D::Minus1, half, half)?;
+    let rot = x4.narrow(candle_core::D::Minus1, 0, r)?;
+    let half = r / 2;
+    let x1 = rot.narrow(candle_core::D::Minus1, 0, half)?;
+    let x2 = rot.narrow(candle_core::D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], candle_core::D::Minus1)?;
-    let y = (x4.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+    let mut y = (rot.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+    if r < d {
+        y = Tensor::cat(
+            &[&y, &x4.narrow(candle_core::D::Minus1, r, d - r)?],
+            candle_core::D::Minus1,
+        )?;
+    }
     y.reshape(x.shape())
 }
 
@@ -148,5 +184,29 @@ mod tests {
                 < 1e-6
         );
         fd_check(&Var::from_tensor(&x)?, |t| apply_rope(t, &cos, &sin))
+    }
+
+    /// Partial rotary: the first 4 of each head's 10 dims turn, the rest pass through.
+    #[test]
+    fn partial_rotary_matches_reference_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 4, 3, 10), &dev)?;
+        let ang = Tensor::randn(0f32, 1., (1, 4, 1, 4), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let want = apply_rope_partial_reference(&x, &cos, &sin, 10)?;
+        let got = apply_rope_partial(&x.reshape((8, 30))?, &cos, &sin, 10)?;
+        let d = (got.reshape(want.shape())? - &want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        let pass = (want.narrow(D::Minus1, 4, 6)? - x.narrow(D::Minus1, 4, 6)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(pass, 0.0, "the unrotated dims pass through");
+        fd_check(&Var::from_tensor(&x)?, |t| {
+            apply_rope_partial(t, &cos, &sin, 10)
+        })
     }
 }

@@ -461,3 +461,60 @@ fn deepseek_r1_template_labels_the_answer_only() {
         );
     }
 }
+
+/// The SentencePiece path (`tokenizer.ggml.model = llama`: pieces marked with `▁`, merges
+/// recovered from scores, byte fallback): afinar's ids for a varied corpus equal transformers'
+/// GGUF converter's (tests/golden/make_spm.py) and llama.cpp's own tokenizer's on the same file.
+#[test]
+fn sentencepiece_gguf_tokenizes_like_transformers_and_llama_cpp() {
+    let g = golden("spm.json");
+    let path = root().join(g["file"].as_str().unwrap());
+    let (tok, _) = afinar::model::gguf::load_text_side(&path).unwrap();
+    let cases = g["tokenizer"].as_array().unwrap();
+    let mine: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| tok.encode(c["text"].as_str().unwrap(), true).unwrap())
+        .collect();
+    for (c, got) in cases.iter().zip(&mine) {
+        let text = c["text"].as_str().unwrap();
+        // transformers' Metaspace adds no "▁" before text that starts with a space, where
+        // SentencePiece's dummy prefix (and llama.cpp, checked below) always adds one.
+        if !text.starts_with(' ') {
+            assert_eq!(got, &ids(&c["ids"]), "transformers, {text:?}");
+        }
+    }
+    assert!(
+        mine.iter().flatten().any(|&id| (3..259).contains(&id)),
+        "no byte-fallback token: the corpus should exercise it"
+    );
+    if !root()
+        .join("tests/llamacpp/node_modules/node-llama-cpp")
+        .is_dir()
+    {
+        assert!(
+            std::env::var_os("AFINAR_REQUIRE_LLAMACPP_TEST").is_none(),
+            "needs `npm install` in tests/llamacpp (see .ci/run)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("texts.json");
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    std::fs::write(&job, serde_json::to_string(&texts).unwrap()).unwrap();
+    let out = Command::new("node")
+        .arg(root().join("tests/llamacpp/tokenize.mjs"))
+        .arg(&path)
+        .arg(&job)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "llama.cpp: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    for ((text, got), theirs) in texts.iter().zip(&mine).zip(v["ids"].as_array().unwrap()) {
+        assert_eq!(got, &ids(theirs), "llama.cpp, {text:?}");
+    }
+}

@@ -14,6 +14,7 @@ use afinar::export::peft;
 use afinar::infer::{generate, GenerateOptions, SamplingParams};
 use afinar::model::config::Architecture;
 use afinar::model::decode::{forward_rows, Row};
+use afinar::model::layout;
 use afinar::model::transformer::Cache;
 use afinar::model::{Message, Model};
 use afinar::train::lora::{self, LoraSpec, ALL_LINEAR, FUSED_LINEAR};
@@ -184,9 +185,10 @@ fn lora_gradients_match_peft_and_adapters_round_trip() {
             dropout: 0.0,
             targets: modules.iter().map(|s| s.to_string()).collect(),
         };
+        let arch = model.config().architecture;
         let vars = lora::attach(&mut model.transformer, &spec, |name, r, n_in| {
             let layer: f64 = name.split('.').nth(2).unwrap().parse().unwrap();
-            let module = name.rsplit('.').next().unwrap();
+            let module = layout::checkpoint_module(arch, name.rsplit('.').next().unwrap());
             let mi = modules.iter().position(|m| *m == module).unwrap() as f64;
             (0..r * n_in)
                 .map(|k| (0.02 * (0.37 * k as f64 + 1.3 * layer + 0.7 * mi).sin()) as f32)
@@ -218,7 +220,7 @@ fn lora_gradients_match_peft_and_adapters_round_trip() {
         let grads = grads.unwrap();
         let mut checked = 0;
         for (p, grad) in opt.params.iter().zip(&grads) {
-            let Some(want) = g["grad_norms"].get(&p.name) else {
+            let Some(want) = g["grad_norms"].get(layout::checkpoint_name(arch, &p.name)) else {
                 continue;
             };
             let want = want.as_f64().unwrap();
@@ -264,7 +266,7 @@ fn lora_gradients_match_peft_and_adapters_round_trip() {
             inference_mode: true,
         };
         let out = tmp.path().join("adapter");
-        peft::save(&out, &cfg, &vars).unwrap();
+        peft::save(&out, arch, &cfg, &vars).unwrap();
         let mut fresh = load(&f);
         assert_ne!(
             all_logits(&fresh, &prompt),

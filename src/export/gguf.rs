@@ -146,7 +146,13 @@ pub fn write_from(
             MetaValue::F32(c.rope_theta as f32),
         ),
         kv(
-            &format!("{arch}.attention.layer_norm_rms_epsilon"),
+            &format!(
+                "{arch}.attention.{}",
+                match c.architecture.layer_norm() {
+                    true => "layer_norm_epsilon",
+                    false => "layer_norm_rms_epsilon",
+                }
+            ),
             MetaValue::F32(c.rms_norm_eps as f32),
         ),
         kv(&format!("{arch}.rope.dimension_count"), u(c.rotary_dim())),
@@ -218,6 +224,14 @@ pub fn write_from(
     );
     output_norm.add_one = layout::gguf_adds_one(c.architecture, "output_norm.weight");
     items.push(output_norm);
+    if let Some(b) = src.shape("model.norm.bias") {
+        items.push(Item::new(
+            "output_norm.bias",
+            Src::Hf("model.norm.bias".into()),
+            b,
+            GgmlType::F32,
+        ));
+    }
     if let Some(head) = src.shape("lm_head.weight") {
         items.push(Item::new(
             "output.weight",
@@ -244,7 +258,8 @@ pub fn write_lora_for(
     adapter_dir: &Path,
     path: &Path,
 ) -> Result<()> {
-    let (cfg, mut tensors) = super::peft::read(adapter_dir, &Device::Cpu)?;
+    let (cfg, mut tensors) =
+        super::peft::read(adapter_dir, info.config.architecture, &Device::Cpu)?;
     let base_name = model_name(info.source);
     let misfit = super::peft::misfit(adapter_dir, &cfg, &base_name);
     let c = info.config;

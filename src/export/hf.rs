@@ -55,13 +55,15 @@ pub fn named_tensors(model: &Model) -> Result<BTreeMap<String, Tensor>> {
     let m = &model.transformer;
     let mut tensors = BTreeMap::new();
     tensors.insert("model.embed_tokens.weight".into(), m.embed_tokens.to_f32()?);
-    tensors.insert("model.norm.weight".into(), m.norm.clone());
+    for (name, t) in m.final_norms() {
+        tensors.insert(name.into(), t.clone());
+    }
     if let Some(h) = &m.lm_head {
         tensors.insert("lm_head.weight".into(), h.to_f32()?);
     }
     for (i, l) in m.layers.iter().enumerate() {
         for (name, t) in l.norms() {
-            tensors.insert(format!("model.layers.{i}.{name}.weight"), t.clone());
+            tensors.insert(format!("model.layers.{i}.{name}"), t.clone());
         }
     }
     let mut m2 = m.clone();
@@ -95,7 +97,7 @@ pub fn save_from(
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_weights(dir, src, opts)?;
+    write_weights(dir, src, opts, info.config.architecture)?;
     let c = info.config;
     let arch = match c.architecture {
         Architecture::Llama => ("llama", "LlamaForCausalLM"),
@@ -105,6 +107,7 @@ pub fn save_from(
         Architecture::SmolLM3 => ("smollm3", "SmolLM3ForCausalLM"),
         Architecture::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
         Architecture::Phi3 => ("phi3", "Phi3ForCausalLM"),
+        Architecture::Falcon => ("falcon", "FalconForCausalLM"),
     };
     let tok = info.tokenizer;
     let id_of = |t: &Option<String>| t.as_deref().and_then(|t| tok.inner.token_to_id(t));
@@ -216,6 +219,29 @@ fn config_family_keys(c: &crate::model::ModelConfig, config: &mut serde_json::Va
             "attention_factor": l.attention_factor,
         });
     }
+    if a == Architecture::Falcon {
+        // FalconConfig's own keys: the variant afinar runs (see config.rs).
+        let obj = config.as_object_mut().expect("config is an object");
+        for k in [
+            "head_dim",
+            "num_key_value_heads",
+            "intermediate_size",
+            "rms_norm_eps",
+        ] {
+            obj.remove(k);
+        }
+        obj.extend([
+            ("layer_norm_epsilon".into(), json!(c.rms_norm_eps)),
+            ("ffn_hidden_size".into(), json!(c.intermediate_size)),
+            ("multi_query".into(), json!(true)),
+            ("parallel_attn".into(), json!(true)),
+            ("new_decoder_architecture".into(), json!(false)),
+            ("bias".into(), json!(false)),
+            ("alibi".into(), json!(false)),
+            ("activation".into(), json!("gelu")),
+        ]);
+        obj.remove("hidden_act");
+    }
     if a.activation() == crate::model::config::Activation::GeluTanh {
         config["hidden_act"] = json!("gelu_pytorch_tanh");
         config["hidden_activation"] = json!("gelu_pytorch_tanh");
@@ -247,7 +273,12 @@ fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
 /// `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` with an index when the
 /// weights pass `opts.shard_bytes`. Each file's header is written from the shapes, then its
 /// tensors are read, cast and written one at a time.
-fn write_weights(dir: &Path, src: &dyn TensorSource, opts: &HfOptions) -> Result<()> {
+fn write_weights(
+    dir: &Path,
+    src: &dyn TensorSource,
+    opts: &HfOptions,
+    arch: Architecture,
+) -> Result<()> {
     let tensors = src.tensors();
     let elem = opts.dtype.size_in_bytes();
     let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![vec![]];
@@ -274,12 +305,15 @@ fn write_weights(dir: &Path, src: &dyn TensorSource, opts: &HfOptions) -> Result
     let mut weight_map = serde_json::Map::new();
     for (i, part) in shards.iter().enumerate() {
         for (name, _) in part {
-            weight_map.insert(name.clone(), json!(file_name(i)));
+            weight_map.insert(
+                crate::model::layout::checkpoint_name(arch, name),
+                json!(file_name(i)),
+            );
         }
         let path = dir.join(file_name(i));
         let tmp = crate::fs::tmp_name(&path);
-        let written =
-            write_safetensors(&tmp, part, src, opts.dtype).and_then(|()| readable_by_all(&tmp));
+        let written = write_safetensors(&tmp, part, src, opts.dtype, arch)
+            .and_then(|()| readable_by_all(&tmp));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -304,6 +338,7 @@ fn write_safetensors(
     tensors: &[(String, Vec<usize>)],
     src: &dyn TensorSource,
     dtype: DType,
+    arch: Architecture,
 ) -> Result<()> {
     let (ty, name) = match dtype {
         DType::F16 => (GgmlType::F16, "F16"),
@@ -316,7 +351,7 @@ fn write_safetensors(
     for (n, shape) in tensors {
         let bytes = ty.bytes(shape.iter().product());
         header.insert(
-            n.clone(),
+            crate::model::layout::checkpoint_name(arch, n),
             json!({"dtype": name, "shape": shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;

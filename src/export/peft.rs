@@ -9,6 +9,8 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::model::config::Architecture;
+use crate::model::layout;
 use crate::model::transformer::{LoraAdapter, Transformer};
 use crate::{Error, Result};
 
@@ -58,12 +60,21 @@ fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<
     Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
-/// Writes `vars` (afinar names, `model.layers.…lora_A.weight`) as a PEFT adapter directory.
-pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Result<()> {
+/// Writes `vars` (afinar names, `model.layers.…lora_A.weight`) of an `arch` model as a PEFT
+/// adapter directory, under the names the model's checkpoints use.
+pub fn save(
+    dir: &Path,
+    arch: Architecture,
+    config: &AdapterConfig,
+    vars: &[(String, Var)],
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors: HashMap<String, Tensor> = vars
         .iter()
-        .map(|(n, v)| (format!("{PREFIX}{n}"), v.as_tensor().clone()))
+        .map(|(n, v)| {
+            let n = layout::checkpoint_name(arch, n);
+            (format!("{PREFIX}{n}"), v.as_tensor().clone())
+        })
         .collect();
     let tmp = dir.join(".adapter_model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
@@ -72,10 +83,12 @@ pub fn save(dir: &Path, config: &AdapterConfig, vars: &[(String, Var)]) -> Resul
     crate::fs::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
 }
 
-/// Reads a PEFT LoRA adapter directory: its `adapter_config.json` (LoRA only) and the tensors
-/// of `adapter_model.safetensors` by their PEFT names, on `device`.
+/// Reads a PEFT LoRA adapter directory for an `arch` model: its `adapter_config.json` (LoRA
+/// only) and the tensors of `adapter_model.safetensors` by their PEFT names with afinar's module
+/// names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), on `device`.
 pub fn read(
     dir: &Path,
+    arch: Architecture,
     device: &candle_core::Device,
 ) -> Result<(
     AdapterConfig,
@@ -99,6 +112,10 @@ pub fn read(
     let weights_path = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&weights_path, device)
         .map_err(|e| Error::bad_file(&weights_path, crate::error::candle_message(&e)))?;
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, t)| (layout::internal_name(arch, &n), t))
+        .collect();
     Ok((cfg, tensors))
 }
 
@@ -106,7 +123,7 @@ pub fn read(
 /// the adapter, the base it was trained on and `model_name` when shapes or module names do not
 /// fit.
 pub fn load(dir: &Path, model: &mut Transformer, model_name: &str) -> Result<AdapterConfig> {
-    let (cfg, mut tensors) = read(dir, model.device())?;
+    let (cfg, mut tensors) = read(dir, model.config.architecture, model.device())?;
     let scale = cfg.scale();
     let misfit = misfit(dir, &cfg, model_name);
     let mut attached = 0;

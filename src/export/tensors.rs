@@ -114,7 +114,7 @@ impl Streamed {
         let cfg = match adapter {
             None => None,
             Some(dir) => {
-                let (cfg, mut t) = peft::read(dir, &Device::Cpu)?;
+                let (cfg, mut t) = peft::read(dir, c.architecture, &Device::Cpu)?;
                 let misfit = peft::misfit(dir, &cfg, model_name);
                 for i in 0..c.num_layers {
                     for (module, _, out, inp) in layout::projections(c) {
@@ -209,14 +209,16 @@ impl<'a> Loaded<'a> {
             "model.embed_tokens.weight".into(),
             Held::Weight(&m.embed_tokens),
         );
-        held.insert("model.norm.weight".into(), Held::Tensor(&m.norm));
+        for (name, t) in m.final_norms() {
+            held.insert(name.into(), Held::Tensor(t));
+        }
         if let Some(h) = &m.lm_head {
             held.insert("lm_head.weight".into(), Held::Weight(h));
         }
         for (i, l) in m.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             for (name, t) in l.norms() {
-                held.insert(format!("{p}.{name}.weight"), Held::Tensor(t));
+                held.insert(format!("{p}.{name}"), Held::Tensor(t));
             }
             for (module, lin) in l.linears() {
                 held.insert(format!("{p}.{module}.weight"), Held::Linear(lin));
@@ -323,7 +325,12 @@ mod tests {
         }
         // An adapter whose shapes do not fit is refused with the loader's message.
         let dir = tempfile::tempdir().unwrap();
-        let (cfg, mut t) = peft::read(&adapter, &Device::Cpu).unwrap();
+        let (cfg, mut t) = peft::read(
+            &adapter,
+            crate::model::config::Architecture::Qwen2,
+            &Device::Cpu,
+        )
+        .unwrap();
         let key = t
             .keys()
             .find(|k| k.ends_with("lora_A.weight"))

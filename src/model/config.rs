@@ -26,13 +26,17 @@ pub enum Architecture {
     Gemma3,
     /// Phi-3 / Phi-4-mini: fused `qkv_proj` and `gate_up_proj`, partial rotary, LongRoPE.
     Phi3,
+    /// Classic Falcon (7B): attention and MLP in parallel from one LayerNorm (with bias),
+    /// multi-query attention through one fused `query_key_value`, a plain GELU MLP, and
+    /// checkpoint names of its own (`transformer.h.N.…`).
+    Falcon,
 }
 
 impl Architecture {
     /// Names accepted in `config.json` (`model_type`) and GGUF (`general.architecture`).
     pub const SUPPORTED: &'static str = "llama (Llama 2/3.x, SmolLM, SmolLM2, Falcon3), mistral, \
          qwen2 (Qwen2.5, DeepSeek-R1-Distill-Qwen), qwen3, smollm3, gemma3 (gemma3_text), \
-         phi3 (Phi-3, Phi-4-mini)";
+         phi3 (Phi-3, Phi-4-mini), falcon (multi-query, parallel attention: Falcon-7B)";
 
     /// Parses a `model_type` / GGUF architecture name.
     pub fn parse(name: &str, path: &Path) -> Result<Self> {
@@ -44,6 +48,7 @@ impl Architecture {
             "smollm3" => Ok(Self::SmolLM3),
             "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
             "phi3" => Ok(Self::Phi3),
+            "falcon" | "RefinedWebModel" | "RefinedWeb" => Ok(Self::Falcon),
             other => Err(Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
                 arch: other.to_string(),
@@ -62,6 +67,7 @@ impl Architecture {
             Self::SmolLM3 => "smollm3",
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
+            Self::Falcon => "falcon",
         }
     }
 
@@ -83,7 +89,22 @@ impl Architecture {
     /// One projection for q, k and v and one for gate and up (Phi-3), as the checkpoints hold
     /// them.
     pub fn fused_projections(self) -> bool {
-        self == Self::Phi3
+        matches!(self, Self::Phi3 | Self::Falcon)
+    }
+
+    /// LayerNorm with a bias (Falcon) instead of RMSNorm.
+    pub fn layer_norm(self) -> bool {
+        self == Self::Falcon
+    }
+
+    /// Attention and MLP read the same normalised input and add to one residual (Falcon).
+    pub fn parallel_block(self) -> bool {
+        self == Self::Falcon
+    }
+
+    /// `down(act(gate) · up)`; false for Falcon's plain `down(act(up))`.
+    pub fn gated_mlp(self) -> bool {
+        self != Self::Falcon
     }
 
     /// Whether llama.cpp's GGUF files hold this family's Q/K rows permuted for its interleaved
@@ -96,6 +117,7 @@ impl Architecture {
     pub fn activation(self) -> Activation {
         match self {
             Self::Gemma3 => Activation::GeluTanh,
+            Self::Falcon => Activation::Gelu,
             _ => Activation::Silu,
         }
     }
@@ -106,10 +128,6 @@ fn missing_note(arch: &str) -> &'static str {
     match arch {
         "phimoe" | "phi" => {
             "; of Microsoft's families only phi3 (Phi-3, Phi-4-mini) is implemented"
-        }
-        "falcon" => {
-            "; classic Falcon (parallel attention and MLP, LayerNorm with bias, fused \
-             multi-query query_key_value, GELU) is not implemented yet; Falcon3 is 'llama'"
         }
         "gemma" | "gemma2" => "; Gemma 1/2 (logit soft-capping) is not implemented, only Gemma 3",
         _ => "",
@@ -123,6 +141,8 @@ pub enum Activation {
     Silu,
     /// GELU with the tanh approximation (Gemma's `gelu_pytorch_tanh`).
     GeluTanh,
+    /// Exact GELU (erf), Falcon's `gelu`.
+    Gelu,
 }
 
 /// Which RoPE table a layer takes.
@@ -231,6 +251,9 @@ impl ModelConfig {
                 path,
                 "logit soft-capping (Gemma 2) is not supported",
             ));
+        }
+        if architecture == Architecture::Falcon {
+            check_falcon(&raw, path)?;
         }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
@@ -387,17 +410,24 @@ impl ModelConfig {
             architecture,
             vocab_size: need(raw.vocab_size, "vocab_size")?,
             hidden_size,
-            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            intermediate_size: match architecture {
+                Architecture::Falcon => raw.ffn_hidden_size.unwrap_or(4 * hidden_size),
+                _ => need(raw.intermediate_size, "intermediate_size")?,
+            },
             num_layers,
             num_heads,
-            num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
+            num_kv_heads: match architecture {
+                Architecture::Falcon => 1,
+                _ => raw.num_key_value_heads.unwrap_or(num_heads),
+            },
             head_dim: raw.head_dim.unwrap_or(hidden_size / num_heads.max(1)),
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps: raw.rms_norm_eps.or(raw.layer_norm_epsilon).unwrap_or(1e-6),
             rope_theta,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: raw
-                .tie_word_embeddings
-                .unwrap_or(architecture == Architecture::Gemma3),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(matches!(
+                architecture,
+                Architecture::Gemma3 | Architecture::Falcon
+            )),
             attention_bias: match architecture {
                 Architecture::Qwen2 => true,
                 _ => raw.attention_bias.unwrap_or(false),
@@ -522,6 +552,35 @@ impl ModelConfig {
     }
 }
 
+/// The Falcon variants afinar runs: Falcon-7B's (multi-query, parallel attention, no biases,
+/// RoPE, GELU); the others name what differs.
+fn check_falcon(raw: &HfConfig, path: &Path) -> Result<()> {
+    let unsupported = [
+        (
+            raw.new_decoder_architecture == Some(true),
+            "new_decoder_architecture (Falcon-40B/180B)",
+        ),
+        (
+            raw.multi_query == Some(false),
+            "multi_query = false (per-head interleaved query_key_value)",
+        ),
+        (raw.parallel_attn == Some(false), "parallel_attn = false"),
+        (raw.bias == Some(true), "bias = true"),
+        (raw.alibi == Some(true), "alibi (Falcon-RW)"),
+        (
+            raw.activation.as_deref().is_some_and(|a| a != "gelu"),
+            "an activation other than gelu",
+        ),
+    ];
+    match unsupported.iter().find(|(bad, _)| *bad) {
+        Some((_, what)) => Err(Error::bad_file(
+            path,
+            format!("Falcon with {what} is not supported; afinar runs Falcon-7B's layout"),
+        )),
+        None => Ok(()),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct HfRopeScaling {
     rope_theta: Option<f64>,
@@ -544,7 +603,9 @@ struct HfConfig {
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
+    #[serde(alias = "n_layer")]
     num_hidden_layers: Option<usize>,
+    #[serde(alias = "n_head")]
     num_attention_heads: Option<usize>,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
@@ -563,6 +624,15 @@ struct HfConfig {
     original_max_position_embeddings: Option<usize>,
     query_pre_attn_scalar: Option<f64>,
     mlp_bias: Option<bool>,
+    // Falcon's.
+    layer_norm_epsilon: Option<f64>,
+    ffn_hidden_size: Option<usize>,
+    multi_query: Option<bool>,
+    new_decoder_architecture: Option<bool>,
+    parallel_attn: Option<bool>,
+    bias: Option<bool>,
+    alibi: Option<bool>,
+    activation: Option<String>,
     final_logit_softcapping: Option<f64>,
     attn_logit_softcapping: Option<f64>,
     rope_scaling: Option<HfRopeScaling>,

@@ -22,7 +22,8 @@ use super::ops::cpu::{dot, view};
 use super::ops::packed_matmul::{matmul_wt_rows, weight_view};
 use super::ops::row_attention::{row_attention, Query};
 use super::transformer::{
-    apply_rope_heads, gated, split_gate_up, Cache, GateUp, Linear, NormKind, Qkv, Transformer,
+    activate, apply_rope_heads, gated, split_gate_up, Cache, GateUp, Linear, NormKind, Qkv,
+    Transformer,
 };
 use crate::Result;
 
@@ -92,7 +93,7 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         let a = &layer.self_attn;
         let (h, kvh, d) = (a.num_heads, a.num_kv_heads, a.head_dim);
         let lin = |x: &Tensor, name: &str| rows_linear(x, &models, i, name, kern.mode, &device);
-        let hn = norm.apply(&x, &layer.attn_norm, true)?;
+        let hn = norm.apply_biased(&x, &layer.attn_norm, layer.attn_norm_bias.as_ref(), true)?;
         let (q, k, v) = match &a.qkv {
             Qkv::Split { .. } => (
                 lin(&hn, "self_attn.q_proj")?,
@@ -159,16 +160,32 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         if let Some(w) = &layer.attn_post_norm {
             attn = norm.apply(&attn, w, true)?;
         }
-        x = (x + attn)?;
-        let hn = norm.apply(&x, &layer.ffn_norm, true)?;
-        let (gate, up) = match &layer.mlp.gate_up {
-            GateUp::Split { .. } => (lin(&hn, "mlp.gate_proj")?, lin(&hn, "mlp.up_proj")?),
-            GateUp::Fused(_) => split_gate_up(&lin(&hn, "mlp.gate_up_proj")?)?,
+        // Falcon's parallel block feeds the MLP the attention's input; the others the
+        // normalised residual after attention.
+        let hn = match &layer.ffn_norm {
+            Some(w) => {
+                x = (x + &attn)?;
+                norm.apply(&x, w, true)?
+            }
+            None => hn,
         };
-        let act = gated(&gate, &up, layer.mlp.activation, true)?;
+        let act = match &layer.mlp.gate_up {
+            GateUp::Split { .. } => {
+                let (gate, up) = (lin(&hn, "mlp.gate_proj")?, lin(&hn, "mlp.up_proj")?);
+                gated(&gate, &up, layer.mlp.activation, true)?
+            }
+            GateUp::Fused(_) => {
+                let (gate, up) = split_gate_up(&lin(&hn, "mlp.gate_up_proj")?)?;
+                gated(&gate, &up, layer.mlp.activation, true)?
+            }
+            GateUp::Plain(_) => activate(&lin(&hn, "mlp.up_proj")?, layer.mlp.activation)?,
+        };
         let mut ffn = lin(&act, "mlp.down_proj")?;
         if let Some(w) = &layer.ffn_post_norm {
             ffn = norm.apply(&ffn, w, true)?;
+        }
+        if layer.ffn_norm.is_none() {
+            x = (x + attn)?;
         }
         x = (x + ffn)?;
     }
@@ -188,7 +205,7 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
     }
     let m = last.len();
     let x = x.index_select(&Tensor::from_vec(last, m, &device)?, 0)?;
-    let x = norm.apply(&x, &base.norm, true)?;
+    let x = norm.apply_biased(&x, &base.norm, base.norm_bias.as_ref(), true)?;
     let head = base.lm_head.as_ref().unwrap_or(&base.embed_tokens);
     let (vocab, hidden) = head.dims2()?;
     let mut logits = vec![0f32; m * vocab];

@@ -633,7 +633,10 @@ fn read_config(meta: &Meta, content: &Content, vocab: &GgufVocab) -> Result<Mode
             Err(bad(k, format!("{v}: it must be a finite positive number")))
         }
     };
-    let eps_key = key("attention.layer_norm_rms_epsilon");
+    let eps_key = match architecture.layer_norm() {
+        true => key("attention.layer_norm_epsilon"),
+        false => key("attention.layer_norm_rms_epsilon"),
+    };
     let rms_norm_eps = finite_positive(&eps_key, meta.f64(&eps_key)?)?;
     if rms_norm_eps >= 1.0 {
         return Err(bad(

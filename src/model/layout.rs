@@ -45,12 +45,77 @@ const FUSED: [(&str, &str); 4] = [
     ("mlp.down_proj", "ffn_down"),
 ];
 
+/// Falcon's four, by afinar's names for them (its checkpoints' names are in [`FALCON_NAMES`]).
+const FALCON: [(&str, &str); 4] = [
+    ("self_attn.qkv_proj", "attn_qkv"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
 /// The projections of a layer of an `a` model: (Hugging Face module, GGUF module).
 pub fn projection_names(a: Architecture) -> &'static [(&'static str, &'static str)] {
-    if a.fused_projections() {
-        &FUSED
-    } else {
-        &SPLIT
+    match a {
+        Architecture::Falcon => &FALCON,
+        _ if a.fused_projections() => &FUSED,
+        _ => &SPLIT,
+    }
+}
+
+/// afinar's tensor-name pieces and Falcon's checkpoint ones (`transformer.h.0.…`): afinar
+/// names every family's tensors as Llama's, and translates Falcon's where checkpoints and
+/// adapters are read and written.
+const FALCON_NAMES: [(&str, &str); 7] = [
+    ("model.embed_tokens.", "transformer.word_embeddings."),
+    ("model.norm.", "transformer.ln_f."),
+    ("model.layers.", "transformer.h."),
+    ("self_attn.qkv_proj", "self_attention.query_key_value"),
+    ("self_attn.o_proj", "self_attention.dense"),
+    ("mlp.up_proj", "mlp.dense_h_to_4h"),
+    ("mlp.down_proj", "mlp.dense_4h_to_h"),
+];
+
+/// Falcon's projection modules: afinar's name, the checkpoint's.
+const FALCON_MODULES: [(&str, &str); 4] = [
+    ("qkv_proj", "query_key_value"),
+    ("o_proj", "dense"),
+    ("up_proj", "dense_h_to_4h"),
+    ("down_proj", "dense_4h_to_h"),
+];
+
+/// The checkpoint's (and PEFT adapter's) name of afinar's tensor `name`.
+pub fn checkpoint_name(a: Architecture, name: &str) -> String {
+    if a != Architecture::Falcon {
+        return name.to_string();
+    }
+    FALCON_NAMES
+        .iter()
+        .fold(name.to_string(), |n, (ours, theirs)| {
+            n.replacen(ours, theirs, 1)
+        })
+}
+
+/// afinar's name of the checkpoint's (or PEFT adapter's) tensor `name`.
+pub fn internal_name(a: Architecture, name: &str) -> String {
+    if a != Architecture::Falcon {
+        return name.to_string();
+    }
+    FALCON_NAMES
+        .iter()
+        .fold(name.to_string(), |n, (ours, theirs)| {
+            n.replacen(theirs, ours, 1)
+        })
+}
+
+/// The checkpoint's name of a projection module (`q_proj`; Falcon's `query_key_value` for
+/// `qkv_proj`), for LoRA targets and an adapter's `target_modules`.
+pub fn checkpoint_module(a: Architecture, module: &str) -> &str {
+    match a {
+        Architecture::Falcon => FALCON_MODULES
+            .iter()
+            .find(|(ours, _)| *ours == module)
+            .map_or(module, |(_, theirs)| theirs),
+        _ => module,
     }
 }
 
@@ -83,7 +148,9 @@ pub fn projections(c: &ModelConfig) -> Vec<(&'static str, &'static str, usize, u
 /// first normalises the attention's input and the one named `ffn_norm` the MLP's input; Gemma
 /// also normalises both outputs.
 pub fn block_norms(a: Architecture) -> &'static [(&'static str, &'static str)] {
-    if a.sandwich_norms() {
+    if a.parallel_block() {
+        &[("input_layernorm", "attn_norm")]
+    } else if a.sandwich_norms() {
         &[
             ("input_layernorm", "attn_norm"),
             ("post_attention_layernorm", "post_attention_norm"),
@@ -134,6 +201,14 @@ pub fn tensors(c: &ModelConfig, head: bool) -> Vec<TensorSpec> {
             Role::Norm,
         ),
     ];
+    if c.architecture.layer_norm() {
+        out.push(spec(
+            "model.norm.bias".into(),
+            "output_norm.bias".into(),
+            vec![hs],
+            Role::Bias,
+        ));
+    }
     if head {
         out.push(spec(
             "lm_head.weight".into(),
@@ -167,6 +242,14 @@ pub fn layer_tensors(c: &ModelConfig, i: usize) -> Vec<TensorSpec> {
             vec![hs],
             Role::Norm,
         ));
+        if a.layer_norm() {
+            out.push(spec(
+                format!("{p}.{hf}.bias"),
+                format!("{b}.{gg}.bias"),
+                vec![hs],
+                Role::Bias,
+            ));
+        }
     }
     for (hf, gg) in qk_norms(a) {
         out.push(spec(
@@ -201,6 +284,7 @@ pub fn hf_name(a: Architecture, name: &str) -> Option<String> {
     let fixed = match name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
+        "output_norm.bias" => Some("model.norm.bias"),
         "output.weight" => Some("lm_head.weight"),
         _ => None,
     };
@@ -250,6 +334,7 @@ mod tests {
             Architecture::Qwen3,
             Architecture::Gemma3,
             Architecture::Phi3,
+            Architecture::Falcon,
         ] {
             let c = config(a);
             for t in tensors(&c, true) {
@@ -269,5 +354,15 @@ mod tests {
             hf_name(Architecture::Llama, "blk.0.attn_q_norm.weight"),
             None
         );
+        // Falcon's checkpoint names and afinar's translate both ways.
+        let f = Architecture::Falcon;
+        for t in tensors(&config(f), true) {
+            assert_eq!(internal_name(f, &checkpoint_name(f, &t.hf)), t.hf);
+        }
+        assert_eq!(
+            checkpoint_name(f, "model.layers.3.self_attn.o_proj.weight"),
+            "transformer.h.3.self_attention.dense.weight"
+        );
+        assert_eq!(checkpoint_module(f, "up_proj"), "dense_h_to_4h");
     }
 }

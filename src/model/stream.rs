@@ -100,6 +100,7 @@ impl ModelStream {
 
     fn open_hf(dir: &Path) -> Result<Self> {
         let config = super::hf::read_config(dir)?;
+        let arch = config.architecture;
         let files = super::hf::safetensors_files(dir)?;
         let mut tensors = BTreeMap::new();
         let mut file_dtype = String::new();
@@ -108,7 +109,8 @@ impl ModelStream {
                 if file_dtype.is_empty() && t.shape.len() > 1 {
                     file_dtype = t.dtype.clone();
                 }
-                tensors.insert(name, t);
+                // afinar's names for every family (Falcon's checkpoints name theirs).
+                tensors.insert(super::layout::internal_name(arch, &name), t);
             }
         }
         Ok(Self {

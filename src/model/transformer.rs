@@ -166,6 +166,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Te
 pub struct NormKind {
     pub eps: f64,
     pub offset: bool,
+    /// LayerNorm (mean removed, with a bias: Falcon) instead of RMSNorm.
+    pub layer_norm: bool,
 }
 
 impl NormKind {
@@ -173,6 +175,21 @@ impl NormKind {
         Self {
             eps: c.rms_norm_eps,
             offset: c.architecture.norm_offset(),
+            layer_norm: c.architecture.layer_norm(),
+        }
+    }
+
+    /// The norm of `x` with weight `w` and, for a LayerNorm, bias `b`.
+    pub fn apply_biased(
+        self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        match (self.layer_norm, b) {
+            (true, Some(b)) => Ok(ops::layer_norm::layer_norm(x, w, b, self.eps)?),
+            _ => self.apply(x, w, fused),
         }
     }
 
@@ -352,11 +369,22 @@ impl Attention {
     }
 }
 
-/// The gate and up projections: two, or Phi-3's one `gate_up_proj` whose output is gate | up.
+/// The gate and up projections: two, or Phi-3's one `gate_up_proj` whose output is gate | up,
+/// or Falcon's single `up_proj` without a gate (`down(act(up(x)))`).
 #[derive(Debug, Clone)]
 pub enum GateUp {
     Split { gate_proj: Linear, up_proj: Linear },
     Fused(Linear),
+    Plain(Linear),
+}
+
+/// `act(x)` alone, for an MLP without a gate (candle's ops: exact GELU is differentiable there).
+pub(crate) fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Silu => x.silu()?,
+    })
 }
 
 /// The gated feed-forward block: `down(act(gate(x)) · up(x))` (SwiGLU, or Gemma's GELU-tanh).
@@ -379,6 +407,7 @@ pub(crate) fn split_gate_up(y: &Tensor) -> Result<(Tensor, Tensor)> {
 /// `act(gate) · up`, differentiable (fused, hand-written backward, unless `fused` is false).
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, fused: bool) -> Result<Tensor> {
     Ok(match (act, fused) {
+        (Activation::Gelu, _) => (gate.gelu_erf()? * up)?,
         (Activation::Silu, true) => ops::swiglu::swiglu(gate, up)?,
         (Activation::Silu, false) => ops::swiglu::swiglu_reference(gate, up)?,
         (Activation::GeluTanh, true) => ops::geglu::geglu(gate, up)?,
@@ -388,13 +417,17 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Activation, fused: bool) -> Result
 
 impl Mlp {
     fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
-        let (gate, up) = match &self.gate_up {
+        let act = match &self.gate_up {
             GateUp::Split { gate_proj, up_proj } => {
-                (gate_proj.forward(x, k)?, up_proj.forward(x, k)?)
+                let (gate, up) = (gate_proj.forward(x, k)?, up_proj.forward(x, k)?);
+                gated(&gate, &up, self.activation, k.fused)?
             }
-            GateUp::Fused(l) => split_gate_up(&l.forward(x, k)?)?,
+            GateUp::Fused(l) => {
+                let (gate, up) = split_gate_up(&l.forward(x, k)?)?;
+                gated(&gate, &up, self.activation, k.fused)?
+            }
+            GateUp::Plain(l) => activate(&l.forward(x, k)?, self.activation)?,
         };
-        let act = gated(&gate, &up, self.activation, k.fused)?;
         self.down_proj.forward(&act, k)
     }
 }
@@ -402,12 +435,14 @@ impl Mlp {
 /// One decoder layer (pre-norm attention and MLP with residuals).
 #[derive(Debug, Clone)]
 pub struct Block {
-    /// Normalises the attention's input (`input_layernorm`).
+    /// Normalises the attention's input (`input_layernorm`), with Falcon's LayerNorm bias.
     pub attn_norm: Tensor,
+    pub attn_norm_bias: Option<Tensor>,
     pub self_attn: Attention,
     /// Normalises the MLP's input (`post_attention_layernorm`; Gemma's
-    /// `pre_feedforward_layernorm`).
-    pub ffn_norm: Tensor,
+    /// `pre_feedforward_layernorm`); None in Falcon's parallel block, whose MLP reads the
+    /// attention's normalised input.
+    pub ffn_norm: Option<Tensor>,
     pub mlp: Mlp,
     /// Gemma's norms of the attention's and the MLP's outputs, before each residual add
     /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
@@ -437,6 +472,7 @@ impl Block {
                 v.extend([("mlp.gate_proj", gate_proj), ("mlp.up_proj", up_proj)])
             }
             GateUp::Fused(l) => v.push(("mlp.gate_up_proj", l)),
+            GateUp::Plain(l) => v.push(("mlp.up_proj", l)),
         }
         v.push(("mlp.down_proj", &self.mlp.down_proj));
         v
@@ -462,42 +498,66 @@ impl Block {
                 v.extend([("mlp.gate_proj", gate_proj), ("mlp.up_proj", up_proj)])
             }
             GateUp::Fused(l) => v.push(("mlp.gate_up_proj", l)),
+            GateUp::Plain(l) => v.push(("mlp.up_proj", l)),
         }
         v.push(("mlp.down_proj", &mut self.mlp.down_proj));
         v
     }
 
-    /// Every norm weight of the block with its Hugging Face name within the layer
-    /// (`input_layernorm`, `self_attn.q_norm`, …), as `layout` names them.
+    /// Every norm weight (and LayerNorm bias) of the block with its Hugging Face name within
+    /// the layer (`input_layernorm.weight`, `self_attn.q_norm.weight`, …), as `layout` names
+    /// them.
     pub fn norms(&self) -> Vec<(&'static str, &Tensor)> {
-        let mut v = vec![("input_layernorm", &self.attn_norm)];
-        match (&self.attn_post_norm, &self.ffn_post_norm) {
-            (Some(a), Some(f)) => v.extend([
-                ("post_attention_layernorm", a),
-                ("pre_feedforward_layernorm", &self.ffn_norm),
-                ("post_feedforward_layernorm", f),
+        let mut v = vec![("input_layernorm.weight", &self.attn_norm)];
+        v.extend(
+            self.attn_norm_bias
+                .iter()
+                .map(|b| ("input_layernorm.bias", b)),
+        );
+        match (&self.attn_post_norm, &self.ffn_post_norm, &self.ffn_norm) {
+            (Some(a), Some(f), Some(n)) => v.extend([
+                ("post_attention_layernorm.weight", a),
+                ("pre_feedforward_layernorm.weight", n),
+                ("post_feedforward_layernorm.weight", f),
             ]),
-            _ => v.push(("post_attention_layernorm", &self.ffn_norm)),
+            (_, _, Some(n)) => v.push(("post_attention_layernorm.weight", n)),
+            _ => {}
         }
         if let (Some(q), Some(k)) = (&self.self_attn.q_norm, &self.self_attn.k_norm) {
-            v.extend([("self_attn.q_norm", q), ("self_attn.k_norm", k)]);
+            v.extend([
+                ("self_attn.q_norm.weight", q),
+                ("self_attn.k_norm.weight", k),
+            ]);
         }
         v
     }
 
     /// [`Block::norms`], mutable (full fine-tuning turns them into variables).
     pub fn norms_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
-        let mut v = vec![("input_layernorm", &mut self.attn_norm)];
-        match (&mut self.attn_post_norm, &mut self.ffn_post_norm) {
-            (Some(a), Some(f)) => v.extend([
-                ("post_attention_layernorm", a),
-                ("pre_feedforward_layernorm", &mut self.ffn_norm),
-                ("post_feedforward_layernorm", f),
+        let mut v = vec![("input_layernorm.weight", &mut self.attn_norm)];
+        v.extend(
+            self.attn_norm_bias
+                .iter_mut()
+                .map(|b| ("input_layernorm.bias", b)),
+        );
+        match (
+            &mut self.attn_post_norm,
+            &mut self.ffn_post_norm,
+            &mut self.ffn_norm,
+        ) {
+            (Some(a), Some(f), Some(n)) => v.extend([
+                ("post_attention_layernorm.weight", a),
+                ("pre_feedforward_layernorm.weight", n),
+                ("post_feedforward_layernorm.weight", f),
             ]),
-            _ => v.push(("post_attention_layernorm", &mut self.ffn_norm)),
+            (_, _, Some(n)) => v.push(("post_attention_layernorm.weight", n)),
+            _ => {}
         }
         if let (Some(q), Some(k)) = (&mut self.self_attn.q_norm, &mut self.self_attn.k_norm) {
-            v.extend([("self_attn.q_norm", q), ("self_attn.k_norm", k)]);
+            v.extend([
+                ("self_attn.q_norm.weight", q),
+                ("self_attn.k_norm.weight", k),
+            ]);
         }
         v
     }
@@ -585,6 +645,8 @@ pub struct Transformer {
     pub embed_tokens: Weight,
     pub layers: Vec<Block>,
     pub norm: Tensor,
+    /// The final LayerNorm's bias (Falcon).
+    pub norm_bias: Option<Tensor>,
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<Weight>,
     inv_freq: Tensor,
@@ -648,7 +710,9 @@ impl Transformer {
                 scale: c.attention_scale(),
             };
             let ff = c.intermediate_size;
-            let gate_up = if arch.fused_projections() {
+            let gate_up = if !arch.gated_mlp() {
+                GateUp::Plain(lin("mlp.up_proj", ff, hs, false)?)
+            } else if arch.fused_projections() {
                 GateUp::Fused(lin("mlp.gate_up_proj", 2 * ff, hs, false)?)
             } else {
                 GateUp::Split {
@@ -661,33 +725,38 @@ impl Transformer {
                 down_proj: lin("mlp.down_proj", hs, ff, false)?,
                 activation: arch.activation(),
             };
-            let mut norm = |name: &str, n: usize| w.take(&format!("{p}.{name}.weight"), &[n]);
+            let mut norm = |name: &str, n: usize| w.take(&format!("{p}.{name}"), &[n]);
             let mut block = Block {
-                attn_norm: norm("input_layernorm", hs)?,
+                attn_norm: norm("input_layernorm.weight", hs)?,
+                attn_norm_bias: match arch.layer_norm() {
+                    true => Some(norm("input_layernorm.bias", hs)?),
+                    false => None,
+                },
                 self_attn,
-                ffn_norm: norm(
-                    if arch.sandwich_norms() {
-                        "pre_feedforward_layernorm"
-                    } else {
-                        "post_attention_layernorm"
-                    },
-                    hs,
-                )?,
+                ffn_norm: match (arch.parallel_block(), arch.sandwich_norms()) {
+                    (true, _) => None,
+                    (false, true) => Some(norm("pre_feedforward_layernorm.weight", hs)?),
+                    (false, false) => Some(norm("post_attention_layernorm.weight", hs)?),
+                },
                 mlp,
                 attn_post_norm: None,
                 ffn_post_norm: None,
             };
             if arch.sandwich_norms() {
-                block.attn_post_norm = Some(norm("post_attention_layernorm", hs)?);
-                block.ffn_post_norm = Some(norm("post_feedforward_layernorm", hs)?);
+                block.attn_post_norm = Some(norm("post_attention_layernorm.weight", hs)?);
+                block.ffn_post_norm = Some(norm("post_feedforward_layernorm.weight", hs)?);
             }
             if arch.qk_norm() {
-                block.self_attn.q_norm = Some(norm("self_attn.q_norm", hd)?);
-                block.self_attn.k_norm = Some(norm("self_attn.k_norm", hd)?);
+                block.self_attn.q_norm = Some(norm("self_attn.q_norm.weight", hd)?);
+                block.self_attn.k_norm = Some(norm("self_attn.k_norm.weight", hd)?);
             }
             layers.push(block);
         }
         let norm = w.take("model.norm.weight", &[hs])?;
+        let norm_bias = match arch.layer_norm() {
+            true => Some(w.take("model.norm.bias", &[hs])?),
+            false => None,
+        };
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
@@ -704,6 +773,7 @@ impl Transformer {
             embed_tokens,
             layers,
             norm,
+            norm_bias,
             lm_head,
             inv_freq,
             inv_freq_local,
@@ -724,6 +794,20 @@ impl Transformer {
             }
         }
         out
+    }
+
+    /// The final norm's weight (and LayerNorm bias) by Hugging Face name.
+    pub fn final_norms(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![("model.norm.weight", &self.norm)];
+        v.extend(self.norm_bias.iter().map(|b| ("model.norm.bias", b)));
+        v
+    }
+
+    /// [`Transformer::final_norms`], mutable.
+    pub fn final_norms_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let mut v = vec![("model.norm.weight", &mut self.norm)];
+        v.extend(self.norm_bias.iter_mut().map(|b| ("model.norm.bias", b)));
+        v
     }
 
     /// The device the activations live on (that of the first norm, always a tensor).
@@ -755,7 +839,7 @@ impl Transformer {
     pub fn weight_bytes(&self) -> usize {
         let f32s = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let mut n: usize = self.matrices().iter().map(|w| w.bytes()).sum();
-        n += f32s(&self.norm);
+        n += f32s(&self.norm) + self.norm_bias.as_ref().map_or(0, f32s);
         for l in &self.layers {
             n += l.norms().iter().map(|(_, t)| f32s(t)).sum::<usize>();
             for (_, lin) in l.linears() {
@@ -899,7 +983,7 @@ impl Transformer {
             Some(_) => ctx.window_mask.as_ref(),
             None => ctx.mask.as_ref(),
         };
-        let h = norm.apply(x, &layer.attn_norm, fused)?;
+        let h = norm.apply_biased(x, &layer.attn_norm, layer.attn_norm_bias.as_ref(), fused)?;
         let rope = ctx.rope.pick(c.layer_rope(i));
         let mut attn = layer
             .self_attn
@@ -907,8 +991,12 @@ impl Transformer {
         if let Some(w) = &layer.attn_post_norm {
             attn = norm.apply(&attn, w, fused)?;
         }
+        let Some(ffn_norm) = &layer.ffn_norm else {
+            // Falcon's parallel block: the MLP reads the same normalised input.
+            return Ok(((x + attn)? + layer.mlp.forward(&h, ctx.kern)?)?);
+        };
         let x = (x + attn)?;
-        let h = norm.apply(&x, &layer.ffn_norm, fused)?;
+        let h = norm.apply(&x, ffn_norm, fused)?;
         let mut out = layer.mlp.forward(&h, ctx.kern)?;
         if let Some(w) = &layer.ffn_post_norm {
             out = norm.apply(&out, w, fused)?;
@@ -943,7 +1031,7 @@ impl Transformer {
 
     /// The final RMSNorm.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        NormKind::of(&self.config).apply(x, &self.norm, self.fused)
+        NormKind::of(&self.config).apply_biased(x, &self.norm, self.norm_bias.as_ref(), self.fused)
     }
 
     /// Projects hidden states (..., hidden) to vocabulary logits (..., vocab).

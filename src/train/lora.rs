@@ -3,12 +3,22 @@
 
 use candle_core::{Tensor, Var};
 
+use crate::model::config::Architecture;
+use crate::model::layout;
 use crate::model::transformer::{LoraAdapter, LoraDropout, Transformer};
 use crate::rng::Rng;
 use crate::Result;
 
-/// Phi-3's fused projections, which `all-linear` also covers.
-pub const FUSED_LINEAR: [&str; 2] = ["qkv_proj", "gate_up_proj"];
+/// Phi-3's fused projections and Falcon's by their checkpoint names, which `all-linear` also
+/// covers.
+pub const FUSED_LINEAR: [&str; 6] = [
+    "qkv_proj",
+    "gate_up_proj",
+    "query_key_value",
+    "dense",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+];
 
 /// The projections LoRA can target (`all-linear`, with [`FUSED_LINEAR`]), in the order of a
 /// layer.
@@ -58,9 +68,13 @@ pub fn attach(
     let key = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     model.lora_dropout_key = key.clone();
     let mut vars = Vec::new();
+    let arch = model.config.architecture;
     for (name, lin) in model.linears_mut() {
+        // A target names the module as afinar does or as the checkpoint does (Falcon's
+        // `query_key_value` is afinar's `qkv_proj`).
         let module = name.rsplit('.').next().unwrap_or_default();
-        if !spec.targets.iter().any(|t| t == module) {
+        let theirs = layout::checkpoint_module(arch, module);
+        if !spec.targets.iter().any(|t| t == module || t == theirs) {
             continue;
         }
         let (out, inp) = lin.weight.dims2()?;
@@ -102,11 +116,13 @@ pub fn attach(
     Ok(vars)
 }
 
-/// The module names (`q_proj`) that `vars` adapt, for the adapter's `target_modules`.
-pub fn attached_modules(vars: &[(String, Var)]) -> Vec<String> {
+/// The module names (`q_proj`) that `vars` adapt, as an `arch` checkpoint names them, for the
+/// adapter's `target_modules`.
+pub fn attached_modules(arch: Architecture, vars: &[(String, Var)]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for (name, _) in vars {
         if let Some(m) = name.split('.').rev().nth(2) {
+            let m = layout::checkpoint_module(arch, m);
             if !out.iter().any(|o| o == m) {
                 out.push(m.to_string());
             }

@@ -348,10 +348,12 @@ pub fn unfreeze_all(m: &mut Transformer) -> Result<Vec<(String, Var, bool)>> {
     for (name, lin) in m.linears_mut() {
         vars_of(format!("{name}.weight"), &mut lin.weight, true)?;
     }
-    var("model.norm.weight".into(), &mut m.norm, false)?;
+    for (name, t) in m.final_norms_mut() {
+        var(name.into(), t, false)?;
+    }
     for (i, l) in m.layers.iter_mut().enumerate() {
         for (name, t) in l.norms_mut() {
-            var(format!("model.layers.{i}.{name}.weight"), t, false)?;
+            var(format!("model.layers.{i}.{name}"), t, false)?;
         }
     }
     for (name, lin) in m.linears_mut() {

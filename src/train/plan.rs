@@ -220,8 +220,10 @@ pub fn lora_params(c: &ModelConfig, targets: &[String], rank: usize) -> u64 {
         .iter()
         .map(|t| match t.as_str() {
             "q_proj" => h + q,
-            "qkv_proj" => h + q + 2 * kv,
+            "qkv_proj" | "query_key_value" => h + q + 2 * kv,
             "gate_up_proj" => h + 2 * i,
+            "dense" => q + h,
+            "dense_h_to_4h" | "dense_4h_to_h" => h + i,
             "k_proj" | "v_proj" => h + kv,
             "o_proj" => q + h,
             "gate_proj" | "up_proj" | "down_proj" => h + i,

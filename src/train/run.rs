@@ -615,6 +615,7 @@ pub fn write_output(run: &Run) -> Result<PathBuf> {
     match cfg.method {
         Method::Lora => {
             let dir = cfg.out.join("adapter");
+            let arch = run.model.config().architecture;
             let vars: Vec<(String, Var)> = run
                 .opt
                 .params
@@ -627,14 +628,14 @@ pub fn write_output(run: &Run) -> Result<PathBuf> {
                 r: cfg.lora_rank,
                 lora_alpha: cfg.lora_alpha,
                 lora_dropout: cfg.lora_dropout,
-                target_modules: lora::attached_modules(&vars),
+                target_modules: lora::attached_modules(arch, &vars),
                 use_rslora: cfg.rslora,
                 bias: "none".into(),
                 fan_in_fan_out: false,
                 base_model_name_or_path: Some(run.base_model.clone()),
                 inference_mode: true,
             };
-            peft::save(&dir, &acfg, &vars)?;
+            peft::save(&dir, arch, &acfg, &vars)?;
             Ok(dir)
         }
         Method::Full => {

@@ -217,7 +217,7 @@ pub fn random_adapter(dir: &Path, targets: &[&str], b_scale: f32) {
         base_model_name_or_path: Some("smollm2".into()),
         inference_mode: true,
     };
-    peft::save(dir, &cfg, &vars).unwrap();
+    peft::save(dir, afinar::model::config::Architecture::Llama, &cfg, &vars).unwrap();
 }
 
 /// Caps this process's address space, so that an input that makes a reader allocate without

@@ -31,7 +31,8 @@ FIXTURES = os.path.join(HERE, "..", "fixtures")
 TEMPLATES = os.path.join(FIXTURES, "templates")
 # All the projection names LoRA may target (afinar's ALL_LINEAR then FUSED_LINEAR): each model
 # has some of them; A's formula indexes this list.
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+           "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 FUSED = ["qkv_proj", "gate_up_proj"]
 
 CORPUS = [
@@ -65,6 +66,7 @@ SPECIALS = {
     "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"], "<|begin_of_text|>", "<|eot_id|>", "llama3.jinja"),
     "mistral-swa": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", None),
     "phi3": (["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|end|>", "phi3.jinja"),
+    "falcon": ([">>ABSTRACT<<", ">>INTRODUCTION<<", "<|endoftext|>"], None, "<|endoftext|>", None),
 }
 
 
@@ -114,6 +116,12 @@ def config(family, vocab, ids):
                                                      "long_factor": [2.0 + 0.5 * i for i in range(rot)]},
                                        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|end|>"],
                                        pad_token_id=ids["<|endoftext|>"])
+    if family == "falcon":
+        # Falcon-7B's layout scaled down: multi-query, parallel attention, no biases, RoPE.
+        return transformers.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                                         bias=False, alibi=False, layer_norm_epsilon=1e-5, max_position_embeddings=256,
+                                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"])
     raise ValueError(family)
 
 
@@ -128,7 +136,8 @@ def greedy(model, ids, n):
 
 
 def lora_a(name, r, n_in):
-    layer = int(name.split(".layers.")[1].split(".")[0])
+    import re
+    layer = int(re.search(r"\.(?:layers|h)\.(\d+)\.", name).group(1))
     mi = MODULES.index(name.rsplit(".", 1)[1])
     idx = np.arange(r * n_in, dtype=np.float64).reshape(r, n_in)
     return torch.tensor((0.02 * np.sin(0.37 * idx + 1.3 * layer + 0.7 * mi)).astype(np.float32))
@@ -166,9 +175,11 @@ def family(name):
     gemma = name == "gemma3"
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
+            if pname.endswith("norm.weight") or pname.endswith("ln_f.weight"):
                 # Gemma stores the offset from 1; the others the scale itself.
                 p.copy_((0.0 if gemma else 1.0) + 0.3 * torch.randn_like(p))
+            elif pname.endswith("norm.bias") or pname.endswith("ln_f.bias"):
+                p.copy_(0.3 * torch.randn_like(p))
     model.save_pretrained(path)
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "chat_template": None}
     if bos:

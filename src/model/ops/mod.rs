@@ -11,6 +11,7 @@ pub mod cross_entropy;
 pub mod frozen_matmul;
 pub mod geglu;
 pub mod gemm_bench;
+pub mod layer_norm;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod packed;

@@ -520,3 +520,57 @@ fn sentencepiece_gguf_tokenizes_like_transformers_and_llama_cpp() {
         assert_eq!(got, &ids(theirs), "llama.cpp, {text:?}");
     }
 }
+
+/// Phi-3's template ends a conversation with the end-of-text token after the last turn, which a
+/// following turn replaces: each answer is still labelled up to its `<|end|>`, in a one-turn
+/// and a two-turn conversation.
+#[test]
+fn phi3_template_labels_each_answer() {
+    use afinar::data::shapes::{Example, Turn};
+    use afinar::data::{Encoder, Outcome, Overlong};
+    let model = Model::load(
+        root().join("tests/fixtures/tiny-phi3").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let enc = Encoder::new(
+        &model.tokenizer,
+        model.chat_template.as_ref(),
+        512,
+        Overlong::Drop,
+    );
+    let turn = |role: &str, content: &str, train: bool| Turn {
+        role: role.into(),
+        content: content.into(),
+        train,
+    };
+    let one = vec![
+        turn("system", "You are a terse assistant.", false),
+        turn("user", "Hi!", false),
+        turn("assistant", "Hello! How can I help?", true),
+    ];
+    let mut two = one.clone();
+    two.extend([
+        turn("user", "¿qué tal?", false),
+        turn("assistant", "Tuve.", true),
+    ]);
+    for (ex, want) in [
+        (one, "Hello! How can I help?<|end|>"),
+        (two, "Hello! How can I help?<|end|>Tuve.<|end|>"),
+    ] {
+        let parts = match enc.encode(&Example::Chat(ex)) {
+            Outcome::Ok { parts, .. } => parts,
+            Outcome::Rejected(r) => panic!("rejected: {r:?}"),
+            _ => panic!("not encoded"),
+        };
+        let e = &parts[0];
+        let labelled: Vec<u32> = e
+            .ids
+            .iter()
+            .zip(&e.labels)
+            .filter(|(_, &l)| l)
+            .map(|(&i, _)| i)
+            .collect();
+        assert_eq!(model.tokenizer.decode(&labelled, false).unwrap(), want);
+    }
+}

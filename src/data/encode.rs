@@ -216,40 +216,46 @@ impl<'a> Encoder<'a> {
             if !turn.train {
                 continue;
             }
-            // The turn starts where the generation prompt's header ends in the full text. A
-            // template may add more to the prompt than the turn keeps (DeepSeek-R1's opens the
-            // answer with "<think>\n" but writes past turns without it): the header is the part
-            // of the prompt the turn's own rendering begins with.
-            let plain = render(&msgs[..i], false)?;
+            // The turn starts where the generation prompt ends. A template may add more to the
+            // prompt than the turn keeps (DeepSeek-R1's opens the answer with "<think>\n" but
+            // writes past turns without it): then the prompt's header is the part of it the
+            // conversation goes on with.
             let prompt = render(&msgs[..i], true)?;
-            if plain.len() >= limit {
+            let start = if full.starts_with(&prompt) {
+                prompt.len()
+            } else {
+                let plain = render(&msgs[..i], false)?;
+                if !full.starts_with(&plain) || !prompt.starts_with(&plain) {
+                    return Err(not_prefix_stable(i));
+                }
+                plain.len() + common_prefix(&prompt[plain.len()..], &full[plain.len()..])
+            };
+            if start >= limit {
                 break;
             }
+            // It ends after its own end token (the first after the answer: message content
+            // holds none, checked above), within the text its own rendering shares with the
+            // conversation's: a template may close a conversation with text a following turn
+            // replaces (Phi-3's eos after the last turn).
             let through = render(&msgs[..=i], false)?;
-            if !full.starts_with(&plain)
-                || !full.starts_with(&through)
-                || !prompt.starts_with(&plain)
-                || through.len() < plain.len()
-            {
-                return Err((
-                    "template is not prefix-stable",
-                    format!("rendering the first {i} turns does not give a prefix of the whole conversation; cannot locate assistant turn {}", i + 1),
-                ));
+            if through.len() < start || !through.is_char_boundary(start) {
+                return Err(not_prefix_stable(i));
             }
-            let header = common_prefix(&prompt[plain.len()..], &through[plain.len()..]);
-            let (start, mut end) = (plain.len() + header, through.len());
-            if let Some(cut) = self
+            let shared = start + common_prefix(&through[start..], &full[start..]);
+            let cut = self
                 .end_markers
                 .iter()
                 .filter_map(|m| {
-                    full[start..end]
-                        .rfind(m.as_str())
+                    full[start..shared]
+                        .find(m.as_str())
                         .map(|p| start + p + m.len())
                 })
-                .max()
-            {
-                end = cut;
-            }
+                .min();
+            let end = match cut {
+                Some(end) => end,
+                None if shared == through.len() => shared,
+                None => return Err(not_prefix_stable(i)),
+            };
             spans.push((start, end));
         }
         // Spans are ascending and disjoint, token offsets ascending: one linear sweep.
@@ -311,4 +317,15 @@ fn common_prefix(a: &str, b: &str) -> usize {
         .zip(b.chars())
         .find(|((_, x), y)| x != y)
         .map_or(a.len().min(b.len()), |((i, _), _)| i)
+}
+
+fn not_prefix_stable(i: usize) -> Rejection {
+    (
+        "template is not prefix-stable",
+        format!(
+            "rendering the first {i} turns does not give a prefix of the whole conversation; \
+             cannot locate assistant turn {}",
+            i + 1
+        ),
+    )
 }

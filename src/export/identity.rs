@@ -112,8 +112,7 @@ pub fn check(
     let mut tokens = 0;
     let mut divergences = Vec::new();
     for (i, msgs) in probes.iter().enumerate() {
-        let a = source.encode_chat(msgs, true)?;
-        let b = exported.encode_chat(msgs, true)?;
+        let (a, b) = (probe_ids(source, msgs)?, probe_ids(exported, msgs)?);
         if a != b {
             let at = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
             return Ok(fail(format!(
@@ -202,4 +201,14 @@ pub fn enforce(v: &Verdict, force: bool) -> Result<()> {
             v.line
         )))
     }
+}
+
+/// A probe's prompt ids: its conversation through the chat template, or, for a model without
+/// one (a base model such as Falcon-7B), its messages' text on lines of their own.
+fn probe_ids(model: &Model, msgs: &[Message]) -> Result<Vec<u32>> {
+    if model.chat_template.is_some() {
+        return model.encode_chat(msgs, true);
+    }
+    let text: Vec<&str> = msgs.iter().map(|m| m.content.as_str()).collect();
+    model.tokenizer.encode(&text.join("\n"), true)
 }

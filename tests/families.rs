@@ -574,3 +574,70 @@ fn phi3_template_labels_each_answer() {
         assert_eq!(model.tokenizer.decode(&labelled, false).unwrap(), want);
     }
 }
+
+/// Hostile values of the families' config keys end in a one-line error naming the key.
+#[test]
+fn bad_family_config_keys_name_the_key() {
+    let base: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tiny-gemma3/config.json")).unwrap(),
+    )
+    .unwrap();
+    let phi: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tiny-phi3/config.json")).unwrap(),
+    )
+    .unwrap();
+    let falcon: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tiny-falcon/config.json")).unwrap(),
+    )
+    .unwrap();
+    let cases: Vec<(Value, &str, Value, &str)> = vec![
+        (
+            base.clone(),
+            "layer_types",
+            json!(["sliding_attention"]),
+            "layer_types has 1 entries",
+        ),
+        (
+            base.clone(),
+            "final_logit_softcapping",
+            json!(30.0),
+            "soft-capping",
+        ),
+        (
+            phi.clone(),
+            "partial_rotary_factor",
+            json!(1.5),
+            "partial_rotary_factor",
+        ),
+        (
+            phi.clone(),
+            "rope_parameters",
+            json!({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0],
+                   "original_max_position_embeddings": 64, "rope_theta": 10000.0}),
+            "longrope factors have 1 and 1 entries",
+        ),
+        (
+            falcon.clone(),
+            "new_decoder_architecture",
+            json!(true),
+            "new_decoder_architecture",
+        ),
+        (falcon.clone(), "alibi", json!(true), "alibi"),
+        (
+            json!({"model_type": "gemma2"}),
+            "x",
+            json!(0),
+            "only Gemma 3",
+        ),
+    ];
+    for (mut config, key, value, want) in cases {
+        config[key] = value;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = afinar::model::ModelConfig::from_hf_json(&dir.path().join("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{key}: {err}");
+        assert!(!err.contains('\n'), "{key}: one line: {err}");
+    }
+}

@@ -389,12 +389,24 @@ fn real_templates() -> Vec<(&'static str, String)> {
         .unwrap()
         .chat_template
         .expect("SmolLM2 has a template");
-    vec![
+    let mut v = vec![
         ("smollm2", smollm2),
         ("qwen2", QWEN2.into()),
         ("llama3", LLAMA3.into()),
         ("mistral", MISTRAL.into()),
-    ]
+    ];
+    // The families' real templates (tests/fixtures/templates).
+    for name in [
+        "qwen3",
+        "gemma3",
+        "smollm3",
+        "phi3",
+        "deepseek-r1-distill-qwen",
+    ] {
+        let path = common::root().join(format!("tests/fixtures/templates/{name}.jinja"));
+        v.push((name, std::fs::read_to_string(path).unwrap()));
+    }
+    v
 }
 
 /// One seeded mutation of a template's text.

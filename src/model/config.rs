@@ -444,7 +444,7 @@ impl ModelConfig {
             partial_rotary_factor: raw
                 .partial_rotary_factor
                 .or(global.as_ref().and_then(|g| g.partial_rotary_factor))
-                .filter(|&f| f < 1.0),
+                .filter(|&f| f != 1.0),
             longrope,
             rope_linear_factor,
         };

@@ -85,8 +85,11 @@ pub fn load_text_side(dir: &Path) -> Result<(TextTokenizer, Option<String>)> {
     };
     let mut tokenizer =
         TextTokenizer::from_file(&tokenizer_path, special("bos_token"), special("eos_token"))?;
-    // generation_config.json may name further end tokens (Llama 3 lists three).
-    if let Some(gen) = read_json_opt(&dir.join("generation_config.json"))? {
+    // generation_config.json (or config.json) may name further end tokens (Llama 3 lists three).
+    for file in ["generation_config.json", "config.json"] {
+        let Some(gen) = read_json_opt(&dir.join(file))? else {
+            continue;
+        };
         let ids: Vec<u32> = match gen.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             Some(Value::Array(a)) => a
@@ -96,7 +99,7 @@ pub fn load_text_side(dir: &Path) -> Result<(TextTokenizer, Option<String>)> {
             _ => vec![],
         };
         for id in ids {
-            if !tokenizer.end_token_ids.contains(&id) {
+            if !tokenizer.end_token_ids.contains(&id) && (id as usize) < tokenizer.vocab_size() {
                 tokenizer.end_token_ids.push(id);
             }
         }

@@ -313,6 +313,10 @@ fn family_notes(c: &ModelConfig) -> Vec<String> {
     if c.architecture.qk_norm() {
         notes.push("per-head RMSNorm on queries and keys".into());
     }
+    if c.architecture.parallel_block() {
+        notes
+            .push("attention and MLP in parallel from one LayerNorm; multi-query attention".into());
+    }
     if c.partial_rotary_factor.is_some() {
         notes.push(format!(
             "RoPE turns {} of each head's {} dimensions",

@@ -20,7 +20,7 @@ use afinar::model::{Message, Model};
 use afinar::train::lora::{self, LoraSpec, ALL_LINEAR, FUSED_LINEAR};
 use afinar::train::optim::{AdamW, AdamWConfig};
 use afinar::train::step_gradients;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use common::{floats, golden, ids, max_abs_diff, root};
 use serde_json::{json, Value};
 
@@ -36,19 +36,14 @@ fn load(f: &Value) -> Model {
     Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()
 }
 
-fn all_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model
-        .transformer
-        .forward(&input, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap()
+/// The ids that carry loss in an encoded example.
+fn labelled_ids(e: &afinar::data::Encoded) -> Vec<u32> {
+    e.ids
+        .iter()
+        .zip(&e.labels)
+        .filter(|(_, &l)| l)
+        .map(|(&i, _)| i)
+        .collect()
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -123,7 +118,7 @@ fn families_match_transformers() {
                 prompt,
                 "{name}: tokenizer ids of {text:?}"
             );
-            let logits = all_logits(&model, &prompt);
+            let logits = common::position_logits(&model, &prompt);
             for (pos, want) in rec["logits"].as_array().unwrap().iter().enumerate() {
                 let d = max_abs_diff(&logits[pos], &floats(want));
                 assert!(d <= 1e-3, "{name}: position {pos} differs by {d}");
@@ -155,7 +150,7 @@ fn peft_adapters_give_pefts_logits() {
         let dir = root().join(f["adapter"]["path"].as_str().unwrap());
         peft::load(&dir, &mut model.transformer, name).unwrap();
         let prompt = ids(&f["prompts"][0]["ids"]);
-        let logits = all_logits(&model, &prompt);
+        let logits = common::position_logits(&model, &prompt);
         for (pos, want) in f["adapter"]["logits"]
             .as_array()
             .unwrap()
@@ -251,31 +246,19 @@ fn lora_gradients_match_peft_and_adapters_round_trip() {
                 .unwrap();
         }
         let prompt = ids(&f["prompts"][1]["ids"]);
-        let trained = all_logits(&model, &prompt);
-        let cfg = peft::AdapterConfig {
-            peft_type: "LORA".into(),
-            task_type: "CAUSAL_LM".into(),
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.0,
-            target_modules: spec.targets.clone(),
-            use_rslora: false,
-            bias: "none".into(),
-            fan_in_fan_out: false,
-            base_model_name_or_path: None,
-            inference_mode: true,
-        };
+        let trained = common::position_logits(&model, &prompt);
+        let cfg = peft::AdapterConfig::lora(4, 8.0, spec.targets.clone());
         let out = tmp.path().join("adapter");
         peft::save(&out, arch, &cfg, &vars).unwrap();
         let mut fresh = load(&f);
         assert_ne!(
-            all_logits(&fresh, &prompt),
+            common::position_logits(&fresh, &prompt),
             trained,
             "{name}: the step changed nothing"
         );
         peft::load(&out, &mut fresh.transformer, name).unwrap();
         assert_eq!(
-            all_logits(&fresh, &prompt),
+            common::position_logits(&fresh, &prompt),
             trained,
             "{name}: reloaded adapter"
         );
@@ -357,7 +340,10 @@ fn gguf_exports_load_back_and_run_in_llama_cpp() {
             .map(|r| ids(&r["ids"]))
             .collect();
         for p in &prompts {
-            let (a, b) = (all_logits(&model, p), all_logits(&back, p));
+            let (a, b) = (
+                common::position_logits(&model, p),
+                common::position_logits(&back, p),
+            );
             let d = max_abs_diff(a.last().unwrap(), b.last().unwrap());
             assert!(d <= 1e-5, "{name}: GGUF round trip differs by {d}");
         }
@@ -443,14 +429,7 @@ fn deepseek_r1_template_labels_the_answer_only() {
             Outcome::Rejected(r) => panic!("rejected: {r:?}"),
             _ => panic!("not encoded"),
         };
-        let e = &parts[0];
-        let labelled: Vec<u32> = e
-            .ids
-            .iter()
-            .zip(&e.labels)
-            .filter(|(_, &l)| l)
-            .map(|(&i, _)| i)
-            .collect();
+        let labelled = labelled_ids(&parts[0]);
         let text = model.tokenizer.decode(&labelled, false).unwrap();
         // What the template keeps: the text after `</think>` ("\n\n" included), or all.
         let kept = reasoning.rsplit("</think>").next().unwrap();
@@ -563,14 +542,7 @@ fn phi3_template_labels_each_answer() {
             Outcome::Rejected(r) => panic!("rejected: {r:?}"),
             _ => panic!("not encoded"),
         };
-        let e = &parts[0];
-        let labelled: Vec<u32> = e
-            .ids
-            .iter()
-            .zip(&e.labels)
-            .filter(|(_, &l)| l)
-            .map(|(&i, _)| i)
-            .collect();
+        let labelled = labelled_ids(&parts[0]);
         assert_eq!(model.tokenizer.decode(&labelled, false).unwrap(), want);
     }
 }

@@ -42,6 +42,24 @@ pub struct AdapterConfig {
 }
 
 impl AdapterConfig {
+    /// A LoRA adapter's config as PEFT writes it for inference: rank `r`, `alpha`, on
+    /// `target_modules`; no dropout, no rsLoRA, no recorded base (set those fields after).
+    pub fn lora(r: usize, alpha: f64, target_modules: Vec<String>) -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            task_type: "CAUSAL_LM".into(),
+            r,
+            lora_alpha: alpha,
+            lora_dropout: 0.0,
+            target_modules,
+            use_rslora: false,
+            bias: "none".into(),
+            fan_in_fan_out: false,
+            base_model_name_or_path: None,
+            inference_mode: true,
+        }
+    }
+
     /// The factor the delta B·A is scaled by: `alpha / r`, or `alpha / √r` with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {

@@ -623,17 +623,14 @@ pub fn write_output(run: &Run) -> Result<PathBuf> {
                 .map(|p| (p.name.clone(), p.var.clone()))
                 .collect();
             let acfg = AdapterConfig {
-                peft_type: "LORA".into(),
-                task_type: "CAUSAL_LM".into(),
-                r: cfg.lora_rank,
-                lora_alpha: cfg.lora_alpha,
                 lora_dropout: cfg.lora_dropout,
-                target_modules: lora::attached_modules(arch, &vars),
                 use_rslora: cfg.rslora,
-                bias: "none".into(),
-                fan_in_fan_out: false,
                 base_model_name_or_path: Some(run.base_model.clone()),
-                inference_mode: true,
+                ..AdapterConfig::lora(
+                    cfg.lora_rank,
+                    cfg.lora_alpha,
+                    lora::attached_modules(arch, &vars),
+                )
             };
             peft::save(&dir, arch, &acfg, &vars)?;
             Ok(dir)

@@ -103,6 +103,22 @@ pub fn smollm2_path() -> PathBuf {
 }
 
 /// Largest absolute difference between two slices of equal length.
+/// Logits of every position of `ids` (one sequence, no cache), position by position.
+pub fn position_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
+    let input = candle_core::Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .transformer
+        .forward(&input, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()
@@ -205,17 +221,8 @@ pub fn random_adapter(dir: &Path, targets: &[&str], b_scale: f32) {
         }
     }
     let cfg = AdapterConfig {
-        peft_type: "LORA".into(),
-        task_type: "CAUSAL_LM".into(),
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        target_modules: spec.targets.clone(),
-        use_rslora: false,
-        bias: "none".into(),
-        fan_in_fan_out: false,
         base_model_name_or_path: Some("smollm2".into()),
-        inference_mode: true,
+        ..AdapterConfig::lora(4, 8.0, spec.targets.clone())
     };
     peft::save(dir, afinar::model::config::Architecture::Llama, &cfg, &vars).unwrap();
 }

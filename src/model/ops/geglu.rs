@@ -6,65 +6,13 @@
 //! Why our own op: as SwiGLU's, it replaces candle's element-wise chain (and its saved
 //! intermediates, the MLP's widest activations) with one pass forward and one backward.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::{Result, Tensor};
 
-use super::cpu::{f32_slice, from_vec, view};
 use super::softmax::{exp, wide_fn};
+use super::swiglu::Gated;
 
-struct GeGlu;
-
-const CHUNK: usize = 16_384;
 const C: f32 = 0.797_884_6; // √(2/π)
 const K: f32 = 0.044_715;
-
-impl CustomOp2 for GeGlu {
-    fn name(&self) -> &'static str {
-        "fused-geglu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gs: &CpuStorage,
-        gl: &Layout,
-        us: &CpuStorage,
-        ul: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (f32_slice(gs, gl)?, f32_slice(us, ul)?);
-        if g.len() != u.len() {
-            candle_core::bail!("fused-geglu: gate and up differ in size");
-        }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| gelu_mul(yc, gc, uc));
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        g: &Tensor,
-        u: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dv) = (view(g)?, view(u)?, view(dy)?);
-        let mut dg = vec![0f32; gv.len()];
-        let mut du = vec![0f32; gv.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(
-                gv.par_chunks(CHUNK)
-                    .zip(uv.par_chunks(CHUNK))
-                    .zip(dv.par_chunks(CHUNK)),
-            )
-            .for_each(|((dgc, duc), ((gc, uc), dc))| gelu_mul_backward(dgc, duc, gc, uc, dc));
-        Ok((
-            Some(from_vec(dg, g.shape(), g)?),
-            Some(from_vec(du, u.shape(), u)?),
-        ))
-    }
-}
 
 /// tanh through one exponential: 1 − 2 / (e^{2z} + 1) (±1 at the extremes, no NaN).
 #[inline(always)]
@@ -101,7 +49,12 @@ pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !super::fusable(gate) {
         return geglu_reference(gate, up);
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, GeGlu)
+    let op = Gated {
+        name: "fused-geglu",
+        forward: gelu_mul,
+        backward: gelu_mul_backward,
+    };
+    gate.contiguous()?.apply_op2(&up.contiguous()?, op)
 }
 
 /// The same with candle's ops (its `gelu` is the tanh approximation; any device; the test

@@ -10,13 +10,22 @@ use rayon::prelude::*;
 use super::cpu::{f32_slice, from_vec, view};
 use super::softmax::{exp, wide_fn};
 
-struct SwiGlu;
+/// An element-wise gated activation `y = f(g) ⊙ u` with its hand-written backward, as chunk
+/// kernels: SwiGLU here, GEGLU in `geglu.rs`. One op shape for both, so each file holds only
+/// its formulas.
+pub(super) struct Gated {
+    pub name: &'static str,
+    /// y = f(g) ⊙ u over one chunk.
+    pub forward: fn(&mut [f32], &[f32], &[f32]),
+    /// (dg, du) from (g, u, dy) over one chunk.
+    pub backward: fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]),
+}
 
 const CHUNK: usize = 16_384;
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp2 for Gated {
     fn name(&self) -> &'static str {
-        "fused-swiglu"
+        self.name
     }
 
     fn cpu_fwd(
@@ -28,12 +37,12 @@ impl CustomOp2 for SwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (f32_slice(gs, gl)?, f32_slice(us, ul)?);
         if g.len() != u.len() {
-            candle_core::bail!("fused-swiglu: gate and up differ in size");
+            candle_core::bail!("{}: gate and up differ in size", self.name);
         }
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| silu_mul(yc, gc, uc));
+            .for_each(|(yc, (gc, uc))| (self.forward)(yc, gc, uc));
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
@@ -54,7 +63,7 @@ impl CustomOp2 for SwiGlu {
                     .zip(uv.par_chunks(CHUNK))
                     .zip(dv.par_chunks(CHUNK)),
             )
-            .for_each(|((dgc, duc), ((gc, uc), dc))| silu_mul_backward(dgc, duc, gc, uc, dc));
+            .for_each(|((dgc, duc), ((gc, uc), dc))| (self.backward)(dgc, duc, gc, uc, dc));
         Ok((
             Some(from_vec(dg, g.shape(), g)?),
             Some(from_vec(du, u.shape(), u)?),
@@ -88,7 +97,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !super::fusable(gate) {
         return swiglu_reference(gate, up);
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    let op = Gated {
+        name: "fused-swiglu",
+        forward: silu_mul,
+        backward: silu_mul_backward,
+    };
+    gate.contiguous()?.apply_op2(&up.contiguous()?, op)
 }
 
 /// The same `silu(gate) ⊙ up` with candle's ops (any device; the test reference).

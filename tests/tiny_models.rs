@@ -5,7 +5,7 @@ mod common;
 
 use afinar::infer::{generate, GenerateOptions, SamplingParams};
 use afinar::model::{Message, Model};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use common::{floats, golden, ids, max_abs_diff, root};
 
 #[test]
@@ -26,18 +26,7 @@ fn tiny_models_match_transformers() {
                 prompt,
                 "tokenizer ids of {text:?}"
             );
-            let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits: Vec<Vec<f32>> = model
-                .transformer
-                .forward(&input, None)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec2()
-                .unwrap();
+            let logits = common::position_logits(&model, &prompt);
             for (pos, want) in rec["logits"].as_array().unwrap().iter().enumerate() {
                 let want = floats(want);
                 let d = max_abs_diff(&logits[pos], &want);

@@ -18,8 +18,11 @@ pub(super) struct Gated {
     /// y = f(g) ⊙ u over one chunk.
     pub forward: fn(&mut [f32], &[f32], &[f32]),
     /// (dg, du) from (g, u, dy) over one chunk.
-    pub backward: fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]),
+    pub backward: GatedBackward,
 }
+
+/// A gated op's backward chunk kernel: (dg, du, g, u, dy).
+pub(super) type GatedBackward = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
 
 const CHUNK: usize = 16_384;
 

@@ -245,7 +245,7 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
                 .any(|t| t.role == "assistant" && t.content.contains("</think>"))
             {
                 report.note(
-                    "examples whose reasoning (text up to </think>) the chat template leaves out of earlier assistant turns; those turns train on their answers",
+                    "examples with assistant reasoning (text up to </think>) that the chat template leaves out of some turns (DeepSeek-R1: all, Qwen3: those before the last question); those turns train on their answers",
                     format!("{}: assistant reasoning not in the rendered text", item.location),
                 );
             }

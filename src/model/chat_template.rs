@@ -147,8 +147,8 @@ impl ChatTemplate {
     }
 
     /// Whether the template leaves out an assistant turn's reasoning (its text up to
-    /// `</think>`) when a user turn follows, as DeepSeek-R1's and Qwen3's do: a model trained
-    /// on such turns sees their answers only.
+    /// `</think>`), at least when a user turn follows, as DeepSeek-R1's (always) and Qwen3's
+    /// (before the last question) do: a model trained on such turns sees their answers only.
     pub fn drops_reasoning(&self) -> bool {
         let probe = [
             Message::new("user", "q"),

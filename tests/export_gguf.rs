@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use afinar::export::gguf::{self, GgufDtype};
@@ -15,7 +14,7 @@ use afinar::export::peft;
 use afinar::infer::{generate, GenerateOptions};
 use afinar::model::{Message, Model};
 use candle_core::quantized::gguf_file::Content;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::{json, Value};
 
 /// Chat prompts for the generation checks; the first ones end well before 32 tokens.
@@ -88,19 +87,9 @@ fn afinar_greedy(model: &Model, n: usize) -> Vec<(Vec<u32>, Vec<u32>, bool)> {
         .collect()
 }
 
+/// Every position's logits, one after another.
 fn all_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model
-        .transformer
-        .forward(&input, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    common::position_logits(model, ids).concat()
 }
 
 #[test]
@@ -305,20 +294,7 @@ fn llama_cpp(model: &Path, lora: Option<&Path>, max_tokens: usize) -> Vec<Value>
         model.file_name().unwrap().to_string_lossy()
     ));
     std::fs::write(&job_path, job.to_string()).unwrap();
-    let out = Command::new("node")
-        .arg(common::root().join("tests/llamacpp/generate.mjs"))
-        .arg(&job_path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "llama.cpp on {}: {stdout}{}",
-        model.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let v = common::llama_cpp_json("generate.mjs", &[&job_path]);
     v["results"].as_array().unwrap().clone()
 }
 
@@ -333,13 +309,7 @@ fn ids(v: &Value) -> Vec<u32> {
 /// at `<|im_end|>` where afinar stops.
 #[test]
 fn llama_cpp_generates_what_afinar_generates() {
-    let dir = common::root().join("tests/llamacpp");
-    if !dir.join("node_modules/node-llama-cpp").is_dir() {
-        assert!(
-            std::env::var_os("AFINAR_REQUIRE_LLAMACPP_TEST").is_none(),
-            "needs `npm install` in tests/llamacpp (see .ci/run)"
-        );
-        eprintln!("skipped: needs `npm install` in tests/llamacpp (see .ci/run)");
+    if !common::llama_cpp_ready() {
         return;
     }
     let src = common::smollm2();

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use afinar::export::gguf::{self, GgufDtype};
 use afinar::export::peft;
@@ -219,14 +218,7 @@ fn lora_gradients_match_peft_and_adapters_round_trip() {
                 continue;
             };
             let want = want.as_f64().unwrap();
-            let got = grad
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt() as f64;
+            let got = common::l2_norm(grad);
             assert!(
                 (got - want).abs() <= 1e-4 * want.max(1e-6) + 1e-7,
                 "{name}: {}: |dL/dB| = {got}, PEFT {want}",
@@ -296,16 +288,7 @@ fn real_chat_templates_render_like_transformers() {
 /// (node-llama-cpp's prebuilt CPU build) picks transformers' greedy tokens from it.
 #[test]
 fn gguf_exports_load_back_and_run_in_llama_cpp() {
-    let have_node = root()
-        .join("tests/llamacpp/node_modules/node-llama-cpp")
-        .is_dir();
-    if !have_node {
-        assert!(
-            std::env::var_os("AFINAR_REQUIRE_LLAMACPP_TEST").is_none(),
-            "needs `npm install` in tests/llamacpp (see .ci/run)"
-        );
-        eprintln!("llama.cpp half skipped: needs `npm install` in tests/llamacpp");
-    }
+    let have_node = common::llama_cpp_ready();
     let tmp = tempfile::tempdir().unwrap();
     for f in families() {
         let name = f["family"].as_str().unwrap();
@@ -356,18 +339,7 @@ fn gguf_exports_load_back_and_run_in_llama_cpp() {
             json!({"model": path, "max_tokens": 16, "prompts": prompts}).to_string(),
         )
         .unwrap();
-        let out = Command::new("node")
-            .arg(root().join("tests/llamacpp/greedy_ids.mjs"))
-            .arg(&job)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{name}: llama.cpp: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+        let v = common::llama_cpp_json("greedy_ids.mjs", &[&job]);
         for (rec, got) in f["prompts"]
             .as_array()
             .unwrap()
@@ -468,33 +440,14 @@ fn sentencepiece_gguf_tokenizes_like_transformers_and_llama_cpp() {
         mine.iter().flatten().any(|&id| (3..259).contains(&id)),
         "no byte-fallback token: the corpus should exercise it"
     );
-    if !root()
-        .join("tests/llamacpp/node_modules/node-llama-cpp")
-        .is_dir()
-    {
-        assert!(
-            std::env::var_os("AFINAR_REQUIRE_LLAMACPP_TEST").is_none(),
-            "needs `npm install` in tests/llamacpp (see .ci/run)"
-        );
+    if !common::llama_cpp_ready() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let job = tmp.path().join("texts.json");
     let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
     std::fs::write(&job, serde_json::to_string(&texts).unwrap()).unwrap();
-    let out = Command::new("node")
-        .arg(root().join("tests/llamacpp/tokenize.mjs"))
-        .arg(&path)
-        .arg(&job)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "llama.cpp: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    let v = common::llama_cpp_json("tokenize.mjs", &[&path, &job]);
     for ((text, got), theirs) in texts.iter().zip(&mine).zip(v["ids"].as_array().unwrap()) {
         assert_eq!(got, &ids(theirs), "llama.cpp, {text:?}");
     }

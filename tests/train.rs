@@ -110,14 +110,7 @@ fn peft_gradients_within(bf16: bool, tol: f64, per_matrix: f64) {
             continue;
         };
         let want = want.as_f64().unwrap();
-        let got = grad
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt() as f64;
+        let got = common::l2_norm(grad);
         diff2 += (got - want).powi(2);
         norm2 += want * want;
         assert!(

@@ -356,6 +356,16 @@ impl ModelConfig {
             None => None,
         };
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        // A list with one entry per layer must have as many as there are layers.
+        let per_layer = |len: usize, key: &str| {
+            if len == num_layers {
+                return Ok(());
+            }
+            Err(Error::bad_file(
+                path,
+                format!("{key} has {len} entries for {num_layers} layers"),
+            ))
+        };
         // A window applies unless the config turns it off (Qwen2/3 and SmolLM3 carry a size
         // with `use_sliding_window: false`); `layer_types` says which layers slide (Gemma 3;
         // its older configs give a pattern: every 6th layer global).
@@ -365,15 +375,7 @@ impl ModelConfig {
         let sliding_layers = match (&raw.layer_types, sliding_window) {
             (_, None) => vec![],
             (Some(types), Some(_)) => {
-                if types.len() != num_layers {
-                    return Err(Error::bad_file(
-                        path,
-                        format!(
-                            "layer_types has {} entries for {num_layers} layers",
-                            types.len()
-                        ),
-                    ));
-                }
+                per_layer(types.len(), "layer_types")?;
                 types.iter().map(|t| t == "sliding_attention").collect()
             }
             (None, Some(_)) if architecture == Architecture::Gemma3 => {
@@ -384,15 +386,7 @@ impl ModelConfig {
         };
         let no_rope_layers = match (&raw.no_rope_layers, architecture) {
             (Some(v), _) => {
-                if v.len() != num_layers {
-                    return Err(Error::bad_file(
-                        path,
-                        format!(
-                            "no_rope_layers has {} entries for {num_layers} layers",
-                            v.len()
-                        ),
-                    ));
-                }
+                per_layer(v.len(), "no_rope_layers")?;
                 v.iter().map(|&r| r == 0).collect()
             }
             (None, Architecture::SmolLM3) => (0..num_layers).map(|i| (i + 1) % 4 == 0).collect(),

@@ -331,3 +331,49 @@ pub fn token_file(
     afinar::data::cache::write(&path, &p).unwrap();
     afinar::data::cache::TokenFile::open(&path).unwrap()
 }
+
+/// Whether llama.cpp (node-llama-cpp in tests/llamacpp) is installed for the tests that run it.
+/// With AFINAR_REQUIRE_LLAMACPP_TEST set (as .ci/run sets it), its absence fails instead.
+pub fn llama_cpp_ready() -> bool {
+    if root()
+        .join("tests/llamacpp/node_modules/node-llama-cpp")
+        .is_dir()
+    {
+        return true;
+    }
+    assert!(
+        std::env::var_os("AFINAR_REQUIRE_LLAMACPP_TEST").is_none(),
+        "needs `npm install` in tests/llamacpp (see .ci/run)"
+    );
+    eprintln!("llama.cpp part skipped: needs `npm install` in tests/llamacpp (see .ci/run)");
+    false
+}
+
+/// Runs `node tests/llamacpp/SCRIPT ARGS…` and returns the JSON of its last stdout line; a
+/// failure shows its output.
+pub fn llama_cpp_json(script: &str, args: &[&Path]) -> serde_json::Value {
+    let out = std::process::Command::new("node")
+        .arg(root().join("tests/llamacpp").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "llama.cpp ({script} {args:?}): {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// The L2 norm of a tensor, in f64.
+pub fn l2_norm(t: &candle_core::Tensor) -> f64 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt() as f64
+}

@@ -515,6 +515,10 @@ fn bad_family_config_keys_name_the_key() {
         &std::fs::read_to_string(root().join("tests/fixtures/tiny-falcon/config.json")).unwrap(),
     )
     .unwrap();
+    let smollm3: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tiny-smollm3/config.json")).unwrap(),
+    )
+    .unwrap();
     let cases: Vec<(Value, &str, Value, &str)> = vec![
         (
             base.clone(),
@@ -553,6 +557,26 @@ fn bad_family_config_keys_name_the_key() {
             "x",
             json!(0),
             "only Gemma 3",
+        ),
+        (
+            smollm3,
+            "no_rope_layers",
+            json!([1, 1]),
+            "no_rope_layers has 2 entries for 4 layers",
+        ),
+        (base.clone(), "mlp_bias", json!(true), "mlp_bias = true"),
+        (
+            falcon.clone(),
+            "multi_query",
+            json!(false),
+            "multi_query = false",
+        ),
+        (falcon.clone(), "bias", json!(true), "bias = true"),
+        (
+            falcon.clone(),
+            "activation",
+            json!("relu"),
+            "an activation other than gelu",
         ),
     ];
     for (mut config, key, value, want) in cases {

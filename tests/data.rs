@@ -414,7 +414,12 @@ fn empty_or_label_free_datasets_are_errors() {
     let mut o = opts(&[&f]);
     o.max_seq_len = 16;
     let err = data::prepare(&o, tiny()).err().unwrap().to_string();
-    assert!(err.contains("all 5 examples have empty labels"), "{err}");
+    assert!(
+        err.contains("all 5 examples have no answer token left")
+            && err.contains("max_seq_len = 16")
+            && err.contains("--max-seq-len 512"),
+        "{err}"
+    );
 }
 
 #[test]

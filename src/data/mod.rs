@@ -296,8 +296,12 @@ pub fn prepare(opts: &PrepareOptions, text: &TextSide) -> Result<Prepared> {
     if kept == 0 {
         let why = if report.zero_label_examples > 0 {
             format!(
-                "all {} examples have empty labels (nothing to learn)",
-                report.zero_label_examples
+                "all {} examples have no answer token left after templating and truncation to \
+                 max_seq_len = {} (nothing to learn): the prompts, with the template's system \
+                 text, fill it; raise max_seq_len (e.g. --max-seq-len {})",
+                report.zero_label_examples,
+                opts.max_seq_len,
+                (opts.max_seq_len * 4).max(512)
             )
         } else if report.skipped > 0 {
             format!(

@@ -453,6 +453,143 @@ fn sentencepiece_gguf_tokenizes_like_transformers_and_llama_cpp() {
     }
 }
 
+/// GPT-2's byte-to-character table, which byte-level BPE vocabularies (and GGUF's `gpt2` kind)
+/// spell their tokens with.
+fn byte_chars() -> Vec<char> {
+    let kept = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+    let mut extra = 0;
+    (0..256u32)
+        .map(|b| {
+            if kept(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap()
+            }
+        })
+        .collect()
+}
+
+/// A tiktoken file (base64 bytes and rank per line) as the token strings and merges of a
+/// byte-level BPE, the way transformers' `TikTokenConverter` (and so Llama 3's `tokenizer.json`
+/// and the GGUFs made from it) lays it out: for each token in rank order, every split of it into
+/// two tokens, ordered by the halves' ranks.
+fn tiktoken_as_bpe(file: &[u8]) -> (Vec<String>, Vec<String>) {
+    use base64::Engine;
+    let text = std::str::from_utf8(file).unwrap();
+    let mut by_rank: Vec<Vec<u8>> = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let (b64, rank) = line.split_once(' ').unwrap();
+        let rank: usize = rank.parse().unwrap();
+        assert_eq!(rank, by_rank.len(), "ranks in order");
+        by_rank.push(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        );
+    }
+    let rank: std::collections::HashMap<&[u8], usize> = by_rank
+        .iter()
+        .enumerate()
+        .map(|(r, t)| (t.as_slice(), r))
+        .collect();
+    let chars = byte_chars();
+    let spell = |b: &[u8]| b.iter().map(|&x| chars[x as usize]).collect::<String>();
+    let mut merges = Vec::new();
+    for t in by_rank.iter().filter(|t| t.len() > 1) {
+        let mut local: Vec<(usize, usize, usize)> = (1..t.len())
+            .filter_map(|k| Some((*rank.get(&t[..k])?, *rank.get(&t[k..])?, k)))
+            .collect();
+        local.sort();
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, k)| format!("{} {}", spell(&t[..k]), spell(&t[k..]))),
+        );
+    }
+    (by_rank.iter().map(|t| spell(t)).collect(), merges)
+}
+
+/// Llama 3's real tokenizer, fetched from Meta's `llama-models` wheel on PyPI (Hugging Face is
+/// unreachable): laid out as a GGUF vocabulary the way llama.cpp's converter writes one
+/// (`gpt2` kind, `llama-bpe` pre-tokenizer, merges, 256 control tokens, BOS added), afinar's
+/// GGUF tokenizer gives the ids of Meta's own tiktoken encoder (tests/golden/
+/// make_llama3_tokenizer.py) on a varied corpus, and so does llama.cpp's tokenizer on the same file.
+#[test]
+fn llama3_real_tokenizer_matches_meta_and_llama_cpp() {
+    use afinar::export::gguf_file::{self, MetaValue};
+    let g = golden("llama3_tokenizer.json");
+    let file = common::pypi_member(
+        "llama-models==0.3.0",
+        g["member"].as_str().unwrap(),
+        g["sha256"].as_str().unwrap(),
+    );
+    let (mut tokens, merges) = tiktoken_as_bpe(&file);
+    assert_eq!(tokens.len() as u64, g["base_tokens"].as_u64().unwrap());
+    let mut types = vec![1i32; tokens.len()];
+    for t in g["special_tokens"].as_array().unwrap() {
+        tokens.push(t.as_str().unwrap().to_string());
+        types.push(3);
+    }
+    let bos = g["bos"].as_u64().unwrap() as u32;
+    let eot = g["eot"].as_u64().unwrap() as u32;
+    let kv = |k: &str, v: MetaValue| (k.to_string(), v);
+    let meta = vec![
+        kv("general.architecture", MetaValue::Str("llama".into())),
+        kv("llama.block_count", MetaValue::U32(1)),
+        kv("llama.context_length", MetaValue::U32(131072)),
+        kv("llama.embedding_length", MetaValue::U32(64)),
+        kv("llama.feed_forward_length", MetaValue::U32(128)),
+        kv("llama.attention.head_count", MetaValue::U32(2)),
+        kv("llama.attention.head_count_kv", MetaValue::U32(2)),
+        kv(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        ),
+        kv("llama.rope.freq_base", MetaValue::F32(500_000.0)),
+        kv("llama.vocab_size", MetaValue::U32(tokens.len() as u32)),
+        kv("tokenizer.ggml.model", MetaValue::Str("gpt2".into())),
+        kv("tokenizer.ggml.pre", MetaValue::Str("llama-bpe".into())),
+        kv("tokenizer.ggml.tokens", MetaValue::StrArray(tokens)),
+        kv("tokenizer.ggml.token_type", MetaValue::I32Array(types)),
+        kv("tokenizer.ggml.merges", MetaValue::StrArray(merges)),
+        kv("tokenizer.ggml.bos_token_id", MetaValue::U32(bos)),
+        kv("tokenizer.ggml.eos_token_id", MetaValue::U32(eot)),
+        kv("tokenizer.ggml.add_bos_token", MetaValue::Bool(true)),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("llama3-vocab.gguf");
+    gguf_file::write(&path, &meta, &[], |_, _| Ok(())).unwrap();
+
+    let (tok, _) = afinar::model::gguf::load_text_side(&path).unwrap();
+    let cases = g["tokenizer"].as_array().unwrap();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), ids(&c["ids"]), "{text:?}");
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            ids(&c["ids_with_bos"]),
+            "with BOS, {text:?}"
+        );
+        assert_eq!(tok.decode(&ids(&c["ids"]), false).unwrap(), text);
+    }
+    if !common::llama_cpp_ready() {
+        return;
+    }
+    let job = tmp.path().join("texts.json");
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    std::fs::write(&job, serde_json::to_string(&texts).unwrap()).unwrap();
+    let v = common::llama_cpp_json("tokenize.mjs", &[&path, &job]);
+    for (c, theirs) in cases.iter().zip(v["ids"].as_array().unwrap()) {
+        assert_eq!(
+            ids(theirs),
+            ids(&c["ids_with_bos"]),
+            "llama.cpp, {:?}",
+            c["text"]
+        );
+    }
+}
+
 /// Phi-3's template ends a conversation with the end-of-text token after the last turn, which a
 /// following turn replaces: each answer is still labelled up to its `<|end|>`, in a one-turn
 /// and a two-turn conversation.

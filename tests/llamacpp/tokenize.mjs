@@ -8,7 +8,8 @@ const texts = JSON.parse(readFileSync(process.argv[3], "utf8"));
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
 const model = await llama.loadModel({modelPath: process.argv[2], vocabOnly: true});
 const ids = texts.map((t) => {
-    let toks = Array.from(model.tokenize(t));
+    // Special-token text is matched whole, as afinar and transformers do.
+    let toks = Array.from(model.tokenize(t, true));
     if (model.tokens.shouldPrependBosToken && model.tokens.bos != null) toks = [model.tokens.bos, ...toks];
     return toks;
 });

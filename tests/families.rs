@@ -355,6 +355,79 @@ fn gguf_exports_load_back_and_run_in_llama_cpp() {
     }
 }
 
+/// Family keys and tensors in a GGUF are untrusted input too: Gemma 3's per-layer window
+/// pattern of the wrong length, a Phi-3 file with the short LongRoPE factors but not the long
+/// ones, or with too few factors, each end in a one-line error naming the file and what is wrong.
+#[test]
+fn hostile_family_ggufs_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = |family: &str| {
+        let f = families()
+            .into_iter()
+            .find(|f| f["family"] == family)
+            .unwrap();
+        let model = load(&f);
+        let path = tmp.path().join(format!("{family}.gguf"));
+        gguf::write_model(&model, GgufDtype::F32, &path).unwrap();
+        (std::fs::read(&path).unwrap(), model.config().num_layers)
+    };
+    let err = |name: &str, bytes: &[u8]| -> String {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let msg = match afinar::model::gguf::inspect(&path) {
+            Ok(_) => panic!("{name}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(!msg.contains('\n') && msg.contains(name), "{msg}");
+        msg
+    };
+    let find = |b: &[u8], s: &str| b.windows(s.len()).position(|w| w == s.as_bytes()).unwrap();
+
+    // Gemma 3: a pattern of one flag for six layers. The key-value pair is 64 bytes, so the
+    // tensor data stays aligned after it.
+    let (orig, layers) = export("gemma3");
+    let key = "gemma3.attention.sliding_window_pattern";
+    let mut kv = (key.len() as u64).to_le_bytes().to_vec();
+    kv.extend_from_slice(key.as_bytes());
+    kv.extend_from_slice(&9u32.to_le_bytes()); // array
+    kv.extend_from_slice(&7u32.to_le_bytes()); // of bool
+    kv.extend_from_slice(&1u64.to_le_bytes());
+    kv.push(1);
+    assert_eq!(kv.len() % 32, 0);
+    let mut b = orig[..24].to_vec();
+    let n_kv = u64::from_le_bytes(orig[16..24].try_into().unwrap());
+    b[16..24].copy_from_slice(&(n_kv + 1).to_le_bytes());
+    b.extend_from_slice(&kv);
+    b.extend_from_slice(&orig[24..]);
+    let msg = err("pattern.gguf", &b);
+    assert!(
+        msg.contains(key) && msg.contains(&format!("1 flags for {layers} layers")),
+        "{msg}"
+    );
+
+    // Phi-3: the long factors renamed away (same length, so nothing else moves).
+    let (orig, _) = export("phi3");
+    let mut b = orig.clone();
+    let at = find(&b, "rope_factors_long.weight");
+    b[at..at + 24].copy_from_slice(b"rope_factors_lonx.weight");
+    let msg = err("nolong.gguf", &b);
+    assert!(msg.contains("no 'rope_factors_long.weight'"), "{msg}");
+
+    // Phi-3: one short factor fewer than the rotary dimensions need (the tensor's only dim).
+    let mut b = orig;
+    let dim_at = find(&b, "rope_factors_short.weight") + 25 + 4;
+    let dim = u64::from_le_bytes(b[dim_at..dim_at + 8].try_into().unwrap());
+    b[dim_at..dim_at + 8].copy_from_slice(&(dim - 1).to_le_bytes());
+    let msg = err("short.gguf", &b);
+    assert!(
+        msg.contains(&format!(
+            "longrope factors have {} and {dim} entries",
+            dim - 1
+        )),
+        "{msg}"
+    );
+}
+
 /// DeepSeek-R1-Distill's template drops everything up to `</think>` from assistant turns and
 /// opens the generation prompt with `<think>\n`, which its rendering of a past turn lacks: the
 /// loss still falls on exactly the answer and its end token, with or without reasoning in the

@@ -355,6 +355,84 @@ fn gguf_exports_load_back_and_run_in_llama_cpp() {
     }
 }
 
+/// LongRoPE past the original context, as transformers does it (tests/golden/make_longrope.py):
+/// a forward call whose largest position reaches `original_max_position_embeddings` rotates with
+/// the long factors, so an 80-token prompt (original context 64) takes them throughout, while a
+/// cached generation that crosses 64 keeps its short-rotated keys and rotates each later token
+/// with the long ones. Both the one-sequence path and the serving engine follow it step by step.
+#[test]
+fn phi3_longrope_takes_the_long_factors_past_the_original_context() {
+    let g = golden("longrope.json");
+    let model = Model::load(
+        root().join("tests/fixtures/tiny-phi3").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let long = &g["long"];
+    let all = common::position_logits(&model, &ids(&long["ids"]));
+    for (p, want) in long["positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(long["logits"].as_array().unwrap())
+    {
+        let p = p.as_u64().unwrap() as usize;
+        let d = max_abs_diff(&all[p], &floats(want));
+        assert!(d <= 1e-3, "80-token prompt, position {p}: differs by {d}");
+    }
+
+    let cached = &g["cached"];
+    let prompt = ids(&cached["prompt"]);
+    let steps = cached["step_logits"].as_array().unwrap();
+    let t = &model.transformer;
+    let check = |path: &str, k: usize, got: &[f32], want: &Value| {
+        let d = max_abs_diff(got, &floats(want));
+        assert!(
+            d <= 1e-3,
+            "{path}: step {k} (position {}) differs by {d}",
+            prompt.len() + k
+        );
+    };
+    // The one-sequence path: the prompt in one call, then a token per call.
+    let mut cache = Cache::new(t);
+    let last = |ids: &[u32], cache: &mut Cache| -> Vec<f32> {
+        let x = candle_core::Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        t.forward_last(&x, Some(cache))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let got = last(&prompt, &mut cache);
+    check("one sequence", 0, &got, &g["short"]["last_logits"]);
+    for (k, next) in ids(&cached["greedy_16"]).into_iter().enumerate() {
+        check("one sequence", k + 1, &last(&[next], &mut cache), &steps[k]);
+    }
+    // The serving engine: the prompt in chunks of 5, then a token per step.
+    let mut cache = Cache::new(t);
+    let row = |tokens: &[u32], cache: &mut Cache| -> Vec<f32> {
+        let mut rows = [Row {
+            model: t,
+            tokens,
+            cache,
+            logits: true,
+        }];
+        forward_rows(t, &mut rows).unwrap().remove(0).unwrap()
+    };
+    let mut got = Vec::new();
+    for chunk in prompt.chunks(5) {
+        got = row(chunk, &mut cache);
+    }
+    check("engine", 0, &got, &g["short"]["last_logits"]);
+    for (k, next) in ids(&cached["greedy_16"]).into_iter().enumerate() {
+        check("engine", k + 1, &row(&[next], &mut cache), &steps[k]);
+    }
+}
+
 /// Family keys and tensors in a GGUF are untrusted input too: Gemma 3's per-layer window
 /// pattern of the wrong length, a Phi-3 file with the short LongRoPE factors but not the long
 /// ones, or with too few factors, each end in a one-line error naming the file and what is wrong.

@@ -166,8 +166,9 @@ pub struct Llama3RopeScaling {
 }
 
 /// LongRoPE (Phi-3 128k, Phi-4-mini): each RoPE frequency divided by its factor, and cos/sin
-/// scaled by `attention_factor`. transformers takes `long_factor` once a sequence passes
-/// `original_max_position_embeddings`; afinar takes `short_factor` throughout (see `info`).
+/// scaled by `attention_factor`. As in transformers, a forward call takes `long_factor` when its
+/// largest position reaches `original_max_position_embeddings`, `short_factor` otherwise; keys
+/// already cached keep the rotation they were cached with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LongRope {
     pub short_factor: Vec<f64>,

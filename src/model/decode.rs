@@ -86,7 +86,19 @@ pub fn forward_rows(base: &Transformer, rows: &mut [Row]) -> Result<Vec<Option<V
         models.extend(std::iter::repeat_n(r.model, r.tokens.len()));
     }
     let n = ids.len();
-    let rope = base.rope_tables(&Tensor::from_vec(positions, (n, 1), &device)?)?;
+    // LongRoPE decides per sequence, by the largest position it reaches in this step.
+    let long: Vec<bool> = match &c.longrope {
+        Some(l) => rows
+            .iter()
+            .zip(&pasts)
+            .flat_map(|(r, &past)| {
+                let long = past + r.tokens.len() > l.original_max_position_embeddings;
+                std::iter::repeat_n(long, r.tokens.len())
+            })
+            .collect(),
+        None => vec![false; n],
+    };
+    let rope = base.rope_tables_rows(&Tensor::from_vec(positions, (n, 1), &device)?, &long)?;
     let mut x = base.embed(&Tensor::from_vec(ids, n, &device)?)?;
     for i in 0..base.layers.len() {
         let layer = &base.layers[i];

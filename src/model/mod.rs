@@ -326,8 +326,8 @@ fn family_notes(c: &ModelConfig) -> Vec<String> {
     }
     if let Some(l) = &c.longrope {
         notes.push(format!(
-            "LongRoPE with its short factors: exact up to {} tokens; longer sequences would take \
-             the long factors in transformers, which afinar does not switch to",
+            "LongRoPE: short factors up to {} tokens, the long ones past it (decided per call, as \
+             in transformers)",
             l.original_max_position_embeddings
         ));
     }

@@ -650,6 +650,8 @@ pub struct Transformer {
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<Weight>,
     inv_freq: Tensor,
+    /// LongRoPE's long-factor inverse frequencies, for calls past the original context.
+    inv_freq_long: Option<Tensor>,
     /// The sliding layers' inverse frequencies, when they have their own base (Gemma 3).
     inv_freq_local: Option<Tensor>,
     /// Key of the current LoRA dropout masks (0 = no dropout); set by the trainer.
@@ -763,7 +765,12 @@ impl Transformer {
             w.take_weight_optional("lm_head.weight", &[c.vocab_size, hs])?
         };
         let device = embed_tokens.device();
-        let inv_freq = inv_freq(c, c.rope_theta, rope_freq_factors.as_deref(), &device)?;
+        let factors = rope_freq_factors.as_deref();
+        let inv_freq_long = match c.longrope {
+            Some(_) => Some(inv_freq(c, c.rope_theta, factors, true, &device)?),
+            None => None,
+        };
+        let inv_freq = inv_freq(c, c.rope_theta, factors, false, &device)?;
         let inv_freq_local = match c.rope_local_theta {
             Some(theta) => Some(inv_freq_plain(c.rotary_dim(), theta, &device)?),
             None => None,
@@ -776,6 +783,7 @@ impl Transformer {
             norm_bias,
             lm_head,
             inv_freq,
+            inv_freq_long,
             inv_freq_local,
             lora_dropout_key: Default::default(),
             fused: true,
@@ -860,10 +868,38 @@ impl Transformer {
         }
     }
 
-    /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, t, 1, head_dim).
+    /// cos/sin tables for `positions` (shape (b, t), u32), shaped (b, t, 1, head_dim). LongRoPE
+    /// takes its long factors for the whole call when the largest position reaches the original
+    /// context, as transformers decides per call.
     pub(crate) fn rope_tables(&self, positions: &Tensor) -> Result<RopeTables> {
+        let long = match &self.config.longrope {
+            Some(l) => {
+                let max = positions.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+                max as usize >= l.original_max_position_embeddings
+            }
+            None => false,
+        };
+        self.rope_tables_rows(positions, &vec![long; positions.dim(0)?])
+    }
+
+    /// Like [`Self::rope_tables`], with LongRoPE's choice made per row of `positions` (`long`,
+    /// one flag per row): the serving engine puts many sequences' tokens in one call, each
+    /// deciding as it would alone.
+    pub(crate) fn rope_tables_rows(&self, positions: &Tensor, long: &[bool]) -> Result<RopeTables> {
         let (b, t) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b, t, 1))?;
+        // (1, 1, d/2), or (b, 1, d/2) when the rows differ.
+        let global = match &self.inv_freq_long {
+            Some(li) if long.iter().all(|&l| l) => li.reshape((1, 1, ()))?,
+            Some(li) if long.iter().any(|&l| l) => {
+                let pick: Vec<u32> = long.iter().map(|&l| u32::from(l)).collect();
+                let pick = Tensor::from_vec(pick, b, pos.device())?;
+                Tensor::stack(&[&self.inv_freq, li], 0)?
+                    .index_select(&pick, 0)?
+                    .unsqueeze(1)?
+            }
+            _ => self.inv_freq.reshape((1, 1, ()))?,
+        };
         // LongRoPE scales cos and sin (Phi-3's attention factor); 1 otherwise.
         let scale = self
             .config
@@ -871,16 +907,20 @@ impl Transformer {
             .as_ref()
             .map_or(1.0, |l| l.attention_factor);
         let table = |inv: &Tensor| -> Result<(Tensor, Tensor)> {
-            let freqs = pos.broadcast_mul(&inv.reshape((1, 1, ()))?)?;
+            let freqs = pos.broadcast_mul(inv)?;
             let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(2)?;
             if scale == 1.0 {
                 return Ok((emb.cos()?, emb.sin()?));
             }
             Ok(((emb.cos()? * scale)?, (emb.sin()? * scale)?))
         };
+        let local = match &self.inv_freq_local {
+            Some(inv) => Some(table(&inv.reshape((1, 1, ()))?)?),
+            None => None,
+        };
         Ok(RopeTables {
-            global: table(&self.inv_freq)?,
-            local: self.inv_freq_local.as_ref().map(table).transpose()?,
+            global: table(&global)?,
+            local,
         })
     }
 
@@ -1121,12 +1161,18 @@ fn inv_freq(
     c: &ModelConfig,
     theta: f64,
     factors: Option<&[f32]>,
+    long: bool,
     device: &Device,
 ) -> Result<Tensor> {
     let d = c.rotary_dim();
     let mut inv: Vec<f32> = inv_freq_plain(d, theta, device)?.to_vec1()?;
     if let Some(l) = &c.longrope {
-        for (f, k) in inv.iter_mut().zip(&l.short_factor) {
+        let factors = if long {
+            &l.long_factor
+        } else {
+            &l.short_factor
+        };
+        for (f, k) in inv.iter_mut().zip(factors) {
             *f /= *k as f32;
         }
     }

@@ -102,7 +102,6 @@ pub fn smollm2_path() -> PathBuf {
     afinar::model::source::ensure_default_model().expect("default model available")
 }
 
-/// Largest absolute difference between two slices of equal length.
 /// Logits of every position of `ids` (one sequence, no cache), position by position.
 pub fn position_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
     let input = candle_core::Tensor::new(ids, &Device::Cpu)
@@ -119,6 +118,7 @@ pub fn position_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
 }
 
+/// Largest absolute difference between two slices of equal length.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()

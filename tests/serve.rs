@@ -593,6 +593,31 @@ fn logprobs_equal_the_library_and_penalties_apply() {
             .to_string()
     };
     assert_ne!(ask(0.0), ask(1.5));
+
+    // logit_bias: -100 bans the greedy first token (the answer then starts with a less likely
+    // one under the raw logits); +100 on a token makes every token that one.
+    let complete = |bias: Value| {
+        let body = json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+                          "logprobs": 1, "logit_bias": bias})
+        .to_string();
+        let (st, v) = call("POST", &s.url("/v1/completions"), None, Some(&body));
+        assert_eq!(st, 200, "{v}");
+        v["choices"][0].clone()
+    };
+    let banned = complete(json!({ g.tokens[0].to_string(): -100 }));
+    let first = banned["logprobs"]["token_logprobs"][0].as_f64().unwrap();
+    assert!(
+        first < got[0] - 1e-3,
+        "{banned}: {first} vs greedy {}",
+        got[0]
+    );
+    let blue = m.tokenizer.encode(" blue", false).unwrap()[0];
+    let forced = complete(json!({ blue.to_string(): 100 }));
+    assert_eq!(
+        forced["text"].as_str().unwrap(),
+        m.tokenizer.decode(&[blue; 4], false).unwrap(),
+        "{forced}"
+    );
 }
 
 /// `n`: three sampled answers in one request, choice i equal to a request of its own with seed

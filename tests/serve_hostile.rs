@@ -341,7 +341,6 @@ fn unimplemented_fields_are_refused_by_name() {
         ("response_format", json!({"type": "xml"})),
         ("best_of", json!(2)),
         ("echo", json!(true)),
-        ("logit_bias", json!({"42": 100})),
         ("n", json!(17)),
     ];
     for (key, v) in refused {
@@ -374,6 +373,41 @@ fn unimplemented_fields_are_refused_by_name() {
             "response_format",
             json!("json"),
             "must be an object",
+        ),
+        (
+            chat_path,
+            &chat,
+            "logit_bias",
+            json!({"cat": 5}),
+            "keys must be token ids",
+        ),
+        (
+            "/v1/completions",
+            &text,
+            "logit_bias",
+            json!({"42": 101}),
+            "between -100 and 100",
+        ),
+        (
+            chat_path,
+            &chat,
+            "logit_bias",
+            json!({"42": "5"}),
+            "between -100 and 100",
+        ),
+        (
+            chat_path,
+            &chat,
+            "logit_bias",
+            json!([42]),
+            "must be an object",
+        ),
+        (
+            chat_path,
+            &chat,
+            "logit_bias",
+            json!({"4000000000": 1}),
+            "outside the model's vocabulary",
         ),
         (
             chat_path,

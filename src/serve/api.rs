@@ -103,10 +103,63 @@ pub struct Settings {
     pub n: usize,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: (token id, bias from -100 to 100) added to the logits before
+    /// sampling; the ids are checked against the model's vocabulary when the request starts.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// Most answers one request may ask for (`n`).
 pub const MAX_N: usize = 16;
+
+/// Most `logit_bias` entries one request may carry (each is applied at every step).
+pub const MAX_LOGIT_BIAS: usize = 4096;
+
+/// `logit_bias`: an object from token ids (as strings) to biases from -100 to 100.
+fn logit_bias(m: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let key = Some("logit_bias");
+    let map = match m.get("logit_bias") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                key,
+                format!(
+                    "`logit_bias` must be an object from token ids to biases (got {})",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid(
+            key,
+            format!(
+                "`logit_bias` has {} entries; at most {MAX_LOGIT_BIAS}",
+                map.len()
+            ),
+        ));
+    }
+    map.iter()
+        .map(|(id, v)| {
+            let id: u32 = id.parse().map_err(|_| {
+                ApiError::invalid(
+                    key,
+                    format!(
+                        "`logit_bias` keys must be token ids (got {:?})",
+                        id.chars().take(40).collect::<String>()
+                    ),
+                )
+            })?;
+            match v.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(ApiError::invalid(
+                    key,
+                    format!("`logit_bias` values must be numbers between -100 and 100 (token {id}: {v})"),
+                )),
+            }
+        })
+        .collect()
+}
 
 /// What `response_format` asks for (`text` is no constraint, `None` in [`Settings`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -283,12 +336,13 @@ fn settings(m: &Map<String, Value>) -> Result<Settings, ApiError> {
         n,
         presence_penalty: number(m, "presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
         frequency_penalty: number(m, "frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+        logit_bias: logit_bias(m)?,
     })
 }
 
 /// Refuses fields afinar does not implement yet, naming the field, rather than answering 200
 /// as if they had been applied. Values that mean "off" (`best_of` 1, empty
-/// `tools`/`logit_bias`, `tool_choice: "none"`, `echo: false`) are accepted.
+/// `tools`, `tool_choice: "none"`, `echo: false`) are accepted.
 fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
     let off = |key: &str, v: &Value| match v {
         Value::Null | Value::Bool(false) => true,
@@ -309,7 +363,6 @@ fn unimplemented_fields(m: &Map<String, Value>) -> Result<(), ApiError> {
         "best_of",
         "echo",
         "suffix",
-        "logit_bias",
     ] {
         if let Some(v) = m.get(key) {
             if !off(key, v) {

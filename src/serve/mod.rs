@@ -353,6 +353,13 @@ async fn start(
             ),
         ));
     }
+    let vocab = served.model.config().vocab_size;
+    if let Some((id, _)) = s.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            Some("logit_bias"),
+            format!("`logit_bias`: token {id} is outside the model's vocabulary of {vocab} tokens"),
+        ));
+    }
     // Without max_tokens: what fits in the context, capped by --max-tokens.
     let max_new = s
         .max_tokens
@@ -411,6 +418,7 @@ async fn start(
             logprobs: s.logprobs,
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
+            logit_bias: s.logit_bias.clone(),
             model: model_index,
             prompt: prompt.clone(),
             opts,

@@ -124,6 +124,8 @@ pub struct Job {
     /// OpenAI's `presence_penalty` and `frequency_penalty`, over the generated tokens.
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: (token id, bias) added at every step, ids within the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// Starts the scheduler thread for `models`, at most `max_batch` requests running at once; it
@@ -528,9 +530,14 @@ impl<'m> Seq<'m> {
         self.next = Some(id);
     }
 
-    /// OpenAI's presence and frequency penalties: each token already generated loses
-    /// `presence_penalty` once and `frequency_penalty` per occurrence.
+    /// OpenAI's `logit_bias`, then its presence and frequency penalties: each token already
+    /// generated loses `presence_penalty` once and `frequency_penalty` per occurrence.
     fn penalize(&self, logits: &mut [f32]) {
+        for &(t, b) in &self.job.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         let (p, f) = (self.job.presence_penalty, self.job.frequency_penalty);
         if (p == 0.0 && f == 0.0) || self.tokens.is_empty() {
             return;

@@ -212,8 +212,10 @@ pub fn matmul_wt_rows(
                 block_dot::matmul_wt(x, p, (m, n, k), y)
             } else if super::rows_quant::supported(p.dtype) {
                 let rb = p.row_bytes();
-                block_dot::by_output_rows(y, m, n, |j, out, _| {
-                    super::rows_quant::dot_rows(p.dtype, &p.bytes[j * rb..(j + 1) * rb], x, out);
+                let g = super::rows_quant::X_ROWS_IN_CACHE;
+                block_dot::by_output_rows_grouped(y, m, n, g, |j, r0, out, _| {
+                    let xs = &x[r0 * k..(r0 + out.len()) * k];
+                    super::rows_quant::dot_rows(p.dtype, &p.bytes[j * rb..(j + 1) * rb], xs, out);
                     Ok(())
                 })
             } else {
@@ -717,13 +719,20 @@ mod tests {
     #[test]
     fn row_exact_products_do_not_depend_on_the_other_rows() -> Result<()> {
         let dev = Device::Cpu;
-        let (m, n, k) = (7, 45, 128);
+        // 19 rows: two whole groups of `rows_quant::X_ROWS_IN_CACHE` and a partial one; 150 W
+        // rows: two whole tasks of 64 and a partial one.
+        let (m, n, k) = (19, 150, 128);
         let wt = Tensor::randn(0f32, 1., (n, k), &dev)?;
         let x: Vec<f32> = Tensor::randn(0f32, 1., (m, k), &dev)?
             .flatten_all()?
             .to_vec1()?;
         let wf: Vec<f32> = wt.flatten_all()?.to_vec1()?;
-        for dtype in [None, Some(GgmlDType::BF16), Some(GgmlDType::Q8_0)] {
+        for dtype in [
+            None,
+            Some(GgmlDType::BF16),
+            Some(GgmlDType::Q8_0),
+            Some(GgmlDType::Q4_1),
+        ] {
             for int8 in [false, true] {
                 let mode = MatmulMode {
                     quantized_dot: int8,
@@ -750,7 +759,7 @@ mod tests {
                     );
                 }
                 // And the products themselves right (the 8-bit ones within their rounding).
-                let tol = if int8 && dtype == Some(GgmlDType::Q8_0) {
+                let tol = if int8 && matches!(dtype, Some(GgmlDType::Q8_0 | GgmlDType::Q4_1)) {
                     5e-2
                 } else {
                     1e-5

@@ -32,6 +32,10 @@ fn block_bytes(dtype: GgmlDType) -> usize {
     }
 }
 
+/// Rows of x a caller should hand [`dot_rows`] at a time so that they stay in L1 across many
+/// weight rows (see `block_dot::by_output_rows_grouped`): one AVX-512 group, two AVX2 ones.
+pub const X_ROWS_IN_CACHE: usize = 8;
+
 /// Rows of x multiplied together (two accumulators each, within AVX2's 16 registers).
 const GROUP: usize = 4;
 /// The same with AVX-512's 32 registers (and blocks unpacked into two vectors, not four).

